@@ -1,0 +1,406 @@
+"""Paged partial attention on the CPU (numba), reading K/V where they lie in the host pools.
+
+Layout (shared with kernels/paged_attention.py): ``k_pool, v_pool: [num_slots, block_size, D]``;
+``block_table, block_lens: int32 [B, Hkv, NB]`` list, per (sequence, KV head), the slots it
+attends (``-1`` = unused entry) and how many leading tokens of each are valid.
+
+How it is fast: all query rows that share a KV head (GQA group x query tokens) are computed
+in one pass over that head's blocks, so each K/V byte is read once per call; the block list
+is cut into ranges holding equal numbers of blocks so that both cores stay busy at batch 1;
+each range keeps an online softmax and the ranges are merged by their log-sum-exp.
+fp16 and bf16 are widened in registers (numba has neither type): fp16 through LLVM's
+``half`` (one vcvtph2ps per 16 values), bf16 by moving its bits to the high half of a float32.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import get_num_threads, njit, prange, types
+from numba.extending import intrinsic
+
+__all__ = ["cpu_partial_attention", "warm_up", "POISON_ENV"]
+
+POISON_ENV = "KVDRIVE_POISON_OUTPUTS"   # "1": outputs start as NaN, so unwritten elements show
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}   # no "ninf"/"nnan": -inf marks empty rows
+_MIN_BLOCKS_PER_ITEM = 8       # a work item smaller than this costs more to merge than it saves
+_ITEMS_PER_THREAD = 4          # equal-sized items per thread, so a static schedule balances
+_TILE_FLOATS = 8192            # tokens per tile x head_dim: a 32 KiB fp32 K tile, in L1 for the scores
+_PREFETCH_AHEAD = 4            # blocks; a block takes ~1-2 us here, memory latency is ~0.1 us
+_PREFETCH_LINES = 2            # lines hinted per block: enough to start the L2 streamer on it
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)          # ln 2 split in two so that n * ln2 is exact
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_FLOOR = np.float32(-87.0)             # exp() of anything lower is taken as e^-87 ~ 1.6e-38
+_C = [np.float32(1.0 / f) for f in (1, 1, 2, 6, 24, 120, 720, 5040)]
+_C2, _C3, _C4, _C5, _C6, _C7 = _C[2], _C[3], _C[4], _C[5], _C[6], _C[7]
+_ONE = np.float32(1.0)
+_HALF = np.float32(0.5)
+_ZERO = np.float32(0.0)
+_NEG_INF = np.float32(-np.inf)
+
+
+# -- register-level helpers (LLVM intrinsics numba does not expose) --
+
+@intrinsic
+def _widen(typingctx, x):
+    """One stored K/V value to float32: float32 as is, uint16 = fp16 bits, int16 = bf16 bits."""
+    if x not in (types.float32, types.uint16, types.int16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        (v,) = args
+        if x == types.float32:
+            return v
+        if x == types.uint16:
+            return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
+        high = builder.shl(builder.zext(v, ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(high, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def _bits_to_f32(typingctx, x):
+    """Reinterpret the low 32 bits of an integer as a float32."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        low = builder.trunc(args[0], ir.IntType(32)) if x.bitwidth > 32 else args[0]
+        return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, offset):
+    """Hint the cache to fetch ``arr.flat[offset]`` (a block's start, a few hundred cycles early)."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [ptr.type], fnty)
+        # read, keep in all cache levels, data cache
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 1), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, types.intp), codegen
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _exp(x):
+    """float32 e**x for x <= 0, vectorizable (numba has no vector exp without SVML); rel err < 2e-7."""
+    x = max(x, _EXP_FLOOR)
+    n = np.floor(x * _LOG2E + _HALF)
+    f = x - n * _LN2_HI - n * _LN2_LO                          # |f| <= ln2 / 2
+    p = _C7 * f + _C6
+    p = p * f + _C5
+    p = p * f + _C4
+    p = p * f + _C3
+    p = p * f + _C2
+    p = p * f + _ONE
+    p = p * f + _ONE
+    return p * _bits_to_f32((np.int64(n) + 127) << 23)
+
+
+# -- planning: cut every (sequence, KV head) block list into equal work items --
+
+@njit(cache=True, nogil=True)
+def _plan_items(block_table, target_items, min_blocks):
+    """block_table: [B, Hkv, NB] int32. Returns ``first [B*Hkv + 1]`` (items of row bh are
+    ``first[bh]:first[bh+1]``) and ``lo, hi [n_items]``: each item's entry range in its row."""
+    b_, hkv, nb = block_table.shape
+    valid = np.zeros(b_ * hkv, np.int64)
+    for bh in range(b_ * hkv):
+        for j in range(nb):
+            valid[bh] += block_table[bh // hkv, bh % hkv, j] >= 0
+    chunk = max(min_blocks, -(-valid.sum() // target_items))
+    first = np.zeros(b_ * hkv + 1, np.int64)
+    for bh in range(b_ * hkv):
+        first[bh + 1] = first[bh] + max(1, -(-valid[bh] // chunk))
+    lo = np.zeros(first[-1], np.int64)
+    hi = np.full(first[-1], nb, np.int64)
+    for bh in range(b_ * hkv):
+        item, seen = first[bh], 0
+        for j in range(nb):
+            if block_table[bh // hkv, bh % hkv, j] < 0:
+                continue
+            if seen == chunk:                                   # close this item at entry j
+                hi[item] = j
+                item += 1
+                lo[item] = j
+                seen = 0
+            seen += 1
+    return first, lo, hi
+
+
+# -- the work: one item = one (sequence, KV head) entry range, all its query rows --
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _widen_block(pool, slot, n, dst, at):
+    """dst[at:at + n] = pool[slot, :n] as float32."""
+    src = pool[slot]
+    for t in range(n):
+        for d in range(dst.shape[1]):
+            dst[at + t, d] = _widen(src[t, d])
+
+
+@njit(inline="always")
+def _prefetch_block(pool, slot, n):
+    """Prefetch the first lines of a block; the L2 streamer fetches the rest of it."""
+    row = pool.shape[2]
+    base = slot * pool.shape[1] * row
+    for off in range(0, min(n * row, _PREFETCH_LINES * 64 // pool.itemsize), 64 // pool.itemsize):
+        _prefetch(pool, base + off)
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _scores(q, kf, n, p):
+    """p[:, :n] = q @ kf[:n].T. q: [R, D]; kf: [BS, D]; p: [R, BS].
+    Four tokens per pass over q[r]: four independent sums hide the FMA latency."""
+    r_, d_ = q.shape
+    n4 = n - n % 4
+    for r in range(r_):
+        for t in range(0, n4, 4):
+            s0 = s1 = s2 = s3 = _ZERO
+            for d in range(d_):
+                x = q[r, d]
+                s0 += x * kf[t, d]
+                s1 += x * kf[t + 1, d]
+                s2 += x * kf[t + 2, d]
+                s3 += x * kf[t + 3, d]
+            p[r, t], p[r, t + 1], p[r, t + 2], p[r, t + 3] = s0, s1, s2, s3
+        for t in range(n4, n):
+            s0 = _ZERO
+            for d in range(d_):
+                s0 += q[r, d] * kf[t, d]
+            p[r, t] = s0
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _accumulate(p, vf, n, acc):
+    """acc += p[:, :n] @ vf[:n]. p: [R, BS]; vf: [BS, D]; acc: [R, D].
+    Four tokens per pass over acc[r]: a quarter of the accumulator loads and stores."""
+    r_, d_ = acc.shape
+    n4 = n - n % 4
+    for r in range(r_):
+        for t in range(0, n4, 4):
+            w0, w1, w2, w3 = p[r, t], p[r, t + 1], p[r, t + 2], p[r, t + 3]
+            for d in range(d_):
+                acc[r, d] += w0 * vf[t, d] + w1 * vf[t + 1, d] + w2 * vf[t + 2, d] + w3 * vf[t + 3, d]
+        for t in range(n4, n):
+            w0 = p[r, t]
+            for d in range(d_):
+                acc[r, d] += w0 * vf[t, d]
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _softmax_update(p, n, m, l, acc):
+    """Online softmax over a tile of scores p[:, :n] (in place: p becomes exp(p - m_new)).
+    m, l: [R] running max and sum of exp; acc: [R, D], rescaled when m grows."""
+    r_, d_ = acc.shape
+    for r in range(r_):
+        mx = _NEG_INF
+        for t in range(n):
+            mx = max(mx, p[r, t])
+        m_new = max(m[r], mx)
+        total = _ZERO
+        for t in range(n):
+            e = _exp(p[r, t] - m_new)
+            p[r, t] = e
+            total += e
+        if m_new > m[r]:                                       # m = -inf at first: acc is 0 anyway
+            alpha = _exp(m[r] - m_new) if m[r] > _NEG_INF else _ZERO
+            l[r] *= alpha
+            for d in range(d_):
+                acc[r, d] *= alpha
+            m[r] = m_new
+        l[r] += total
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _attend_item(q, k_pool, v_pool, table, lens, lo, hi, tile, out, lse):
+    """q: [R, D] fp32, pre-scaled; table, lens: [NB] of one (sequence, KV head).
+    Writes out [R, D] (normalized) and lse [R] over the valid blocks in table[lo:hi].
+    Works on tiles of up to ``tile`` tokens gathered from consecutive blocks."""
+    r_, d_ = q.shape
+    bs = k_pool.shape[1]
+    kf = np.empty((tile, d_), np.float32)                      # widened K tile, stays in L1/L2
+    vf = np.empty((tile, d_), np.float32)
+    p = np.empty((r_, tile), np.float32)                       # scores, then probabilities
+    tile_slot = np.empty(tile // bs, np.int64)
+    tile_len = np.empty(tile // bs, np.int64)
+    acc = np.zeros((r_, d_), np.float32)
+    m = np.full(r_, _NEG_INF, np.float32)                      # running max per row
+    l = np.zeros(r_, np.float32)                               # running sum of exp per row
+    j = lo
+    while j < hi:
+        # -- gather K of the next blocks into one tile; start fetching their V --
+        n_blocks, fill = 0, 0
+        while j < hi and fill + bs <= tile:
+            slot, n = table[j], min(max(lens[j], 0), bs)
+            ahead = min(j + _PREFETCH_AHEAD, hi - 1)
+            if table[ahead] >= 0:
+                _prefetch_block(k_pool, table[ahead], bs)
+            j += 1
+            if slot < 0 or n == 0:
+                continue
+            _prefetch_block(v_pool, slot, n)
+            _widen_block(k_pool, slot, n, kf, fill)
+            tile_slot[n_blocks], tile_len[n_blocks] = slot, n
+            n_blocks += 1
+            fill += n
+        if fill == 0:
+            continue
+        # -- scores, online softmax --
+        _scores(q, kf, fill, p)
+        _softmax_update(p, fill, m, l, acc)
+        # -- acc += p @ v --
+        at = 0
+        for i in range(n_blocks):
+            _widen_block(v_pool, tile_slot[i], tile_len[i], vf, at)
+            at += tile_len[i]
+        _accumulate(p, vf, fill, acc)
+    for r in range(r_):
+        if l[r] > _ZERO:
+            inv = _ONE / l[r]
+            for d in range(d_):
+                out[r, d] = acc[r, d] * inv
+            lse[r] = m[r] + np.log(l[r])
+        else:
+            out[r, :] = _ZERO
+            lse[r] = _NEG_INF
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=_FASTMATH)
+def _attend_items(q, k_pool, v_pool, block_table, block_lens, first, lo, hi, part_out, part_lse):
+    """q: [B, Hkv, R, D] fp32; part_out: [n_items, R, D]; part_lse: [n_items, R]."""
+    hkv, d_ = q.shape[1], q.shape[3]
+    bs = k_pool.shape[1]
+    tile = max(1, _TILE_FLOATS // d_ // bs) * bs
+    for item in prange(lo.shape[0]):
+        bh = np.searchsorted(first, item, side="right") - 1
+        b, h = bh // hkv, bh % hkv
+        _attend_item(q[b, h], k_pool, v_pool, block_table[b, h], block_lens[b, h],
+                     lo[item], hi[item], tile, part_out[item], part_lse[item])
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _merge_items(first, part_out, part_lse, out, lse):
+    """Log-sum-exp merge of each row's items. out: [B*Hkv, R, D]; lse: [B*Hkv, R]."""
+    r_, d_ = part_out.shape[1], part_out.shape[2]
+    for bh in prange(first.shape[0] - 1):
+        for r in range(r_):
+            m = _NEG_INF
+            for i in range(first[bh], first[bh + 1]):
+                m = max(m, part_lse[i, r])
+            out[bh, r, :] = _ZERO
+            if m == _NEG_INF:
+                lse[bh, r] = _NEG_INF
+                continue
+            total = _ZERO
+            for i in range(first[bh], first[bh + 1]):
+                if part_lse[i, r] > _NEG_INF:
+                    w = np.exp(part_lse[i, r] - m)
+                    total += w
+                    for d in range(d_):
+                        out[bh, r, d] += w * part_out[i, r, d]
+            for d in range(d_):
+                out[bh, r, d] /= total
+            lse[bh, r] = m + np.log(total)
+
+
+# -- public wrapper --
+
+def _pool_as_numpy(pool: torch.Tensor) -> np.ndarray:
+    """A pool's memory as the numpy type the kernel dispatches on (no copy)."""
+    if pool.dtype == torch.float32:
+        return pool.numpy()
+    if pool.dtype == torch.float16:
+        return pool.view(torch.int16).numpy().view(np.uint16)
+    if pool.dtype == torch.bfloat16:
+        return pool.view(torch.int16).numpy()
+    raise TypeError(f"K/V pool dtype {pool.dtype} is not supported: use float32, float16 or bfloat16")
+
+
+def _new_outputs(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    fill = float("nan") if os.environ.get(POISON_ENV) == "1" else None
+    make = (lambda s: torch.full(s, fill)) if fill is not None else (lambda s: torch.empty(s))
+    return make(shape), make(shape[:-1])
+
+
+def _check(q, k_pool, v_pool, block_table, block_lens) -> None:
+    for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool),
+                    ("block_table", block_table), ("block_lens", block_lens)):
+        if t.device.type != "cpu":
+            raise ValueError(f"cpu_partial_attention: {name} is on {t.device}; move it to the CPU "
+                             f"or call kernels.paged_attention.paged_attention for device tensors")
+    if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype or k_pool.dim() != 3:
+        raise ValueError(f"k_pool and v_pool must both be [num_slots, block_size, head_dim] of one dtype "
+                         f"(got {tuple(k_pool.shape)} {k_pool.dtype}, {tuple(v_pool.shape)} {v_pool.dtype})")
+    if block_table.shape != block_lens.shape or block_table.dim() != 3:
+        raise ValueError(f"block_table and block_lens must both be [B, Hkv, NB] "
+                         f"(got {tuple(block_table.shape)}, {tuple(block_lens.shape)})")
+    b, hkv = block_table.shape[:2]
+    if q.shape[0] != b or q.shape[1] % hkv or q.shape[-1] != k_pool.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit block_table {tuple(block_table.shape)} "
+                         f"and head_dim {k_pool.shape[2]}: need [B, Hq, (Q,) D] with Hq a multiple of Hkv")
+
+
+def cpu_partial_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    block_lens: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over the blocks listed in ``block_table``, on CPU tensors.
+
+    q: ``[B, Hq, D]`` or ``[B, Hq, Q, D]``, any float dtype (query head ``h`` reads KV head
+    ``h // (Hq // Hkv)``; every query token sees every listed token, no causal mask);
+    k_pool, v_pool: ``[num_slots, block_size, D]`` fp32/fp16/bf16;
+    block_table: int32 ``[B, Hkv, NB]``, ``-1`` = unused; block_lens: int32 ``[B, Hkv, NB]``,
+    valid leading tokens of each listed block (1..block_size).
+    Returns ``out`` fp32 ``[B, Hq, D]`` / ``[B, Hq, Q, D]`` and ``lse`` fp32 natural-log
+    ``[B, Hq]`` / ``[B, Hq, Q]``; a (sequence, KV head) with no block gives out 0, lse -inf.
+    """
+    _check(q, k_pool, v_pool, block_table, block_lens)
+    one_token = q.dim() == 3
+    q4 = q.unsqueeze(2) if one_token else q                              # [B, Hq, Q, D]
+    b, hq, nq, d = q4.shape
+    hkv = block_table.shape[1]
+    qs = (q4.float() * scale).reshape(b, hkv, hq // hkv * nq, d).contiguous()   # [B, Hkv, R, D]
+    table = block_table.to(torch.int32).contiguous().numpy()
+    lens = block_lens.to(torch.int32).contiguous().numpy()
+    kp, vp = _pool_as_numpy(k_pool.contiguous()), _pool_as_numpy(v_pool.contiguous())
+    out, lse = _new_outputs((b, hq, nq, d))
+    out_rows = out.numpy().reshape(b * hkv, -1, d)                      # [B*Hkv, R, D] view
+    lse_rows = lse.numpy().reshape(b * hkv, -1)
+    first, lo, hi = _plan_items(table, _ITEMS_PER_THREAD * get_num_threads(), _MIN_BLOCKS_PER_ITEM)
+    if lo.shape[0] == b * hkv:                                          # one item per row: write in place
+        _attend_items(qs.numpy(), kp, vp, table, lens, first, lo, hi, out_rows, lse_rows)
+    else:
+        part_out = np.empty((lo.shape[0],) + out_rows.shape[1:], np.float32)
+        part_lse = np.empty((lo.shape[0], out_rows.shape[1]), np.float32)
+        _attend_items(qs.numpy(), kp, vp, table, lens, first, lo, hi, part_out, part_lse)
+        _merge_items(first, part_out, part_lse, out_rows, lse_rows)
+    if one_token:
+        return out.squeeze(2), lse.squeeze(2)
+    return out, lse
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every dtype variant; a tiny call per pool dtype."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        pool = torch.zeros(2, 16, 64, dtype=dtype)
+        table = torch.tensor([[[0] * 8 + [1] * 8]], dtype=torch.int32)    # 16 blocks: split path
+        lens = torch.full_like(table, 16)
+        cpu_partial_attention(torch.zeros(1, 1, 64), pool, pool, table, lens, 1.0)

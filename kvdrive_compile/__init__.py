@@ -1,0 +1,12 @@
+"""kvdrive-compile: a torch.compile backend that keeps the KV cache in three tiers
+(device, host DRAM, disk) and attends it with a scheduled graph of custom ops.
+
+    model.forward = torch.compile(model.forward, backend="kvdrive",
+                                  options={"device_memory": "256MiB", "host_memory": "1GiB"})
+"""
+from .backend import counters, kvdrive_backend
+from .options import KVDriveOptions, parse_options, parse_size
+from .runtimes import collect, release_all, stats
+
+__all__ = ["kvdrive_backend", "counters", "KVDriveOptions", "parse_options", "parse_size",
+           "stats", "release_all", "collect"]

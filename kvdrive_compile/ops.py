@@ -1,0 +1,161 @@
+"""The ``kvdrive::`` custom ops that rewritten graphs call, each with its fake impl below it.
+
+One decode step of one attention site::
+
+    step = open_step(past_k0)                      # once per graph: which session
+    k_si, v_si, ticket = append(step, past_k, past_v, k_new, v_new)
+    plan = select(ticket, q)                       # what to attend, where it lies
+    plan = prefetch(plan)                          # start disk -> host reads
+    out_h, lse_h = cpu_partial_attention(plan, q, mask)     # host + disk blocks, on the CPU
+    out_d, lse_d = sparse_attention(plan, q, k_new, v_new, mask)  # device blocks
+    out = merge(plan, q, out_d, lse_d, out_h, lse_h)
+
+Handles (``step``, ``ticket``, ``plan``) are small int64 CPU tensors: the order of the stages
+is carried by data, so none is dead code. Tensor shapes: q ``[B, Hq, Q, D]``; k_new, v_new
+``[B, Hkv, n, D]``; out fp32 ``[B, Hq, Q, D]``; lse fp32 natural-log ``[B, Hq, Q]``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .runtime import site_step
+from .runtimes import get_runtime
+
+
+def _handle(*values: int) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _fake_handle(n: int) -> Tensor:
+    return torch.empty((n,), dtype=torch.int64, device="cpu")
+
+
+@torch.library.custom_op("kvdrive::open_step", mutates_args=())
+def open_step(past_k: Tensor, runtime_id: int) -> Tensor:
+    """The session of this forward call: from the first site's past keys, or a new one.
+
+    Returns ``[runtime_id, session_id]``.
+    """
+    session = site_step.open_step(get_runtime(runtime_id), past_k)
+    return _handle(runtime_id, session.id)
+
+
+@open_step.register_fake
+def _(past_k, runtime_id):
+    return _fake_handle(2)
+
+
+@torch.library.custom_op("kvdrive::append", mutates_args=())
+def append(step: Tensor, past_k: Tensor, past_v: Tensor, k_new: Tensor, v_new: Tensor,
+           layer: int, keeps_last: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Store ``k_new, v_new`` in the runtime; returns stand-ins for ``cat([past, new], -2)``
+    (``[B, Hkv, P + n, D]``, zero memory) and a ticket ``[runtime, session, layer, P, n]``.
+
+    keeps_last: the model keeps only the last tokens of the returned cache (a sliding window),
+    so a shorter past next step means the oldest tokens left the window.
+    """
+    rid, sid = step.tolist()
+    rt = get_runtime(rid)
+    k_si, v_si, past = site_step.append(rt, rt.session(sid), layer, past_k, past_v, k_new, v_new, keeps_last)
+    return k_si, v_si, _handle(rid, sid, layer, past, k_new.shape[2])
+
+
+@append.register_fake
+def _(step, past_k, past_v, k_new, v_new, layer, keeps_last):
+    b, h, n, d = k_new.shape
+    p = past_k.shape[-2] if past_k.dim() == 4 else 0
+    k_si = k_new.new_empty((1, 1, 1, 1)).expand(b, h, p + n, d)
+    v_si = v_new.new_empty((1, 1, 1, 1)).expand(b, h, p + n, d)
+    return k_si, v_si, _fake_handle(5)
+
+
+@torch.library.custom_op("kvdrive::select", mutates_args=())
+def select(ticket: Tensor, q: Tensor) -> Tensor:
+    """Choose the blocks this site attends this step. Returns a plan ``[runtime, session, plan]``."""
+    rid, sid, layer, past, new = ticket.tolist()
+    rt = get_runtime(rid)
+    return _handle(rid, sid, site_step.select(rt, rt.session(sid), layer, past, new))
+
+
+@select.register_fake
+def _(ticket, q):
+    return _fake_handle(3)
+
+
+@torch.library.custom_op("kvdrive::prefetch", mutates_args=())
+def prefetch(plan: Tensor) -> Tensor:
+    """Start moving what the plan needs (disk -> host reads) on the I/O threads."""
+    rid, sid, pid = plan.tolist()
+    rt = get_runtime(rid)
+    rt.prefetch(site_step.plan_of(rt, sid, pid))
+    return plan.clone()
+
+
+@prefetch.register_fake
+def _(plan):
+    return _fake_handle(3)
+
+
+@torch.library.custom_op("kvdrive::cpu_partial_attention", mutates_args=())
+def cpu_partial_attention(plan: Tensor, q: Tensor, mask: Optional[Tensor], scale: float,
+                          is_causal: bool) -> tuple[Tensor, Tensor]:
+    """Attention over the plan's host- and disk-resident blocks, computed on the CPU where
+    they lie. mask: bool (True = attend) or additive, broadcastable to ``[B, Hq, Q, P + n]``."""
+    rid, sid, pid = plan.tolist()
+    rt = get_runtime(rid)
+    p = site_step.plan_of(rt, sid, pid)
+    return rt.host_attention(p, q, site_step.step_mask(p, mask, is_causal), scale)
+
+
+def _fake_partial(q: Tensor) -> tuple[Tensor, Tensor]:
+    b, h, n, d = q.shape
+    return q.new_empty((b, h, n, d), dtype=torch.float32), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+@cpu_partial_attention.register_fake
+def _(plan, q, mask, scale, is_causal):
+    return _fake_partial(q)
+
+
+@torch.library.custom_op("kvdrive::sparse_attention", mutates_args=())
+def sparse_attention(plan: Tensor, q: Tensor, k_new: Tensor, v_new: Tensor, mask: Optional[Tensor],
+                     scale: float, is_causal: bool) -> tuple[Tensor, Tensor]:
+    """Attention over the plan's device-resident blocks (on a prefill: the new tokens)."""
+    rid, sid, pid = plan.tolist()
+    rt = get_runtime(rid)
+    p = site_step.plan_of(rt, sid, pid)
+    return rt.device_attention(p, q, k_new, v_new, site_step.step_mask(p, mask, is_causal), scale)
+
+
+@sparse_attention.register_fake
+def _(plan, q, k_new, v_new, mask, scale, is_causal):
+    return _fake_partial(q)
+
+
+@torch.library.custom_op("kvdrive::merge", mutates_args=())
+def merge(plan: Tensor, q: Tensor, out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """Log-sum-exp merge of the two partial results: the attention output ``[B, Hq, Q, D]``
+    in q's dtype. Ends the plan."""
+    rid, sid, pid = plan.tolist()
+    rt = get_runtime(rid)
+    rt.session(sid).plans.pop(pid, None)
+    return site_step.merge([(out_a, lse_a), (out_b, lse_b)], q.dtype)
+
+
+@merge.register_fake
+def _(plan, q, out_a, lse_a, out_b, lse_b):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+OPS = {
+    "open_step": torch.ops.kvdrive.open_step.default,
+    "append": torch.ops.kvdrive.append.default,
+    "select": torch.ops.kvdrive.select.default,
+    "prefetch": torch.ops.kvdrive.prefetch.default,
+    "cpu_partial_attention": torch.ops.kvdrive.cpu_partial_attention.default,
+    "sparse_attention": torch.ops.kvdrive.sparse_attention.default,
+    "merge": torch.ops.kvdrive.merge.default,
+}

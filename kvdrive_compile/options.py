@@ -1,0 +1,105 @@
+"""The backend's options: one dataclass, parsed and validated once, at compile time."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Union
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
+          "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4,
+          "tib": 1 << 40}
+
+
+def parse_size(value: Union[int, str, None], name: str) -> Optional[int]:
+    """Bytes from an int or a string like ``"256MiB"``, ``"1.5 GB"``; None stays None (no limit)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a byte count or a size string like '256MiB', got {value!r}")
+    if isinstance(value, int):
+        nbytes = value
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{name}={value!r} is not a size: use an int of bytes or a string like "
+                             "'512KiB', '256MiB', '1GiB'")
+        nbytes = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    else:
+        raise TypeError(f"{name} must be a byte count or a size string like '256MiB', got {type(value).__name__}")
+    if nbytes < 0:
+        raise ValueError(f"{name}={value!r} is negative: pass a budget >= 0 bytes, or None for no limit")
+    return nbytes
+
+
+@dataclass(frozen=True)
+class KVDriveOptions:
+    """Options of ``torch.compile(..., backend="kvdrive", options={...})``.
+
+    block_size: tokens per KV block. token_budget: tokens attended per KV head and step
+    (int, or a fraction of the context in (0, 1]); None is exact attention over all tokens.
+    device_memory, host_memory: KV bytes allowed on each tier (None: no limit); beyond the host
+    budget KV goes to disk, in a private directory under ``disk_dir`` (default: the system temp
+    directory). dump_dir: where pass-inspection dumps go (default: $KVDRIVE_DUMP_DIR, else none).
+    """
+
+    block_size: int = 16
+    token_budget: Optional[Union[int, float]] = None
+    device_memory: Optional[int] = None
+    host_memory: Optional[int] = None
+    disk_dir: Optional[str] = None
+    dump_dir: Optional[str] = None
+
+    def runtime_key(self) -> tuple:
+        """Compiled functions with equal runtime options share one runtime (and its budgets)."""
+        return (self.block_size, self.device_memory, self.host_memory, self.disk_dir)
+
+
+def valid_keys() -> list[str]:
+    return [f.name for f in fields(KVDriveOptions)]
+
+
+def _check_dir(path: str, name: str) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise ValueError(f"{name} {path!r} does not exist: create it, or pass options={{'{name}': ...}} "
+                         "with an existing writable directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {path!r} is not writable: pass options={{'{name}': ...}} with a "
+                         "writable directory")
+    return path
+
+
+def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
+    """Validate the user's ``options=`` dict; raises ValueError/TypeError that say what to change."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(valid_keys()))
+    if unknown:
+        raise ValueError(f"unknown kvdrive option(s) {unknown}; valid options are {valid_keys()}")
+    block_size = options.get("block_size", 16)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size={block_size!r}: must be a positive int (tokens per KV block), e.g. 16")
+    budget = options.get("token_budget")
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise TypeError(f"token_budget={budget!r}: pass an int (tokens), a fraction in (0, 1], or None")
+        if isinstance(budget, float) and not 0 < budget <= 1:
+            raise ValueError(f"token_budget={budget!r}: a fraction of the context must be in (0, 1]")
+        if isinstance(budget, int) and budget <= 0:
+            raise ValueError(f"token_budget={budget!r}: must be a positive number of tokens, or None for exact")
+    disk_dir = options.get("disk_dir")
+    if disk_dir is not None:
+        disk_dir = _check_dir(str(disk_dir), "disk_dir")
+    dump_dir = options.get("dump_dir", os.environ.get("KVDRIVE_DUMP_DIR") or None)
+    if dump_dir is not None:
+        dump_dir = os.path.abspath(os.path.expanduser(str(dump_dir)))
+        os.makedirs(dump_dir, exist_ok=True)
+        _check_dir(dump_dir, "dump_dir")
+    return KVDriveOptions(
+        block_size=block_size,
+        token_budget=budget,
+        device_memory=parse_size(options.get("device_memory"), "device_memory"),
+        host_memory=parse_size(options.get("host_memory"), "host_memory"),
+        disk_dir=disk_dir,
+        dump_dir=dump_dir,
+    )

@@ -1,0 +1,57 @@
+"""The runtimes that compiled graphs call into, by id (graphs carry the id as a constant)."""
+from __future__ import annotations
+
+import itertools
+import threading
+
+from .options import KVDriveOptions
+from .runtime.kv_runtime import KVRuntime
+from .runtime.stats import RuntimeStats
+
+_lock = threading.Lock()
+_ids = itertools.count(1)
+_by_id: dict[int, KVRuntime] = {}
+_by_key: dict[tuple, int] = {}
+
+
+def runtime_for(options: KVDriveOptions) -> int:
+    """The id of the runtime for these options, created on first use."""
+    with _lock:
+        key = options.runtime_key()
+        rid = _by_key.get(key)
+        if rid is None:
+            rid = next(_ids)
+            _by_id[rid] = KVRuntime(options.block_size, options.device_memory, options.host_memory,
+                                    options.disk_dir)
+            _by_key[key] = rid
+        return rid
+
+
+def get_runtime(runtime_id: int) -> KVRuntime:
+    try:
+        return _by_id[runtime_id]
+    except KeyError:
+        raise RuntimeError(f"kvdrive runtime {runtime_id} is gone (it was closed); compile the model again") from None
+
+
+def runtimes() -> list[KVRuntime]:
+    return list(_by_id.values())
+
+
+def stats() -> list[RuntimeStats]:
+    """A snapshot of every runtime's counters (one per distinct set of runtime options)."""
+    return [rt.stats() for rt in runtimes()]
+
+
+def release_all() -> None:
+    """Free every session's KV in every runtime (and remove their disk files)."""
+    for rt in runtimes():
+        for sid in list(rt.sessions):
+            rt.release(sid)
+
+
+def collect() -> int:
+    """Release the sessions whose cache objects are gone; returns how many remain open."""
+    for rt in runtimes():
+        rt.sweep()
+    return sum(len(rt.sessions) for rt in runtimes())

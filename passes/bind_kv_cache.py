@@ -1,0 +1,129 @@
+"""Pass 2: bind each attention site to the KV cache its K and V come from.
+
+Bound: ``torch.cat([past, new], dim=-2)`` where ``past`` is a graph input (the tensor the
+model's cache held after the last step: Hugging Face ``DynamicCache``, tuple caches of
+hand-written models) or an empty tensor (a prefill). The cat's result may also be returned
+(the cache keeps it) or sliced from the end first (a sliding-window cache). A static cache
+written in place (``index_copy_``, slice assignment) is recognised and left as it is.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Optional
+
+import torch
+import torch.fx
+
+from . import fx_match as m
+from .pass_manager import GraphPass, PassContext
+from .sites import AttentionSite, KVBinding
+
+log = logging.getLogger(__name__)
+
+_INPLACE_WRITES = {"index_copy_", "copy_", "index_put_", "scatter_", "__setitem__"}
+
+
+def _is_empty(node: torch.fx.Node) -> bool:
+    t = m.tensor_meta(node)
+    try:
+        return t is not None and t.numel() == 0
+    except Exception:          # a symbolic numel: not known to be empty
+        return False
+
+
+def _static_cache_write(node: torch.fx.Node) -> Optional[str]:
+    """How ``node`` (a graph input) is written in place, if it is."""
+    for u in node.users:
+        if u.op == "call_method" and u.target in _INPLACE_WRITES:
+            return u.target
+        if u.op == "call_function" and u.target in (operator.setitem, torch.Tensor.index_copy_):
+            return "slice assignment" if u.target is operator.setitem else "index_copy_"
+    return None
+
+
+def _is_size_query(node: torch.fx.Node) -> bool:
+    """``x.size()``, ``x.shape``, ``x.dim()``...: reads metadata, not KV values."""
+    if node.op == "call_method":
+        return node.target in m.SIZE_METHODS
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("shape", "dtype", "device", "ndim")
+    return node.op == "call_function" and node.target in m.SIZE_FNS
+
+
+def _tail_slice(node: torch.fx.Node) -> bool:
+    """``x[:, :, a:, :]`` with only the token dimension sliced: a window kept from the end."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if len(idx) < 3 or not all(isinstance(i, slice) for i in idx):
+        return False
+    full = all(i == slice(None) for j, i in enumerate(idx) if j != 2)
+    return full and idx[2].step is None and idx[2].stop is None
+
+
+class BindKVCache(GraphPass):
+    name = "bind_kv_cache"
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+        for site in ctx.sites:
+            if site.ok:
+                self._bind(site)
+            if not site.ok:
+                log.debug("site %s (%s) not bound: %s", site.node.name, site.layer_name, site.reason)
+
+    def _bind(self, site: AttentionSite) -> None:
+        site.k_bind = self._binding(site, site.k, "K")
+        if not site.ok:
+            return
+        site.v_bind = self._binding(site, site.v, "V")
+        if not site.ok:
+            return
+        for b in (site.k_bind, site.v_bind):
+            self._check_users(site, b)
+
+    def _binding(self, site: AttentionSite, node: torch.fx.Node, what: str) -> Optional[KVBinding]:
+        if node.op == "placeholder":
+            how = _static_cache_write(node)
+            if how is not None:
+                site.skip(f"static KV cache ({what} written in place by {how}) is not supported yet")
+            else:
+                site.skip(f"{what} is a graph input with no cache write: no KV cache to keep")
+            return None
+        if not m.is_call(node, m.CAT_FNS):
+            site.skip(f"{what} ({node.name}) does not come from a cache write "
+                      "(torch.cat([past, new], dim=-2)); this graph keeps no KV cache at this site")
+            return None
+        tensors = node.args[0]
+        dim = m.arg(node, 1, "dim", 0)
+        if len(tensors) != 2 or dim not in (2, -2) or m.rank(node) != 4:
+            site.skip(f"{what} is {node.name} = cat of {len(tensors)} tensors on dim {dim}, not cat([past, new], dim=-2) of 4-D KV")
+            return None
+        past, new = tensors
+        if not isinstance(past, torch.fx.Node) or not (past.op == "placeholder" or _is_empty(past)):
+            site.skip(f"past {what} ({getattr(past, 'name', past)}) is neither a graph input nor empty")
+            return None
+        for u in past.users:
+            if u is not node and not _is_size_query(u):
+                site.skip(f"past {what} ({past.name}) is also used by {u.name}")
+                return None
+        return KVBinding(node, past, new)
+
+    def _check_users(self, site: AttentionSite, b: KVBinding) -> None:
+        """The cat's value may only reach the site, the graph's outputs (possibly as a tail slice) or size queries."""
+        chain = set(site.chain)
+        for u in b.cat.users:
+            if u in chain or u.op == "output" or _is_size_query(u):
+                continue
+            if _tail_slice(u) and all(w.op == "output" or _is_size_query(w) for w in u.users):
+                site.keeps_last = True
+                continue
+            site.skip(f"cached {b.cat.name} is also used by {u.name} ({u.target}); kvdrive would have to materialise it")
+            return
+        for c in chain:
+            if c is site.node:
+                continue
+            for u in c.users:
+                if u not in chain:
+                    site.skip(f"{c.name}, part of the attention, is also used by {u.name}")
+                    return

@@ -1,0 +1,223 @@
+"""Pass 1: find the attention sites of a graph.
+
+Two forms: ``scaled_dot_product_attention(q, k, v, ...)``, and the hand-written
+``softmax(q @ k^T * scale + mask, dim=-1) @ v`` (``matmul``/``@``/``bmm``, softmax spelled
+``torch.softmax``/``F.softmax``/``.softmax``, the scale and mask applied by mul/div/add/sub,
+``where`` or ``masked_fill``, casts and inference dropout around the softmax). GQA/MQA heads
+repeated by ``repeat_kv`` (index/expand/reshape, ``repeat_interleave``) are looked through to
+the KV tensor itself.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from . import fx_match as m
+from .pass_manager import GraphPass, PassContext
+from .sites import AttentionSite
+
+_MUL = ({operator.mul, torch.mul}, {"mul", "__mul__", "__rmul__"})
+_DIV = ({operator.truediv, torch.div, torch.true_divide}, {"div", "__truediv__", "true_divide"})
+_ADD = ({operator.add, torch.add}, {"add", "__add__", "__radd__"})
+_SUB = ({operator.sub, torch.sub}, {"sub", "__sub__"})
+_WHERE = ({torch.where}, set())
+_MASKED_FILL = ({torch.masked_fill}, {"masked_fill"})
+
+
+def layer_name(node: torch.fx.Node) -> str:
+    """The module path of the attention layer, from ``nn_module_stack`` (e.g. ``model.layers.3.self_attn``)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.name
+    path = list(stack.values())[-1][0]
+    return path.replace("L['self'].", "").replace("L['fn'].", "")
+
+
+def _is_identity_getitem(node: torch.fx.Node) -> bool:
+    """``x[:, :, None, :, :]``-like: only full slices, None and Ellipsis."""
+    idx = node.args[1]
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    return all(i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in idx)
+
+
+def strip_head_repeat(node: torch.fx.Node, visited: list[torch.fx.Node]) -> torch.fx.Node:
+    """Walk back through GQA head repetition, reshapes and casts; ``visited`` collects them."""
+    while isinstance(node, torch.fx.Node):
+        if node.target is operator.getitem and node.op == "call_function":
+            if not isinstance(node.args[0], torch.fx.Node) or not _is_identity_getitem(node):
+                return node
+        elif not m.is_call(node, m.REPEAT_FNS | {torch.Tensor.float}, m.REPEAT_METHODS | m.CAST_METHODS):
+            return node
+        if node.op == "call_method" and node.target == "repeat_interleave" and m.arg(node, 2, "dim") not in (1, -3):
+            return node
+        visited.append(node)
+        node = node.args[0]
+    return node
+
+
+def _through_casts(node: torch.fx.Node, visited: list[torch.fx.Node]) -> torch.fx.Node:
+    while m.is_call(node, set(), m.CAST_METHODS):
+        visited.append(node)
+        node = node.args[0]
+    return node
+
+
+def _is_inference_dropout(node: torch.fx.Node) -> bool:
+    if not m.is_call(node, {F.dropout, torch.dropout}, {"dropout"}):
+        return False
+    p = m.arg(node, 1, "p", 0.5)
+    training = m.arg(node, 2, "training" if node.target is F.dropout else "train", node.target is not F.dropout)
+    return p == 0 or training is False
+
+
+class FindAttentionSites(GraphPass):
+    name = "find_attention_sites"
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+        for node in gm.graph.nodes:
+            site = None
+            if m.is_call(node, m.SDPA):
+                site = self._sdpa(node, len(ctx.sites))
+            elif m.is_call(node, m.SOFTMAX_FNS, {"softmax"}):
+                site = self._softmax(node, len(ctx.sites))
+            if site is not None:
+                ctx.sites.append(site)
+
+    # -- scaled_dot_product_attention --------------------------------------------------------
+
+    def _sdpa(self, node: torch.fx.Node, index: int) -> AttentionSite:
+        a = m.sdpa_args(node)
+        site = AttentionSite(index, node, "sdpa", layer_name(node), q=a["query"], mask=a["attn_mask"],
+                             is_causal=bool(a["is_causal"]))
+        site.chain = [node]
+        site.k = strip_head_repeat(a["key"], site.chain)
+        site.v = strip_head_repeat(a["value"], site.chain)
+        if a["dropout_p"] not in (0, 0.0):
+            site.skip(f"dropout_p={a['dropout_p']} (training-time attention dropout)")
+        if not isinstance(a["is_causal"], bool):
+            site.skip("is_causal is not a constant")
+        scale = a["scale"]
+        if scale is None:
+            d = m.tensor_meta(site.q).shape[-1] if m.tensor_meta(site.q) is not None else None
+            if not isinstance(d, int):
+                site.skip("head_dim is not static and no scale is given")
+            else:
+                site.scale = 1.0 / math.sqrt(d)
+        elif isinstance(scale, (int, float)):
+            site.scale = float(scale)
+        else:
+            site.skip(f"scale {scale} is not a constant")
+        self._check_shapes(site)
+        return site
+
+    # -- softmax(q @ k^T ...) @ v --------------------------------------------------------------
+
+    def _softmax(self, sm: torch.fx.Node, index: int) -> Optional[AttentionSite]:
+        if not m.is_last_dim(m.arg(sm, 1, "dim"), m.rank(sm)):
+            return None
+        chain = [sm]
+        # forward: softmax -> casts / inference dropout -> matmul(p, v)
+        p, out = sm, None
+        while True:
+            users = list(p.users)
+            if len(users) != 1:
+                return None
+            u = users[0]
+            if m.is_call(u, set(), m.CAST_METHODS) or _is_inference_dropout(u):
+                chain.append(u)
+                p = u
+                continue
+            if m.is_call(u, m.MATMUL_FNS, m.MATMUL_METHODS) and u.args[0] is p:
+                out = u
+            break
+        if out is None:
+            return None
+        # backward: softmax <- score ops <- matmul(q, k^T)
+        ops, s = [], _through_casts(sm.args[0], chain)
+        while not m.is_call(s, m.MATMUL_FNS, m.MATMUL_METHODS):
+            step = self._score_op(s)
+            if step is None:
+                return None
+            kind, chain_arg, other = step
+            ops.append((kind, other))
+            chain.append(s)
+            s = _through_casts(chain_arg, chain)
+        if len(s.users) != 1:
+            return None
+        kt = m.is_kt(s.args[1])
+        if kt is None:
+            return None
+        chain += [s, s.args[1]]
+        ops.reverse()                                          # matmul -> softmax order
+        site = AttentionSite(index, out, "softmax", layer_name(out), is_causal=False)
+        site.chain = chain + [out]
+        site.score_ops = ops
+        site.out_3d = m.rank(out) == 3
+        site.q = self._to_4d(s.args[0], site)
+        site.k = strip_head_repeat(self._to_4d(kt, site, chain_out=site.chain), site.chain)
+        site.v = strip_head_repeat(self._to_4d(out.args[1], site, chain_out=site.chain), site.chain)
+        self._check_shapes(site)
+        return site
+
+    @staticmethod
+    def _score_op(s: torch.fx.Node):
+        """(kind, the scores operand, the other operand) of an elementwise op on the scores."""
+        if not isinstance(s, torch.fx.Node):
+            return None
+        args = list(s.args)
+        if m.is_call(s, *_MUL) and len(args) == 2 and not s.kwargs:
+            a, b = args
+            if isinstance(a, torch.fx.Node) and m.rank(a) and m.rank(a) >= 3:
+                return "mul", a, b
+            return "mul", b, a
+        if m.is_call(s, *_DIV) and len(args) == 2 and not s.kwargs:
+            return "div", args[0], args[1]
+        if m.is_call(s, *_ADD) and len(args) == 2 and not s.kwargs:
+            a, b = args
+            scores_first = isinstance(a, torch.fx.Node) and m.rank(a) is not None and m.rank(a) >= 3 and \
+                (not isinstance(b, torch.fx.Node) or _depends_on_matmul(a))
+            return ("add", a, b) if scores_first else ("add", b, a)
+        if m.is_call(s, *_SUB) and len(args) == 2 and not s.kwargs:
+            return "sub", args[0], args[1]
+        if m.is_call(s, *_WHERE) and len(args) == 3:
+            return "where", args[1], (args[0], args[2])
+        if m.is_call(s, *_MASKED_FILL) and len(args) == 3:
+            return "masked_fill", args[0], (args[1], args[2])
+        return None
+
+    @staticmethod
+    def _to_4d(node: torch.fx.Node, site: AttentionSite, chain_out: Optional[list] = None) -> torch.fx.Node:
+        """For the ``bmm`` form: the 4-D tensor a ``[B*H, S, D]`` operand was reshaped from."""
+        while m.rank(node) == 3 and m.is_call(node, {torch.reshape}, {"reshape", "view", "contiguous"}):
+            if chain_out is not None:
+                chain_out.append(node)
+            node = node.args[0]
+        if m.rank(node) != 4:
+            site.skip(f"operand {getattr(node, 'name', node)} is not a 4-D [batch, heads, tokens, head_dim] tensor")
+        return node
+
+    @staticmethod
+    def _check_shapes(site: AttentionSite) -> None:
+        q, k, v = (m.tensor_meta(x) for x in (site.q, site.k, site.v))
+        if q is None or k is None or v is None or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            site.skip("q, k, v are not 4-D [batch, heads, tokens, head_dim] tensors")
+            return
+        hq, hkv = q.shape[1], k.shape[1]
+        if isinstance(hq, int) and isinstance(hkv, int) and hq % hkv:
+            site.skip(f"{hq} query heads are not a multiple of {hkv} KV heads")
+
+
+def _depends_on_matmul(node: torch.fx.Node, depth: int = 12) -> bool:
+    """Whether ``node`` is (a few elementwise ops away from) a matmul: the scores side of an add."""
+    for _ in range(depth):
+        if m.is_call(node, m.MATMUL_FNS, m.MATMUL_METHODS):
+            return True
+        if not isinstance(node, torch.fx.Node) or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return False
+        node = node.args[0]
+    return False

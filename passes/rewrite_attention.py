@@ -1,0 +1,132 @@
+"""Pass 3: rewrite each bound site into the scheduled subgraph of ``kvdrive::`` ops.
+
+::
+
+    step           = open_step(past_k of the first site, runtime_id)      # once per graph
+    k_si, v_si, t  = append(step, past_k, past_v, k_new, v_new, layer)    # right after the cats
+    plan           = prefetch(select(t, q))
+    out_h, lse_h   = cpu_partial_attention(plan, q, mask, scale, causal)
+    out_d, lse_d   = sparse_attention(plan, q, k_new, v_new, mask, scale, causal)
+    out            = merge(plan, q, out_d, lse_d, out_h, lse_h)            # replaces the site
+
+The cats' other users (the cache write-back among the graph's outputs) get the stand-ins;
+the original attention and cats are left without users and removed.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx
+
+from . import fx_match as m
+from .pass_manager import GraphPass, PassContext
+from .sites import AttentionSite
+
+_META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+def _op(name: str):
+    return getattr(torch.ops.kvdrive, name).default
+
+
+class _Builder:
+    """Creates nodes at the graph's insert point, with the site's source metadata."""
+
+    def __init__(self, graph: torch.fx.Graph, site: AttentionSite):
+        self.graph, self.site = graph, site
+
+    def call(self, target: Any, *args: Any) -> torch.fx.Node:
+        node = self.graph.call_function(target, tuple(args))
+        for key in _META_KEYS:
+            if key in self.site.node.meta:
+                node.meta[key] = self.site.node.meta[key]
+        node.meta["kvdrive_site"] = self.site.index
+        return node
+
+    def item(self, node: torch.fx.Node, i: int) -> torch.fx.Node:
+        return self.call(operator.getitem, node, i)
+
+
+def _later(a: torch.fx.Node, b: torch.fx.Node) -> torch.fx.Node:
+    for n in a.graph.nodes:
+        if n is a:
+            return b
+        if n is b:
+            return a
+    raise AssertionError("nodes not in the graph")
+
+
+class RewriteAttention(GraphPass):
+    name = "rewrite_attention"
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+        graph = gm.graph
+        step: Optional[torch.fx.Node] = None
+        seen: dict[str, int] = {}
+        for site in ctx.sites:
+            # a module that runs attention twice in one graph has two layers
+            name = f"{site.layer_name}#{seen.setdefault(site.layer_name, 0)}"
+            seen[site.layer_name] += 1
+            if not site.ok:
+                continue
+            layer = ctx.layer_ids.setdefault(name, len(ctx.layer_ids))
+            b = _Builder(graph, site)
+            kb, vb = site.k_bind, site.v_bind
+            with graph.inserting_before(_later(kb.cat, vb.cat).next):
+                if step is None:
+                    step = b.call(_op("open_step"), kb.past, ctx.runtime_id)
+                app = b.call(_op("append"), step, kb.past, vb.past, kb.new, vb.new, layer, site.keeps_last)
+                k_si, v_si, ticket = b.item(app, 0), b.item(app, 1), b.item(app, 2)
+            chain = set(site.chain)
+            kb.cat.replace_all_uses_with(k_si, delete_user_cb=lambda u: u not in chain)
+            vb.cat.replace_all_uses_with(v_si, delete_user_cb=lambda u: u not in chain)
+            with graph.inserting_before(site.node):
+                out = self._attention(b, site, ticket)
+            site.node.replace_all_uses_with(out)
+            site.rewritten = True
+        graph.eliminate_dead_code()
+        gm.recompile()
+
+    def _attention(self, b: _Builder, site: AttentionSite, ticket: torch.fx.Node) -> torch.fx.Node:
+        q, scale, bias = self._scaled_query_and_bias(b, site)
+        plan = b.call(_op("prefetch"), b.call(_op("select"), ticket, q))
+        host = b.call(_op("cpu_partial_attention"), plan, q, bias, scale, site.is_causal)
+        dev = b.call(_op("sparse_attention"), plan, q, site.k_bind.new, site.v_bind.new, bias, scale, site.is_causal)
+        out = b.call(_op("merge"), plan, q, b.item(dev, 0), b.item(dev, 1), b.item(host, 0), b.item(host, 1))
+        if site.out_3d:                                                  # the bmm form: [B*Hq, Q, D]
+            out = b.call(torch.flatten, out, 0, 1)
+        return out
+
+    @staticmethod
+    def _scaled_query_and_bias(b: _Builder, site: AttentionSite):
+        """Fold the score ops into (q * tensor factors, a constant scale, an additive bias)."""
+        q, scale = site.q, site.scale
+        if site.kind == "sdpa":
+            return q, scale, site.mask
+        bias: Any = None
+        neg_inf = float("-inf")
+        for kind, other in site.score_ops:
+            if kind in ("add", "sub") and not isinstance(other, torch.fx.Node):
+                continue                                 # a constant shift: softmax ignores it
+            if kind in ("mul", "div"):
+                c = m.constant_value(other)
+                if c is not None:
+                    scale = scale * c if kind == "mul" else scale / c
+                else:
+                    factor = other if kind == "mul" else b.call(operator.truediv, 1.0, other)
+                    q = b.call(operator.mul, q, factor)
+                if bias is not None:
+                    bias = b.call(operator.mul if kind == "mul" else operator.truediv, bias, other)
+            elif kind == "add":
+                bias = other if bias is None else b.call(operator.add, bias, other)
+            elif kind == "sub":
+                bias = b.call(operator.neg, other) if bias is None else b.call(operator.sub, bias, other)
+            elif kind == "where":                        # where(keep, scores, fill)
+                keep, _fill = other
+                bias = b.call(torch.where, keep, 0.0 if bias is None else bias, neg_inf)
+            elif kind == "masked_fill":                  # masked_fill(scores, drop, fill)
+                drop, _fill = other
+                bias = b.call(torch.where, drop, neg_inf, 0.0 if bias is None else bias)
+        return q, scale, bias

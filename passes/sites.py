@@ -1,0 +1,69 @@
+"""An attention site of a traced graph, and what the passes learned about it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch.fx
+
+
+@dataclass
+class KVBinding:
+    """Where a site's K or V comes from: ``cat([past, new], dim=-2)``.
+
+    past: a graph input (the cache's tensor from the last step) or an empty tensor (a prefill).
+    """
+
+    cat: torch.fx.Node
+    past: torch.fx.Node
+    new: torch.fx.Node
+
+    def describe(self) -> str:
+        past = self.past.name if self.past.op == "placeholder" else f"empty {self.past.name}"
+        return f"cat([{past}, {self.new.name}]) -> {self.cat.name}"
+
+
+@dataclass
+class AttentionSite:
+    """One attention computation: ``softmax(scale * q @ k^T + bias) @ v``.
+
+    node: the node whose value is the attention output ``[B, Hq, Q, D]`` (SDPA, or the final
+    matmul of the hand-written form; ``out_3d`` when that is a ``bmm`` on ``[B*Hq, Q, D]``).
+    chain: the site's own nodes, which the rewrite leaves dead.
+    q, k, v: the 4-D operands (k, v before any GQA head repetition). scale: a constant factor;
+    scale_nodes: tensor factors from the graph. score_ops: the elementwise ops between
+    ``q @ k^T`` and the softmax, as (op, args) to rebuild the additive bias from.
+    """
+
+    index: int
+    node: torch.fx.Node
+    kind: str
+    layer_name: str
+    q: Optional[torch.fx.Node] = None
+    k: Optional[torch.fx.Node] = None
+    v: Optional[torch.fx.Node] = None
+    mask: Optional[torch.fx.Node] = None
+    is_causal: bool = False
+    scale: float = 1.0
+    scale_nodes: list[torch.fx.Node] = field(default_factory=list)
+    score_ops: list[tuple[str, Any]] = field(default_factory=list)
+    out_3d: bool = False
+    chain: list[torch.fx.Node] = field(default_factory=list)
+    k_bind: Optional[KVBinding] = None
+    v_bind: Optional[KVBinding] = None
+    keeps_last: bool = False
+    rewritten: bool = False
+    reason: str = ""
+
+    def skip(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason
+
+    def binding(self) -> str:
+        if self.k_bind is None:
+            return "-"
+        window = ", keeps last tokens (sliding window)" if self.keeps_last else ""
+        return f"K {self.k_bind.describe()}; V {self.v_bind.describe()}{window}"

@@ -1,0 +1,413 @@
+"""The KV runtime: sessions of paged KV over three tiers, placement, and the per-step plan.
+
+Placement: a new block goes to the device tier; when the device budget is full the oldest
+device block moves to host, and when the host budget is full the oldest host block moves to
+disk. So the newest blocks are on the device, older ones on host, the rest on disk.
+"""
+from __future__ import annotations
+
+import atexit
+import heapq
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .block_attention import StepMask, attend, attend_blocks, column_bias, empty_partial
+from .layer_kv import Block, LayerKV
+from .standins import StandIns
+from .stats import RuntimeStats, TierStats
+from .tiers import BlockPool, DiskFile, Tier, TierBudget, slot_bytes
+from ..kernels.merge import merge_partials
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """What one attention site attends in one step, and where each block lies.
+
+    blocks: per tier, the logical blocks of the window there. fresh_only: every attended token
+    is among this step's new tokens (a prefill), which are attended from where they are.
+    """
+
+    layer: LayerKV
+    window: tuple[int, int]
+    blocks: dict[Tier, list[int]]
+    fresh_only: bool
+    disk_read: Optional[Future] = None
+
+
+@dataclass
+class Session:
+    """The KV of one generation: one ``LayerKV`` per attention layer, and its disk files."""
+
+    id: int
+    layers: dict[int, LayerKV] = field(default_factory=dict)
+    disk_files: dict[tuple, DiskFile] = field(default_factory=dict)
+    plans: dict[int, Plan] = field(default_factory=dict)
+    closed: bool = False
+
+
+class KVRuntime:
+    """Owns KV data: tier budgets and pools, sessions, placement, and step plans."""
+
+    def __init__(self, block_size: int = 16, device_memory: Optional[int] = None,
+                 host_memory: Optional[int] = None, disk_dir: Optional[str] = None,
+                 io_threads: int = 4):
+        self.block_size = block_size
+        self.budgets = {Tier.DEVICE: TierBudget("device", device_memory),
+                        Tier.HOST: TierBudget("host", host_memory)}
+        self._disk_parent = disk_dir
+        self._disk_dir: Optional[str] = None
+        self.pools: dict[tuple, BlockPool] = {}
+        self.sessions: dict[int, Session] = {}
+        self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvdrive-io")
+        self.lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._created = itertools.count()
+        self._lru: dict[Tier, list] = {Tier.DEVICE: [], Tier.HOST: []}
+        self.moved = {"device->host": 0, "host->disk": 0, "disk->host": 0, "host->device": 0}
+        self.sessions_closed = 0
+        self.steps = 0
+        self.standins = StandIns(self.release)
+        atexit.register(self.close)
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def open_session(self) -> Session:
+        with self.lock:
+            session = Session(next(self._ids))
+            self.sessions[session.id] = session
+            return session
+
+    def session(self, session_id: int) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None or session.closed:
+            raise RuntimeError(
+                f"kvdrive session {session_id} was released; its KV is gone. Start a new generation "
+                "(a fresh cache) instead of reusing a released one.")
+        return session
+
+    def layer(self, session: Session, layer: int, like: torch.Tensor, keeps_last: bool) -> LayerKV:
+        """The session's KV of ``layer``, created to match ``like: [B, Hkv, n, D]``."""
+        kv = session.layers.get(layer)
+        if kv is None:
+            b, hkv, _, d = like.shape
+            kv = LayerKV(session.id, layer, b, hkv, d, like.dtype, self.block_size, like.device, keeps_last)
+            session.layers[layer] = kv
+        elif (kv.batch, kv.kv_heads, kv.head_dim, kv.dtype) != (like.shape[0], like.shape[1], like.shape[3], like.dtype):
+            raise RuntimeError(
+                f"layer {layer}: new keys {tuple(like.shape)} {like.dtype} do not match the cached "
+                f"[{kv.batch}, {kv.kv_heads}, *, {kv.head_dim}] {kv.dtype}; a cache is bound to one batch")
+        return kv
+
+    def sweep(self) -> None:
+        """Release the sessions whose stand-ins are all gone (their cache was dropped)."""
+        with self.lock:
+            for sid in self.standins.sessions():
+                if not self.standins.prune(sid):
+                    self.release(sid)
+
+    def release(self, session_id: int) -> None:
+        """Free every block of a session and remove its disk files."""
+        with self.lock:
+            session = self.sessions.get(session_id)
+            if session is None or session.closed:
+                return
+            for kv in session.layers.values():
+                for i in list(kv.blocks):
+                    self._free_block(kv, i)
+            for f in session.disk_files.values():
+                f.close()
+            session.plans.clear()
+            session.closed = True
+            del self.sessions[session_id]
+            self.standins.forget(session_id)
+            self.sessions_closed += 1
+
+    def close(self) -> None:
+        """Release every session, the pools, and the private disk directory."""
+        with self.lock:
+            for sid in list(self.sessions):
+                self.release(sid)
+            for pool in self.pools.values():
+                pool.close()
+            self.pools.clear()
+            if self._disk_dir is not None:
+                shutil.rmtree(self._disk_dir, ignore_errors=True)
+                self._disk_dir = None
+
+    # -- pools and files -------------------------------------------------------------------
+
+    def _pool(self, tier: Tier, kv: LayerKV) -> BlockPool:
+        device = torch.device("cpu") if tier == Tier.HOST else kv.device
+        key = (tier, device, kv.dtype, kv.head_dim)
+        pool = self.pools.get(key)
+        if pool is None:
+            pin = tier == Tier.HOST and torch.cuda.is_available()
+            pool = BlockPool(self.budgets[tier], device, kv.dtype, self.block_size, kv.head_dim, pin)
+            self.pools[key] = pool
+        return pool
+
+    def disk_dir(self) -> str:
+        if self._disk_dir is None:
+            self._disk_dir = tempfile.mkdtemp(prefix="kvdrive-", dir=self._disk_parent)  # mode 0700
+        return self._disk_dir
+
+    def _disk(self, kv: LayerKV) -> DiskFile:
+        session = self.sessions[kv.session_id]
+        key = (kv.dtype, kv.head_dim)
+        f = session.disk_files.get(key)
+        if f is None:
+            name = f"session{kv.session_id}-{str(kv.dtype).split('.')[-1]}-d{kv.head_dim}.kv"
+            f = DiskFile(os.path.join(self.disk_dir(), name), kv.dtype, self.block_size, kv.head_dim, self.io_pool)
+            session.disk_files[key] = f
+        return f
+
+    def _store(self, tier: Tier, kv: LayerKV):
+        return self._disk(kv) if tier == Tier.DISK else self._pool(tier, kv)
+
+    # -- placement -------------------------------------------------------------------------
+
+    def _alloc(self, tier: Tier, kv: LayerKV) -> Optional[list[int]]:
+        """``kv.rows`` slots in ``tier``, evicting that tier's oldest blocks downwards if needed."""
+        if tier == Tier.DISK:
+            return self._disk(kv).alloc(kv.rows)
+        pool = self._pool(tier, kv)
+        while True:
+            slots = pool.alloc(kv.rows)
+            if slots is not None:
+                return slots
+            if not self._evict_oldest(tier, pool):
+                return None
+
+    def _evict_oldest(self, tier: Tier, pool: BlockPool) -> bool:
+        """Move the oldest block held in ``pool`` one tier down. False if there is none."""
+        heap = self._lru[tier]
+        skipped = []
+        found = False
+        while heap:
+            created, kv, idx = heapq.heappop(heap)
+            block = kv.blocks.get(idx)
+            if block is None or block.tier != tier or block.created != created:
+                continue                                                   # stale entry
+            if self._pool(tier, kv) is not pool:
+                skipped.append((created, kv, idx))
+                continue
+            self._demote(kv, idx)
+            found = True
+            break
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        return found
+
+    def _demote(self, kv: LayerKV, idx: int) -> None:
+        block = kv.blocks[idx]
+        src = self._pool(block.tier, kv)
+        lower = Tier(block.tier + 1)
+        slots = self._alloc(lower, kv) if lower == Tier.HOST else None
+        if slots is None:
+            lower = Tier.DISK
+            slots = self._alloc(lower, kv)
+        index = torch.tensor(block.slots, device=src.device)
+        k, v = src.k.index_select(0, index), src.v.index_select(0, index)
+        self._write_slots(lower, kv, slots, k, v)
+        nbytes = len(slots) * src.slot_bytes
+        self.moved["device->host" if block.tier == Tier.DEVICE else "host->disk"] += nbytes
+        if block.tier == Tier.DEVICE and lower == Tier.DISK:
+            self.moved["host->disk"] += nbytes
+        src.release(block.slots)
+        kv.blocks[idx] = Block(lower, slots, block.created)
+        self._track(kv, idx)
+
+    def _track(self, kv: LayerKV, idx: int) -> None:
+        block = kv.blocks[idx]
+        if block.tier != Tier.DISK:
+            heapq.heappush(self._lru[block.tier], (block.created, kv, idx))
+
+    def _write_slots(self, tier: Tier, kv: LayerKV, slots: list[int], k: torch.Tensor,
+                     v: torch.Tensor) -> None:
+        """Write whole blocks ``k, v: [len(slots), bs, D]`` into ``tier``."""
+        store = self._store(tier, kv)
+        if tier == Tier.DISK:
+            store.write(slots, k, v)
+            return
+        index = torch.tensor(slots, device=store.device)
+        store.k.index_copy_(0, index, k.to(store.device))
+        store.v.index_copy_(0, index, v.to(store.device))
+
+    def _free_block(self, kv: LayerKV, idx: int) -> None:
+        block = kv.blocks.pop(idx)
+        if block.tier == Tier.DISK:
+            self._disk(kv).release(block.slots)
+        else:
+            self._pool(block.tier, kv).release(block.slots)
+
+    # -- append ----------------------------------------------------------------------------
+
+    def drop_before(self, kv: LayerKV, position: int) -> None:
+        """Free the blocks that hold only positions before ``position`` (outside a window)."""
+        with self.lock:
+            while kv.first < position // self.block_size:
+                if kv.first in kv.blocks:
+                    self._free_block(kv, kv.first)
+                kv.first += 1
+
+    def append(self, kv: LayerKV, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append ``k, v: [B, Hkv, n, D]`` at the end of the layer's KV."""
+        with self.lock:
+            n = k.shape[2]
+            bs = self.block_size
+            k = k.reshape(kv.rows, n, kv.head_dim)                        # [rows, n, D]
+            v = v.reshape(kv.rows, n, kv.head_dim)
+            pos, done = kv.length, 0
+            if n and pos % bs:                             # fill the open block where it lies
+                done = min(n, bs - pos % bs)
+                self._write_tokens(kv, pos // bs, pos % bs, k[:, :done], v[:, :done])
+            if done < n:
+                self._append_blocks(kv, (pos + done) // bs, k[:, done:], v[:, done:])
+            kv.length += n
+
+    def _write_tokens(self, kv: LayerKV, idx: int, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: ``[rows, t, D]`` into block ``idx`` at token ``offset``."""
+        block = kv.blocks[idx]
+        store = self._store(block.tier, kv)
+        if block.tier == Tier.DISK:
+            for row, slot in enumerate(block.slots):
+                store.write_tokens(slot, offset, k[row], v[row])
+            return
+        index = torch.tensor(block.slots, device=store.device)
+        t = k.shape[1]
+        store.k[index, offset:offset + t] = k.to(store.device)
+        store.v[index, offset:offset + t] = v.to(store.device)
+
+    def _append_blocks(self, kv: LayerKV, first_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """New blocks from ``first_idx`` holding ``k, v: [rows, n, D]``, zero-padded."""
+        bs = self.block_size
+        n = k.shape[1]
+        count = -(-n // bs)
+        pad = count * bs - n
+        if pad:
+            k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+            v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+        # [rows, count*bs, D] -> [count, rows, bs, D]
+        k = k.reshape(kv.rows, count, bs, kv.head_dim).transpose(0, 1)
+        v = v.reshape(kv.rows, count, bs, kv.head_dim).transpose(0, 1)
+        created = [next(self._created) for _ in range(count)]
+        placed: dict[Tier, list[tuple[int, list[int]]]] = {Tier.DEVICE: [], Tier.HOST: [], Tier.DISK: []}
+        for j in reversed(range(count)):                   # newest first: they get the device
+            for tier in (Tier.DEVICE, Tier.HOST, Tier.DISK):
+                slots = self._alloc(tier, kv)
+                if slots is not None:
+                    placed[tier].append((j, slots))
+                    kv.blocks[first_idx + j] = Block(tier, slots, created[j])
+                    break
+        for tier, items in placed.items():
+            if not items:
+                continue
+            items.sort()
+            js = torch.tensor([j for j, _ in items], device=k.device)
+            slots = [s for _, ss in items for s in ss]
+            self._write_slots(tier, kv, slots, k.index_select(0, js).reshape(-1, bs, kv.head_dim),
+                              v.index_select(0, js).reshape(-1, bs, kv.head_dim))
+            for j, _ in items:
+                self._track(kv, first_idx + j)
+
+    # -- one step of one site --------------------------------------------------------------
+
+    def plan(self, kv: LayerKV, past_len: int, new_len: int) -> Plan:
+        """Exact attention: every block of the window ``[length - past - new, length)``."""
+        start, end = kv.length - past_len - new_len, kv.length
+        blocks = {t: kv.blocks_in(t, start, end) for t in Tier}
+        return Plan(kv, (start, end), blocks, fresh_only=past_len == 0)
+
+    def prefetch(self, plan: Plan) -> None:
+        """Start reading the plan's disk blocks into host memory."""
+        ids = plan.blocks[Tier.DISK]
+        if ids and not plan.fresh_only:
+            kv = plan.layer
+            table = kv.slot_table(ids).T.reshape(-1).tolist()          # block-major
+            disk = self._disk(kv)
+            plan.disk_read = self.io_pool.submit(disk.read, table)
+            self.moved["disk->host"] += len(table) * disk.slot_bytes
+
+    def _gather(self, pool: BlockPool, kv: LayerKV, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of blocks ``ids`` from a pool: ``[B, Hkv, nb, bs, D]``."""
+        table = kv.slot_table(ids).to(pool.device)                        # [rows, nb]
+        shape = (kv.batch, kv.kv_heads, len(ids), self.block_size, kv.head_dim)
+        return pool.k[table].reshape(shape), pool.v[table].reshape(shape)
+
+    def host_attention(self, plan: Plan, q: torch.Tensor, step: StepMask, scale: float):
+        """Host- and disk-resident blocks, on the CPU. q: ``[B, Hq, Q, D]``; returns fp32 (out, lse)."""
+        kv = plan.layer
+        qc = q.cpu()
+        parts = []
+        host_ids = [] if plan.fresh_only else plan.blocks[Tier.HOST]
+        if host_ids:
+            k, v = self._gather(self._pool(Tier.HOST, kv), kv, host_ids)
+            parts.append(attend_blocks(qc, k, v, host_ids, self.block_size, _on(step, "cpu"), scale))
+        if plan.disk_read is not None:
+            k, v = plan.disk_read.result()                                  # [nb*rows, bs, D]
+            ids = plan.blocks[Tier.DISK]
+            shape = (len(ids), kv.batch, kv.kv_heads, self.block_size, kv.head_dim)
+            k = k.reshape(shape).permute(1, 2, 0, 3, 4)
+            v = v.reshape(shape).permute(1, 2, 0, 3, 4)
+            parts.append(attend_blocks(qc, k, v, ids, self.block_size, _on(step, "cpu"), scale))
+        if not parts:
+            return empty_partial(q)
+        out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
+        return out.to(q.device), lse.to(q.device)
+
+    def device_attention(self, plan: Plan, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                         step: StepMask, scale: float):
+        """Device-resident blocks (or, on a prefill, this step's new tokens as they are)."""
+        if plan.fresh_only:
+            return attend(q, k_new, v_new, scale, _fresh_bias(step, q.shape[2], k_new.shape[2], q.device))
+        ids = plan.blocks[Tier.DEVICE]
+        if not ids:
+            return empty_partial(q)
+        k, v = self._gather(self._pool(Tier.DEVICE, plan.layer), plan.layer, ids)
+        return attend_blocks(q, k, v, ids, self.block_size, step, scale)
+
+    # -- stats -----------------------------------------------------------------------------
+
+    def stats(self) -> RuntimeStats:
+        with self.lock:
+            tiers = {}
+            for tier in Tier:
+                limit = self.budgets[tier].limit if tier in self.budgets else None
+                ts = TierStats(limit=limit)
+                if tier in self.budgets:
+                    ts.reserved_bytes = self.budgets[tier].reserved
+                    ts.peak_reserved_bytes = self.budgets[tier].peak
+                tiers[tier.name.lower()] = ts
+            for session in self.sessions.values():
+                for kv in session.layers.values():
+                    sb = slot_bytes(self.block_size, kv.head_dim, kv.dtype)
+                    for block in kv.blocks.values():
+                        ts = tiers[block.tier.name.lower()]
+                        ts.resident_blocks += 1
+                        ts.resident_bytes += kv.rows * sb
+            disk = tiers["disk"]
+            disk.reserved_bytes = sum(f.capacity * f.slot_bytes for s in self.sessions.values()
+                                      for f in s.disk_files.values())
+            return RuntimeStats(tiers, dict(self.moved), len(self.sessions), self.sessions_closed, self.steps)
+
+
+def _on(step: StepMask, device: str) -> StepMask:
+    bias = None if step.bias is None else step.bias.to(device)
+    return StepMask(step.start, step.end, bias, step.is_causal)
+
+
+def _fresh_bias(step: StepMask, nq: int, nk: int, device: torch.device) -> Optional[torch.Tensor]:
+    """The bias when the window is exactly the new tokens (columns 0..nk-1)."""
+    positions = torch.arange(step.start, step.start + nk, device=device)
+    return column_bias(step, positions, nq)

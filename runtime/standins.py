@@ -1,0 +1,89 @@
+"""Zero-memory stand-ins for the K/V tensors a model keeps in its own cache object.
+
+A stand-in has the shape of the real ``[B, Hkv, S, D]`` tensor but is a stride-0 expansion of
+a one-element NaN tensor (its base) that the runtime owns; each step's stand-in gets a new base,
+so no op output aliases its input. When it comes back as the next step's input, its data
+pointer says which session and layer it is. Code that
+reads its values outside the compiled graph gets NaN, never plausible garbage; the runtime
+refuses such a tensor when it comes back. A session is released when no stand-in of it (nor a
+view of one, like a sliding window's slice) is alive any more.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class StandInKey:
+    session_id: int
+    layer: int
+    kind: str          # "k" or "v"
+
+
+def _other_refs(t: torch.Tensor) -> int:
+    """How many tensors besides ``t`` share its storage."""
+    storage = t.untyped_storage()
+    return torch._C._storage_Use_Count(storage._cdata) - 2        # - t itself - this wrapper
+
+
+class StandIns:
+    """The registry of stand-in bases, by data pointer."""
+
+    def __init__(self, on_unreferenced: Callable[[int], None]):
+        self._bases: dict[int, torch.Tensor] = {}                  # data_ptr -> base
+        self._keys: dict[int, StandInKey] = {}
+        self._by_session: dict[int, list[int]] = {}
+        self._on_unreferenced = on_unreferenced
+
+    def make(self, key: StandInKey, like: torch.Tensor, length: int) -> torch.Tensor:
+        """A stand-in ``[B, Hkv, length, D]`` for ``like: [B, Hkv, n, D]``."""
+        base = torch.full((1, 1, 1, 1), float("nan"), dtype=like.dtype, device=like.device)
+        ptr = base.data_ptr()
+        self._bases[ptr] = base
+        self._keys[ptr] = key
+        self._by_session.setdefault(key.session_id, []).append(ptr)
+        b, h, _, d = like.shape
+        out = base.expand(b, h, length, d)
+        weakref.finalize(out, self._dying, key.session_id, ptr)
+        return out
+
+    def lookup(self, t: torch.Tensor) -> Optional[StandInKey]:
+        """The key of a stand-in (or a view of one), else None."""
+        if t.numel() == 0 or any(st != 0 for st, n in zip(t.stride(), t.shape) if n > 1):
+            return None
+        key = self._keys.get(t.data_ptr())
+        if key is not None and self._bases[t.data_ptr()].dtype != t.dtype:
+            return None
+        return key
+
+    def prune(self, session_id: int, dying_ptr: Optional[int] = None) -> bool:
+        """Forget the session's bases no tensor refers to any more; whether any is left in use.
+
+        dying_ptr: the base of a stand-in being finalized (it still counts as a reference).
+        """
+        live = []
+        for ptr in self._by_session.get(session_id, []):
+            refs = _other_refs(self._bases[ptr]) - (1 if ptr == dying_ptr else 0)
+            if refs > 0:
+                live.append(ptr)
+            else:
+                del self._bases[ptr], self._keys[ptr]
+        if session_id in self._by_session:
+            self._by_session[session_id] = live
+        return bool(live)
+
+    def _dying(self, session_id: int, ptr: int) -> None:
+        if session_id in self._by_session and not self.prune(session_id, ptr):
+            self._on_unreferenced(session_id)
+
+    def sessions(self) -> list[int]:
+        return list(self._by_session)
+
+    def forget(self, session_id: int) -> None:
+        for ptr in self._by_session.pop(session_id, []):
+            self._bases.pop(ptr, None)
+            self._keys.pop(ptr, None)

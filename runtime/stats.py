@@ -1,0 +1,29 @@
+"""Counters a user (and the tests) can read after a run."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TierStats:
+    """What one tier holds now, and the most it ever reserved, in bytes."""
+
+    limit: int | None = None
+    resident_bytes: int = 0
+    resident_blocks: int = 0
+    reserved_bytes: int = 0
+    peak_reserved_bytes: int = 0
+
+
+@dataclass
+class RuntimeStats:
+    """A snapshot of one runtime: per-tier holdings and bytes moved across each boundary."""
+
+    tiers: dict[str, TierStats] = field(default_factory=dict)
+    moved_bytes: dict[str, int] = field(default_factory=dict)
+    sessions_open: int = 0
+    sessions_closed: int = 0
+    steps: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
