@@ -28,8 +28,6 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}   # no "ninf"/"nnan": -inf ma
 _MIN_BLOCKS_PER_ITEM = 8       # a work item smaller than this costs more to merge than it saves
 _ITEMS_PER_THREAD = 4          # equal-sized items per thread, so a static schedule balances
 _TILE_FLOATS = 8192            # tokens per tile x head_dim: a 32 KiB fp32 K tile, in L1 for the scores
-_PREFETCH_AHEAD = 4            # blocks; a block takes ~1-2 us here, memory latency is ~0.1 us
-_PREFETCH_LINES = 2            # lines hinted per block: enough to start the L2 streamer on it
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)          # ln 2 split in two so that n * ln2 is exact
 _LN2_LO = np.float32(-2.12194440e-4)
@@ -153,17 +151,35 @@ def _widen_block(pool, slot, n, dst, at):
 
 
 @njit(inline="always")
-def _prefetch_block(pool, slot, n):
-    """Prefetch the first lines of a block; the L2 streamer fetches the rest of it."""
-    row = pool.shape[2]
-    base = slot * pool.shape[1] * row
-    for off in range(0, min(n * row, _PREFETCH_LINES * 64 // pool.itemsize), 64 // pool.itemsize):
-        _prefetch(pool, base + off)
+def _prefetch_ahead(ahead):
+    """Hint the next few cache lines of the blocks after the current tile, K lines then V lines.
+
+    ahead = (cursor, table, k_pool, v_pool); cursor: int64 [entry, line, end_entry, per_call].
+    Called from the compute loops so that the next tile streams in while this one is computed
+    (a burst of hints at one spot stalls on the line fill buffers)."""
+    cursor, table, k_pool, v_pool = ahead
+    block_lines = -(-k_pool.shape[1] * k_pool.shape[2] * k_pool.itemsize // 64)
+    step = 64 // k_pool.itemsize
+    for _ in range(cursor[3]):
+        while cursor[0] < cursor[2] and table[cursor[0]] < 0:
+            cursor[0] += 1
+        if cursor[0] >= cursor[2]:
+            return
+        base = table[cursor[0]] * k_pool.shape[1] * k_pool.shape[2]
+        line = cursor[1]
+        if line < block_lines:
+            _prefetch(k_pool, base + line * step)
+        else:
+            _prefetch(v_pool, base + (line - block_lines) * step)
+        cursor[1] += 1
+        if cursor[1] == 2 * block_lines:
+            cursor[0] += 1
+            cursor[1] = 0
 
 
 @njit(inline="always", fastmath=_FASTMATH)
-def _scores(q, kf, n, p):
-    """p[:, :n] = q @ kf[:n].T. q: [R, D]; kf: [BS, D]; p: [R, BS].
+def _scores(q, kf, n, p, ahead):
+    """p[:, :n] = q @ kf[:n].T. q: [R, D]; kf: [T, D]; p: [R, T].
     Four tokens per pass over q[r]: four independent sums hide the FMA latency."""
     r_, d_ = q.shape
     n4 = n - n % 4
@@ -177,6 +193,7 @@ def _scores(q, kf, n, p):
                 s2 += x * kf[t + 2, d]
                 s3 += x * kf[t + 3, d]
             p[r, t], p[r, t + 1], p[r, t + 2], p[r, t + 3] = s0, s1, s2, s3
+            _prefetch_ahead(ahead)
         for t in range(n4, n):
             s0 = _ZERO
             for d in range(d_):
@@ -185,8 +202,8 @@ def _scores(q, kf, n, p):
 
 
 @njit(inline="always", fastmath=_FASTMATH)
-def _accumulate(p, vf, n, acc):
-    """acc += p[:, :n] @ vf[:n]. p: [R, BS]; vf: [BS, D]; acc: [R, D].
+def _accumulate(p, vf, n, acc, ahead):
+    """acc += p[:, :n] @ vf[:n]. p: [R, T]; vf: [T, D]; acc: [R, D].
     Four tokens per pass over acc[r]: a quarter of the accumulator loads and stores."""
     r_, d_ = acc.shape
     n4 = n - n % 4
@@ -195,6 +212,7 @@ def _accumulate(p, vf, n, acc):
             w0, w1, w2, w3 = p[r, t], p[r, t + 1], p[r, t + 2], p[r, t + 3]
             for d in range(d_):
                 acc[r, d] += w0 * vf[t, d] + w1 * vf[t + 1, d] + w2 * vf[t + 2, d] + w3 * vf[t + 3, d]
+            _prefetch_ahead(ahead)
         for t in range(n4, n):
             w0 = p[r, t]
             for d in range(d_):
@@ -240,34 +258,36 @@ def _attend_item(q, k_pool, v_pool, table, lens, lo, hi, tile, out, lse):
     acc = np.zeros((r_, d_), np.float32)
     m = np.full(r_, _NEG_INF, np.float32)                      # running max per row
     l = np.zeros(r_, np.float32)                               # running sum of exp per row
+    # prefetch cursor; K+V lines of one tile, spread over its R * T / 2 four-token steps
+    tile_lines = 2 * (tile // bs) * -(-bs * d_ * k_pool.itemsize // 64)
+    cursor = np.array([lo, 0, lo, -(-2 * tile_lines // (r_ * tile))], np.int64)
+    ahead = (cursor, table, k_pool, v_pool)
     j = lo
     while j < hi:
-        # -- gather K of the next blocks into one tile; start fetching their V --
+        # -- gather K of the next blocks into one tile --
         n_blocks, fill = 0, 0
         while j < hi and fill + bs <= tile:
             slot, n = table[j], min(max(lens[j], 0), bs)
-            ahead = min(j + _PREFETCH_AHEAD, hi - 1)
-            if table[ahead] >= 0:
-                _prefetch_block(k_pool, table[ahead], bs)
             j += 1
             if slot < 0 or n == 0:
                 continue
-            _prefetch_block(v_pool, slot, n)
             _widen_block(k_pool, slot, n, kf, fill)
             tile_slot[n_blocks], tile_len[n_blocks] = slot, n
             n_blocks += 1
             fill += n
         if fill == 0:
             continue
+        cursor[0], cursor[1] = max(cursor[0], j), 0 if cursor[0] < j else cursor[1]
+        cursor[2] = min(hi, j + tile // bs)
         # -- scores, online softmax --
-        _scores(q, kf, fill, p)
+        _scores(q, kf, fill, p, ahead)
         _softmax_update(p, fill, m, l, acc)
         # -- acc += p @ v --
         at = 0
         for i in range(n_blocks):
             _widen_block(v_pool, tile_slot[i], tile_len[i], vf, at)
             at += tile_len[i]
-        _accumulate(p, vf, fill, acc)
+        _accumulate(p, vf, fill, acc, ahead)
     for r in range(r_):
         if l[r] > _ZERO:
             inv = _ONE / l[r]

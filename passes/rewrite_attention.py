@@ -2,7 +2,7 @@
 
 ::
 
-    step           = open_step(past_k of the first site, runtime_id)      # once per graph
+    step           = open_step(past_k, k_new of the first site, runtime_id)  # once per graph
     k_si, v_si, t  = append(step, past_k, past_v, k_new, v_new, layer)    # right after the cats
     plan           = prefetch(select(t, q))
     out_h, lse_h   = cpu_partial_attention(plan, q, mask, scale, causal)
@@ -76,7 +76,7 @@ class RewriteAttention(GraphPass):
             kb, vb = site.k_bind, site.v_bind
             with graph.inserting_before(_later(kb.cat, vb.cat).next):
                 if step is None:
-                    step = b.call(_op("open_step"), kb.past, ctx.runtime_id)
+                    step = b.call(_op("open_step"), kb.past, kb.new, ctx.runtime_id)
                 app = b.call(_op("append"), step, kb.past, vb.past, kb.new, vb.new, layer, site.keeps_last)
                 k_si, v_si, ticket = b.item(app, 0), b.item(app, 1), b.item(app, 2)
             chain = set(site.chain)

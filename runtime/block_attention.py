@@ -65,21 +65,25 @@ def column_bias(step: StepMask, positions: torch.Tensor, num_queries: int) -> Op
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-           bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``attention_with_lse`` in query chunks that keep the score matrix bounded.
+           bias: Optional[torch.Tensor], is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_with_lse``, in query chunks that bound the score matrix off the CPU
+    (the CPU path is a fused kernel that never materialises it).
 
     q: ``[B, Hq, Q, D]``; k, v: ``[B, Hkv, S, D]``; bias broadcastable to ``[B, Hq, Q, S]``.
     """
     b, hq, nq, _ = q.shape
     s = k.shape[2]
     chunk = max(1, _SCORE_BYTES // max(1, b * hq * s * 4))
-    if nq <= chunk:
-        return attention_with_lse(q, k, v, scale, bias)
+    if nq <= chunk or q.device.type == "cpu":
+        return attention_with_lse(q, k, v, scale, bias, is_causal)
     outs, lses = [], []
     for i in range(0, nq, chunk):
-        sub = None
-        if bias is not None:
-            sub = bias if bias.shape[-2] == 1 else bias[..., i:i + chunk, :]
+        rows = torch.arange(i, min(i + chunk, nq), device=q.device)
+        sub = None if bias is None else (bias if bias.shape[-2] == 1 else bias[..., i:i + chunk, :])
+        if is_causal:
+            causal = torch.zeros((rows.shape[0], s), dtype=torch.float32, device=q.device)
+            causal.masked_fill_(torch.arange(s, device=q.device)[None, :] > rows[:, None], float("-inf"))
+            sub = causal if sub is None else sub + causal
         o, l = attention_with_lse(q[:, :, i:i + chunk], k, v, scale, sub)
         outs.append(o)
         lses.append(l)

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .block_attention import StepMask, attend, attend_blocks, column_bias, empty_partial
+from .block_attention import StepMask, attend, attend_blocks, empty_partial
 from .layer_kv import Block, LayerKV
 from .standins import StandIns
 from .stats import RuntimeStats, TierStats
@@ -369,8 +369,9 @@ class KVRuntime:
     def device_attention(self, plan: Plan, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                          step: StepMask, scale: float):
         """Device-resident blocks (or, on a prefill, this step's new tokens as they are)."""
-        if plan.fresh_only:
-            return attend(q, k_new, v_new, scale, _fresh_bias(step, q.shape[2], k_new.shape[2], q.device))
+        if plan.fresh_only:                        # the window is exactly the new tokens
+            bias = None if step.bias is None else step.bias[..., : k_new.shape[2]]
+            return attend(q, k_new, v_new, scale, bias, step.is_causal)
         ids = plan.blocks[Tier.DEVICE]
         if not ids:
             return empty_partial(q)
@@ -405,9 +406,3 @@ class KVRuntime:
 def _on(step: StepMask, device: str) -> StepMask:
     bias = None if step.bias is None else step.bias.to(device)
     return StepMask(step.start, step.end, bias, step.is_causal)
-
-
-def _fresh_bias(step: StepMask, nq: int, nk: int, device: torch.device) -> Optional[torch.Tensor]:
-    """The bias when the window is exactly the new tokens (columns 0..nk-1)."""
-    positions = torch.arange(step.start, step.start + nk, device=device)
-    return column_bias(step, positions, nq)

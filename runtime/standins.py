@@ -48,6 +48,9 @@ class StandIns:
         self._by_session.setdefault(key.session_id, []).append(ptr)
         b, h, _, d = like.shape
         out = base.expand(b, h, length, d)
+        # the token count grows every step: let Dynamo trace it symbolically from the first
+        # decode step on, instead of recompiling once more on the second
+        torch._dynamo.maybe_mark_dynamic(out, 2)
         weakref.finalize(out, self._dying, key.session_id, ptr)
         return out
 
@@ -65,15 +68,18 @@ class StandIns:
 
         dying_ptr: the base of a stand-in being finalized (it still counts as a reference).
         """
-        live = []
-        for ptr in self._by_session.get(session_id, []):
-            refs = _other_refs(self._bases[ptr]) - (1 if ptr == dying_ptr else 0)
-            if refs > 0:
+        live, dead = [], []
+        for ptr in list(self._by_session.get(session_id, [])):
+            base = self._bases.get(ptr)
+            if base is not None and _other_refs(base) - (1 if ptr == dying_ptr else 0) > 0:
                 live.append(ptr)
             else:
-                del self._bases[ptr], self._keys[ptr]
+                dead.append(ptr)
         if session_id in self._by_session:
             self._by_session[session_id] = live
+        for ptr in dead:                     # dropping a base may run other finalizers: last
+            self._keys.pop(ptr, None)
+            self._bases.pop(ptr, None)
         return bool(live)
 
     def _dying(self, session_id: int, ptr: int) -> None:

@@ -1,0 +1,307 @@
+"""Paged sparse decode attention: a Triton kernel for CUDA, plain torch elsewhere.
+
+Layout (shared with kernels/cpu_attention.py): ``k_pool, v_pool: [num_slots, block_size, D]``;
+``block_table, block_lens: int32 [B, Hkv, NB]`` list, per (sequence, KV head), the slots it
+attends (``-1`` = unused entry) and how many leading tokens of each are valid.
+
+The Triton path is flash-decoding: ``_split_kernel`` runs one program per (sequence, KV head,
+split of its block list), with all the query rows of that KV head (GQA group x query tokens)
+packed into one ``tl.dot`` operand, reading K/V straight from the pools through the block
+table; ``_merge_kernel`` combines the splits' partial results by their log-sum-exp.
+Triton is imported on first use, so this module imports where Triton is missing.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["paged_attention", "paged_attention_torch", "paged_attention_triton", "POISON_ENV"]
+
+POISON_ENV = "KVDRIVE_POISON_OUTPUTS"   # "1": outputs start as NaN, so unwritten elements show
+_LOG2E = 1.4426950408889634
+_MIN_ROWS = 16              # tl.dot needs every dimension >= 16
+_TILE_TOKENS = 64           # tokens per loop step in a program (whole blocks)
+_MIN_BLOCKS_PER_SPLIT = 4   # below this a split's fixed cost outweighs the parallelism
+
+
+# -- shared by both implementations --
+
+def _check(q, k_pool, v_pool, block_table, block_lens) -> None:
+    if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype or k_pool.dim() != 3:
+        raise ValueError(f"k_pool and v_pool must both be [num_slots, block_size, head_dim] of one dtype "
+                         f"(got {tuple(k_pool.shape)} {k_pool.dtype}, {tuple(v_pool.shape)} {v_pool.dtype})")
+    if k_pool.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"K/V pool dtype {k_pool.dtype} is not supported: use float32, float16 or bfloat16")
+    if block_table.shape != block_lens.shape or block_table.dim() != 3:
+        raise ValueError(f"block_table and block_lens must both be [B, Hkv, NB] "
+                         f"(got {tuple(block_table.shape)}, {tuple(block_lens.shape)})")
+    b, hkv = block_table.shape[:2]
+    if q.dim() not in (3, 4) or q.shape[0] != b or q.shape[1] % hkv or q.shape[-1] != k_pool.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit block_table {tuple(block_table.shape)} "
+                         f"and head_dim {k_pool.shape[2]}: need [B, Hq, (Q,) D] with Hq a multiple of Hkv")
+
+
+def _new_outputs(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [*shape] and lse [*shape[:-1]], fp32; NaN-filled when POISON_ENV is "1"."""
+    if os.environ.get(POISON_ENV) == "1":
+        nan = float("nan")
+        return (torch.full(shape, nan, device=device),
+                torch.full(shape[:-1], nan, device=device))
+    return torch.empty(shape, device=device), torch.empty(shape[:-1], device=device)
+
+
+# -- plain torch: the reference and the CPU-device path --
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    block_lens: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paged attention by gathering the listed blocks; same contract as ``paged_attention``.
+
+    q: ``[B, Hq, D]`` or ``[B, Hq, Q, D]``; k_pool, v_pool: ``[num_slots, block_size, D]``;
+    block_table, block_lens: int32 ``[B, Hkv, NB]``. Returns fp32 ``out`` shaped like q and
+    fp32 natural-log ``lse`` ``[B, Hq(, Q)]``; nothing selected gives out 0, lse -inf.
+    """
+    _check(q, k_pool, v_pool, block_table, block_lens)
+    one_token = q.dim() == 3
+    q4 = q.unsqueeze(2) if one_token else q                               # [B, Hq, Q, D]
+    b, hq, nq, d = q4.shape
+    hkv, nb = block_table.shape[1:]
+    bs = k_pool.shape[1]
+    g = hq // hkv
+    slots = block_table.long()
+    pos = torch.arange(bs, device=q.device)
+    valid = (slots >= 0).unsqueeze(-1) & (pos < block_lens.unsqueeze(-1))    # [B, Hkv, NB, BS]
+    valid = valid.reshape(b, hkv, nb * bs)
+    # where(): unlisted slots and the tails of partly filled blocks may hold anything
+    k = torch.where(valid.unsqueeze(-1), k_pool[slots.clamp_min(0)].reshape(b, hkv, nb * bs, d).float(), 0.0)
+    v = torch.where(valid.unsqueeze(-1), v_pool[slots.clamp_min(0)].reshape(b, hkv, nb * bs, d).float(), 0.0)
+    qf = q4.float().reshape(b, hkv, g * nq, d)                              # [B, Hkv, G*Q, D]
+    s = torch.matmul(qf, k.transpose(-1, -2)) * scale                      # [B, Hkv, G*Q, S]
+    s = s.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                                        # [B, Hkv, G*Q]
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
+    out = torch.matmul(p, v)                                                # 0 where lse = -inf
+    out, lse = out.reshape(b, hq, nq, d), lse.reshape(b, hq, nq)
+    if one_token:
+        return out.squeeze(2), lse.squeeze(2)
+    return out, lse
+
+
+# -- Triton --
+
+@functools.cache
+def _triton_kernels():
+    """Define the Triton kernels on first use (importing triton is slow and may fail)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _split_kernel(
+        q_ptr,                  # [B*Hkv, R, D], any float dtype
+        k_ptr, v_ptr,           # [num_slots, BS, D]
+        table_ptr, lens_ptr,    # int32 [B*Hkv, NB]
+        out_ptr, lse_ptr,       # fp32 [B*Hkv, NSPLIT, R, D], [B*Hkv, NSPLIT, R]
+        qk_scale,               # softmax scale * log2(e): scores are kept in base 2
+        R, D, BS, NB, BLOCKS_PER_SPLIT,
+        ROWS: tl.constexpr,         # R padded to a power of two >= 16
+        HEAD_DIM: tl.constexpr,     # D padded to a power of two
+        BLOCK: tl.constexpr,        # BS padded to a power of two
+        BLOCKS_PER_STEP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,  # "ieee": fp32 pools get exact dots, not tf32
+        UPCAST_DOTS: tl.constexpr,    # dot in fp32 (the interpreter cannot dot bf16: triton#11584)
+    ):
+        bh = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        nsplit = tl.num_programs(1)
+        rows = tl.arange(0, ROWS)
+        dims = tl.arange(0, HEAD_DIM)
+        row_ok = rows < R
+        dim_ok = dims < D
+        # -- q rows of this KV head, in the pool dtype for the tensor cores --
+        q = tl.load(q_ptr + (bh * R + rows[:, None]) * D + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        q = q.to(k_ptr.dtype.element_ty)
+        if UPCAST_DOTS:
+            q = q.to(tl.float32)
+        # -- token t of a step: block t // BLOCK of the step, position t % BLOCK in it --
+        TOKENS: tl.constexpr = BLOCK * BLOCKS_PER_STEP
+        tok = tl.arange(0, TOKENS)
+        blk = tok // BLOCK
+        pos = tok % BLOCK
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        lo = split * BLOCKS_PER_SPLIT
+        hi = tl.minimum(lo + BLOCKS_PER_SPLIT, NB)
+        for j in range(lo, hi, BLOCKS_PER_STEP):
+            entry = j + blk
+            slot = tl.load(table_ptr + bh * NB + entry, mask=entry < hi, other=-1)
+            n = tl.load(lens_ptr + bh * NB + entry, mask=entry < hi, other=0)
+            tok_ok = (slot >= 0) & (pos < n) & (pos < BS)
+            offs = (slot.to(tl.int64) * BS + pos)[:, None] * D + dims[None, :]     # [TOKENS, HEAD_DIM]
+            kv_mask = tok_ok[:, None] & dim_ok[None, :]
+            # -- compute qk --
+            k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
+            if UPCAST_DOTS:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale        # [ROWS, TOKENS]
+            s = tl.where(tok_ok[None, :], s, float("-inf"))
+            # -- update m_i and l_i --
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)               # all masked so far
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            # -- acc += p @ v --
+            v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
+            p = p.to(v.dtype)                                                   # as the tensor cores see it
+            if UPCAST_DOTS:
+                p, v = p.to(tl.float32), v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        # -- normalize; an empty split gives out 0, lse -inf --
+        has = l_i > 0.0
+        out = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        part = bh * nsplit + split
+        tl.store(out_ptr + (part * R + rows[:, None]) * D + dims[None, :], out,
+                 mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(lse_ptr + part * R + rows, lse, mask=row_ok)
+
+    @triton.jit
+    def _merge_kernel(
+        part_out_ptr, part_lse_ptr,     # fp32 [B*Hkv, NSPLIT, R, D], [B*Hkv, NSPLIT, R]
+        out_ptr, lse_ptr,               # fp32 [B*Hkv*R, D], [B*Hkv*R]
+        R, D, NSPLIT,
+        SPLITS: tl.constexpr,           # NSPLIT padded to a power of two
+        HEAD_DIM: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)       # = bh * R + r
+        bh = row // R
+        r = row % R
+        sp = tl.arange(0, SPLITS)
+        dims = tl.arange(0, HEAD_DIM)
+        sp_ok = sp < NSPLIT
+        part = (bh * NSPLIT + sp) * R + r                                      # [SPLITS]
+        lse = tl.load(part_lse_ptr + part, mask=sp_ok, other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))                 # 0 for empty splits
+        o = tl.load(part_out_ptr + part[:, None] * D + dims[None, :],
+                    mask=(w > 0.0)[:, None] & (dims < D)[None, :], other=0.0)
+        total = tl.sum(w, axis=0)
+        safe = tl.where(total > 0.0, total, 1.0)
+        tl.store(out_ptr + row * D + dims, tl.sum(w[:, None] * o, axis=0) / safe, mask=dims < D)
+        tl.store(lse_ptr + row, tl.where(total > 0.0, m + tl.log(safe), float("-inf")))
+
+    return _split_kernel, _merge_kernel
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _plan_splits(bh: int, nb: int, blocks_per_step: int, device: torch.device) -> tuple[int, int]:
+    """(number of splits, blocks per split): about four programs per SM, whole steps per split."""
+    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    want = max(1, -(-4 * units // bh))
+    most = max(1, nb // _MIN_BLOCKS_PER_SPLIT)
+    per = -(-nb // min(want, most))
+    per = -(-per // blocks_per_step) * blocks_per_step
+    return -(-nb // per), per
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    block_lens: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paged attention read straight from the pools; same contract as ``paged_attention``.
+
+    q: ``[B, Hq, D]`` or ``[B, Hq, Q, D]``; k_pool, v_pool: ``[num_slots, block_size, D]``
+    fp32/fp16/bf16 (fp32 accumulation; q and the probabilities are rounded to the pool dtype
+    for the tensor cores); block_table, block_lens: int32 ``[B, Hkv, NB]``.
+    Returns fp32 ``out`` shaped like q and fp32 natural-log ``lse`` ``[B, Hq(, Q)]``.
+    """
+    _check(q, k_pool, v_pool, block_table, block_lens)
+    split_kernel, merge_kernel = _triton_kernels()
+    one_token = q.dim() == 3
+    q4 = q.unsqueeze(2) if one_token else q
+    b, hq, nq, d = q4.shape
+    hkv, nb = block_table.shape[1:]
+    bs = k_pool.shape[1]
+    r = hq // hkv * nq                                       # query rows per KV head
+    q_rows = q4.reshape(b * hkv, r, d).contiguous()         # [B*Hkv, R, D]
+    k_pool, v_pool = k_pool.contiguous(), v_pool.contiguous()
+    table = block_table.to(torch.int32).contiguous()
+    lens = block_lens.to(torch.int32).contiguous()
+    out, lse = _new_outputs((b, hq, nq, d), q.device)
+    block = _next_pow2(bs)
+    blocks_per_step = max(1, _TILE_TOKENS // block)
+    nsplit, per_split = _plan_splits(b * hkv, max(nb, 1), blocks_per_step, q.device)
+    if nsplit == 1:                                          # same layout: write the result directly
+        part_out, part_lse = out, lse
+    else:
+        part_out = torch.empty(b * hkv, nsplit, r, d, device=q.device)
+        part_lse = torch.empty(b * hkv, nsplit, r, device=q.device)
+    head_dim = _next_pow2(d)
+    split_kernel[(b * hkv, nsplit)](
+        q_rows, k_pool, v_pool, table, lens, part_out, part_lse,
+        scale * _LOG2E, r, d, bs, nb, per_split,
+        ROWS=max(_MIN_ROWS, _next_pow2(r)), HEAD_DIM=head_dim, BLOCK=block,
+        BLOCKS_PER_STEP=blocks_per_step, DOT_PRECISION="ieee",
+        UPCAST_DOTS=k_pool.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        num_warps=4 if head_dim <= 128 else 8,
+    )
+    if nsplit > 1:
+        merge_kernel[(b * hkv * r,)](
+            part_out, part_lse, out, lse, r, d, nsplit,
+            SPLITS=_next_pow2(nsplit), HEAD_DIM=head_dim, num_warps=1 if head_dim <= 128 else 2,
+        )
+    if one_token:
+        return out.squeeze(2), lse.squeeze(2)
+    return out, lse
+
+
+# -- dispatch --
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    block_lens: torch.Tensor,
+    scale: float,
+    backend: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``q`` over the K/V blocks listed in ``block_table``.
+
+    q: ``[B, Hq, D]`` (one decode token) or ``[B, Hq, Q, D]`` (every query token sees every
+    listed token; no causal mask), any float dtype; query head ``h`` reads KV head
+    ``h // (Hq // Hkv)``.
+    k_pool, v_pool: ``[num_slots, block_size, D]`` fp32/fp16/bf16, contiguous.
+    block_table: int32 ``[B, Hkv, NB]``, slot per entry, ``-1`` = unused (anywhere);
+    block_lens: int32 ``[B, Hkv, NB]``, valid leading tokens of each listed block.
+    scale: softmax scale.
+    backend: None picks Triton for CUDA tensors and torch otherwise; "triton" or "torch" forces.
+    Returns ``out`` fp32 shaped like q and ``lse`` fp32 natural-log ``[B, Hq]`` /
+    ``[B, Hq, Q]``; a (sequence, KV head) with nothing selected gives out 0, lse -inf.
+    """
+    if backend is None:
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "triton":
+        return paged_attention_triton(q, k_pool, v_pool, block_table, block_lens, scale)
+    if backend == "torch":
+        return paged_attention_torch(q, k_pool, v_pool, block_table, block_lens, scale)
+    raise ValueError(f"backend={backend!r} is not known: use None, 'triton' or 'torch'")

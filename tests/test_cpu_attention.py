@@ -1,0 +1,124 @@
+"""cpu_partial_attention (numba) against a float64 gather-and-softmax reference."""
+import math
+
+import pytest
+import torch
+
+from kvdrive_compile.kernels.cpu_attention import POISON_ENV, cpu_partial_attention
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setenv(POISON_ENV, "1")     # outputs start as NaN: an unwritten element fails
+
+
+def make_case(b, hkv, g, nq, d, bs, nb, dtype, empty=(), seed=0):
+    """Random pools and a random selection; every slot and block tail not selected is NaN.
+
+    Entry 1 of (0, 0) is -1 (a hole), each row's last block is partly filled, and the
+    (sequence, KV head) pairs in ``empty`` select nothing. nq None: q is [B, Hq, D]."""
+    gen = torch.Generator().manual_seed(seed)
+    num_slots = 2 * b * hkv * nb + 3
+    k_pool = torch.randn(num_slots, bs, d, generator=gen).to(dtype)
+    v_pool = torch.randn(num_slots, bs, d, generator=gen).to(dtype)
+    table = torch.randperm(num_slots, generator=gen)[: b * hkv * nb].reshape(b, hkv, nb).int()
+    lens = torch.full_like(table, bs)
+    lens[..., -1] = torch.randint(1, bs + 1, (b, hkv), generator=gen, dtype=torch.int32)
+    if nb > 2:
+        table[0, 0, 1] = -1
+    for bi, hi in empty:
+        table[bi, hi] = -1
+    selected = torch.zeros(num_slots, bs, dtype=torch.bool)
+    for slot, n in zip(table.flatten().tolist(), lens.flatten().tolist()):
+        if slot >= 0:
+            selected[slot, :n] = True
+    k_pool[~selected] = float("nan")
+    v_pool[~selected] = float("nan")
+    shape = (b, hkv * g, d) if nq is None else (b, hkv * g, nq, d)
+    q = torch.randn(shape, generator=gen).to(dtype)
+    return q, k_pool, v_pool, table, lens, 1 / math.sqrt(d)
+
+
+def reference(q, k_pool, v_pool, table, lens, scale):
+    """Gather each (sequence, KV head)'s tokens, float64 softmax. Returns (out, lse) like q."""
+    q4 = q.unsqueeze(2) if q.dim() == 3 else q
+    b, hq, nq, d = q4.shape
+    hkv = table.shape[1]
+    g = hq // hkv
+    out = torch.zeros(b, hq, nq, d, dtype=torch.float64)
+    lse = torch.full((b, hq, nq), float("-inf"), dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hkv):
+            picked = [(s, n) for s, n in zip(table[bi, h].tolist(), lens[bi, h].tolist()) if s >= 0]
+            if not picked:
+                continue
+            k = torch.cat([k_pool[s, :n] for s, n in picked]).double()             # [S, D]
+            v = torch.cat([v_pool[s, :n] for s, n in picked]).double()
+            scores = q4[bi, h * g:(h + 1) * g].double() @ k.T * scale               # [G, Q, S]
+            lse[bi, h * g:(h + 1) * g] = torch.logsumexp(scores, dim=-1)
+            out[bi, h * g:(h + 1) * g] = torch.softmax(scores, dim=-1) @ v
+    if q.dim() == 3:
+        return out.squeeze(2), lse.squeeze(2)
+    return out, lse
+
+
+# (b, hkv, g, nq, d, bs, nb, empty (sequence, KV head) pairs): together they cover GQA 1/3/4/8,
+# head_dim 64/128/256, block size 16/32/64, batch 1 and 8, one and three query tokens,
+# a single block, empty selections, and block lists long enough to be split across threads.
+CASES = {
+    "gqa4-d128-bs16-split": (1, 2, 4, None, 128, 16, 40, ()),
+    "batch8-gqa1-d64-bs32": (8, 2, 1, None, 64, 32, 6, ((3, 1), (7, 0))),
+    "gqa3-q3-d64-bs16": (2, 1, 3, 3, 64, 16, 5, ()),
+    "gqa8-d256-bs64": (1, 1, 8, None, 256, 64, 3, ()),
+    "single-block": (1, 1, 4, None, 128, 32, 1, ()),
+    "batch8-q3-gqa4-split": (8, 4, 4, 3, 128, 16, 24, ((0, 3), (5, 0))),
+    "gqa8-q3-d64-bs64": (3, 2, 8, 3, 64, 64, 10, ((2, 1),)),
+    "all-empty": (2, 2, 2, None, 64, 16, 4, ((0, 0), (0, 1), (1, 0), (1, 1))),
+    "d80-bs24": (1, 1, 2, 2, 80, 24, 6, ()),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_partial_attention_matches_reference(dtype, case):
+    *shape, empty = case
+    q, k_pool, v_pool, table, lens, scale = make_case(*shape, dtype, empty=empty)
+    out, lse = cpu_partial_attention(q, k_pool, v_pool, table, lens, scale)
+    ref_out, ref_lse = reference(q, k_pool, v_pool, table, lens, scale)
+    assert out.dtype == lse.dtype == torch.float32
+    assert not out.isnan().any() and not lse.isnan().any()
+    # K/V are widened exactly and accumulated in fp32: fp32 tolerances for every storage dtype
+    torch.testing.assert_close(out, ref_out.float(), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=2e-5, rtol=1e-5)
+    for bi, h in empty:
+        g = q.shape[1] // table.shape[1]
+        assert torch.all(lse[bi, h * g:(h + 1) * g] == float("-inf"))
+        assert torch.all(out[bi, h * g:(h + 1) * g] == 0)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_partial_attention_any_query_dtype(q_dtype):
+    q, k_pool, v_pool, table, lens, scale = make_case(2, 2, 3, 3, 64, 16, 9, torch.float16)
+    q = q.to(q_dtype)
+    out, lse = cpu_partial_attention(q, k_pool, v_pool, table, lens, scale)
+    ref_out, ref_lse = reference(q, k_pool, v_pool, table, lens, scale)
+    torch.testing.assert_close(out, ref_out.float(), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=2e-5, rtol=1e-5)
+
+
+def test_cpu_partial_attention_holes_and_large_scores():
+    # holes (-1) scattered through a long list, and scores large enough to overflow a naive exp
+    q, k_pool, v_pool, table, lens, _ = make_case(1, 1, 4, None, 64, 16, 48, torch.float32)
+    table[0, 0, 5:30:3] = -1
+    out, lse = cpu_partial_attention(q, k_pool, v_pool, table, lens, 20.0)
+    ref_out, ref_lse = reference(q, k_pool, v_pool, table, lens, 20.0)
+    torch.testing.assert_close(out, ref_out.float(), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=1e-4, rtol=1e-5)
+
+
+def test_cpu_partial_attention_rejects_bad_shapes():
+    q, k_pool, v_pool, table, lens, scale = make_case(1, 2, 2, None, 64, 16, 2, torch.float32)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        cpu_partial_attention(q[:, :3], k_pool, v_pool, table, lens, scale)
+    with pytest.raises(ValueError, match="block_table and block_lens"):
+        cpu_partial_attention(q, k_pool, v_pool, table, lens[:, :1], scale)

@@ -1,0 +1,151 @@
+"""paged_attention's Triton and torch implementations against a float64 reference.
+
+Where there is no GPU, tests/conftest.py sets TRITON_INTERPRET=1 and the Triton kernels run
+in the interpreter on CPU tensors: slow, so the Triton cases are few and small.
+"""
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from kvdrive_compile.kernels.paged_attention import (
+    POISON_ENV,
+    paged_attention,
+    paged_attention_torch,
+    paged_attention_triton,
+)
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setenv(POISON_ENV, "1")     # outputs start as NaN: an unwritten element fails
+
+
+def make_case(b, hkv, g, nq, d, bs, nb, dtype, empty=(), seed=0):
+    """Random pools and a random selection; every slot and block tail not selected is NaN.
+
+    Entry 1 of (0, 0) is -1 (a hole), each row's last block is partly filled, and the
+    (sequence, KV head) pairs in ``empty`` select nothing. nq None: q is [B, Hq, D]."""
+    gen = torch.Generator().manual_seed(seed)
+    num_slots = 2 * b * hkv * nb + 3
+    k_pool = torch.randn(num_slots, bs, d, generator=gen).to(dtype)
+    v_pool = torch.randn(num_slots, bs, d, generator=gen).to(dtype)
+    table = torch.randperm(num_slots, generator=gen)[: b * hkv * nb].reshape(b, hkv, nb).int()
+    lens = torch.full_like(table, bs)
+    lens[..., -1] = torch.randint(1, bs + 1, (b, hkv), generator=gen, dtype=torch.int32)
+    if nb > 2:
+        table[0, 0, 1] = -1
+    for bi, hi in empty:
+        table[bi, hi] = -1
+    selected = torch.zeros(num_slots, bs, dtype=torch.bool)
+    for slot, n in zip(table.flatten().tolist(), lens.flatten().tolist()):
+        if slot >= 0:
+            selected[slot, :n] = True
+    k_pool[~selected] = float("nan")
+    v_pool[~selected] = float("nan")
+    shape = (b, hkv * g, d) if nq is None else (b, hkv * g, nq, d)
+    q = torch.randn(shape, generator=gen).to(dtype)
+    return q, k_pool, v_pool, table, lens, 1 / math.sqrt(d)
+
+
+def reference(q, k_pool, v_pool, table, lens, scale):
+    """Gather each (sequence, KV head)'s tokens, float64 softmax. Returns (out, lse) like q."""
+    q4 = q.unsqueeze(2) if q.dim() == 3 else q
+    b, hq, nq, d = q4.shape
+    hkv = table.shape[1]
+    g = hq // hkv
+    out = torch.zeros(b, hq, nq, d, dtype=torch.float64)
+    lse = torch.full((b, hq, nq), float("-inf"), dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hkv):
+            picked = [(s, n) for s, n in zip(table[bi, h].tolist(), lens[bi, h].tolist()) if s >= 0]
+            if not picked:
+                continue
+            k = torch.cat([k_pool[s, :n] for s, n in picked]).double()             # [S, D]
+            v = torch.cat([v_pool[s, :n] for s, n in picked]).double()
+            scores = q4[bi, h * g:(h + 1) * g].double() @ k.T * scale               # [G, Q, S]
+            lse[bi, h * g:(h + 1) * g] = torch.logsumexp(scores, dim=-1)
+            out[bi, h * g:(h + 1) * g] = torch.softmax(scores, dim=-1) @ v
+    if q.dim() == 3:
+        return out.squeeze(2), lse.squeeze(2)
+    return out, lse
+
+
+# (b, hkv, g, nq, d, bs, nb, empty (sequence, KV head) pairs): GQA 1/3/4/8, head_dim 64/128/256,
+# block size 16/32/64, batch 1 and 8, one and three query tokens, a single block, empty
+# selections, block lists split across programs.
+TRITON_CASES = {
+    "gqa4-d64-bs16-split": (1, 2, 4, None, 64, 16, 24, ()),
+    "batch8-gqa1-bs32-empty": (8, 1, 1, None, 64, 32, 3, ((2, 0), (5, 0))),
+    "gqa3-q3-d128-bs16": (2, 1, 3, 3, 128, 16, 5, ()),
+    "gqa8-d256-bs64-single-block": (1, 1, 8, None, 256, 64, 1, ()),
+    "d80-bs24-padded": (1, 1, 2, 2, 80, 24, 6, ()),
+}
+TORCH_CASES = {
+    **TRITON_CASES,
+    "batch8-q3-gqa4-d128": (8, 4, 4, 3, 128, 16, 12, ((0, 3), (5, 0))),
+    "gqa8-q3-d64-bs64": (3, 2, 8, 3, 64, 64, 10, ((2, 1),)),
+    "all-empty": (2, 2, 2, None, 64, 16, 4, ((0, 0), (0, 1), (1, 0), (1, 1))),
+}
+# Triton rounds q and the softmax probabilities to the pool dtype for the tensor cores
+TRITON_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
+
+
+def on_device(*tensors):
+    return [t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+def check(out, lse, ref_out, ref_lse, tol, lse_tol=2e-5):
+    assert out.dtype == lse.dtype == torch.float32
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out.cpu(), ref_out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.cpu(), ref_lse.float(), atol=lse_tol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", TORCH_CASES.values(), ids=TORCH_CASES.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_matches_reference(dtype, case):
+    *shape, empty = case
+    inputs = make_case(*shape, dtype, empty=empty)
+    out, lse = paged_attention_torch(*inputs)
+    check(out, lse, *reference(*inputs), tol=2e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", TRITON_CASES.values(), ids=TRITON_CASES.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_matches_reference(dtype, case):
+    *shape, empty = case
+    inputs = make_case(*shape, dtype, empty=empty)
+    out, lse = paged_attention_triton(*on_device(*inputs))
+    check(out, lse, *reference(*inputs), tol=TRITON_TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_agrees_with_torch(dtype):
+    inputs = on_device(*make_case(2, 2, 4, 3, 64, 16, 14, dtype, empty=((1, 0),), seed=3))
+    out_triton, lse_triton = paged_attention(*inputs, backend="triton")
+    out_torch, lse_torch = paged_attention(*inputs, backend="torch")
+    torch.testing.assert_close(out_triton, out_torch, atol=TRITON_TOL[dtype], rtol=TRITON_TOL[dtype])
+    torch.testing.assert_close(lse_triton, lse_torch, atol=2e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_triton_all_empty():
+    inputs = on_device(*make_case(2, 1, 4, None, 64, 16, 3, torch.float16, empty=((0, 0), (1, 0))))
+    out, lse = paged_attention_triton(*inputs)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+
+
+def test_dispatch():
+    inputs = make_case(1, 1, 2, None, 64, 16, 2, torch.float32)
+    out, lse = paged_attention(*inputs)                      # CPU tensors: the torch path
+    ref_out, ref_lse = paged_attention_torch(*inputs)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    with pytest.raises(ValueError, match="backend"):
+        paged_attention(*inputs, backend="cuda")
