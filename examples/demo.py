@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import random
 import time
 
 import torch
@@ -17,21 +16,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import kvdrive_compile
 from kvdrive_compile import models
-
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
-
-
-def passkey_prompt(tokenizer, target_tokens: int, seed: int = 7) -> tuple[str, str]:
-    """A built-in long prompt: a pass key hidden in the middle of filler, asked for at the end."""
-    key = str(random.Random(seed).randint(10000, 99999))
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    head = ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-            "I will quiz you about the important information there. ")
-    question = "What is the pass key? The pass key is"
-    per_filler = len(tokenizer(FILLER).input_ids)
-    n = max(1, (target_tokens - 60) // per_filler)
-    text = head + FILLER * (n // 2) + needle + FILLER * (n - n // 2) + question
-    return text, key
+from kvdrive_compile.prompts import passkey_prompt
 
 
 class TimingStreamer(BaseStreamer):
@@ -83,7 +68,7 @@ def main() -> None:
 
     out, cache, first, decode = generate(model, ids, args.new)
     answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    stats = kvdrive_compile.stats()[0]
+    stats = kvdrive_compile.stats()
     print(f"\ngenerated: {answer!r}   (the pass key is {key}: {'found' if key in answer else 'not found'})\n")
     rows = [["prefill", f"{ids.shape[1] / first:,.0f} tok/s", f"{first:.2f} s (prompt + first token)"],
             ["decode", f"{(args.new - 1) / decode:,.2f} tok/s", f"{decode:.2f} s for {args.new - 1} tokens"],

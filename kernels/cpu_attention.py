@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 __all__ = ["cpu_partial_attention", "warm_up", "POISON_ENV"]
 
@@ -27,7 +27,7 @@ POISON_ENV = "KVDRIVE_POISON_OUTPUTS"   # "1": outputs start as NaN, so unwritte
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}   # no "ninf"/"nnan": -inf marks empty rows
 _MIN_BLOCKS_PER_ITEM = 8       # a work item smaller than this costs more to merge than it saves
 _ITEMS_PER_THREAD = 4          # equal-sized items per thread, so a static schedule balances
-_TILE_FLOATS = 8192            # tokens per tile x head_dim: a 32 KiB fp32 K tile, in L1 for the scores
+_PREFETCH_DISTANCE = 2         # blocks: fetched while the two before them are computed
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)          # ln 2 split in two so that n * ln2 is exact
 _LN2_LO = np.float32(-2.12194440e-4)
@@ -141,45 +141,49 @@ def _plan_items(block_table, target_items, min_blocks):
 
 # -- the work: one item = one (sequence, KV head) entry range, all its query rows --
 
-@njit(inline="always", fastmath=_FASTMATH)
-def _widen_block(pool, slot, n, dst, at):
-    """dst[at:at + n] = pool[slot, :n] as float32."""
-    src = pool[slot]
-    for t in range(n):
-        for d in range(dst.shape[1]):
-            dst[at + t, d] = _widen(src[t, d])
+def _block_rows(pool, slot, n, scratch):
+    """pool[slot, :n] as float32 rows: the pool's own memory for fp32, else widened into scratch."""
+
+
+@overload(_block_rows, inline="always", jit_options={"fastmath": _FASTMATH})
+def _block_rows_impl(pool, slot, n, scratch):
+    if pool.dtype == types.float32:
+        return lambda pool, slot, n, scratch: pool[slot]
+
+    def widen_rows(pool, slot, n, scratch):
+        src = pool[slot]
+        for t in range(n):
+            for d in range(scratch.shape[1]):
+                scratch[t, d] = _widen(src[t, d])
+        return scratch
+
+    return widen_rows
 
 
 @njit(inline="always")
-def _prefetch_ahead(ahead):
-    """Hint the next few cache lines of the blocks after the current tile, K lines then V lines.
+def _prefetch_some(ahead):
+    """Hint the next ``per_call`` cache lines of an upcoming block, K lines then V lines.
 
-    ahead = (cursor, table, k_pool, v_pool); cursor: int64 [entry, line, end_entry, per_call].
-    Called from the compute loops so that the next tile streams in while this one is computed
-    (a burst of hints at one spot stalls on the line fill buffers)."""
-    cursor, table, k_pool, v_pool = ahead
-    block_lines = -(-k_pool.shape[1] * k_pool.shape[2] * k_pool.itemsize // 64)
+    ahead = (cursor, k_pool, v_pool); cursor: int64 [block offset, next line, lines, per_call].
+    Called between the compute loops' steps: the block streams in while this one is computed
+    (a burst of hints in one place stalls on the line fill buffers)."""
+    cursor, k_pool, v_pool = ahead
     step = 64 // k_pool.itemsize
+    half = cursor[2] // 2
     for _ in range(cursor[3]):
-        while cursor[0] < cursor[2] and table[cursor[0]] < 0:
-            cursor[0] += 1
-        if cursor[0] >= cursor[2]:
-            return
-        base = table[cursor[0]] * k_pool.shape[1] * k_pool.shape[2]
         line = cursor[1]
-        if line < block_lines:
-            _prefetch(k_pool, base + line * step)
+        if line >= cursor[2]:
+            return
+        if line < half:
+            _prefetch(k_pool, cursor[0] + line * step)
         else:
-            _prefetch(v_pool, base + (line - block_lines) * step)
-        cursor[1] += 1
-        if cursor[1] == 2 * block_lines:
-            cursor[0] += 1
-            cursor[1] = 0
+            _prefetch(v_pool, cursor[0] + (line - half) * step)
+        cursor[1] = line + 1
 
 
 @njit(inline="always", fastmath=_FASTMATH)
 def _scores(q, kf, n, p, ahead):
-    """p[:, :n] = q @ kf[:n].T. q: [R, D]; kf: [T, D]; p: [R, T].
+    """p[:, :n] = q @ kf[:n].T. q: [R, D]; kf: [BS, D]; p: [R, BS].
     Four tokens per pass over q[r]: four independent sums hide the FMA latency."""
     r_, d_ = q.shape
     n4 = n - n % 4
@@ -193,7 +197,7 @@ def _scores(q, kf, n, p, ahead):
                 s2 += x * kf[t + 2, d]
                 s3 += x * kf[t + 3, d]
             p[r, t], p[r, t + 1], p[r, t + 2], p[r, t + 3] = s0, s1, s2, s3
-            _prefetch_ahead(ahead)
+            _prefetch_some(ahead)
         for t in range(n4, n):
             s0 = _ZERO
             for d in range(d_):
@@ -203,7 +207,7 @@ def _scores(q, kf, n, p, ahead):
 
 @njit(inline="always", fastmath=_FASTMATH)
 def _accumulate(p, vf, n, acc, ahead):
-    """acc += p[:, :n] @ vf[:n]. p: [R, T]; vf: [T, D]; acc: [R, D].
+    """acc += p[:, :n] @ vf[:n]. p: [R, BS]; vf: [BS, D]; acc: [R, D].
     Four tokens per pass over acc[r]: a quarter of the accumulator loads and stores."""
     r_, d_ = acc.shape
     n4 = n - n % 4
@@ -212,7 +216,7 @@ def _accumulate(p, vf, n, acc, ahead):
             w0, w1, w2, w3 = p[r, t], p[r, t + 1], p[r, t + 2], p[r, t + 3]
             for d in range(d_):
                 acc[r, d] += w0 * vf[t, d] + w1 * vf[t + 1, d] + w2 * vf[t + 2, d] + w3 * vf[t + 3, d]
-            _prefetch_ahead(ahead)
+            _prefetch_some(ahead)
         for t in range(n4, n):
             w0 = p[r, t]
             for d in range(d_):
@@ -221,7 +225,7 @@ def _accumulate(p, vf, n, acc, ahead):
 
 @njit(inline="always", fastmath=_FASTMATH)
 def _softmax_update(p, n, m, l, acc):
-    """Online softmax over a tile of scores p[:, :n] (in place: p becomes exp(p - m_new)).
+    """Online softmax over one block's scores p[:, :n] (in place: p becomes exp(p - m_new)).
     m, l: [R] running max and sum of exp; acc: [R, D], rescaled when m grows."""
     r_, d_ = acc.shape
     for r in range(r_):
@@ -244,50 +248,42 @@ def _softmax_update(p, n, m, l, acc):
 
 
 @njit(inline="always", fastmath=_FASTMATH)
-def _attend_item(q, k_pool, v_pool, table, lens, lo, hi, tile, out, lse):
+def _attend_item(q, k_pool, v_pool, table, lens, lo, hi, out, lse):
     """q: [R, D] fp32, pre-scaled; table, lens: [NB] of one (sequence, KV head).
-    Writes out [R, D] (normalized) and lse [R] over the valid blocks in table[lo:hi].
-    Works on tiles of up to ``tile`` tokens gathered from consecutive blocks."""
+    Writes out [R, D] (normalized) and lse [R] over the valid blocks in table[lo:hi]."""
     r_, d_ = q.shape
     bs = k_pool.shape[1]
-    kf = np.empty((tile, d_), np.float32)                      # widened K tile, stays in L1/L2
-    vf = np.empty((tile, d_), np.float32)
-    p = np.empty((r_, tile), np.float32)                       # scores, then probabilities
-    tile_slot = np.empty(tile // bs, np.int64)
-    tile_len = np.empty(tile // bs, np.int64)
+    kbuf = np.empty((bs, d_), np.float32)                      # one widened block: stays in L1
+    vbuf = np.empty((bs, d_), np.float32)
+    p = np.empty((r_, bs), np.float32)                         # scores, then probabilities
     acc = np.zeros((r_, d_), np.float32)
     m = np.full(r_, _NEG_INF, np.float32)                      # running max per row
     l = np.zeros(r_, np.float32)                               # running sum of exp per row
-    # prefetch cursor; K+V lines of one tile, spread over its R * T / 2 four-token steps
-    tile_lines = 2 * (tile // bs) * -(-bs * d_ * k_pool.itemsize // 64)
-    cursor = np.array([lo, 0, lo, -(-2 * tile_lines // (r_ * tile))], np.int64)
-    ahead = (cursor, table, k_pool, v_pool)
-    j = lo
-    while j < hi:
-        # -- gather K of the next blocks into one tile --
-        n_blocks, fill = 0, 0
-        while j < hi and fill + bs <= tile:
-            slot, n = table[j], min(max(lens[j], 0), bs)
-            j += 1
-            if slot < 0 or n == 0:
-                continue
-            _widen_block(k_pool, slot, n, kf, fill)
-            tile_slot[n_blocks], tile_len[n_blocks] = slot, n
-            n_blocks += 1
-            fill += n
-        if fill == 0:
-            continue
-        cursor[0], cursor[1] = max(cursor[0], j), 0 if cursor[0] < j else cursor[1]
-        cursor[2] = min(hi, j + tile // bs)
+    slots = np.empty(hi - lo, np.int64)                        # the valid blocks, in order
+    ns = np.empty(hi - lo, np.int64)
+    count = 0
+    for j in range(lo, hi):
+        n = min(max(lens[j], 0), bs)
+        if table[j] >= 0 and n > 0:
+            slots[count], ns[count] = table[j], n
+            count += 1
+    line_elems = 64 // k_pool.itemsize
+    cursor = np.zeros(4, np.int64)
+    ahead = (cursor, k_pool, v_pool)
+    for i in range(count):
+        slot, n = slots[i], ns[i]
+        # -- prefetch block i + _PREFETCH_DISTANCE over this block's 2 * R * n / 4 compute steps --
+        cursor[1], cursor[2] = 0, 0
+        if i + _PREFETCH_DISTANCE < count:
+            nxt = i + _PREFETCH_DISTANCE
+            cursor[0] = slots[nxt] * bs * d_
+            cursor[2] = 2 * (-(-ns[nxt] * d_ // line_elems))
+            cursor[3] = -(-cursor[2] // max(1, 2 * r_ * (n // 4)))
         # -- scores, online softmax --
-        _scores(q, kf, fill, p, ahead)
-        _softmax_update(p, fill, m, l, acc)
+        _scores(q, _block_rows(k_pool, slot, n, kbuf), n, p, ahead)
+        _softmax_update(p, n, m, l, acc)
         # -- acc += p @ v --
-        at = 0
-        for i in range(n_blocks):
-            _widen_block(v_pool, tile_slot[i], tile_len[i], vf, at)
-            at += tile_len[i]
-        _accumulate(p, vf, fill, acc, ahead)
+        _accumulate(p, _block_rows(v_pool, slot, n, vbuf), n, acc, ahead)
     for r in range(r_):
         if l[r] > _ZERO:
             inv = _ONE / l[r]
@@ -302,14 +298,12 @@ def _attend_item(q, k_pool, v_pool, table, lens, lo, hi, tile, out, lse):
 @njit(parallel=True, nogil=True, cache=True, fastmath=_FASTMATH)
 def _attend_items(q, k_pool, v_pool, block_table, block_lens, first, lo, hi, part_out, part_lse):
     """q: [B, Hkv, R, D] fp32; part_out: [n_items, R, D]; part_lse: [n_items, R]."""
-    hkv, d_ = q.shape[1], q.shape[3]
-    bs = k_pool.shape[1]
-    tile = max(1, _TILE_FLOATS // d_ // bs) * bs
+    hkv = q.shape[1]
     for item in prange(lo.shape[0]):
         bh = np.searchsorted(first, item, side="right") - 1
         b, h = bh // hkv, bh % hkv
         _attend_item(q[b, h], k_pool, v_pool, block_table[b, h], block_lens[b, h],
-                     lo[item], hi[item], tile, part_out[item], part_lse[item])
+                     lo[item], hi[item], part_out[item], part_lse[item])
 
 
 @njit(parallel=True, nogil=True, cache=True)

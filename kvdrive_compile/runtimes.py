@@ -4,7 +4,9 @@ from __future__ import annotations
 import itertools
 import threading
 
-from .options import KVDriveOptions
+from typing import Optional
+
+from .options import KVDriveOptions, parse_options
 from .runtime.kv_runtime import KVRuntime
 from .runtime.stats import RuntimeStats
 
@@ -12,6 +14,7 @@ _lock = threading.Lock()
 _ids = itertools.count(1)
 _by_id: dict[int, KVRuntime] = {}
 _by_key: dict[tuple, int] = {}
+_last: list[int] = []                     # the runtime most recently compiled for
 
 
 def runtime_for(options: KVDriveOptions) -> int:
@@ -24,6 +27,7 @@ def runtime_for(options: KVDriveOptions) -> int:
             _by_id[rid] = KVRuntime(options.block_size, options.device_memory, options.host_memory,
                                     options.disk_dir)
             _by_key[key] = rid
+        _last[:] = [rid]
         return rid
 
 
@@ -38,8 +42,22 @@ def runtimes() -> list[KVRuntime]:
     return list(_by_id.values())
 
 
-def stats() -> list[RuntimeStats]:
-    """A snapshot of every runtime's counters (one per distinct set of runtime options)."""
+def stats(options: Optional[dict] = None) -> RuntimeStats:
+    """A snapshot of one runtime's counters: the one for ``options`` (as passed to
+    torch.compile), or by default the one most recently compiled for."""
+    if options is not None:
+        rid = _by_key.get(parse_options(options).runtime_key())
+        if rid is None:
+            raise KeyError(f"no model was compiled with kvdrive options {options}")
+    elif _last:
+        rid = _last[0]
+    else:
+        raise RuntimeError("no model has been compiled with the kvdrive backend yet")
+    return _by_id[rid].stats()
+
+
+def all_stats() -> list[RuntimeStats]:
+    """Every runtime's counters (one runtime per distinct set of runtime options)."""
     return [rt.stats() for rt in runtimes()]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from typing import Optional
 
 import torch
@@ -35,7 +36,7 @@ def layer_name(node: torch.fx.Node) -> str:
     if not stack:
         return node.name
     path = list(stack.values())[-1][0]
-    return path.replace("L['self'].", "").replace("L['fn'].", "")
+    return re.sub(r"^L\['[^']*'\](\[\d+\])?\.", "", path)
 
 
 def _is_identity_getitem(node: torch.fx.Node) -> bool:

@@ -34,19 +34,21 @@ def _op(name: str):
 class _Builder:
     """Creates nodes at the graph's insert point, with the site's source metadata."""
 
-    def __init__(self, graph: torch.fx.Graph, site: AttentionSite):
-        self.graph, self.site = graph, site
+    def __init__(self, graph: torch.fx.Graph, site: AttentionSite, layer: int):
+        self.graph, self.site, self.layer = graph, site, layer
 
-    def call(self, target: Any, *args: Any) -> torch.fx.Node:
+    def call(self, target: Any, *args: Any, name: Optional[str] = None) -> torch.fx.Node:
         node = self.graph.call_function(target, tuple(args))
+        if name is not None:                              # readable dumps: k_standin_l3, plan_l3...
+            node._rename(f"{name}_l{self.layer}")
         for key in _META_KEYS:
             if key in self.site.node.meta:
                 node.meta[key] = self.site.node.meta[key]
         node.meta["kvdrive_site"] = self.site.index
         return node
 
-    def item(self, node: torch.fx.Node, i: int) -> torch.fx.Node:
-        return self.call(operator.getitem, node, i)
+    def item(self, node: torch.fx.Node, i: int, name: Optional[str] = None) -> torch.fx.Node:
+        return self.call(operator.getitem, node, i, name=name)
 
 
 def _later(a: torch.fx.Node, b: torch.fx.Node) -> torch.fx.Node:
@@ -72,13 +74,15 @@ class RewriteAttention(GraphPass):
             if not site.ok:
                 continue
             layer = ctx.layer_ids.setdefault(name, len(ctx.layer_ids))
-            b = _Builder(graph, site)
+            b = _Builder(graph, site, layer)
             kb, vb = site.k_bind, site.v_bind
             with graph.inserting_before(_later(kb.cat, vb.cat).next):
                 if step is None:
-                    step = b.call(_op("open_step"), kb.past, kb.new, ctx.runtime_id)
-                app = b.call(_op("append"), step, kb.past, vb.past, kb.new, vb.new, layer, site.keeps_last)
-                k_si, v_si, ticket = b.item(app, 0), b.item(app, 1), b.item(app, 2)
+                    step = b.call(_op("open_step"), kb.past, kb.new, ctx.runtime_id, name="kv_step")
+                app = b.call(_op("append"), step, kb.past, vb.past, kb.new, vb.new, layer, site.keeps_last,
+                             name="kv_append")
+                k_si, v_si = b.item(app, 0, "k_standin"), b.item(app, 1, "v_standin")
+                ticket = b.item(app, 2, "kv_ticket")
             chain = set(site.chain)
             kb.cat.replace_all_uses_with(k_si, delete_user_cb=lambda u: u not in chain)
             vb.cat.replace_all_uses_with(v_si, delete_user_cb=lambda u: u not in chain)
@@ -91,12 +95,14 @@ class RewriteAttention(GraphPass):
 
     def _attention(self, b: _Builder, site: AttentionSite, ticket: torch.fx.Node) -> torch.fx.Node:
         q, scale, bias = self._scaled_query_and_bias(b, site)
-        plan = b.call(_op("prefetch"), b.call(_op("select"), ticket, q))
-        host = b.call(_op("cpu_partial_attention"), plan, q, bias, scale, site.is_causal)
-        dev = b.call(_op("sparse_attention"), plan, q, site.k_bind.new, site.v_bind.new, bias, scale, site.is_causal)
-        out = b.call(_op("merge"), plan, q, b.item(dev, 0), b.item(dev, 1), b.item(host, 0), b.item(host, 1))
+        plan = b.call(_op("prefetch"), b.call(_op("select"), ticket, q, name="selection"), name="plan")
+        host = b.call(_op("cpu_partial_attention"), plan, q, bias, scale, site.is_causal, name="host_part")
+        dev = b.call(_op("sparse_attention"), plan, q, site.k_bind.new, site.v_bind.new, bias, scale,
+                     site.is_causal, name="device_part")
+        out = b.call(_op("merge"), plan, q, b.item(dev, 0, "device_out"), b.item(dev, 1, "device_lse"),
+                     b.item(host, 0, "host_out"), b.item(host, 1, "host_lse"), name="attention")
         if site.out_3d:                                                  # the bmm form: [B*Hq, Q, D]
-            out = b.call(torch.flatten, out, 0, 1)
+            out = b.call(torch.flatten, out, 0, 1, name="attention_3d")
         return out
 
     @staticmethod

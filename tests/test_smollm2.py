@@ -1,0 +1,147 @@
+"""SmolLM2-135M (real weights, GGUF): exactness with KV on all three tiers, a padded batch,
+no recompiles, and what the model's own cache object holds."""
+import gc
+import os
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvdrive_compile
+from exactness import assert_budgets_respected, greedy_both, open_sessions
+from kvdrive_compile.prompts import passkey_prompt
+
+pytestmark = pytest.mark.slow
+
+# fp32 KV of SmolLM2: 30 layers x 3 KV heads x 64 x 4 B x 2 = 46 KiB per token; a 2,000-token
+# prompt holds ~90 MiB, so these budgets put KV on the device, on host and on disk
+THREE_TIERS = dict(device_memory="16MiB", host_memory="24MiB")
+
+
+def prompt_ids(tok, n):
+    text, _ = passkey_prompt(tok, n)
+    return tok(text, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def test_long_prompt_three_tiers_token_identical(smollm2):
+    model, tok = smollm2
+    ids = prompt_ids(tok, 2000)
+    assert ids.shape[1] >= 2000
+    cache_ref = DynamicCache(config=model.config)
+    ref_logits = model(ids, cache=cache_ref).logits[:, -1]
+    del cache_ref
+    eager = model.forward
+    model.forward = torch.compile(eager, backend="kvdrive", options=THREE_TIERS)
+    try:
+        cache = DynamicCache(config=model.config)
+        logits = model(ids, cache=cache).logits[:, -1]
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+        del cache
+    finally:
+        model.forward = eager
+    ref, out = greedy_both(model, ids, 32, **THREE_TIERS)
+    assert torch.equal(ref, out), (ref[0, -32:].tolist(), out[0, -32:].tolist())
+    st = kvdrive_compile.stats()
+    assert st.moved_bytes["device->host"] > 0 and st.moved_bytes["host->disk"] > 0
+    assert st.moved_bytes["disk->host"] > 0
+    c = kvdrive_compile.counters
+    assert c.sites_rewritten == 30 * c.graphs and c.sites_skipped == 0, c
+    assert_budgets_respected()
+
+
+def test_left_padded_batch_of_four(smollm2):
+    model, tok = smollm2
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    texts = [passkey_prompt(tok, n, seed=s)[0] for n, s in [(400, 1), (250, 2), (330, 3), (120, 4)]]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    ref, out = greedy_both(model, batch.input_ids, 12, attention_mask=batch.attention_mask,
+                           device_memory="4MiB", host_memory="4MiB")
+    assert torch.equal(ref, out)
+
+
+@torch.no_grad()
+def test_no_recompiles_and_fullgraph(smollm2):
+    model, tok = smollm2
+    ids = prompt_ids(tok, 300)
+    eager = model.forward
+    model.forward = torch.compile(eager, backend="kvdrive", fullgraph=True, options=THREE_TIERS)
+    try:
+        model.generate(ids, max_new_tokens=3, do_sample=False)   # compiles prefill + decode
+        graphs = kvdrive_compile.counters.graphs
+        assert graphs == 2, f"expected 2 graphs (prefill, decode), got {graphs}"
+        with torch.compiler.set_stance("fail_on_recompile"):
+            out = model.generate(ids, max_new_tokens=17, min_new_tokens=17, do_sample=False)
+        assert out.shape[1] == ids.shape[1] + 17
+        assert kvdrive_compile.counters.graphs == graphs
+    finally:
+        model.forward = eager
+
+
+@torch.no_grad()
+def test_cache_holds_no_kv_and_disk_files_go(smollm2, tmp_path):
+    model, tok = smollm2
+    ids = prompt_ids(tok, 800)
+    eager = model.forward
+    options = dict(THREE_TIERS, device_memory="2MiB", host_memory="4MiB", disk_dir=str(tmp_path))
+    model.forward = torch.compile(eager, backend="kvdrive", options=options)
+    try:
+        cache = DynamicCache(config=model.config)
+        model.generate(ids, max_new_tokens=4, do_sample=False, cache=cache)
+        assert cache.get_seq_length() == ids.shape[1] + 3
+        for layer in cache.layers:
+            for t in (layer.keys, layer.values):
+                assert t.shape[-2] == ids.shape[1] + 3
+                assert t.untyped_storage().nbytes() <= 4, "the HF cache holds real KV bytes"
+        st = kvdrive_compile.stats()
+        assert st.tiers["disk"].resident_bytes > 0
+        (private,) = [p for p in tmp_path.iterdir()]
+        assert oct(private.stat().st_mode & 0o777) == oct(0o700)
+        files = list(private.iterdir())
+        assert files and all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+        assert_budgets_respected()
+        del cache, layer, t                      # the last stand-ins this test held
+        gc.collect()
+        assert open_sessions() == 0
+        assert list(private.iterdir()) == [], "disk files left after the session"
+    finally:
+        model.forward = eager
+
+
+def test_beam_search_is_a_clear_error(smollm2):
+    model, tok = smollm2
+    ids = prompt_ids(tok, 200)
+    eager = model.forward
+    model.forward = torch.compile(eager, backend="kvdrive")
+    try:
+        with pytest.raises(RuntimeError, match="beam search"):
+            model.generate(ids, max_new_tokens=4, num_beams=2, do_sample=False)
+    finally:
+        model.forward = eager
+
+
+def test_dumps_name_every_attention_site(smollm2, tmp_path):
+    model, tok = smollm2
+    ids = prompt_ids(tok, 100)
+    eager = model.forward
+    model.forward = torch.compile(eager, backend="kvdrive", options={"dump_dir": str(tmp_path)})
+    try:
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    finally:
+        model.forward = eager
+    graphs = sorted(p for p in tmp_path.iterdir())
+    assert len(graphs) == 2
+    for g in graphs:
+        names = sorted(os.listdir(g))
+        assert "summary.txt" in names and "summary.json" in names
+        assert "03.rewrite_attention.after.py" in names and "01.find_attention_sites.before.py" in names
+        summary = (g / "summary.txt").read_text()
+        assert "30 attention sites found, 30 rewritten, 0 skipped" in summary
+        for i in range(30):
+            assert f"model.layers.{i}.self_attn" in summary
+        after = (g / "03.rewrite_attention.after.py").read_text()
+        for op in ("open_step", "append", "select", "prefetch", "cpu_partial_attention", "sparse_attention", "merge"):
+            assert f"kvdrive.{op}" in after
+        assert "_C._nn.scaled_dot_product_attention(" not in after
