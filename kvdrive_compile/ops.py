@@ -107,7 +107,8 @@ def cpu_partial_attention(plan: Tensor, q: Tensor, mask: Optional[Tensor], scale
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
     p = site_step.plan_of(rt, sid, pid)
-    return rt.host_attention(p, q, site_step.step_mask(p, mask, is_causal), scale)
+    out, lse = rt.host_attention(p, q, site_step.step_mask(p, mask, is_causal), scale)
+    return out.contiguous(), lse.contiguous()                  # the strides the fake impl gives
 
 
 def _fake_partial(q: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,7 +128,8 @@ def sparse_attention(plan: Tensor, q: Tensor, k_new: Tensor, v_new: Tensor, mask
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
     p = site_step.plan_of(rt, sid, pid)
-    return rt.device_attention(p, q, k_new, v_new, site_step.step_mask(p, mask, is_causal), scale)
+    out, lse = rt.device_attention(p, q, k_new, v_new, site_step.step_mask(p, mask, is_causal), scale)
+    return out.contiguous(), lse.contiguous()
 
 
 @sparse_attention.register_fake
@@ -142,7 +144,7 @@ def merge(plan: Tensor, q: Tensor, out_a: Tensor, lse_a: Tensor, out_b: Tensor, 
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
     rt.session(sid).plans.pop(pid, None)
-    return site_step.merge([(out_a, lse_a), (out_b, lse_b)], q.dtype)
+    return site_step.merge([(out_a, lse_a), (out_b, lse_b)], q.dtype).contiguous()
 
 
 @merge.register_fake

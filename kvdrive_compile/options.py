@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
 
@@ -64,9 +65,11 @@ def _check_dir(path: str, name: str) -> str:
     if not os.path.isdir(path):
         raise ValueError(f"{name} {path!r} does not exist: create it, or pass options={{'{name}': ...}} "
                          "with an existing writable directory")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"{name} {path!r} is not writable: pass options={{'{name}': ...}} with a "
-                         "writable directory")
+    try:                                     # a real probe: access() says yes to root everywhere
+        os.rmdir(tempfile.mkdtemp(prefix=".kvdrive-probe-", dir=path))
+    except OSError as e:
+        raise ValueError(f"{name} {path!r} is not writable ({e.strerror}): pass options={{'{name}': ...}} "
+                         "with a writable directory") from None
     return path
 
 

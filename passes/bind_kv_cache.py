@@ -104,7 +104,9 @@ class BindKVCache(GraphPass):
             site.skip(f"past {what} ({getattr(past, 'name', past)}) is neither a graph input nor empty")
             return None
         for u in past.users:
-            if u is not node and not _is_size_query(u):
+            # one empty tensor may start several caches (K and V, or every layer)
+            shared_empty = _is_empty(past) and m.is_call(u, m.CAT_FNS) and u.args[0][0] is past
+            if u is not node and not _is_size_query(u) and not shared_empty:
                 site.skip(f"past {what} ({past.name}) is also used by {u.name}")
                 return None
         return KVBinding(node, past, new)

@@ -10,7 +10,8 @@
     out            = merge(plan, q, out_d, lse_d, out_h, lse_h)            # replaces the site
 
 The cats' other users (the cache write-back among the graph's outputs) get the stand-ins;
-the original attention and cats are left without users and removed.
+the original attention and cats are left without users and removed (only they: in-place
+writes elsewhere in the graph stay).
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ class RewriteAttention(GraphPass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         graph = gm.graph
         step: Optional[torch.fx.Node] = None
+        dead: set[torch.fx.Node] = set()
         seen: dict[str, int] = {}
         for site in ctx.sites:
             # a module that runs attention twice in one graph has two layers
@@ -90,7 +92,12 @@ class RewriteAttention(GraphPass):
                 out = self._attention(b, site, ticket)
             site.node.replace_all_uses_with(out)
             site.rewritten = True
-        graph.eliminate_dead_code()
+            dead |= set(site.chain) | {kb.cat, vb.cat}
+        # remove only what the rewrite left unused: a graph-wide DCE would also drop in-place
+        # writes (index_copy_ into a static cache) whose results nobody reads
+        for node in reversed(list(graph.nodes)):
+            if node in dead and not node.users:
+                graph.erase_node(node)
         gm.recompile()
 
     def _attention(self, b: _Builder, site: AttentionSite, ticket: torch.fx.Node) -> torch.fx.Node:

@@ -1,0 +1,81 @@
+"""Options are validated once, at compile time, with errors that say what to do."""
+import pytest
+import torch
+
+from kvdrive_compile import parse_options, parse_size
+from kvdrive_compile.options import valid_keys
+
+
+@pytest.mark.parametrize("value,expected", [
+    (None, None), (0, 0), (4096, 4096), ("4096", 4096), ("256MiB", 256 << 20), ("1GiB", 1 << 30),
+    ("1.5 KiB", 1536), ("2MB", 2_000_000), ("512kib", 512 << 10),
+])
+def test_parse_size(value, expected):
+    assert parse_size(value, "device_memory") == expected
+
+
+@pytest.mark.parametrize("value,error,match", [
+    ("lots", ValueError, "not a size"), ("12 parsecs", ValueError, "not a size"),
+    (-1, ValueError, "negative"), ("-5MiB", ValueError, "not a size"), (True, TypeError, "byte count"),
+    (1.5, TypeError, "byte count"),
+])
+def test_bad_sizes(value, error, match):
+    with pytest.raises(error, match=match):
+        parse_size(value, "host_memory")
+
+
+def test_defaults():
+    o = parse_options(None)
+    assert (o.block_size, o.token_budget, o.device_memory, o.host_memory, o.disk_dir) == (16, None, None, None, None)
+
+
+def test_unknown_option_names_valid_keys():
+    with pytest.raises(ValueError, match="unknown kvdrive option") as e:
+        parse_options({"device_mem": "1GiB"})
+    for key in valid_keys():
+        assert key in str(e.value)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"block_size": 0}, "block_size"), ({"block_size": "16"}, "block_size"),
+    ({"token_budget": -3}, "token_budget"), ({"token_budget": 1.5}, "token_budget"),
+    ({"device_memory": -1}, "negative"),
+    ({"disk_dir": "/nonexistent/kvdrive"}, "does not exist"),
+])
+def test_bad_values(options, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        parse_options(options)
+
+
+def test_unwritable_disk_dir():
+    # /proc is a directory nobody can create files in, root included
+    with pytest.raises(ValueError, match="not writable"):
+        parse_options({"disk_dir": "/proc"})
+
+
+def test_disk_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="does not exist"):
+        parse_options({"disk_dir": str(f)})
+
+
+def test_dump_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVDRIVE_DUMP_DIR", str(tmp_path / "dumps"))
+    assert parse_options({}).dump_dir == str(tmp_path / "dumps")
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"bogus": 1}, "unknown kvdrive option"),
+    ({"host_memory": -5}, "negative"),
+    ({"disk_dir": "/proc"}, "not writable"),
+])
+def test_errors_surface_at_compile_time(options, match):
+    f = torch.compile(lambda x: x + 1, backend="kvdrive", options=options)
+    with pytest.raises(Exception, match=match):
+        f(torch.ones(2))
+
+
+def test_mode_is_accepted():
+    f = torch.compile(lambda x: x * 2, backend="kvdrive", mode="reduce-overhead")
+    assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))

@@ -1,0 +1,186 @@
+"""The pass pipeline on hand-written attention in its common spellings, sites it must leave
+alone, and the custom ops' own checks."""
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kvdrive_compile
+from kvdrive_compile import ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import handwritten_model  # noqa: E402
+
+D, HQ, HKV = 16, 4, 2
+
+
+def repeat_kv(x, n):
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+def causal_bias(t, p):
+    return torch.full((t, p + t), float("-inf")).triu(p + 1)
+
+
+def v_sdpa_gqa(q, k, v, t, p):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_bias(t, p) if t > 1 else None,
+                                          enable_gqa=True)
+
+
+def v_sdpa_repeat_kv_bool_mask(q, k, v, t, p):
+    keep = torch.ones(t, p + t, dtype=torch.bool).tril(p)
+    return F.scaled_dot_product_attention(q, repeat_kv(k, HQ // HKV), repeat_kv(v, HQ // HKV),
+                                          attn_mask=keep, scale=0.3)
+
+
+def v_matmul_div_add(q, k, v, t, p):
+    kk, vv = repeat_kv(k, 2), repeat_kv(v, 2)
+    s = torch.matmul(q, kk.transpose(2, 3)) / math.sqrt(D) + causal_bias(t, p)
+    return torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), vv)
+
+
+def v_at_method_softmax_masked_fill(q, k, v, t, p):
+    kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    s = (q @ kk.mT) * (D ** -0.5)
+    s = s.masked_fill(torch.ones(t, p + t, dtype=torch.bool).triu(p + 1), float("-inf"))
+    return s.softmax(-1) @ vv
+
+
+def v_tensor_scale_where(q, k, v, t, p):
+    kk, vv = repeat_kv(k, 2), repeat_kv(v, 2)
+    s = torch.matmul(q, kk.permute(0, 1, 3, 2))
+    s = s / torch.full([], D ** 0.5, dtype=s.dtype)
+    s = torch.where(torch.ones(t, p + t, dtype=torch.bool).tril(p), s, torch.finfo(s.dtype).min)
+    return torch.matmul(torch.softmax(s, dim=-1), vv)
+
+
+def v_bmm(q, k, v, t, p):
+    b = q.shape[0]
+    kk, vv = repeat_kv(k, 2), repeat_kv(v, 2)
+    q3 = q.reshape(b * HQ, t, D)
+    k3 = kk.reshape(b * HQ, p + t, D)
+    v3 = vv.reshape(b * HQ, p + t, D)
+    s = torch.bmm(q3, k3.transpose(1, 2)) * (1 / math.sqrt(D)) + causal_bias(t, p)
+    return torch.bmm(torch.softmax(s, -1), v3).reshape(b, HQ, t, D)
+
+
+VARIANTS = [v_sdpa_gqa, v_sdpa_repeat_kv_bool_mask, v_matmul_div_add, v_at_method_softmax_masked_fill,
+            v_tensor_scale_where, v_bmm]
+
+
+def make_step(variant):
+    def step(x, past_k, past_v, wq, wk, wv):
+        b, t, _ = x.shape
+        q = (x @ wq).view(b, t, HQ, D).transpose(1, 2)
+        k = torch.cat([past_k, (x @ wk).view(b, t, HKV, D).transpose(1, 2)], dim=-2)
+        v = torch.cat([past_v, (x @ wv).view(b, t, HKV, D).transpose(1, 2)], dim=-2)
+        out = variant(q, k, v, t, past_k.shape[-2])
+        return out.sum(1), k, v
+    return step
+
+
+def run_steps(fn, x_steps, w):
+    past_k = past_v = torch.zeros(2, HKV, 0, D)
+    outs = []
+    for x in x_steps:
+        out, past_k, past_v = fn(x, past_k, past_v, *w)
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda f: f.__name__)
+def test_attention_spellings_are_rewritten_and_exact(variant):
+    torch.manual_seed(0)
+    w = [torch.randn(32, HQ * D) * 0.2, torch.randn(32, HKV * D) * 0.2, torch.randn(32, HKV * D)]
+    steps = [torch.randn(2, 40, 32)] + [torch.randn(2, 1, 32) for _ in range(5)]
+    step = make_step(variant)
+    ref = run_steps(step, steps, w)
+    compiled = torch.compile(step, backend="kvdrive", options={"device_memory": 4096, "host_memory": 4096})
+    with torch.no_grad():
+        out = run_steps(compiled, steps, w)
+    c = kvdrive_compile.counters
+    assert c.sites_rewritten == c.graphs and c.sites_skipped == 0, c
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_site_whose_kv_is_used_elsewhere_is_left_alone_with_a_warning(caplog):
+    def step(x, past_k, past_v, wq, wk, wv):
+        out, k, v = make_step(v_sdpa_gqa)(x, past_k, past_v, wq, wk, wv)
+        return out + k.mean(), k, v                         # reads the cached K's values
+    torch.manual_seed(0)
+    w = [torch.randn(32, HQ * D), torch.randn(32, HKV * D), torch.randn(32, HKV * D)]
+    steps = [torch.randn(2, 10, 32), torch.randn(2, 1, 32)]
+    ref = run_steps(step, steps, w)
+    with caplog.at_level(logging.WARNING, logger="kvdrive_compile.backend"):
+        out = run_steps(torch.compile(step, backend="kvdrive"), steps, w)
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(b, a)
+    assert kvdrive_compile.counters.sites_rewritten == 0
+    assert any("left as it was" in r.message and "also used by" in r.message for r in caplog.records)
+
+
+def test_static_cache_is_recognised_and_left_alone(caplog):
+    def step(x, cache_k, cache_v, pos, wk, wv):
+        b, t, _ = x.shape
+        cache_k.index_copy_(2, pos, (x @ wk).view(b, t, HKV, D).transpose(1, 2))
+        cache_v.index_copy_(2, pos, (x @ wv).view(b, t, HKV, D).transpose(1, 2))
+        q = x.view(b, t, 2, D).transpose(1, 2).repeat_interleave(2, dim=1)
+        return F.scaled_dot_product_attention(q, cache_k, cache_v, enable_gqa=True)
+    torch.manual_seed(0)
+    wk, wv = torch.randn(32, HKV * D), torch.randn(32, HKV * D)
+    x = torch.randn(1, 3, 32)
+    pos = torch.arange(3)
+    ref = step(x, torch.zeros(1, HKV, 8, D), torch.zeros(1, HKV, 8, D), pos, wk, wv)
+    with caplog.at_level(logging.WARNING, logger="kvdrive_compile.backend"):
+        out = torch.compile(step, backend="kvdrive")(x, torch.zeros(1, HKV, 8, D), torch.zeros(1, HKV, 8, D), pos, wk, wv)
+    torch.testing.assert_close(out, ref)
+    assert any("static KV cache" in r.message and "index_copy_" in r.message for r in caplog.records)
+
+
+def test_handwritten_example_model_token_identical():
+    torch.manual_seed(0)
+    model = handwritten_model.TinyLM(handwritten_model.TinyConfig()).eval()
+    ids = torch.randint(0, model.cfg.vocab, (2, 150))
+    eager = handwritten_model.greedy(model.forward, model, ids, 16)
+    compiled = torch.compile(model.forward, backend="kvdrive",
+                             options={"device_memory": "16KiB", "host_memory": "16KiB"})
+    assert torch.equal(handwritten_model.greedy(compiled, model, ids, 16), eager)
+    assert kvdrive_compile.counters.sites_rewritten == 3 * kvdrive_compile.counters.graphs
+    moved = kvdrive_compile.stats().moved_bytes
+    assert moved["host->disk"] > 0 and moved["disk->host"] > 0
+
+
+def test_opcheck_site_ops():
+    """append/select/attention change the runtime's state, so opcheck runs the checks that do not
+    compare two runs' outputs: schema (no input mutated) and fake-vs-real metadata."""
+    from kvdrive_compile.runtimes import runtime_for
+    from kvdrive_compile.options import parse_options
+
+    rid = runtime_for(parse_options({"block_size": 8}))
+    utils = ("test_schema", "test_faketensor")
+    past = torch.zeros(0)
+    k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    q = torch.randn(1, 4, 5, 8)
+    torch.library.opcheck(ops.open_step, (past, k, rid), test_utils=utils)
+    step = ops.open_step(past, k, rid)
+    torch.library.opcheck(ops.append, (step, past, past, k, v, 0, False), test_utils=("test_faketensor",))
+    step = ops.open_step(past, k, rid)
+    k_si, v_si, ticket = ops.append(step, past, past, k, v, 0, False)
+    assert k_si.shape == (1, 2, 5, 8) and k_si.untyped_storage().nbytes() <= 4
+    torch.library.opcheck(ops.select, (ticket, q), test_utils=utils)
+    plan = ops.prefetch(ops.select(ticket, q))
+    torch.library.opcheck(ops.prefetch, (plan,), test_utils=utils)
+    torch.library.opcheck(ops.cpu_partial_attention, (plan, q, None, 0.3, True), test_utils=utils)
+    torch.library.opcheck(ops.sparse_attention, (plan, q, k, v, None, 0.3, True), test_utils=utils)
+    out_d, lse_d = ops.sparse_attention(plan, q, k, v, None, 0.3, True)
+    out_h, lse_h = ops.cpu_partial_attention(plan, q, None, 0.3, True)
+    torch.library.opcheck(ops.merge, (plan, q, out_d, lse_d, out_h, lse_h), test_utils=utils)
+    out = ops.merge(plan, q, out_d, lse_d, out_h, lse_h)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(out, ref)

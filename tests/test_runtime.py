@@ -1,0 +1,151 @@
+"""The KV runtime on its own: data placed over three tiers and read back exactly, budgets,
+sessions apart, sliding windows, private disk files."""
+import os
+import stat
+
+import pytest
+import torch
+
+from kvdrive_compile.runtime import site_step
+from kvdrive_compile.runtime.kv_runtime import KVRuntime
+from kvdrive_compile.runtime.tiers import Tier
+
+
+def reference(q, k, v, scale, bias=None):
+    """float64 attention; q [B,Hq,Q,D], k/v [B,Hkv,S,D], bias broadcastable to [B,Hq,Q,S]."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = q.double() @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        s = s + bias.double()
+    return torch.softmax(s, -1) @ v
+
+
+def attend(rt, session, layer, q, past, new, k_new, v_new, mask=None, causal=False):
+    pid = site_step.select(rt, session, layer, past, new)
+    plan = session.plans[pid]
+    rt.prefetch(plan)
+    step = site_step.step_mask(plan, mask, causal)
+    parts = [rt.device_attention(plan, q, k_new, v_new, step, 0.125),
+             rt.host_attention(plan, q, step, 0.125)]
+    return site_step.merge(parts, torch.float32), plan
+
+
+def budgets_ok(rt):
+    for tier, b in rt.budgets.items():
+        assert b.limit is None or b.peak <= b.limit, (tier, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,hkv,g,d", [(1, 3, 3, 64), (2, 2, 4, 32), (3, 1, 4, 16)])
+def test_three_tiers_exact(tmp_path, dtype, batch, hkv, g, d):
+    torch.manual_seed(0)
+    block_bytes = 16 * d * 2 * torch.empty((), dtype=dtype).element_size() * batch * hkv
+    rt = KVRuntime(block_size=16, device_memory=2 * block_bytes, host_memory=3 * block_bytes,
+                   disk_dir=str(tmp_path))
+    session = rt.open_session()
+    k_all = torch.randn(batch, hkv, 0, d, dtype=dtype)
+    v_all = k_all.clone()
+    for n in [37, 1, 1, 14, 1, 40, 1, 2, 1]:                   # a prefill, decode steps, chunks
+        k_new = torch.randn(batch, hkv, n, d, dtype=dtype)
+        v_new = torch.randn(batch, hkv, n, d, dtype=dtype)
+        kv = rt.layer(session, 0, k_new, keeps_last=False)
+        past = kv.length
+        rt.append(kv, k_new, v_new)
+        k_all, v_all = torch.cat([k_all, k_new], 2), torch.cat([v_all, v_new], 2)
+        q = torch.randn(batch, hkv * g, n, d, dtype=dtype)
+        mask = torch.rand(batch, 1, n, past + n) > 0.2
+        mask[..., -1] = True
+        out, plan = attend(rt, session, 0, q, past, n, k_new, v_new, mask)
+        bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.double(), reference(q, k_all, v_all, 0.125, bias), atol=tol, rtol=tol)
+        budgets_ok(rt)
+    tiers = {b.tier for b in kv.blocks.values()}
+    assert tiers == {Tier.DEVICE, Tier.HOST, Tier.DISK}
+    # newest on the device, oldest on disk
+    order = [kv.blocks[i].tier for i in sorted(kv.blocks)]
+    assert order == sorted(order, reverse=True)
+    rt.close()
+
+
+def test_sessions_do_not_see_each_other():
+    torch.manual_seed(1)
+    rt = KVRuntime(block_size=8, device_memory=8 * 8 * 16 * 4 * 2, host_memory=8 * 8 * 16 * 4 * 2)
+    sessions = [rt.open_session() for _ in range(2)]
+    data = {}
+    for step in range(6):
+        for s in sessions:
+            n = 20 if step == 0 else 1
+            k, v = torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)
+            kv = rt.layer(s, 0, k, False)
+            past = kv.length
+            rt.append(kv, k, v)
+            ks, vs = data.get(s.id, (k[:, :, :0], v[:, :, :0]))
+            data[s.id] = (torch.cat([ks, k], 2), torch.cat([vs, v], 2))
+            q = torch.randn(1, 4, n, 16)
+            out, _ = attend(rt, s, 0, q, past, n, k, v, causal=False)
+            torch.testing.assert_close(out.double(), reference(q, *data[s.id], 0.125), atol=1e-5, rtol=1e-5)
+    rt.release(sessions[0].id)
+    with pytest.raises(RuntimeError, match="released"):
+        rt.session(sessions[0].id)
+    rt.close()
+
+
+def test_prefill_is_causal_and_sliding_window_drops_blocks():
+    torch.manual_seed(2)
+    rt = KVRuntime(block_size=4, device_memory=4096, host_memory=4096)
+    s = rt.open_session()
+    window = 10
+    k, v = torch.randn(1, 1, 23, 8), torch.randn(1, 1, 23, 8)
+    kv = rt.layer(s, 0, k, keeps_last=True)
+    rt.append(kv, k, v)
+    q = torch.randn(1, 2, 23, 8)
+    out, _ = attend(rt, s, 0, q, 0, 23, k, v, causal=True)
+    causal = torch.full((23, 23), float("-inf")).triu(1)
+    torch.testing.assert_close(out.double(), reference(q, k, v, 0.125, causal), atol=1e-5, rtol=1e-5)
+    # the model keeps only the last window-1 tokens; the next step attends them and the new one
+    k1, v1 = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    rt.drop_before(kv, kv.length - (window - 1))
+    assert min(kv.blocks) == (23 - (window - 1)) // 4
+    rt.append(kv, k1, v1)
+    q1 = torch.randn(1, 2, 1, 8)
+    out, _ = attend(rt, s, 0, q1, window - 1, 1, k1, v1)
+    kw = torch.cat([k[:, :, -(window - 1):], k1], 2)
+    vw = torch.cat([v[:, :, -(window - 1):], v1], 2)
+    torch.testing.assert_close(out.double(), reference(q1, kw, vw, 0.125), atol=1e-5, rtol=1e-5)
+    rt.close()
+
+
+def test_disk_files_are_private_and_removed(tmp_path):
+    rt = KVRuntime(block_size=16, device_memory=0, host_memory=0, disk_dir=str(tmp_path))
+    s = rt.open_session()
+    k = torch.randn(1, 2, 50, 16)
+    kv = rt.layer(s, 0, k, False)
+    rt.append(kv, k, k)
+    assert all(b.tier == Tier.DISK for b in kv.blocks.values())
+    (private,) = list(tmp_path.iterdir())
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    (f,) = list(private.iterdir())
+    assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    assert f.stat().st_size >= 50 * 2 * 16 * 4 * 2
+    q = torch.randn(1, 2, 1, 16)
+    out, _ = attend(rt, s, 0, q, 49, 1, k[:, :, -1:], k[:, :, -1:])
+    torch.testing.assert_close(out.double(), reference(q, k, k, 0.125), atol=1e-5, rtol=1e-5)
+    rt.release(s.id)
+    assert list(private.iterdir()) == []
+    rt.close()
+    assert not os.path.exists(private)
+
+
+def test_budget_zero_device_still_exact():
+    rt = KVRuntime(block_size=16, device_memory=0, host_memory=None)
+    s = rt.open_session()
+    k, v = torch.randn(2, 2, 33, 16), torch.randn(2, 2, 33, 16)
+    kv = rt.layer(s, 0, k, False)
+    rt.append(kv, k, v)
+    assert rt.budgets[Tier.DEVICE].peak == 0
+    q = torch.randn(2, 4, 1, 16)
+    out, _ = attend(rt, s, 0, q, 32, 1, k[:, :, -1:], v[:, :, -1:])
+    torch.testing.assert_close(out.double(), reference(q, k, v, 0.125), atol=1e-5, rtol=1e-5)
+    rt.close()
