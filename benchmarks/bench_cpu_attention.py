@@ -1,19 +1,25 @@
 """CPU paged attention (kernels/cpu_attention.py) against memory bandwidth and torch SDPA.
 
-    python benchmarks/bench_cpu_attention.py [--tokens 8192 16384 32768 65536] [--reps 7]
+    python benchmarks/bench_cpu_attention.py [--tokens 8192 65536] [--dtypes float16] [--reps 7]
 
 One decode token, batch 1, Hkv 8 KV heads, GQA 4, head_dim 128; each (sequence, KV head)
-selects ``tokens`` tokens as randomly placed blocks of a pool twice that size. Every timed
-call starts with cold caches: a parallel read of a 1 GiB buffer runs before it, and that read
-is also the bandwidth the kernel is compared with (interleaved, so both see the same machine).
-torch SDPA runs on the dense equivalent (the selected tokens already gathered, contiguous),
-as a model calls it (``q [1, 32, 1, 128]``, ``enable_gqa=True``) and in the fastest form
-torch offers for this shape (the 4 query heads of a KV head packed as 4 query rows).
+selects ``tokens`` tokens as blocks at random slots of a pool twice that size, allocated with
+transparent huge pages (as a runtime should: 4 KiB pages cost a TLB miss per block) and, for
+comparison, with plain 4 KiB pages.
+
+Every timed call starts with cold caches: a parallel read of a 1 GiB buffer runs before it, and
+that read is the bandwidth the kernel is compared with (interleaved, so both see the same
+machine; best of ``--reps``, as the machine may be shared). "block read" is a plain parallel
+read of the same selected blocks in the same order, no attention: the access pattern's ceiling.
+torch SDPA runs on the dense equivalent (the selected tokens already gathered, contiguous), as
+a model calls it (``q [1, 32, 1, 128]``, ``enable_gqa=True``) and in the fastest form torch
+offers for this shape (the 4 query heads of a KV head packed as 4 query rows).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import mmap
 import os
 import subprocess
 import sys
@@ -26,7 +32,7 @@ import torch.nn.functional as F
 from numba import njit, prange
 from tabulate import tabulate
 
-from kvdrive_compile.kernels.cpu_attention import cpu_partial_attention
+from kvdrive_compile.kernels.cpu_attention import _pool_as_numpy, cpu_partial_attention
 
 HKV, GQA, HEAD_DIM = 8, 4, 128
 FLUSH_BYTES = 1 << 30
@@ -45,18 +51,53 @@ def _read_all(buf, chunks):
     return part.sum()
 
 
+@njit(parallel=True, nogil=True, fastmath=True, cache=True)
+def _read_blocks(k_pool, v_pool, table):
+    """Sum every selected block of both pools (table: [Hkv, NB]), one KV head per thread."""
+    part = np.zeros(table.shape[0], np.float32)
+    for h in prange(table.shape[0]):
+        s = np.float32(0.0)
+        for slot in table[h]:
+            for pool in (k_pool, v_pool):
+                block = pool[slot]
+                for t in range(block.shape[0]):
+                    for d in range(block.shape[1]):
+                        s += np.float32(block[t, d])
+        part[h] = s
+    return part.sum()
+
+
+def huge_page_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized tensor in a 2 MiB-aligned anonymous mapping advised MADV_HUGEPAGE."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    area = mmap.mmap(-1, nbytes + (2 << 20), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    area.madvise(mmap.MADV_HUGEPAGE)
+    raw = np.frombuffer(area, np.uint8)
+    start = -raw.ctypes.data % (2 << 20)
+    return torch.from_numpy(raw[start:start + nbytes]).view(dtype).reshape(shape)
+
+
+def huge_pages_available() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
-def make_selection(tokens: int, bs: int, dtype: torch.dtype, gen: torch.Generator):
+def make_selection(tokens: int, bs: int, dtype: torch.dtype, huge: bool, gen: torch.Generator):
     """Pools twice the selection, the selected blocks at random slots, filled with randn."""
     nb = tokens // bs
-    num_slots = 2 * HKV * nb
-    k_pool = torch.empty(num_slots, bs, HEAD_DIM, dtype=dtype)        # unselected slots: never read
-    v_pool = torch.empty(num_slots, bs, HEAD_DIM, dtype=dtype)
+    shape = (2 * HKV * nb, bs, HEAD_DIM)
+    num_slots = shape[0]
+    new = (lambda: huge_page_tensor(shape, dtype)) if huge else (lambda: torch.empty(shape, dtype=dtype))
+    k_pool, v_pool = new(), new()                                       # unselected slots: never read
     table = torch.randperm(num_slots, generator=gen)[: HKV * nb].reshape(1, HKV, nb).int()
     flat = table.flatten().long()
     k_pool[flat] = torch.randn(flat.numel(), bs, HEAD_DIM, generator=gen).to(dtype)
@@ -77,20 +118,22 @@ def check(out, lse, q, k_dense, v_dense, scale) -> float:
     return err
 
 
-def compile_times() -> tuple[float, float]:
-    """Seconds for import + warm_up() in a fresh process: with an empty numba cache, then cached."""
-    code = ("import time; t = time.perf_counter(); "
-            "from kvdrive_compile.kernels.cpu_attention import warm_up; warm_up(); "
-            "print(time.perf_counter() - t)")
+def compile_times() -> tuple[float, float, float]:
+    """Seconds, in fresh processes: importing the module (torch and numba included), then
+    warm_up() (every dtype variant) with an empty numba cache, and again from that cache."""
+    code = ("import time; t0 = time.perf_counter(); "
+            "from kvdrive_compile.kernels.cpu_attention import warm_up; t1 = time.perf_counter(); "
+            "warm_up(); print(t1 - t0, time.perf_counter() - t1)")
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        run = lambda: float(subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                                           capture_output=True, text=True).stdout.split()[-1])
-        return run(), run()
+        run = lambda: [float(x) for x in subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                                                         capture_output=True, text=True).stdout.split()[-2:]]
+        (imported, cold), (_, cached) = run(), run()
+    return imported, cold, cached
 
 
-def bench(tokens: int, bs: int, dtype: torch.dtype, flush: np.ndarray, reps: int, gen) -> dict:
-    q, k_pool, v_pool, table, lens = make_selection(tokens, bs, dtype, gen)
+def bench(tokens: int, bs: int, dtype: torch.dtype, huge: bool, flush: np.ndarray, reps: int, gen) -> dict:
+    q, k_pool, v_pool, table, lens = make_selection(tokens, bs, dtype, huge, gen)
     scale = 1 / math.sqrt(HEAD_DIM)
     flat = table[0].long()                                                  # [Hkv, NB]
     k_dense = k_pool[flat].reshape(1, HKV, tokens, HEAD_DIM)               # gathered, contiguous
@@ -101,24 +144,25 @@ def bench(tokens: int, bs: int, dtype: torch.dtype, flush: np.ndarray, reps: int
     q_packed = q.reshape(1, HKV, GQA, HEAD_DIM)                             # [1, Hkv, G, D]
     sdpa_model = lambda: F.scaled_dot_product_attention(q_model, k_dense, v_dense, scale=scale, enable_gqa=True)
     sdpa_packed = lambda: F.scaled_dot_product_attention(q_packed, k_dense, v_dense, scale=scale)
-    times = {"read": [], "ours": [], "model": [], "packed": []}
-    for fn in (run, sdpa_model, sdpa_packed):
+    kp, vp, tb = _pool_as_numpy(k_pool), _pool_as_numpy(v_pool), table[0].numpy()
+    read_blocks = lambda: _read_blocks(kp, vp, tb)
+    fns = {"ours": run, "blocks": read_blocks, "model": sdpa_model, "packed": sdpa_packed}
+    times = {"read": [], **{name: [] for name in fns}}
+    for fn in fns.values():
         fn()
     for _ in range(reps):
-        times["read"].append(timed(lambda: _read_all(flush, 64)))
-        times["ours"].append(timed(run))
-        _read_all(flush, 64)
-        times["model"].append(timed(sdpa_model))
-        _read_all(flush, 64)
-        times["packed"].append(timed(sdpa_packed))
-    t = {k: float(np.median(v)) for k, v in times.items()}
+        times["read"].append(timed(lambda: _read_all(flush, 64)))        # also flushes the caches
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+            _read_all(flush, 64)
+    t = {name: min(v) for name, v in times.items()}
     kv_bytes = 2 * HKV * tokens * HEAD_DIM * k_pool.element_size()
     gbs, read_gbs = kv_bytes / t["ours"] / 1e9, flush.nbytes / t["read"] / 1e9
     return {
         "tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "block": bs,
-        "ms": t["ours"] * 1e3, "GB/s": gbs, "read GB/s": read_gbs, "of read bw": gbs / read_gbs,
-        "SDPA(gqa) ms": t["model"] * 1e3, "x SDPA(gqa)": t["model"] / t["ours"],
-        "SDPA(packed) ms": t["packed"] * 1e3, "x SDPA(packed)": t["packed"] / t["ours"],
+        "pages": "2M" if huge else "4K", "ms": t["ours"] * 1e3, "GB/s": gbs,
+        "read GB/s": read_gbs, "of read": gbs / read_gbs, "block read GB/s": kv_bytes / t["blocks"] / 1e9,
+        "x SDPA(gqa)": t["model"] / t["ours"], "x SDPA(packed)": t["packed"] / t["ours"],
         "max err": err,
     }
 
@@ -128,19 +172,27 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     parser.add_argument("--dtypes", nargs="+", default=["float16", "float32"])
     parser.add_argument("--blocks", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--pages", nargs="+", default=["2M", "4K"], choices=["2M", "4K"],
+                        help="pool pages: 2M (transparent huge pages) and/or 4K; 4K rows use the first block size only")
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
-    cold, cached = compile_times()
-    print(f"first call (import + compile all 3 dtype variants): {cold:.1f} s with an empty numba cache, "
-          f"{cached:.2f} s from the cache")
+    if "2M" in args.pages and not huge_pages_available():
+        print("transparent huge pages are disabled here (/sys/kernel/mm/transparent_hugepage/enabled): 4K rows only")
+        args.pages = ["4K"]
+    imported, cold, cached = compile_times()
+    print(f"import {imported:.2f} s (torch and numba included); first calls of all 3 dtype variants "
+          f"(warm_up): {cold:.1f} s compiling into an empty numba cache, {cached:.2f} s loading from it")
     print(f"threads: numba {os.environ.get('NUMBA_NUM_THREADS', 'all')}, torch {torch.get_num_threads()}; "
           f"Hkv {HKV}, GQA {GQA}, head_dim {HEAD_DIM}, batch 1, one query token")
     flush = np.ones(FLUSH_BYTES // 4, np.float32)
     _read_all(flush, 64)
     gen = torch.Generator().manual_seed(0)
-    rows = [bench(tokens, bs, getattr(torch, dt), flush, args.reps, gen)
-            for dt in args.dtypes for bs in args.blocks for tokens in args.tokens]
-    print(tabulate(rows, headers="keys", floatfmt=".2f", tablefmt="github"))
+    configs = [(dt, bs, pages) for pages in args.pages for dt in args.dtypes
+               for bs in (args.blocks if pages == args.pages[0] else args.blocks[:1])]
+    rows = [bench(tokens, bs, getattr(torch, dt), pages == "2M", flush, args.reps, gen)
+            for dt, bs, pages in configs for tokens in args.tokens]
+    floatfmt = ("", "", "", "", ".2f", ".1f", ".1f", ".2f", ".1f", ".2f", ".2f", ".0e")
+    print(tabulate(rows, headers="keys", floatfmt=floatfmt, tablefmt="github"))
 
 
 if __name__ == "__main__":

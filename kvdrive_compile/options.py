@@ -42,6 +42,11 @@ class KVDriveOptions:
     device_memory, host_memory: KV bytes allowed on each tier (None: no limit); beyond the host
     budget KV goes to disk, in a private directory under ``disk_dir`` (default: the system temp
     directory). dump_dir: where pass-inspection dumps go (default: $KVDRIVE_DUMP_DIR, else none).
+    With a token budget, selection "topk" scores blocks by their summaries ("minmax": Quest's
+    per-channel bound; "mean": the mean key) and keeps the best within the budget; "window"
+    keeps only the sink and the local window (StreamingLLM, a baseline). Always attended: the
+    first ``sink_tokens`` and the last ``local_window`` tokens; the first ``dense_layers``
+    layers stay exact.
     """
 
     block_size: int = 16
@@ -50,6 +55,11 @@ class KVDriveOptions:
     host_memory: Optional[int] = None
     disk_dir: Optional[str] = None
     dump_dir: Optional[str] = None
+    selection: str = "topk"
+    block_summary: str = "minmax"
+    sink_tokens: int = 4
+    local_window: int = 64
+    dense_layers: int = 2
 
     def runtime_key(self) -> tuple:
         """Compiled functions with equal runtime options share one runtime (and its budgets)."""
@@ -90,6 +100,13 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
             raise ValueError(f"token_budget={budget!r}: a fraction of the context must be in (0, 1]")
         if isinstance(budget, int) and budget <= 0:
             raise ValueError(f"token_budget={budget!r}: must be a positive number of tokens, or None for exact")
+    for name, allowed in (("selection", ("topk", "window")), ("block_summary", ("minmax", "mean"))):
+        if options.get(name, allowed[0]) not in allowed:
+            raise ValueError(f"{name}={options[name]!r}: choose one of {list(allowed)}")
+    for name, default in (("sink_tokens", 4), ("local_window", 64), ("dense_layers", 2)):
+        value = options.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r}: must be an int >= 0")
     disk_dir = options.get("disk_dir")
     if disk_dir is not None:
         disk_dir = _check_dir(str(disk_dir), "disk_dir")
@@ -105,4 +122,9 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
         host_memory=parse_size(options.get("host_memory"), "host_memory"),
         disk_dir=disk_dir,
         dump_dir=dump_dir,
+        selection=options.get("selection", "topk"),
+        block_summary=options.get("block_summary", "minmax"),
+        sink_tokens=options.get("sink_tokens", 4),
+        local_window=options.get("local_window", 64),
+        dense_layers=options.get("dense_layers", 2),
     )
