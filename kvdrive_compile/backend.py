@@ -18,7 +18,7 @@ from .passes.find_attention import FindAttentionSites
 from .passes.pass_manager import PassContext, PassManager
 from .passes.rewrite_attention import RewriteAttention
 from .passes.verify import VerifyGraph
-from .runtimes import runtime_for
+from .runtimes import policy_for, runtime_for
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
     if mode not in (None, "default"):
         log.info("kvdrive ignores mode=%r", mode)
     rid = runtime_for(opts)
-    ctx = PassContext(runtime_id=rid, graph_index=next(_graph_ids), layer_ids=_layer_ids.setdefault(rid, {}),
+    ctx = PassContext(runtime_id=rid, policy_id=policy_for(opts), graph_index=next(_graph_ids),
+                      layer_ids=_layer_ids.setdefault(rid, {}),
                       dump_dir=opts.dump_dir, example_inputs=list(example_inputs))
     PassManager(default_passes()).run(gm, ctx)
     for site in ctx.skipped:

@@ -65,6 +65,11 @@ class KVDriveOptions:
         """Compiled functions with equal runtime options share one runtime (and its budgets)."""
         return (self.block_size, self.device_memory, self.host_memory, self.disk_dir)
 
+    def selection_key(self) -> tuple:
+        """The fields of the block selection policy, in ``SelectionPolicy``'s order."""
+        return (self.token_budget, self.selection, self.block_summary, self.sink_tokens,
+                self.local_window, self.dense_layers)
+
 
 def valid_keys() -> list[str]:
     return [f.name for f in fields(KVDriveOptions)]

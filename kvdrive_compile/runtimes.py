@@ -8,6 +8,7 @@ from typing import Optional
 
 from .options import KVDriveOptions, parse_options
 from .runtime.kv_runtime import KVRuntime
+from .runtime.selection import SelectionPolicy
 from .runtime.stats import RuntimeStats
 
 _lock = threading.Lock()
@@ -15,6 +16,7 @@ _ids = itertools.count(1)
 _by_id: dict[int, KVRuntime] = {}
 _by_key: dict[tuple, int] = {}
 _last: list[int] = []                     # the runtime most recently compiled for
+_policies: list[SelectionPolicy] = []     # graphs carry a policy's index
 
 
 def runtime_for(options: KVDriveOptions) -> int:
@@ -29,6 +31,19 @@ def runtime_for(options: KVDriveOptions) -> int:
             _by_key[key] = rid
         _last[:] = [rid]
         return rid
+
+
+def policy_for(options: KVDriveOptions) -> int:
+    """The id of the selection policy of these options (graphs carry it as a constant)."""
+    policy = SelectionPolicy(*options.selection_key())
+    with _lock:
+        if policy not in _policies:
+            _policies.append(policy)
+        return _policies.index(policy)
+
+
+def get_policy(policy_id: int) -> SelectionPolicy:
+    return _policies[policy_id]
 
 
 def get_runtime(runtime_id: int) -> KVRuntime:

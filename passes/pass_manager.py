@@ -18,12 +18,14 @@ log = logging.getLogger(__name__)
 class PassContext:
     """What the passes share about one graph: inputs, the sites found, and what became of them.
 
-    runtime_id: the runtime the rewritten graph calls. graph_index: the n-th graph compiled.
+    runtime_id: the runtime the rewritten graph calls; policy_id: its block selection policy.
+    graph_index: the n-th graph compiled.
     layer_ids: a site's layer number by its module path, shared by all graphs of a runtime so
     that the prefill and decode graphs name a layer alike.
     """
 
     runtime_id: int
+    policy_id: int = 0
     graph_index: int = 0
     layer_ids: dict[str, int] = field(default_factory=dict)
     dump_dir: Optional[str] = None

@@ -40,30 +40,6 @@ def to_bias(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return mask.float()
 
 
-def column_bias(step: StepMask, positions: torch.Tensor, num_queries: int) -> Optional[torch.Tensor]:
-    """The bias for keys at ``positions`` ([S] int64): the mask's columns, window and causality.
-
-    Returns fp32 broadcastable to ``[B, Hq, Q, S]``, or None when every key is visible.
-    """
-    col = positions - step.start                                          # [S]
-    outside = (positions < step.start) | (positions >= step.end)
-    bias = None
-    if step.bias is not None:
-        width = step.bias.shape[-1]
-        picked = step.bias.index_select(-1, col.clamp(0, width - 1).to(step.bias.device))
-        bias = picked.to(positions.device)
-    if step.is_causal:
-        q = torch.arange(num_queries, device=positions.device)
-        causal = torch.zeros((num_queries, positions.shape[0]), dtype=torch.float32, device=positions.device)
-        causal.masked_fill_(col[None, :] > q[:, None], float("-inf"))
-        bias = causal if bias is None else bias + causal
-    if bool(outside.any()):
-        edge = torch.zeros(positions.shape, dtype=torch.float32, device=positions.device)
-        edge.masked_fill_(outside, float("-inf"))
-        bias = edge if bias is None else bias + edge
-    return bias
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            bias: Optional[torch.Tensor], is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_with_lse``, in query chunks that bound the score matrix off the CPU
@@ -97,20 +73,54 @@ def empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             torch.full((b, hq, nq), float("-inf"), dtype=torch.float32, device=q.device))
 
 
-def attend_blocks(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
-                  block_ids: list[int], block_size: int, step: StepMask, scale: float,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q`` over gathered blocks.
+def row_bias(step: StepMask, positions: torch.Tensor, batch: int, kv_heads: int, q_heads: int,
+             num_queries: int) -> Optional[torch.Tensor]:
+    """The bias for keys at per-row ``positions`` (``[rows, S]`` int64, -1 for padding).
 
-    q: ``[B, Hq, Q, D]`` on the blocks' device; k_blocks, v_blocks: ``[B, Hkv, nb, bs, D]``;
-    block_ids: the logical index of each of the ``nb`` blocks. Returns fp32 ``(out, lse)``.
+    A row is a (sequence, kv_head). Maps the mask's columns, the window edges and causality
+    onto each row's keys. Returns fp32 ``[B, Hq, Q, S]`` (or broadcastable), or None.
     """
-    if not block_ids:
-        return empty_partial(q)
-    b, hkv, nb, bs, d = k_blocks.shape
-    ids = torch.tensor(block_ids, dtype=torch.int64, device=q.device)
-    positions = (ids[:, None] * block_size + torch.arange(bs, device=q.device)).reshape(-1)
-    bias = column_bias(step, positions, q.shape[2])
-    k = k_blocks.reshape(b, hkv, nb * bs, d)
-    v = v_blocks.reshape(b, hkv, nb * bs, d)
-    return attend(q, k, v, scale, bias)
+    rows, s = positions.shape
+    g = q_heads // kv_heads
+    dev = positions.device
+    col = (positions - step.start).view(batch, kv_heads, 1, 1, s)                  # [B, Hkv, 1, 1, S]
+    bias = None
+    if step.bias is not None:
+        mask = step.bias.to(dev)
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))            # [Bm, Hm, Qm, W]
+        bm, hm, qm, width = mask.shape
+        mask = mask.expand(batch, hm, qm, width).reshape(batch, 1 if hm == 1 else kv_heads, 1 if hm == 1 else g, qm, width)
+        mask = mask.expand(batch, kv_heads, mask.shape[2], qm, width)
+        index = col.clamp(0, width - 1).expand(batch, kv_heads, mask.shape[2], qm, s)
+        bias = torch.gather(mask, 4, index)                                        # [B, Hkv, G|1, Q|1, S]
+    if step.is_causal:
+        q = torch.arange(num_queries, device=dev).view(1, 1, 1, num_queries, 1)
+        causal = torch.zeros(()).to(dev).expand(batch, kv_heads, 1, num_queries, s).masked_fill(col > q, float("-inf"))
+        bias = causal if bias is None else bias + causal
+    outside = (positions < step.start) | (positions >= step.end)
+    if bool(outside.any()):
+        edge = torch.zeros((rows, s), device=dev).masked_fill_(outside, float("-inf")).view(batch, kv_heads, 1, 1, s)
+        bias = edge if bias is None else bias + edge
+    if bias is None:
+        return None
+    bias = bias.expand(batch, kv_heads, g, bias.shape[3], s)
+    return bias.reshape(batch, q_heads, bias.shape[3], s)
+
+
+def attend_part(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, part, kv,
+                step: StepMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over one tier's selected blocks, read from its pool.
+
+    q: ``[B, Hq, Q, D]`` on the pool's device; k_pool, v_pool: ``[slots, bs, D]``; part: a
+    ``TierPart`` (ids, slots, valid ``[rows, m]``). Returns fp32 ``(out, lse)``.
+    """
+    b, hq, nq, d = q.shape
+    bs = kv.block_size
+    dev = k_pool.device
+    slots = part.slots.to(dev)
+    m = slots.shape[1]
+    k = k_pool[slots].reshape(b, kv.kv_heads, m * bs, d)                          # gathered copy
+    v = v_pool[slots].reshape(b, kv.kv_heads, m * bs, d)
+    positions = part.ids.to(dev)[:, :, None] * bs + torch.arange(bs, device=dev)  # [rows, m, bs]
+    positions = torch.where(part.valid.to(dev)[:, :, None], positions, -1).reshape(kv.rows, m * bs)
+    return attend(q, k, v, scale, row_bias(step, positions, b, kv.kv_heads, hq, nq))

@@ -14,35 +14,22 @@ import os
 import shutil
 import tempfile
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from .block_attention import StepMask, attend, attend_blocks, empty_partial
+from .block_attention import StepMask, attend, attend_part, empty_partial
 from .layer_kv import Block, LayerKV
+from .planner import Plan, TierPart
+from .selection import EXACT, SelectionPolicy, select_blocks, window_blocks
 from .standins import StandIns
 from .stats import RuntimeStats, TierStats
 from .tiers import BlockPool, DiskFile, Tier, TierBudget, slot_bytes
 from ..kernels.merge import merge_partials
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Plan:
-    """What one attention site attends in one step, and where each block lies.
-
-    blocks: per tier, the logical blocks of the window there. fresh_only: every attended token
-    is among this step's new tokens (a prefill), which are attended from where they are.
-    """
-
-    layer: LayerKV
-    window: tuple[int, int]
-    blocks: dict[Tier, list[int]]
-    fresh_only: bool
-    disk_read: Optional[Future] = None
 
 
 @dataclass
@@ -75,6 +62,7 @@ class KVRuntime:
         self._created = itertools.count()
         self._lru: dict[Tier, list] = {Tier.DEVICE: [], Tier.HOST: []}
         self.moved = {"device->host": 0, "host->disk": 0, "disk->host": 0, "host->device": 0}
+        self.selected_blocks = {"device": 0, "host": 0, "disk": 0}
         self.sessions_closed = 0
         self.steps = 0
         self.standins = StandIns(self.release)
@@ -226,6 +214,7 @@ class KVRuntime:
             self.moved["host->disk"] += nbytes
         src.release(block.slots)
         kv.blocks[idx] = Block(lower, slots, block.created)
+        kv.changed()
         self._track(kv, idx)
 
     def _track(self, kv: LayerKV, idx: int) -> None:
@@ -246,6 +235,7 @@ class KVRuntime:
 
     def _free_block(self, kv: LayerKV, idx: int) -> None:
         block = kv.blocks.pop(idx)
+        kv.changed()
         if block.tier == Tier.DISK:
             self._disk(kv).release(block.slots)
         else:
@@ -269,6 +259,7 @@ class KVRuntime:
             k = k.reshape(kv.rows, n, kv.head_dim)                        # [rows, n, D]
             v = v.reshape(kv.rows, n, kv.head_dim)
             pos, done = kv.length, 0
+            kv.summaries.update(pos, k)
             if n and pos % bs:                             # fill the open block where it lies
                 done = min(n, bs - pos % bs)
                 self._write_tokens(kv, pos // bs, pos % bs, k[:, :done], v[:, :done])
@@ -310,6 +301,7 @@ class KVRuntime:
                     placed[tier].append((j, slots))
                     kv.blocks[first_idx + j] = Block(tier, slots, created[j])
                     break
+        kv.changed()
         for tier, items in placed.items():
             if not items:
                 continue
@@ -323,44 +315,46 @@ class KVRuntime:
 
     # -- one step of one site --------------------------------------------------------------
 
-    def plan(self, kv: LayerKV, past_len: int, new_len: int) -> Plan:
-        """Exact attention: every block of the window ``[length - past - new, length)``."""
+    def plan(self, kv: LayerKV, past_len: int, new_len: int, q: torch.Tensor,
+             policy: SelectionPolicy = EXACT) -> Plan:
+        """Select what the site attends in the window ``[length - past - new, length)``."""
         start, end = kv.length - past_len - new_len, kv.length
-        blocks = {t: kv.blocks_in(t, start, end) for t in Tier}
-        return Plan(kv, (start, end), blocks, fresh_only=past_len == 0)
+        if past_len == 0:
+            selected = window_blocks(kv, start, end).expand(kv.rows, -1)
+            return Plan(kv, (start, end), selected, fresh_only=True)
+        with self.lock:
+            selected = select_blocks(kv, policy, q, start, end)
+            plan = Plan(kv, (start, end), selected, fresh_only=False)
+            for tier in Tier:
+                part = plan.part(tier)
+                self.selected_blocks[tier.name.lower()] += 0 if part is None else int(part.valid.sum())
+            return plan
 
     def prefetch(self, plan: Plan) -> None:
-        """Start reading the plan's disk blocks into host memory."""
-        ids = plan.blocks[Tier.DISK]
-        if ids and not plan.fresh_only:
-            kv = plan.layer
-            table = kv.slot_table(ids).T.reshape(-1).tolist()          # block-major
-            disk = self._disk(kv)
-            plan.disk_read = self.io_pool.submit(disk.read, table)
-            self.moved["disk->host"] += len(table) * disk.slot_bytes
-
-    def _gather(self, pool: BlockPool, kv: LayerKV, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of blocks ``ids`` from a pool: ``[B, Hkv, nb, bs, D]``."""
-        table = kv.slot_table(ids).to(pool.device)                        # [rows, nb]
-        shape = (kv.batch, kv.kv_heads, len(ids), self.block_size, kv.head_dim)
-        return pool.k[table].reshape(shape), pool.v[table].reshape(shape)
+        """Start reading the plan's disk blocks into host memory, one request per run of slots."""
+        part = None if plan.fresh_only else plan.part(Tier.DISK)
+        if part is None:
+            return
+        needed = torch.unique(part.slots[part.valid])                        # sorted
+        disk = self._disk(plan.layer)
+        plan.disk_slots = needed
+        plan.disk_read = self.io_pool.submit(disk.read, needed.tolist())
+        self.moved["disk->host"] += needed.numel() * disk.slot_bytes
 
     def host_attention(self, plan: Plan, q: torch.Tensor, step: StepMask, scale: float):
         """Host- and disk-resident blocks, on the CPU. q: ``[B, Hq, Q, D]``; returns fp32 (out, lse)."""
         kv = plan.layer
-        qc = q.cpu()
         parts = []
-        host_ids = [] if plan.fresh_only else plan.blocks[Tier.HOST]
-        if host_ids:
-            k, v = self._gather(self._pool(Tier.HOST, kv), kv, host_ids)
-            parts.append(attend_blocks(qc, k, v, host_ids, self.block_size, _on(step, "cpu"), scale))
+        host = None if plan.fresh_only else plan.part(Tier.HOST)
+        if host is not None:
+            pool = self._pool(Tier.HOST, kv)
+            parts.append(attend_part(q.cpu(), pool.k, pool.v, host, kv, _on(step, "cpu"), scale))
         if plan.disk_read is not None:
-            k, v = plan.disk_read.result()                                  # [nb*rows, bs, D]
-            ids = plan.blocks[Tier.DISK]
-            shape = (len(ids), kv.batch, kv.kv_heads, self.block_size, kv.head_dim)
-            k = k.reshape(shape).permute(1, 2, 0, 3, 4)
-            v = v.reshape(shape).permute(1, 2, 0, 3, 4)
-            parts.append(attend_blocks(qc, k, v, ids, self.block_size, _on(step, "cpu"), scale))
+            k, v = plan.disk_read.result()                                   # [n, bs, D] staging
+            disk = plan.part(Tier.DISK)
+            staged = TierPart(disk.ids, torch.searchsorted(plan.disk_slots, disk.slots), disk.valid)
+            staged.slots = torch.where(disk.valid, staged.slots, 0)
+            parts.append(attend_part(q.cpu(), k, v, staged, kv, _on(step, "cpu"), scale))
         if not parts:
             return empty_partial(q)
         out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
@@ -372,11 +366,11 @@ class KVRuntime:
         if plan.fresh_only:                        # the window is exactly the new tokens
             bias = None if step.bias is None else step.bias[..., : k_new.shape[2]]
             return attend(q, k_new, v_new, scale, bias, step.is_causal)
-        ids = plan.blocks[Tier.DEVICE]
-        if not ids:
+        part = plan.part(Tier.DEVICE)
+        if part is None:
             return empty_partial(q)
-        k, v = self._gather(self._pool(Tier.DEVICE, plan.layer), plan.layer, ids)
-        return attend_blocks(q, k, v, ids, self.block_size, step, scale)
+        pool = self._pool(Tier.DEVICE, plan.layer)
+        return attend_part(q, pool.k, pool.v, part, plan.layer, step, scale)
 
     # -- stats -----------------------------------------------------------------------------
 
@@ -400,7 +394,8 @@ class KVRuntime:
             disk = tiers["disk"]
             disk.reserved_bytes = sum(f.capacity * f.slot_bytes for s in self.sessions.values()
                                       for f in s.disk_files.values())
-            return RuntimeStats(tiers, dict(self.moved), len(self.sessions), self.sessions_closed, self.steps)
+            return RuntimeStats(tiers, dict(self.moved), dict(self.selected_blocks), len(self.sessions),
+                                self.sessions_closed, self.steps)
 
 
 def _on(step: StepMask, device: str) -> StepMask:

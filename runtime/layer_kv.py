@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
+from .summaries import BlockSummaries
 from .tiers import Tier
 
 
@@ -40,6 +42,18 @@ class LayerKV:
     length: int = 0
     first: int = 0
     blocks: dict[int, Block] = field(default_factory=dict)
+    summaries: Optional[BlockSummaries] = None
+    _table: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.summaries is None:
+            self.summaries = BlockSummaries(self.rows, self.head_dim, self.block_size, self.device)
+
+    def __hash__(self):                   # identity: one object per (session, layer)
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other
 
     @property
     def rows(self) -> int:
@@ -54,15 +68,20 @@ class LayerKV:
         """Logical blocks holding token positions ``[start, end)``."""
         return range(start // self.block_size, -(-end // self.block_size))
 
-    def blocks_in(self, tier: Tier, start: int, end: int) -> list[int]:
-        """Logical blocks of ``tier`` that hold a token of ``[start, end)``, in order."""
-        return [i for i in self.block_range(start, end) if self.blocks[i].tier == tier]
+    def table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tier [nblocks], slot [rows, nblocks])`` by logical block id (tier -1: dropped)."""
+        if self._table is None:
+            n = self.num_blocks
+            tiers = torch.full((n,), -1, dtype=torch.int64)
+            slots = torch.zeros((self.rows, n), dtype=torch.int64)
+            ids = sorted(self.blocks)
+            if ids:
+                index = torch.tensor(ids)
+                tiers[index] = torch.tensor([int(self.blocks[i].tier) for i in ids])
+                slots[:, index] = torch.tensor([self.blocks[i].slots for i in ids]).T
+            self._table = (tiers, slots)
+        return self._table
 
-    def slot_table(self, block_ids: list[int]) -> torch.Tensor:
-        """int64 ``[rows, len(block_ids)]``: the slot of each (sequence, kv_head) and block."""
-        if not block_ids:
-            return torch.empty((self.rows, 0), dtype=torch.int64)
-        return torch.tensor([self.blocks[i].slots for i in block_ids], dtype=torch.int64).T
-
-    def bytes_per_block(self, slot_bytes: int) -> int:
-        return self.rows * slot_bytes
+    def changed(self) -> None:
+        """Blocks were added, moved or dropped: the cached table is stale."""
+        self._table = None

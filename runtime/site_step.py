@@ -12,6 +12,7 @@ import torch
 from .block_attention import StepMask, to_bias
 from .kv_runtime import KVRuntime, Plan, Session
 from .layer_kv import LayerKV
+from .selection import EXACT, SelectionPolicy
 from .standins import StandInKey
 from ..kernels.merge import merge_partials
 
@@ -84,9 +85,10 @@ def append(rt: KVRuntime, session: Session, layer: int, past_k: torch.Tensor, pa
     return k_out, v_out, p
 
 
-def select(rt: KVRuntime, session: Session, layer: int, past_len: int, new_len: int) -> int:
-    """Plan what the site attends this step; returns the plan id."""
-    plan = rt.plan(session.layers[layer], past_len, new_len)
+def select(rt: KVRuntime, session: Session, layer: int, past_len: int, new_len: int,
+           q: torch.Tensor, policy: SelectionPolicy = EXACT) -> int:
+    """Plan what the site attends this step (q: ``[B, Hq, Q, D]``); returns the plan id."""
+    plan = rt.plan(session.layers[layer], past_len, new_len, q, policy)
     pid = next(_plan_ids)
     session.plans[pid] = plan
     return pid

@@ -21,6 +21,7 @@ class RuntimeStats:
 
     tiers: dict[str, TierStats] = field(default_factory=dict)
     moved_bytes: dict[str, int] = field(default_factory=dict)
+    selected_blocks: dict[str, int] = field(default_factory=dict)     # block reads attended, by tier
     sessions_open: int = 0
     sessions_closed: int = 0
     steps: int = 0

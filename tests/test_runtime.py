@@ -22,7 +22,7 @@ def reference(q, k, v, scale, bias=None):
 
 
 def attend(rt, session, layer, q, past, new, k_new, v_new, mask=None, causal=False):
-    pid = site_step.select(rt, session, layer, past, new)
+    pid = site_step.select(rt, session, layer, past, new, q)
     plan = session.plans[pid]
     rt.prefetch(plan)
     step = site_step.step_mask(plan, mask, causal)

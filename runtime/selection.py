@@ -1,0 +1,74 @@
+"""Which blocks a step attends, per (sequence, kv_head), within a token budget."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .layer_kv import LayerKV
+
+
+@dataclass(frozen=True)
+class SelectionPolicy:
+    """token_budget: tokens per (sequence, kv_head) and step (int), a fraction of the context
+    (float in (0, 1]), or None for every token. selection: "topk" (best-scored blocks, plus
+    sink and local window) or "window" (sink and the most recent blocks only: StreamingLLM).
+    """
+
+    token_budget: Optional[Union[int, float]] = None
+    selection: str = "topk"
+    block_summary: str = "minmax"
+    sink_tokens: int = 4
+    local_window: int = 64
+    dense_layers: int = 2
+
+    def budget_tokens(self, context: int) -> Optional[int]:
+        b = self.token_budget
+        if b is None:
+            return None
+        return max(1, int(b * context)) if isinstance(b, float) else int(b)
+
+
+EXACT = SelectionPolicy()
+
+
+def window_blocks(kv: LayerKV, start: int, end: int) -> torch.Tensor:
+    """Logical ids of the blocks holding positions ``[start, end)``: ``[nb]`` int64."""
+    r = kv.block_range(start, end)
+    return torch.arange(r.start, r.stop, dtype=torch.int64)
+
+
+def select_blocks(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """The blocks each (sequence, kv_head) attends this step: int64 ``[rows, n]``, ascending.
+
+    q: ``[B, Hq, Q, D]``. Exact (every block of the window) when there is no budget, for the
+    first ``dense_layers`` layers, for sliding-window layers, and when the budget covers it all.
+    """
+    ids = window_blocks(kv, start, end)
+    budget = policy.budget_tokens(end - start)
+    bs = kv.block_size
+    n_budget = None if budget is None else max(1, budget // bs)
+    if (n_budget is None or n_budget >= ids.numel() or kv.layer < policy.dense_layers
+            or kv.keeps_last):
+        return ids.expand(kv.rows, -1)
+    nb = ids.numel()
+    sink_n = min(n_budget, -(-min(policy.sink_tokens, end - start) // bs))
+    if policy.selection == "window":                  # sink + the most recent blocks
+        local_n = n_budget - sink_n
+    else:
+        local_n = nb - max(start, end - policy.local_window) // bs + ids[0].item()
+    local_n = min(local_n, n_budget - sink_n)        # the budget holds, window included
+    forced = torch.zeros(nb, dtype=torch.bool)
+    forced[:sink_n] = True
+    if local_n:
+        forced[nb - local_n:] = True
+    k = n_budget - int(forced.sum())
+    if k <= 0 or policy.selection == "window":
+        return ids[forced].expand(kv.rows, -1)
+    counts = torch.clamp(torch.minimum(ids * bs + bs, torch.tensor(kv.length)) - ids * bs, min=0)
+    scores = kv.summaries.scores(q, ids.to(kv.summaries.device), policy.block_summary, counts)  # [rows, nb]
+    scores = scores.masked_fill(forced.to(scores.device)[None, :], float("-inf"))
+    top = scores.topk(k, dim=1).indices.cpu()                                            # [rows, k]
+    chosen = torch.cat([forced.nonzero().view(1, -1).expand(kv.rows, -1), top], dim=1)
+    return ids[chosen].sort(dim=1).values

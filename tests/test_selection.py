@@ -1,0 +1,100 @@
+"""Block selection within a token budget: true top blocks when the summaries are exact, budget,
+sink and window kept, GQA aggregation, and exact attention when the budget covers everything."""
+import pytest
+import torch
+
+import kvdrive_compile
+from exactness import greedy_both
+from kvdrive_compile.runtime.kv_runtime import KVRuntime
+from kvdrive_compile.runtime.selection import SelectionPolicy, select_blocks
+from test_hf_models import build
+
+BS = 8
+
+
+def layer_with_constant_blocks(batch, hkv, d, nblocks, layer=5, seed=0):
+    """Keys constant within each block, so min/max and mean summaries are exact."""
+    g = torch.Generator().manual_seed(seed)
+    per_block = torch.randn(batch, hkv, nblocks, 1, d, generator=g)
+    k = per_block.expand(batch, hkv, nblocks, BS, d).reshape(batch, hkv, nblocks * BS, d).contiguous()
+    rt = KVRuntime(block_size=BS)
+    s = rt.open_session()
+    kv = rt.layer(s, layer, k, keeps_last=False)
+    rt.append(kv, k, torch.randn_like(k))
+    return rt, kv, per_block[:, :, :, 0]                                   # [B, Hkv, nb, D]
+
+
+def true_block_scores(q, block_keys):
+    """max over the query heads of a KV head of q . k: [B, Hkv, nb]."""
+    b, hq, _, d = q.shape
+    hkv = block_keys.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    return torch.einsum("bhgd,bhnd->bhgn", qg, block_keys).amax(2)
+
+
+@pytest.mark.parametrize("summary", ["minmax", "mean"])
+@pytest.mark.parametrize("batch,hkv,g", [(1, 1, 1), (2, 3, 3), (1, 2, 4)])
+def test_true_top_blocks_when_summaries_exact(summary, batch, hkv, g):
+    nb, d = 40, 16
+    rt, kv, block_keys = layer_with_constant_blocks(batch, hkv, d, nb)
+    q = torch.randn(batch, hkv * g, 1, d)
+    policy = SelectionPolicy(token_budget=12 * BS, block_summary=summary, sink_tokens=4, local_window=2 * BS)
+    sel = select_blocks(kv, policy, q, 0, nb * BS)                           # [rows, n]
+    assert sel.shape[1] * BS <= policy.token_budget
+    scores = true_block_scores(q, block_keys).reshape(batch * hkv, nb)
+    forced = {0, nb - 2, nb - 1}                                             # sink block, local window
+    for r in range(batch * hkv):
+        chosen = set(sel[r].tolist())
+        assert forced <= chosen
+        free = [i for i in range(nb) if i not in forced]
+        best = sorted(free, key=lambda i: -scores[r, i].item())[: 12 - len(forced)]
+        assert chosen - forced == set(best), (r, sorted(chosen), sorted(best))
+    rt.close()
+
+
+def test_gqa_aggregates_by_max_over_query_heads():
+    nb, d = 20, 8
+    rt, kv, block_keys = layer_with_constant_blocks(1, 1, d, nb)
+    # query head 0 points at block 7, head 1 at block 13; the others are near zero
+    q = torch.zeros(1, 4, 1, d)
+    q[0, 0, 0] = block_keys[0, 0, 7] * 10
+    q[0, 1, 0] = block_keys[0, 0, 13] * 10
+    policy = SelectionPolicy(token_budget=5 * BS, sink_tokens=0, local_window=0)
+    chosen = set(select_blocks(kv, policy, q, 0, nb * BS)[0].tolist())
+    assert {7, 13} <= chosen
+    rt.close()
+
+
+def test_window_policy_keeps_sink_and_most_recent():
+    rt, kv, _ = layer_with_constant_blocks(1, 2, 8, 30)
+    policy = SelectionPolicy(token_budget=6 * BS, selection="window", sink_tokens=4)
+    sel = select_blocks(kv, policy, torch.randn(1, 2, 1, 8), 0, 30 * BS)
+    assert sel.tolist() == [[0, 25, 26, 27, 28, 29]] * 2
+    rt.close()
+
+
+def test_dense_layers_and_no_budget_select_everything():
+    rt, kv, _ = layer_with_constant_blocks(1, 1, 8, 10, layer=1)
+    q = torch.randn(1, 1, 1, 8)
+    assert select_blocks(kv, SelectionPolicy(token_budget=2 * BS), q, 0, 80).shape[1] == 10   # layer 1 < 2
+    assert select_blocks(kv, SelectionPolicy(), q, 0, 80).shape[1] == 10                      # no budget
+    assert select_blocks(kv, SelectionPolicy(token_budget=0.5, dense_layers=0), q, 0, 80).shape[1] == 5
+    rt.close()
+
+
+def test_budget_larger_than_context_is_token_identical():
+    model = build("llama")
+    ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(3))
+    ref, out = greedy_both(model, ids, 10, token_budget=4096, dense_layers=0,
+                           device_memory="8KiB", host_memory="8KiB")
+    assert torch.equal(ref, out)
+
+
+def test_sparse_budget_runs_end_to_end_and_attends_less():
+    model = build("llama")
+    ids = torch.randint(3, 128, (1, 300), generator=torch.Generator().manual_seed(4))
+    _, out = greedy_both(model, ids, 6, token_budget=64, dense_layers=0, local_window=16,
+                         device_memory="16KiB", host_memory="16KiB")
+    assert out.shape[1] == 306
+    st = kvdrive_compile.stats()
+    assert sum(st.selected_blocks.values()) > 0
