@@ -46,7 +46,9 @@ class KVDriveOptions:
     per-channel bound; "mean": the mean key) and keeps the best within the budget; "window"
     keeps only the sink and the local window (StreamingLLM, a baseline). Always attended: the
     first ``sink_tokens`` and the last ``local_window`` tokens; the first ``dense_layers``
-    layers stay exact.
+    layers stay exact. attention: "split" attends host and disk blocks on the CPU where they lie;
+    "fetch" copies them to the device every step first (the FlexGen/InfiniGen designs, for
+    baselines).
     """
 
     block_size: int = 16
@@ -60,6 +62,7 @@ class KVDriveOptions:
     sink_tokens: int = 4
     local_window: int = 64
     dense_layers: int = 2
+    attention: str = "split"
 
     def runtime_key(self) -> tuple:
         """Compiled functions with equal runtime options share one runtime (and its budgets)."""
@@ -68,7 +71,7 @@ class KVDriveOptions:
     def selection_key(self) -> tuple:
         """The fields of the block selection policy, in ``SelectionPolicy``'s order."""
         return (self.token_budget, self.selection, self.block_summary, self.sink_tokens,
-                self.local_window, self.dense_layers)
+                self.local_window, self.dense_layers, self.attention)
 
 
 def valid_keys() -> list[str]:
@@ -105,7 +108,8 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
             raise ValueError(f"token_budget={budget!r}: a fraction of the context must be in (0, 1]")
         if isinstance(budget, int) and budget <= 0:
             raise ValueError(f"token_budget={budget!r}: must be a positive number of tokens, or None for exact")
-    for name, allowed in (("selection", ("topk", "window")), ("block_summary", ("minmax", "mean"))):
+    for name, allowed in (("selection", ("topk", "window")), ("block_summary", ("minmax", "mean")),
+                          ("attention", ("split", "fetch"))):
         if options.get(name, allowed[0]) not in allowed:
             raise ValueError(f"{name}={options[name]!r}: choose one of {list(allowed)}")
     for name, default in (("sink_tokens", 4), ("local_window", 64), ("dense_layers", 2)):
@@ -132,4 +136,5 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
         sink_tokens=options.get("sink_tokens", 4),
         local_window=options.get("local_window", 64),
         dense_layers=options.get("dense_layers", 2),
+        attention=options.get("attention", "split"),
     )

@@ -107,20 +107,30 @@ def row_bias(step: StepMask, positions: torch.Tensor, batch: int, kv_heads: int,
     return bias.reshape(batch, q_heads, bias.shape[3], s)
 
 
-def attend_part(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, part, kv,
-                step: StepMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q`` over one tier's selected blocks, read from its pool.
+def gather_part(k_pool: torch.Tensor, v_pool: torch.Tensor, part, kv) -> tuple[torch.Tensor, ...]:
+    """One tier's selected blocks copied out of its pool, on the pool's device.
 
-    q: ``[B, Hq, Q, D]`` on the pool's device; k_pool, v_pool: ``[slots, bs, D]``; part: a
-    ``TierPart`` (ids, slots, valid ``[rows, m]``). Returns fp32 ``(out, lse)``.
+    part: a ``TierPart`` (ids, slots, valid ``[rows, m]``). Returns k, v ``[B, Hkv, m*bs, D]``
+    and the token positions ``[rows, m*bs]`` (-1 for padding entries).
     """
-    b, hq, nq, d = q.shape
-    bs = kv.block_size
-    dev = k_pool.device
+    bs, dev = kv.block_size, k_pool.device
     slots = part.slots.to(dev)
     m = slots.shape[1]
-    k = k_pool[slots].reshape(b, kv.kv_heads, m * bs, d)                          # gathered copy
-    v = v_pool[slots].reshape(b, kv.kv_heads, m * bs, d)
+    k = k_pool[slots].reshape(kv.batch, kv.kv_heads, m * bs, kv.head_dim)
+    v = v_pool[slots].reshape(kv.batch, kv.kv_heads, m * bs, kv.head_dim)
     positions = part.ids.to(dev)[:, :, None] * bs + torch.arange(bs, device=dev)  # [rows, m, bs]
     positions = torch.where(part.valid.to(dev)[:, :, None], positions, -1).reshape(kv.rows, m * bs)
+    return k, v, positions
+
+
+def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv,
+                    step: StepMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q: [B, Hq, Q, D]`` over gathered keys at per-row ``positions``."""
+    b, hq, nq, _ = q.shape
     return attend(q, k, v, scale, row_bias(step, positions, b, kv.kv_heads, hq, nq))
+
+
+def attend_part(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, part, kv,
+                step: StepMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` (on the pool's device) over one tier's selected blocks. fp32 (out, lse)."""
+    return attend_gathered(q, *gather_part(k_pool, v_pool, part, kv), kv, step, scale)

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .block_attention import StepMask, attend, attend_part, empty_partial
+from .block_attention import StepMask, attend, attend_gathered, attend_part, empty_partial, gather_part
 from .layer_kv import Block, LayerKV
 from .planner import Plan, TierPart
 from .selection import EXACT, SelectionPolicy, select_blocks, window_blocks
@@ -324,7 +324,7 @@ class KVRuntime:
             return Plan(kv, (start, end), selected, fresh_only=True)
         with self.lock:
             selected = select_blocks(kv, policy, q, start, end)
-            plan = Plan(kv, (start, end), selected, fresh_only=False)
+            plan = Plan(kv, (start, end), selected, fresh_only=False, fetch=policy.attention == "fetch")
             for tier in Tier:
                 part = plan.part(tier)
                 self.selected_blocks[tier.name.lower()] += 0 if part is None else int(part.valid.sum())
@@ -344,16 +344,15 @@ class KVRuntime:
     def host_attention(self, plan: Plan, q: torch.Tensor, step: StepMask, scale: float):
         """Host- and disk-resident blocks, on the CPU. q: ``[B, Hq, Q, D]``; returns fp32 (out, lse)."""
         kv = plan.layer
+        if plan.fetch:
+            return empty_partial(q)                   # everything is attended on the device
         parts = []
         host = None if plan.fresh_only else plan.part(Tier.HOST)
         if host is not None:
             pool = self._pool(Tier.HOST, kv)
             parts.append(attend_part(q.cpu(), pool.k, pool.v, host, kv, _on(step, "cpu"), scale))
         if plan.disk_read is not None:
-            k, v = plan.disk_read.result()                                   # [n, bs, D] staging
-            disk = plan.part(Tier.DISK)
-            staged = TierPart(disk.ids, torch.searchsorted(plan.disk_slots, disk.slots), disk.valid)
-            staged.slots = torch.where(disk.valid, staged.slots, 0)
+            k, v, staged = self._staged_disk(plan)
             parts.append(attend_part(q.cpu(), k, v, staged, kv, _on(step, "cpu"), scale))
         if not parts:
             return empty_partial(q)
@@ -366,11 +365,42 @@ class KVRuntime:
         if plan.fresh_only:                        # the window is exactly the new tokens
             bias = None if step.bias is None else step.bias[..., : k_new.shape[2]]
             return attend(q, k_new, v_new, scale, bias, step.is_causal)
+        if plan.fetch:
+            return self._fetch_attention(plan, q, step, scale)
         part = plan.part(Tier.DEVICE)
         if part is None:
             return empty_partial(q)
         pool = self._pool(Tier.DEVICE, plan.layer)
         return attend_part(q, pool.k, pool.v, part, plan.layer, step, scale)
+
+    def _staged_disk(self, plan: Plan):
+        """The plan's disk blocks once read: staging k, v ``[n, bs, D]`` and their TierPart."""
+        k, v = plan.disk_read.result()
+        disk = plan.part(Tier.DISK)
+        index = torch.where(disk.valid, torch.searchsorted(plan.disk_slots, disk.slots), 0)
+        return k, v, TierPart(disk.ids, index, disk.valid)
+
+    def _fetch_attention(self, plan: Plan, q: torch.Tensor, step: StepMask, scale: float):
+        """Copy every selected block to the device and attend there (the baselines' design)."""
+        kv = plan.layer
+        pieces = []
+        for tier in Tier:
+            part = plan.part(tier)
+            if part is None:
+                continue
+            if tier == Tier.DISK:
+                k_pool, v_pool, part = self._staged_disk(plan)
+            else:
+                pool = self._pool(tier, kv)
+                k_pool, v_pool = pool.k, pool.v
+            k, v, pos = gather_part(k_pool, v_pool, part, kv)
+            if tier != Tier.DEVICE:
+                self.moved["host->device"] += 2 * k.numel() * k.element_size()
+            pieces.append((k.to(q.device), v.to(q.device), pos.to(q.device)))
+        if not pieces:
+            return empty_partial(q)
+        k, v, pos = (torch.cat(x, dim=d) for x, d in zip(zip(*pieces), (2, 2, 1)))
+        return attend_gathered(q, k, v, pos, kv, step, scale)
 
     # -- stats -----------------------------------------------------------------------------
 

@@ -35,13 +35,15 @@ class Plan:
 
     selected: int64 ``[rows, n]`` logical block ids, ascending (the explicit selection the
     runtime moves and reuses blocks by). fresh_only: every attended token is among the step's
-    new tokens (a prefill), attended from where they are.
+    new tokens (a prefill), attended from where they are. fetch: host and disk blocks are
+    copied to the device and attended there, instead of on the CPU.
     """
 
     layer: LayerKV
     window: tuple[int, int]
     selected: torch.Tensor
     fresh_only: bool
+    fetch: bool = False
     parts: dict[Tier, Optional[TierPart]] = field(default_factory=dict)
     disk_read: Optional[Future] = None
     disk_slots: Optional[torch.Tensor] = None

@@ -14,6 +14,9 @@ class SelectionPolicy:
     """token_budget: tokens per (sequence, kv_head) and step (int), a fraction of the context
     (float in (0, 1]), or None for every token. selection: "topk" (best-scored blocks, plus
     sink and local window) or "window" (sink and the most recent blocks only: StreamingLLM).
+    attention: "split" computes on each tier's blocks where they lie (host and disk blocks on
+    the CPU); "fetch" copies every selected host/disk block to the device each step and
+    attends there (the FlexGen / InfiniGen designs, kept as baselines).
     """
 
     token_budget: Optional[Union[int, float]] = None
@@ -22,6 +25,7 @@ class SelectionPolicy:
     sink_tokens: int = 4
     local_window: int = 64
     dense_layers: int = 2
+    attention: str = "split"
 
     def budget_tokens(self, context: int) -> Optional[int]:
         b = self.token_budget

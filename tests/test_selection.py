@@ -98,3 +98,22 @@ def test_sparse_budget_runs_end_to_end_and_attends_less():
     assert out.shape[1] == 306
     st = kvdrive_compile.stats()
     assert sum(st.selected_blocks.values()) > 0
+
+
+@pytest.mark.parametrize("budget", [None, 64])
+def test_fetch_attention_gives_the_same_tokens_as_split(budget):
+    model = build("llama")
+    ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(5))
+    common = dict(token_budget=budget, dense_layers=0, local_window=16, device_memory=0, host_memory="16KiB")
+    def fetched():
+        return kvdrive_compile.stats().moved_bytes["host->device"]
+
+    _, split = greedy_both(model, ids, 6, **common)
+    before = fetched()
+    _, split = greedy_both(model, ids, 6, **common)
+    assert fetched() == before, "split attention copied blocks to the device"
+    ref, fetch = greedy_both(model, ids, 6, attention="fetch", **common)
+    assert torch.equal(split, fetch)
+    if budget is None:
+        assert torch.equal(ref, fetch)
+    assert fetched() > before
