@@ -39,7 +39,9 @@ def open_step(past_k: Tensor, k_new: Tensor, runtime_id: int) -> Tensor:
 
     k_new: the first site's new keys (it orders the op after them). Returns ``[runtime_id, session_id]``.
     """
-    session = site_step.open_step(get_runtime(runtime_id), past_k)
+    rt = get_runtime(runtime_id)
+    with rt.timed("append"):
+        session = site_step.open_step(rt, past_k)
     return _handle(runtime_id, session.id)
 
 
@@ -59,7 +61,8 @@ def append(step: Tensor, past_k: Tensor, past_v: Tensor, k_new: Tensor, v_new: T
     """
     rid, sid = step.tolist()
     rt = get_runtime(rid)
-    k_si, v_si, past = site_step.append(rt, rt.session(sid), layer, past_k, past_v, k_new, v_new, keeps_last)
+    with rt.timed("append"):
+        k_si, v_si, past = site_step.append(rt, rt.session(sid), layer, past_k, past_v, k_new, v_new, keeps_last)
     return k_si, v_si, _handle(rid, sid, layer, past, k_new.shape[2])
 
 
@@ -79,7 +82,8 @@ def select(ticket: Tensor, q: Tensor, policy_id: int) -> Tensor:
     Returns a plan ``[runtime, session, plan]``."""
     rid, sid, layer, past, new = ticket.tolist()
     rt = get_runtime(rid)
-    pid = site_step.select(rt, rt.session(sid), layer, past, new, q, get_policy(policy_id))
+    with rt.timed("select"):
+        pid = site_step.select(rt, rt.session(sid), layer, past, new, q, get_policy(policy_id))
     return _handle(rid, sid, pid)
 
 
@@ -93,7 +97,8 @@ def prefetch(plan: Tensor) -> Tensor:
     """Start moving what the plan needs (disk -> host reads) on the I/O threads."""
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
-    rt.prefetch(site_step.plan_of(rt, sid, pid))
+    with rt.timed("prefetch"):
+        rt.prefetch(site_step.plan_of(rt, sid, pid))
     return plan.clone()
 
 
@@ -110,7 +115,8 @@ def cpu_partial_attention(plan: Tensor, q: Tensor, mask: Optional[Tensor], scale
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
     p = site_step.plan_of(rt, sid, pid)
-    out, lse = rt.host_attention(p, q, site_step.step_mask(p, mask, is_causal), scale)
+    with rt.timed("cpu_attention"):
+        out, lse = rt.host_attention(p, q, site_step.step_mask(p, mask, is_causal), scale)
     return out.contiguous(), lse.contiguous()                  # the strides the fake impl gives
 
 
@@ -131,7 +137,8 @@ def sparse_attention(plan: Tensor, q: Tensor, k_new: Tensor, v_new: Tensor, mask
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
     p = site_step.plan_of(rt, sid, pid)
-    out, lse = rt.device_attention(p, q, k_new, v_new, site_step.step_mask(p, mask, is_causal), scale)
+    with rt.timed("device_attention"):
+        out, lse = rt.device_attention(p, q, k_new, v_new, site_step.step_mask(p, mask, is_causal), scale)
     return out.contiguous(), lse.contiguous()
 
 
@@ -147,7 +154,8 @@ def merge(plan: Tensor, q: Tensor, out_a: Tensor, lse_a: Tensor, out_b: Tensor, 
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
     rt.session(sid).plans.pop(pid, None)
-    return site_step.merge([(out_a, lse_a), (out_b, lse_b)], q.dtype).contiguous()
+    with rt.timed("merge"):
+        return site_step.merge([(out_a, lse_a), (out_b, lse_b)], q.dtype).contiguous()
 
 
 @merge.register_fake

@@ -7,6 +7,7 @@ disk. So the newest blocks are on the device, older ones on host, the rest on di
 from __future__ import annotations
 
 import atexit
+import contextlib
 import heapq
 import itertools
 import logging
@@ -14,6 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
@@ -30,6 +32,10 @@ from .tiers import BlockPool, DiskFile, Tier, TierBudget, slot_bytes
 from ..kernels.merge import merge_partials
 
 log = logging.getLogger(__name__)
+
+# wall time per stage of the scheduled graph (CUDA work is asynchronous: device stages are
+# counted where they block)
+STAGES = ("append", "select", "prefetch", "io_wait", "cpu_attention", "device_attention", "merge")
 
 
 @dataclass
@@ -63,10 +69,19 @@ class KVRuntime:
         self._lru: dict[Tier, list] = {Tier.DEVICE: [], Tier.HOST: []}
         self.moved = {"device->host": 0, "host->disk": 0, "disk->host": 0, "host->device": 0}
         self.selected_blocks = {"device": 0, "host": 0, "disk": 0}
+        self.stage_seconds = {s: 0.0 for s in STAGES}
         self.sessions_closed = 0
         self.steps = 0
         self.standins = StandIns(self.release)
         atexit.register(self.close)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] += time.perf_counter() - t0
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -375,7 +390,12 @@ class KVRuntime:
 
     def _staged_disk(self, plan: Plan):
         """The plan's disk blocks once read: staging k, v ``[n, bs, D]`` and their TierPart."""
+        t0 = time.perf_counter()
         k, v = plan.disk_read.result()
+        waited = time.perf_counter() - t0
+        self.stage_seconds["io_wait"] += waited
+        # the stage that waited (its own time counts the rest)
+        self.stage_seconds["device_attention" if plan.fetch else "cpu_attention"] -= waited
         disk = plan.part(Tier.DISK)
         index = torch.where(disk.valid, torch.searchsorted(plan.disk_slots, disk.slots), 0)
         return k, v, TierPart(disk.ids, index, disk.valid)
@@ -424,8 +444,8 @@ class KVRuntime:
             disk = tiers["disk"]
             disk.reserved_bytes = sum(f.capacity * f.slot_bytes for s in self.sessions.values()
                                       for f in s.disk_files.values())
-            return RuntimeStats(tiers, dict(self.moved), dict(self.selected_blocks), len(self.sessions),
-                                self.sessions_closed, self.steps)
+            return RuntimeStats(tiers, dict(self.moved), dict(self.selected_blocks), dict(self.stage_seconds),
+                                len(self.sessions), self.sessions_closed, self.steps)
 
 
 def _on(step: StepMask, device: str) -> StepMask:

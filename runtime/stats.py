@@ -22,6 +22,7 @@ class RuntimeStats:
     tiers: dict[str, TierStats] = field(default_factory=dict)
     moved_bytes: dict[str, int] = field(default_factory=dict)
     selected_blocks: dict[str, int] = field(default_factory=dict)     # block reads attended, by tier
+    stage_seconds: dict[str, float] = field(default_factory=dict)     # wall time per graph stage
     sessions_open: int = 0
     sessions_closed: int = 0
     steps: int = 0
