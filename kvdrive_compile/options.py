@@ -7,6 +7,8 @@ import tempfile
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
 
+from .runtime.selection import SelectionPolicy
+
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
           "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4,
           "tib": 1 << 40}
@@ -37,45 +39,30 @@ def parse_size(value: Union[int, str, None], name: str) -> Optional[int]:
 class KVDriveOptions:
     """Options of ``torch.compile(..., backend="kvdrive", options={...})``.
 
-    block_size: tokens per KV block. token_budget: tokens attended per KV head and step
-    (int, or a fraction of the context in (0, 1]); None is exact attention over all tokens.
+    block_size: tokens per KV block. policy: what each step attends (``token_budget``,
+    ``selection``, ``block_summary``, ``sink_tokens``, ``local_window``, ``dense_layers``,
+    ``attention``: see ``SelectionPolicy``; the user passes them as flat options).
     device_memory, host_memory: KV bytes allowed on each tier (None: no limit); beyond the host
     budget KV goes to disk, in a private directory under ``disk_dir`` (default: the system temp
     directory). dump_dir: where pass-inspection dumps go (default: $KVDRIVE_DUMP_DIR, else none).
-    With a token budget, selection "topk" scores blocks by their summaries ("minmax": Quest's
-    per-channel bound; "mean": the mean key) and keeps the best within the budget; "window"
-    keeps only the sink and the local window (StreamingLLM, a baseline). Always attended: the
-    first ``sink_tokens`` and the last ``local_window`` tokens; the first ``dense_layers``
-    layers stay exact. attention: "split" attends host and disk blocks on the CPU where they lie;
-    "fetch" copies them to the device every step first (the FlexGen/InfiniGen designs, for
-    baselines).
     """
 
     block_size: int = 16
-    token_budget: Optional[Union[int, float]] = None
     device_memory: Optional[int] = None
     host_memory: Optional[int] = None
     disk_dir: Optional[str] = None
     dump_dir: Optional[str] = None
-    selection: str = "topk"
-    block_summary: str = "minmax"
-    sink_tokens: int = 4
-    local_window: int = 64
-    dense_layers: int = 2
-    attention: str = "split"
+    policy: SelectionPolicy = SelectionPolicy()
 
     def runtime_key(self) -> tuple:
         """Compiled functions with equal runtime options share one runtime (and its budgets)."""
         return (self.block_size, self.device_memory, self.host_memory, self.disk_dir)
 
-    def selection_key(self) -> tuple:
-        """The fields of the block selection policy, in ``SelectionPolicy``'s order."""
-        return (self.token_budget, self.selection, self.block_summary, self.sink_tokens,
-                self.local_window, self.dense_layers, self.attention)
-
 
 def valid_keys() -> list[str]:
-    return [f.name for f in fields(KVDriveOptions)]
+    """The option names: the runtime's and the selection policy's fields, flat."""
+    own = [f.name for f in fields(KVDriveOptions) if f.name != "policy"]
+    return own + [f.name for f in fields(SelectionPolicy)]
 
 
 def _check_dir(path: str, name: str) -> str:
@@ -112,8 +99,8 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
                           ("attention", ("split", "fetch"))):
         if options.get(name, allowed[0]) not in allowed:
             raise ValueError(f"{name}={options[name]!r}: choose one of {list(allowed)}")
-    for name, default in (("sink_tokens", 4), ("local_window", 64), ("dense_layers", 2)):
-        value = options.get(name, default)
+    for name in ("sink_tokens", "local_window", "dense_layers"):
+        value = options.get(name, getattr(SelectionPolicy, name))
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r}: must be an int >= 0")
     disk_dir = options.get("disk_dir")
@@ -124,17 +111,12 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
         dump_dir = os.path.abspath(os.path.expanduser(str(dump_dir)))
         os.makedirs(dump_dir, exist_ok=True)
         _check_dir(dump_dir, "dump_dir")
+    policy_keys = [f.name for f in fields(SelectionPolicy)]
     return KVDriveOptions(
         block_size=block_size,
-        token_budget=budget,
         device_memory=parse_size(options.get("device_memory"), "device_memory"),
         host_memory=parse_size(options.get("host_memory"), "host_memory"),
         disk_dir=disk_dir,
         dump_dir=dump_dir,
-        selection=options.get("selection", "topk"),
-        block_summary=options.get("block_summary", "minmax"),
-        sink_tokens=options.get("sink_tokens", 4),
-        local_window=options.get("local_window", 64),
-        dense_layers=options.get("dense_layers", 2),
-        attention=options.get("attention", "split"),
+        policy=SelectionPolicy(**{k: options[k] for k in policy_keys if k in options}),
     )

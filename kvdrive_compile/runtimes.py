@@ -8,7 +8,7 @@ from typing import Optional
 
 from .options import KVDriveOptions, parse_options
 from .runtime.kv_runtime import KVRuntime
-from .runtime.selection import SelectionPolicy
+from .runtime.selection import SelectionPolicy  # noqa: F401  (the registry's type)
 from .runtime.stats import RuntimeStats
 
 _lock = threading.Lock()
@@ -35,7 +35,7 @@ def runtime_for(options: KVDriveOptions) -> int:
 
 def policy_for(options: KVDriveOptions) -> int:
     """The id of the selection policy of these options (graphs carry it as a constant)."""
-    policy = SelectionPolicy(*options.selection_key())
+    policy = options.policy
     with _lock:
         if policy not in _policies:
             _policies.append(policy)

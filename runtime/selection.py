@@ -11,8 +11,12 @@ from .layer_kv import LayerKV
 
 @dataclass(frozen=True)
 class SelectionPolicy:
-    """token_budget: tokens per (sequence, kv_head) and step (int), a fraction of the context
-    (float in (0, 1]), or None for every token. selection: "topk" (best-scored blocks, plus
+    """What each decode step attends (the user passes these fields as flat compile options).
+
+    token_budget: tokens per (sequence, kv_head) and step (int), a fraction of the context
+    (float in (0, 1]), or None for every token. sink_tokens, local_window: always attended, the
+    first and the last tokens. dense_layers: the first layers stay exact. block_summary:
+    "minmax" (Quest's per-channel bound of q.k) or "mean" (the mean key). selection: "topk" (best-scored blocks, plus
     sink and local window) or "window" (sink and the most recent blocks only: StreamingLLM).
     attention: "split" computes on each tier's blocks where they lie (host and disk blocks on
     the CPU); "fetch" copies every selected host/disk block to the device each step and

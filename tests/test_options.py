@@ -26,7 +26,7 @@ def test_bad_sizes(value, error, match):
 
 def test_defaults():
     o = parse_options(None)
-    assert (o.block_size, o.token_budget, o.device_memory, o.host_memory, o.disk_dir) == (16, None, None, None, None)
+    assert (o.block_size, o.policy.token_budget, o.device_memory, o.host_memory, o.disk_dir) == (16, None, None, None, None)
 
 
 def test_unknown_option_names_valid_keys():

@@ -1,0 +1,216 @@
+"""Runs every method over the same prompts and records what each generated.
+
+A method is dense Hugging Face, or the model's forward compiled with kvdrive at some options.
+Samples are made once per (model, length) and shared by all methods; each method compiles
+once and runs all lengths, and Dynamo is reset after it so compiled code never piles up.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+import kvdrive_compile
+
+from .. import models
+from .config import EvalConfig
+from .tasks import PERPLEXITY, Continuation, Sample, make_continuation, make_sample, score
+
+log = logging.getLogger(__name__)
+
+METHODS = ("dense", "kvdrive-exact", "kvdrive", "window")
+
+
+@dataclass(frozen=True)
+class Method:
+    """``dense`` (eager Hugging Face), ``kvdrive-exact``, or ``kvdrive``/``window`` at a token budget."""
+
+    kind: str
+    budget: Optional[int] = None
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.budget is None else f"{self.kind}@{self.budget}"
+
+    @property
+    def options(self) -> Optional[dict]:
+        """The kvdrive ``options=`` of this method; None for dense (not compiled)."""
+        if self.kind == "dense":
+            return None
+        if self.kind == "kvdrive-exact":
+            return {"token_budget": None}
+        if self.kind == "kvdrive":
+            return {"token_budget": self.budget}
+        return {"token_budget": self.budget, "selection": "window"}
+
+
+def methods_for(kinds: list[str], budgets: list[int]) -> list[Method]:
+    """Dense first (the perplexity reference), then exact, then each budgeted kind per budget."""
+    unknown = sorted(set(kinds) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; methods are {list(METHODS)}")
+    out = []
+    for kind in METHODS:
+        if kind in kinds:
+            out += [Method(kind)] if kind in ("dense", "kvdrive-exact") else [Method(kind, b) for b in budgets]
+    return out
+
+
+@contextmanager
+def compiled(model, method: Method) -> Iterator[None]:
+    """``model.forward`` compiled for ``method`` inside the block; eager (and Dynamo reset) after."""
+    if method.options is None:
+        yield
+        return
+    eager = model.forward
+    model.forward = torch.compile(eager, backend="kvdrive", options=method.options)
+    try:
+        yield
+    finally:
+        model.forward = eager
+        torch._dynamo.reset()
+        kvdrive_compile.release_all()
+
+
+def _step(model, ids: list[int], cache) -> torch.Tensor:
+    """Logits of the last position: [vocab] fp32."""
+    x = torch.tensor([ids], dtype=torch.long)
+    return model(x, cache=cache, logits_to_keep=1).logits[0, -1].float()
+
+
+@torch.no_grad()
+def greedy(model, ids: list[int], max_new_tokens: int, done: Callable[[list[int]], bool]) -> list[int]:
+    """Greedy tokens after the prompt ``ids``: prefill, then one decode step per token.
+
+    Stops at end-of-sequence, at ``max_new_tokens``, or once ``done(tokens)``.
+    """
+    cache = DynamicCache(config=model.config)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    out: list[int] = []
+    logits = _step(model, ids, cache)
+    while True:
+        token = int(logits.argmax())
+        out.append(token)
+        if token in eos or len(out) >= max_new_tokens or done(out):
+            return out
+        logits = _step(model, [token], cache)
+
+
+@torch.no_grad()
+def teacher_forced(model, prefix: list[int], continuation: list[int]) -> torch.Tensor:
+    """Log-probabilities of decode steps fed ``continuation[:-1]`` after a prefill of ``prefix``.
+
+    Returns [len(continuation) - 1, vocab] fp32 log-softmax; row i predicts continuation[i + 1].
+    The prefill's own prediction is left out: selection acts on decode steps only.
+    """
+    cache = DynamicCache(config=model.config)
+    _step(model, prefix, cache)
+    rows = [torch.log_softmax(_step(model, [token], cache), -1) for token in continuation[:-1]]
+    return torch.stack(rows)
+
+
+def agreement(logprobs: torch.Tensor, reference: torch.Tensor, targets: list[int]) -> dict:
+    """Perplexity of ``targets``, top-1 match rate and mean KL(reference || logprobs).
+
+    logprobs, reference: [steps, vocab] fp32 log-softmax; targets: [steps] token ids.
+    """
+    nll = -logprobs[torch.arange(len(targets)), torch.tensor(targets)].mean().item()
+    top1 = (logprobs.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    kl = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+    return {"ppl": math.exp(nll), "top1_agreement": top1, "kl": max(kl, 0.0)}
+
+
+def run_sample(model, tokenizer, sample: Sample) -> dict:
+    ids = tokenizer(sample.prompt).input_ids
+    t0 = time.perf_counter()
+    tokens = greedy(model, ids, sample.max_new_tokens,
+                    lambda toks: score(sample.answers, tokenizer.decode(toks)) == 1.0)
+    generated = tokenizer.decode(tokens, skip_special_tokens=True)
+    return {"task": sample.task, "index": sample.index, "prompt_tokens": len(ids),
+            "question": sample.prompt[-240:], "expected": list(sample.answers), "generated": generated,
+            "new_tokens": len(tokens), "score": score(sample.answers, generated),
+            "seconds": time.perf_counter() - t0, "info": sample.info}
+
+
+def run_continuation(model, item: Continuation, reference: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    t0 = time.perf_counter()
+    logprobs = teacher_forced(model, item.prefix, item.continuation)
+    record = {"task": PERPLEXITY, "index": item.index, "prompt_tokens": len(item.prefix),
+              "steps": len(item.continuation) - 1, "start": item.start,
+              **agreement(logprobs, reference if reference is not None else logprobs, item.continuation[1:]),
+              "seconds": time.perf_counter() - t0}
+    return record, logprobs
+
+
+def make_work(tokenizer, config: EvalConfig, lengths: list[int]) -> dict[int, list]:
+    """Per length: every task's samples, then the perplexity slices (if asked for)."""
+    work = {}
+    for length in lengths:
+        items: list = [make_sample(task, tokenizer, length, i, config.samples, config.seed)
+                       for task in config.tasks if task != PERPLEXITY for i in range(config.samples)]
+        if PERPLEXITY in config.tasks:
+            items += [make_continuation(tokenizer, length, i, config.steps, config.seed)
+                      for i in range(config.samples)]
+        work[length] = items
+    return work
+
+
+def run_model(name: str, lengths: list[int], config: EvalConfig, bar: tqdm, loaded=None) -> list[dict]:
+    """One entry per length: ``{"model", "length", "records"}``, a record per (method, sample)."""
+    model, tokenizer = loaded or models.load(name)
+    work = make_work(tokenizer, config, lengths)
+    methods = methods_for(config.methods, config.budgets)
+    records: dict[int, list[dict]] = {length: [] for length in lengths}
+    references: dict[tuple[int, int], torch.Tensor] = {}
+    if PERPLEXITY in config.tasks and methods[0].kind != "dense":      # KL needs dense logits
+        for length, items in work.items():
+            for item in items:
+                if isinstance(item, Continuation):
+                    references[length, item.index] = teacher_forced(model, item.prefix, item.continuation)
+    for method in methods:
+        log.info("%s: %s", name, method.label)
+        with compiled(model, method):
+            for length, items in work.items():
+                for item in items:
+                    bar.set_postfix_str(f"{name} {length} {method.label} {getattr(item, 'task', PERPLEXITY)}")
+                    if isinstance(item, Sample):
+                        record = run_sample(model, tokenizer, item)
+                    else:
+                        record, logprobs = run_continuation(model, item, references.get((length, item.index)))
+                        if method.kind == "dense":
+                            references[length, item.index] = logprobs
+                    records[length].append({"method": method.label, "kind": method.kind,
+                                            "budget": method.budget, **record})
+                    kvdrive_compile.release_all()       # this sample's KV (its cache object is gone)
+                    gc.collect()
+                    bar.update()
+    return [{"model": name, "length": length, "records": records[length]} for length in lengths]
+
+
+def units(config: EvalConfig) -> int:
+    """How many (method, sample) runs the config makes: the progress bar's total."""
+    per_length = len(config.tasks) * config.samples
+    n_methods = len(methods_for(config.methods, config.budgets))
+    return sum(len(lengths) for _, lengths in config.runs) * per_length * n_methods
+
+
+def run(config: EvalConfig, loaded: Optional[dict] = None) -> dict:
+    """Every model of ``config`` over its lengths; ``loaded`` may map a model name to ``(model, tokenizer)``."""
+    t0 = time.perf_counter()
+    runs = []
+    with tqdm(total=units(config), desc="accuracy", unit="run", dynamic_ncols=True) as bar:
+        for name, lengths in config.runs:
+            runs += run_model(name, lengths, config, bar, (loaded or {}).get(name))
+    return {"meta": {**config.as_dict(), "methods_run": [m.label for m in methods_for(config.methods, config.budgets)],
+                     "torch": torch.__version__, "wall_seconds": time.perf_counter() - t0,
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")},
+            "runs": runs}
