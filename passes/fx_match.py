@@ -12,8 +12,7 @@ SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attentio
 SDPA_PARAMS = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
 MATMUL_FNS = {torch.matmul, operator.matmul, torch.bmm}
 MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
-SOFTMAX_FNS = {torch.softmax, F.softmax, torch.special.softmax, torch._C._nn.softmax} if hasattr(torch._C._nn, "softmax") \
-    else {torch.softmax, F.softmax, torch.special.softmax}
+SOFTMAX_FNS = {torch.softmax, F.softmax, torch.special.softmax}
 CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
 # ops that only change a dtype or are the identity at inference
 CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "double", "contiguous", "type_as"}

@@ -130,7 +130,33 @@ def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     return attend(q, k, v, scale, row_bias(step, positions, b, kv.kv_heads, hq, nq))
 
 
+def paged_tables(part, kv, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A part as the paged kernels take it: int32 ``block_table`` (-1 = padding) and
+    ``block_lens`` (valid leading tokens of each block, the last one partly filled), ``[B, Hkv, m]``."""
+    bs = kv.block_size
+    table = torch.where(part.valid, part.slots, -1)
+    lens = torch.where(part.valid, (end - part.ids * bs).clamp(0, bs), 0)
+    shape = (kv.batch, kv.kv_heads, table.shape[1])
+    return table.to(torch.int32).view(shape), lens.to(torch.int32).view(shape)
+
+
+def kernel_fits(step: StepMask, part, kv, num_queries: int) -> bool:
+    """Whether the paged kernels compute this part exactly: no mask, every query token sees
+    every listed token, and no listed block holds tokens before the window."""
+    if step.bias is not None or (step.is_causal and num_queries > 1):
+        return False
+    return step.start == 0 or bool((part.ids[part.valid] * kv.block_size >= step.start).all())
+
+
 def attend_part(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, part, kv,
-                step: StepMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q`` (on the pool's device) over one tier's selected blocks. fp32 (out, lse)."""
+                step: StepMask, scale: float, kernel=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` (on the pool's device) over one tier's selected blocks. fp32 (out, lse).
+
+    kernel: a paged kernel ``(q, k_pool, v_pool, block_table, block_lens, scale)`` that reads
+    the blocks where they lie; used when it computes the part exactly, else gather + attend.
+    """
+    if kernel is not None and kernel_fits(step, part, kv, q.shape[2]):
+        table, lens = paged_tables(part, kv, step.end)
+        dev = k_pool.device
+        return kernel(q, k_pool, v_pool, table.to(dev), lens.to(dev), scale)
     return attend_gathered(q, *gather_part(k_pool, v_pool, part, kv), kv, step, scale)

@@ -29,7 +29,9 @@ from .selection import EXACT, SelectionPolicy, select_blocks, window_blocks
 from .standins import StandIns
 from .stats import RuntimeStats, TierStats
 from .tiers import BlockPool, DiskFile, Tier, TierBudget, slot_bytes
+from ..kernels.cpu_attention import cpu_partial_attention
 from ..kernels.merge import merge_partials
+from ..kernels.paged_attention import paged_attention
 
 log = logging.getLogger(__name__)
 
@@ -365,10 +367,11 @@ class KVRuntime:
         host = None if plan.fresh_only else plan.part(Tier.HOST)
         if host is not None:
             pool = self._pool(Tier.HOST, kv)
-            parts.append(attend_part(q.cpu(), pool.k, pool.v, host, kv, _on(step, "cpu"), scale))
+            parts.append(attend_part(q.cpu(), pool.k, pool.v, host, kv, _on(step, "cpu"), scale,
+                                     cpu_partial_attention))
         if plan.disk_read is not None:
             k, v, staged = self._staged_disk(plan)
-            parts.append(attend_part(q.cpu(), k, v, staged, kv, _on(step, "cpu"), scale))
+            parts.append(attend_part(q.cpu(), k, v, staged, kv, _on(step, "cpu"), scale, cpu_partial_attention))
         if not parts:
             return empty_partial(q)
         out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
@@ -386,7 +389,7 @@ class KVRuntime:
         if part is None:
             return empty_partial(q)
         pool = self._pool(Tier.DEVICE, plan.layer)
-        return attend_part(q, pool.k, pool.v, part, plan.layer, step, scale)
+        return attend_part(q, pool.k, pool.v, part, plan.layer, step, scale, paged_attention)
 
     def _staged_disk(self, plan: Plan):
         """The plan's disk blocks once read: staging k, v ``[n, bs, D]`` and their TierPart."""
