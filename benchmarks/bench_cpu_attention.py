@@ -85,6 +85,15 @@ def huge_pages_available() -> bool:
         return False
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its children)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(ticks) - ticks[3] - ticks[4]                           # minus idle and iowait
+    t = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -175,13 +184,16 @@ def main() -> None:
     parser.add_argument("--pages", nargs="+", default=["2M", "4K"], choices=["2M", "4K"],
                         help="pool pages: 2M (transparent huge pages) and/or 4K; 4K rows use the first block size only")
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--no-compile-time", action="store_true", help="skip the fresh-process compile timing")
     args = parser.parse_args()
     if "2M" in args.pages and not huge_pages_available():
         print("transparent huge pages are disabled here (/sys/kernel/mm/transparent_hugepage/enabled): 4K rows only")
         args.pages = ["4K"]
-    imported, cold, cached = compile_times()
-    print(f"import {imported:.2f} s (torch and numba included); first calls of all 3 dtype variants "
-          f"(warm_up): {cold:.1f} s compiling into an empty numba cache, {cached:.2f} s loading from it")
+    start, wall = cpu_seconds(), time.perf_counter()
+    if not args.no_compile_time:
+        imported, cold, cached = compile_times()
+        print(f"import {imported:.2f} s (torch and numba included); first calls of all 3 dtype variants "
+              f"(warm_up): {cold:.1f} s compiling into an empty numba cache, {cached:.2f} s loading from it")
     print(f"threads: numba {os.environ.get('NUMBA_NUM_THREADS', 'all')}, torch {torch.get_num_threads()}; "
           f"Hkv {HKV}, GQA {GQA}, head_dim {HEAD_DIM}, batch 1, one query token")
     flush = np.ones(FLUSH_BYTES // 4, np.float32)
@@ -193,6 +205,10 @@ def main() -> None:
             for dt, bs, pages in configs for tokens in args.tokens]
     floatfmt = ("", "", "", "", ".2f", ".1f", ".1f", ".2f", ".1f", ".2f", ".2f", ".0e")
     print(tabulate(rows, headers="keys", floatfmt=floatfmt, tablefmt="github"))
+    (busy0, own0), (busy1, own1) = start, cpu_seconds()
+    others = max(0.0, (busy1 - busy0) - (own1 - own0)) / ((time.perf_counter() - wall) * os.cpu_count())
+    print(f"other processes used {others:.0%} of the machine's CPU time during this run"
+          + (": the numbers above are low, rerun on a quiet machine" if others > 0.05 else ""))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,20 @@ Layout (shared with kernels/paged_attention.py): ``k_pool, v_pool: [num_slots, b
 ``block_table, block_lens: int32 [B, Hkv, NB]`` list, per (sequence, KV head), the slots it
 attends (``-1`` = unused entry) and how many leading tokens of each are valid.
 
-How it is fast: all query rows that share a KV head (GQA group x query tokens) are computed
-in one pass over that head's blocks, so each K/V byte is read once per call; the block list
-is cut into ranges holding equal numbers of blocks so that both cores stay busy at batch 1;
-each range keeps an online softmax and the ranges are merged by their log-sum-exp.
-fp16 and bf16 are widened in registers (numba has neither type): fp16 through LLVM's
-``half`` (one vcvtph2ps per 16 values), bf16 by moving its bits to the high half of a float32.
+How it is fast:
+- GQA packing: all query rows that share a KV head (GQA group x query tokens) are computed in
+  one pass over that head's blocks, so each K/V byte is read once per call.
+- Work items: every (sequence, KV head) block list is cut into ranges holding equal numbers
+  of valid blocks, about four per thread, so that all cores stay busy at batch 1; each range
+  keeps an online softmax and the ranges are merged by their log-sum-exp.
+- One block at a time, in L1: fp32 blocks are read in place; fp16/bf16 blocks are widened once
+  into a float32 scratch block (numba has neither type: fp16 goes through LLVM's ``half``, one
+  vcvtph2ps per 8 values; bf16 by moving its bits to the high half of a float32).
+- Prefetch: the blocks are at random places, so the hardware prefetcher cannot guess them; the
+  K/V of the block two ahead is hinted line by line between the compute steps (spread out, so
+  the hints never wait for line fill buffers), and the block eight ahead gets its first line
+  hinted early to start its TLB walk.
+- Exp: a float32 polynomial that LLVM vectorizes (numba's exp is a scalar libm call without SVML).
 """
 from __future__ import annotations
 
@@ -27,13 +35,13 @@ POISON_ENV = "KVDRIVE_POISON_OUTPUTS"   # "1": outputs start as NaN, so unwritte
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}   # no "ninf"/"nnan": -inf marks empty rows
 _MIN_BLOCKS_PER_ITEM = 8       # a work item smaller than this costs more to merge than it saves
 _ITEMS_PER_THREAD = 4          # equal-sized items per thread, so a static schedule balances
-_PREFETCH_DISTANCE = 2         # blocks: fetched while the two before them are computed
+_PREFETCH_DISTANCE = 2         # blocks: fetched whole while the two before them are computed
+_TOUCH_DISTANCE = 8            # blocks: first line hinted early (TLB miss, DRAM page) before the rest
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)          # ln 2 split in two so that n * ln2 is exact
 _LN2_LO = np.float32(-2.12194440e-4)
 _EXP_FLOOR = np.float32(-87.0)             # exp() of anything lower is taken as e^-87 ~ 1.6e-38
-_C = [np.float32(1.0 / f) for f in (1, 1, 2, 6, 24, 120, 720, 5040)]
-_C2, _C3, _C4, _C5, _C6, _C7 = _C[2], _C[3], _C[4], _C[5], _C[6], _C[7]
+_C2, _C3, _C4, _C5, _C6, _C7 = (np.float32(1.0 / f) for f in (2, 6, 24, 120, 720, 5040))   # Taylor
 _ONE = np.float32(1.0)
 _HALF = np.float32(0.5)
 _ZERO = np.float32(0.0)
@@ -75,7 +83,7 @@ def _bits_to_f32(typingctx, x):
 
 @intrinsic
 def _prefetch(typingctx, arr, offset):
-    """Hint the cache to fetch ``arr.flat[offset]`` (a block's start, a few hundred cycles early)."""
+    """Hint the cache to fetch the line holding ``arr.flat[offset]``; never faults."""
     if not isinstance(arr, types.Array):
         return None
 
@@ -85,7 +93,7 @@ def _prefetch(typingctx, arr, offset):
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
         fn = builder.module.declare_intrinsic("llvm.prefetch", [ptr.type], fnty)
-        # read, keep in all cache levels, data cache
+        # read, low temporal locality (prefetcht2: the block is used once, soon), data cache
         builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 1), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
@@ -279,6 +287,9 @@ def _attend_item(q, k_pool, v_pool, table, lens, lo, hi, out, lse):
             cursor[0] = slots[nxt] * bs * d_
             cursor[2] = 2 * (-(-ns[nxt] * d_ // line_elems))
             cursor[3] = -(-cursor[2] // max(1, 2 * r_ * (n // 4)))
+        if i + _TOUCH_DISTANCE < count:                       # start that block's page walk early
+            _prefetch(k_pool, slots[i + _TOUCH_DISTANCE] * bs * d_)
+            _prefetch(v_pool, slots[i + _TOUCH_DISTANCE] * bs * d_)
         # -- scores, online softmax --
         _scores(q, _block_rows(k_pool, slot, n, kbuf), n, p, ahead)
         _softmax_update(p, n, m, l, acc)
@@ -359,13 +370,20 @@ def _check(q, k_pool, v_pool, block_table, block_lens) -> None:
     if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype or k_pool.dim() != 3:
         raise ValueError(f"k_pool and v_pool must both be [num_slots, block_size, head_dim] of one dtype "
                          f"(got {tuple(k_pool.shape)} {k_pool.dtype}, {tuple(v_pool.shape)} {v_pool.dtype})")
+    if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("k_pool and v_pool must be contiguous (a copy of a whole pool per call is "
+                         "never what the caller wants): pass the pools themselves, not views")
     if block_table.shape != block_lens.shape or block_table.dim() != 3:
         raise ValueError(f"block_table and block_lens must both be [B, Hkv, NB] "
                          f"(got {tuple(block_table.shape)}, {tuple(block_lens.shape)})")
     b, hkv = block_table.shape[:2]
-    if q.shape[0] != b or q.shape[1] % hkv or q.shape[-1] != k_pool.shape[2]:
+    if q.dim() not in (3, 4) or q.shape[0] != b or q.shape[1] % hkv or q.shape[-1] != k_pool.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} does not fit block_table {tuple(block_table.shape)} "
                          f"and head_dim {k_pool.shape[2]}: need [B, Hq, (Q,) D] with Hq a multiple of Hkv")
+    if block_table.numel() and int(block_table.max()) >= k_pool.shape[0]:
+        # numba does not check bounds: a bad slot would read outside the pool
+        raise ValueError(f"block_table lists slot {int(block_table.max())} but the pools have "
+                         f"{k_pool.shape[0]} slots")
 
 
 def cpu_partial_attention(
@@ -394,7 +412,7 @@ def cpu_partial_attention(
     qs = (q4.float() * scale).reshape(b, hkv, hq // hkv * nq, d).contiguous()   # [B, Hkv, R, D]
     table = block_table.to(torch.int32).contiguous().numpy()
     lens = block_lens.to(torch.int32).contiguous().numpy()
-    kp, vp = _pool_as_numpy(k_pool.contiguous()), _pool_as_numpy(v_pool.contiguous())
+    kp, vp = _pool_as_numpy(k_pool), _pool_as_numpy(v_pool)
     out, lse = _new_outputs((b, hq, nq, d))
     out_rows = out.numpy().reshape(b * hkv, -1, d)                      # [B*Hkv, R, D] view
     lse_rows = lse.numpy().reshape(b * hkv, -1)

@@ -23,8 +23,8 @@ __all__ = ["paged_attention", "paged_attention_torch", "paged_attention_triton",
 
 POISON_ENV = "KVDRIVE_POISON_OUTPUTS"   # "1": outputs start as NaN, so unwritten elements show
 _LOG2E = 1.4426950408889634
-_MIN_ROWS = 16              # tl.dot needs every dimension >= 16
-_TILE_TOKENS = 64           # tokens per loop step in a program (whole blocks)
+_MIN_DOT = 16               # tl.dot wants K >= 16 (and M >= 16 on some targets and versions)
+_TILE_BYTES = 16384         # K tile per loop step (whole blocks): 64 tokens of fp16 x 128
 _MIN_BLOCKS_PER_SPLIT = 4   # below this a split's fixed cost outweighs the parallelism
 
 
@@ -34,6 +34,9 @@ def _check(q, k_pool, v_pool, block_table, block_lens) -> None:
     if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype or k_pool.dim() != 3:
         raise ValueError(f"k_pool and v_pool must both be [num_slots, block_size, head_dim] of one dtype "
                          f"(got {tuple(k_pool.shape)} {k_pool.dtype}, {tuple(v_pool.shape)} {v_pool.dtype})")
+    if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("k_pool and v_pool must be contiguous (a copy of a whole pool per call is "
+                         "never what the caller wants): pass the pools themselves, not views")
     if k_pool.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"K/V pool dtype {k_pool.dtype} is not supported: use float32, float16 or bfloat16")
     if block_table.shape != block_lens.shape or block_table.dim() != 3:
@@ -243,23 +246,21 @@ def paged_attention_triton(
     bs = k_pool.shape[1]
     r = hq // hkv * nq                                       # query rows per KV head
     q_rows = q4.reshape(b * hkv, r, d).contiguous()         # [B*Hkv, R, D]
-    k_pool, v_pool = k_pool.contiguous(), v_pool.contiguous()
     table = block_table.to(torch.int32).contiguous()
     lens = block_lens.to(torch.int32).contiguous()
     out, lse = _new_outputs((b, hq, nq, d), q.device)
-    block = _next_pow2(bs)
-    blocks_per_step = max(1, _TILE_TOKENS // block)
+    block, head_dim = _next_pow2(bs), max(_MIN_DOT, _next_pow2(d))
+    blocks_per_step = max(1, _TILE_BYTES // (head_dim * k_pool.element_size() * block))
     nsplit, per_split = _plan_splits(b * hkv, max(nb, 1), blocks_per_step, q.device)
     if nsplit == 1:                                          # same layout: write the result directly
         part_out, part_lse = out, lse
     else:
         part_out = torch.empty(b * hkv, nsplit, r, d, device=q.device)
         part_lse = torch.empty(b * hkv, nsplit, r, device=q.device)
-    head_dim = _next_pow2(d)
     split_kernel[(b * hkv, nsplit)](
         q_rows, k_pool, v_pool, table, lens, part_out, part_lse,
         scale * _LOG2E, r, d, bs, nb, per_split,
-        ROWS=max(_MIN_ROWS, _next_pow2(r)), HEAD_DIM=head_dim, BLOCK=block,
+        ROWS=max(_MIN_DOT, _next_pow2(r)), HEAD_DIM=head_dim, BLOCK=block,
         BLOCKS_PER_STEP=blocks_per_step, DOT_PRECISION="ieee",
         UPCAST_DOTS=k_pool.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=4 if head_dim <= 128 else 8,

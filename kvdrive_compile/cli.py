@@ -1,6 +1,7 @@
-"""The ``kvdrive`` command. Subcommands:
+"""The ``kvdrive`` command; each subcommand's package registers its own parser:
 
     kvdrive eval --preset smoke        offline long-context accuracy (kvdrive_compile.eval)
+    kvdrive bench --preset cpu         throughput and bytes moved vs the peers' designs (kvdrive_compile.bench)
 """
 from __future__ import annotations
 
@@ -8,22 +9,17 @@ import argparse
 import logging
 from typing import Optional
 
+from .bench import cli as bench_cli
+from .eval import cli as eval_cli
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from .eval import config as eval_config, run_eval
-
     ap = argparse.ArgumentParser(prog="kvdrive", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
     commands = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    ev = commands.add_parser("eval", help="long-context accuracy: dense vs kvdrive at token budgets",
-                             description=(
-                                 "RULER-style retrieval tasks, pass keys and perplexity, generated offline "
-                                 "with a fixed seed, run with dense attention and with kvdrive (exact, top-k "
-                                 "selection and the sink+window baseline at each budget). Writes a table per "
-                                 "model, a plot per model and length, and the raw JSON under --out."))
-    eval_config.add_arguments(ev)
-    ev.set_defaults(func=run_eval)
+    eval_cli.add_parser(commands)
+    bench_cli.add_parser(commands)
     return ap
 
 

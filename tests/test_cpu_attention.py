@@ -122,3 +122,7 @@ def test_cpu_partial_attention_rejects_bad_shapes():
         cpu_partial_attention(q[:, :3], k_pool, v_pool, table, lens, scale)
     with pytest.raises(ValueError, match="block_table and block_lens"):
         cpu_partial_attention(q, k_pool, v_pool, table, lens[:, :1], scale)
+    with pytest.raises(ValueError, match="slot"):
+        cpu_partial_attention(q, k_pool, v_pool, table + k_pool.shape[0], lens, scale)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_partial_attention(q, k_pool[:, :8], v_pool[:, :8], table, lens.clamp(max=8), scale)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
 
 from .tasks import PERPLEXITY, TASKS
 
@@ -15,7 +16,9 @@ BUDGETS = [256, 512, 1024, 2048]
 class EvalConfig:
     """runs: (model name, prompt lengths in tokens) pairs. samples: per task and length.
     methods: among ``ALL_METHODS``; ``kvdrive`` and ``window`` run once per budget.
-    steps: teacher-forced decode steps per perplexity slice."""
+    steps: teacher-forced decode steps per perplexity slice. threads: torch's intra-op threads
+    for the run (None: torch's default); 1 is much faster on a machine whose cores are busy
+    with other work, where waiting threads spin."""
 
     runs: list[tuple[str, list[int]]]
     tasks: list[str] = field(default_factory=lambda: list(ALL_TASKS))
@@ -24,6 +27,7 @@ class EvalConfig:
     budgets: list[int] = field(default_factory=lambda: list(BUDGETS))
     steps: int = 32
     seed: int = 0
+    threads: Optional[int] = None
     out: str = "results/accuracy"
 
     def as_dict(self) -> dict:
@@ -37,7 +41,8 @@ PRESETS = {
     "smollm2-8k": EvalConfig([(SMOLLM2, [8192])], samples=3),
     "smollm2": EvalConfig([(SMOLLM2, [2048, 4096, 8192])], samples=3),
     "gemma3": EvalConfig([(GEMMA3, [8192, 16384])], samples=3),
-    "full": EvalConfig([(SMOLLM2, [2048, 4096, 8192]), (GEMMA3, [8192, 16384])], samples=5),
+    # hours on 2 CPU cores: every prompt is prefilled once per method (10 methods)
+    "full": EvalConfig([(SMOLLM2, [2048, 4096, 8192]), (GEMMA3, [8192, 16384])], samples=3),
 }
 
 
@@ -62,6 +67,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--budgets", nargs="+", type=int, metavar="B", help="token budgets of kvdrive and window")
     ap.add_argument("--steps", type=int, help="teacher-forced decode steps per perplexity slice")
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's); use 1 on a shared, busy machine")
     ap.add_argument("--out", help="results folder (default results/accuracy)")
 
 
@@ -74,7 +80,7 @@ def from_args(args: argparse.Namespace) -> EvalConfig:
         runs = [(name, list(args.lengths)) for name, _ in runs]
     tasks = ALL_TASKS if args.tasks and "all" in args.tasks else args.tasks
     given = {"tasks": tasks, "samples": args.samples, "methods": args.methods, "budgets": args.budgets,
-             "steps": args.steps, "seed": args.seed, "out": args.out}
+             "steps": args.steps, "seed": args.seed, "threads": args.threads, "out": args.out}
     config = replace(config, runs=runs, **{k: v for k, v in given.items() if v is not None})
     if config.samples < 1 or config.steps < 1:
         raise SystemExit("--samples and --steps must be at least 1")

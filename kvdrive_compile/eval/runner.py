@@ -164,35 +164,47 @@ def make_work(tokenizer, config: EvalConfig, lengths: list[int]) -> dict[int, li
     return work
 
 
+def dense_references(model, work: dict[int, list]) -> dict[tuple[int, int], torch.Tensor]:
+    """Dense log-probabilities of every perplexity slice, by (length, index): KL's reference."""
+    return {(length, item.index): teacher_forced(model, item.prefix, item.continuation)
+            for length, items in work.items() for item in items if isinstance(item, Continuation)}
+
+
+def run_method(model, tokenizer, method: Method, work: dict[int, list], references: dict, bar: tqdm,
+               name: str) -> dict[int, list[dict]]:
+    """Records of one method over every length's items; dense fills ``references`` as it goes."""
+    records: dict[int, list[dict]] = {length: [] for length in work}
+    with compiled(model, method):
+        for length, items in work.items():
+            for item in items:
+                bar.set_postfix_str(f"{name} {length} {method.label} {getattr(item, 'task', PERPLEXITY)}")
+                if isinstance(item, Sample):
+                    record = run_sample(model, tokenizer, item)
+                else:
+                    record, logprobs = run_continuation(model, item, references.get((length, item.index)))
+                    if method.kind == "dense":
+                        references[length, item.index] = logprobs
+                records[length].append({"method": method.label, "kind": method.kind,
+                                        "budget": method.budget, **record})
+                kvdrive_compile.release_all()       # this sample's KV (its cache object is gone)
+                gc.collect()
+                bar.update()
+    return records
+
+
 def run_model(name: str, lengths: list[int], config: EvalConfig, bar: tqdm, loaded=None) -> list[dict]:
     """One entry per length: ``{"model", "length", "records"}``, a record per (method, sample)."""
     model, tokenizer = loaded or models.load(name)
     work = make_work(tokenizer, config, lengths)
     methods = methods_for(config.methods, config.budgets)
-    records: dict[int, list[dict]] = {length: [] for length in lengths}
-    references: dict[tuple[int, int], torch.Tensor] = {}
+    references = {}
     if PERPLEXITY in config.tasks and methods[0].kind != "dense":      # KL needs dense logits
-        for length, items in work.items():
-            for item in items:
-                if isinstance(item, Continuation):
-                    references[length, item.index] = teacher_forced(model, item.prefix, item.continuation)
+        references = dense_references(model, work)
+    records: dict[int, list[dict]] = {length: [] for length in lengths}
     for method in methods:
         log.info("%s: %s", name, method.label)
-        with compiled(model, method):
-            for length, items in work.items():
-                for item in items:
-                    bar.set_postfix_str(f"{name} {length} {method.label} {getattr(item, 'task', PERPLEXITY)}")
-                    if isinstance(item, Sample):
-                        record = run_sample(model, tokenizer, item)
-                    else:
-                        record, logprobs = run_continuation(model, item, references.get((length, item.index)))
-                        if method.kind == "dense":
-                            references[length, item.index] = logprobs
-                    records[length].append({"method": method.label, "kind": method.kind,
-                                            "budget": method.budget, **record})
-                    kvdrive_compile.release_all()       # this sample's KV (its cache object is gone)
-                    gc.collect()
-                    bar.update()
+        for length, done in run_method(model, tokenizer, method, work, references, bar, name).items():
+            records[length] += done
     return [{"model": name, "length": length, "records": records[length]} for length in lengths]
 
 
@@ -207,9 +219,14 @@ def run(config: EvalConfig, loaded: Optional[dict] = None) -> dict:
     """Every model of ``config`` over its lengths; ``loaded`` may map a model name to ``(model, tokenizer)``."""
     t0 = time.perf_counter()
     runs = []
-    with tqdm(total=units(config), desc="accuracy", unit="run", dynamic_ncols=True) as bar:
-        for name, lengths in config.runs:
-            runs += run_model(name, lengths, config, bar, (loaded or {}).get(name))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads or threads)
+    try:
+        with tqdm(total=units(config), desc="accuracy", unit="run", dynamic_ncols=True) as bar:
+            for name, lengths in config.runs:
+                runs += run_model(name, lengths, config, bar, (loaded or {}).get(name))
+    finally:
+        torch.set_num_threads(threads)
     return {"meta": {**config.as_dict(), "methods_run": [m.label for m in methods_for(config.methods, config.budgets)],
                      "torch": torch.__version__, "wall_seconds": time.perf_counter() - t0,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S")},

@@ -1,0 +1,79 @@
+"""Row metrics from what a run recorded: step times and the runtime's stats snapshots
+(``RuntimeStats.as_dict()`` before and after the decode steps). No model needed."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+BOUNDARIES = ("disk->host", "host->device", "device->host", "host->disk")
+TIERS = ("device", "host", "disk")
+STAGES = ("select", "io_wait", "cpu_attention", "device_attention", "merge", "append", "prefetch")
+
+
+def delta(after: dict, before: dict) -> dict:
+    """``after - before`` per key (a key missing from ``before`` counts from 0)."""
+    return {k: v - before.get(k, 0) for k, v in after.items()}
+
+
+def step_metrics(step_seconds: list[float], batch: int) -> dict:
+    """Decode throughput of the whole batch and per-step latency (ms) of the timed steps."""
+    s = np.asarray(step_seconds, dtype=np.float64)
+    if s.size == 0:
+        return {"decode_tok_s": None, "step_ms_median": None, "step_ms_p95": None}
+    return {"decode_tok_s": batch * s.size / s.sum(),
+            "step_ms_median": 1e3 * float(np.median(s)),
+            "step_ms_p95": 1e3 * float(np.percentile(s, 95))}
+
+
+def runtime_metrics(before: dict, after: dict, steps: int, batch: int, step_seconds: list[float],
+                    split_attention: bool) -> dict:
+    """Bytes moved per decoded token per boundary, device hit rate of the selected blocks, the
+    CPU's share of the attention (split attention only: fetch designs attend on the device), and
+    each stage's wall time per step (ms) with "other" = step time minus the stages."""
+    tokens = max(1, steps * batch)
+    moved = delta(after["moved_bytes"], before["moved_bytes"])
+    selected = delta(after.get("selected_blocks", {}), before.get("selected_blocks", {}))
+    total = sum(selected.get(t, 0) for t in TIERS)
+    hit = selected.get("device", 0) / total if total else None
+    cpu = (selected.get("host", 0) + selected.get("disk", 0)) / total if total else None
+    stages = delta(after.get("stage_seconds", {}), before.get("stage_seconds", {}))
+    per_step = {k: 1e3 * stages.get(k, 0.0) / max(1, steps) for k in STAGES}
+    mean_ms = 1e3 * sum(step_seconds) / max(1, len(step_seconds))
+    per_step["other"] = mean_ms - sum(per_step.values())
+    return {"moved_per_token": {b: moved.get(b, 0) / tokens for b in BOUNDARIES},
+            "device_hit_rate": hit,
+            "cpu_attention_share": (cpu if split_attention else 0.0) if total else None,
+            "selected_blocks": {t: selected.get(t, 0) for t in TIERS},
+            "stages_ms": per_step}
+
+
+def tier_bytes(*snapshots: dict) -> dict:
+    """Peak KV bytes resident per tier over the snapshots (KV only grows while decoding)."""
+    return {t: max(s["tiers"].get(t, {}).get("resident_bytes", 0) for s in snapshots) for t in TIERS}
+
+
+def offload_moved_per_token(kv_after_prefill: int, kv_end: int, batch: int) -> dict:
+    """Hugging Face's offloaded cache copies every layer's KV to the device and back each step:
+    per decoded token, the mean KV size over the steps, each way, divided by the batch."""
+    per_step = (kv_after_prefill + kv_end) / 2
+    return {"disk->host": 0.0, "host->device": per_step / batch, "device->host": per_step / batch,
+            "host->disk": 0.0}
+
+
+def first_difference(tokens: list[list[int]], reference: list[list[int]]) -> Optional[int]:
+    """The first step (0 = the prefill's token) where any sequence differs; None if equal."""
+    a, b = np.asarray(tokens), np.asarray(reference)
+    if a.shape != b.shape:
+        return 0
+    diff = np.nonzero((a != b).any(axis=0))[0]
+    return int(diff[0]) if diff.size else None
+
+
+def busy(row: dict, best_read_gbs: float) -> bool:
+    """Whether a shared machine disturbed a row's steps: the process got under 80% of the wall
+    time as CPU time, or read the weights at under 70% of the best rate seen in the sweep."""
+    wall, cpu, read = row.get("step_ms_median"), row.get("step_cpu_ms_median"), row.get("weights_read_gbs")
+    if wall is None or cpu is None or read is None:
+        return False
+    return cpu < 0.8 * wall or read < 0.7 * best_read_gbs

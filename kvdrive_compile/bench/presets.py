@@ -1,0 +1,115 @@
+"""What a benchmark run covers: sweeps of (context, batch) points per model, with the device,
+host and token budgets fixed per sweep, and named presets of them."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+K = 1024
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One model over ``contexts`` x ``batches``, every system at the same budgets.
+
+    device_fraction, host_fraction: the device and host KV budgets as fractions of the dense KV
+    of the sweep's largest point (so the largest points spill to disk). token_budget: tokens
+    attended per KV head and step by the sparse systems.
+    """
+
+    model: str
+    contexts: tuple[int, ...]
+    batches: tuple[int, ...]
+    token_budget: int
+    decode_steps: int = 8
+    device_fraction: float = 0.25
+    host_fraction: float = 0.5
+    block_size: int = 16
+    leave_out: tuple[tuple[int, int], ...] = ()     # (context, batch) points of the grid not run
+
+    @property
+    def points(self) -> list[tuple[int, int]]:
+        """(context, batch) in the order they run: small to large."""
+        return [(c, b) for c in self.contexts for b in self.batches if (c, b) not in self.leave_out]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    covers: str                        # one line, printed with the results
+    sweeps: tuple[Sweep, ...] = ()
+    device: str = "cpu"                # "cpu" or "cuda"
+    dtype: str = "float32"
+    time_budget_s: Optional[float] = None   # points left when it is spent are rows saying so
+    project: bool = False              # add the projection section
+    systems: Optional[tuple[str, ...]] = None   # default: systems.DEFAULT_SYSTEMS
+    # CPU threads for torch and numba (None: their defaults). One on the shared 2-core machine: with
+    # two, every parallel op waits for a core another process holds, and steps swing 2-15x
+    threads: Optional[int] = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {p.name: p for p in (
+    Preset("smoke", "CI: SmolLM2-135M, one 256-token point at batch 2, 4 decode steps, one CPU thread, every "
+                    "system and kvdrive-exact (kvdrive with token_budget=None)",
+           (Sweep("smollm2-135m", (256,), (2,), token_budget=96, decode_steps=4),),
+           systems=("dense", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive", "kvdrive-exact"), threads=1),
+    Preset("cpu", "SmolLM2-135M fp32 at 1K and 2K tokens x batch 1 and 4, 8 decode steps, one CPU thread "
+                  "(a CPU-sized slice of the GPU sweep; the device tier is host memory here)",
+           (Sweep("smollm2-135m", (1 * K, 2 * K), (1, 4), token_budget=256),),
+           time_budget_s=540, threads=1),
+    Preset("full-cpu", "SmolLM2-135M 2K/4K/8K x batch 1/4/16 and Gemma 3 270M 8K/16K/32K x batch 1/4, "
+                       "fp32 on the CPU, one thread (hours on 2 cores)",
+           (Sweep("smollm2-135m", (2 * K, 4 * K, 8 * K), (1, 4, 16), token_budget=512),
+            Sweep("gemma3-270m", (8 * K, 16 * K, 32 * K), (1, 4), token_budget=1024)), threads=1),
+    Preset("gpu", "SmolLM2-135M 2K/4K/8K x batch 1/4/16 and Gemma 3 270M 8K/16K/32K x batch 1/4, "
+                  "bf16 on one GPU, 8 decode steps",
+           (Sweep("smollm2-135m", (2 * K, 4 * K, 8 * K), (1, 4, 16), token_budget=512),
+            Sweep("gemma3-270m", (8 * K, 16 * K, 32 * K), (1, 4), token_budget=1024)),
+           device="cuda", dtype="bfloat16", time_budget_s=420, project=True),
+    Preset("projection", "no model run: the cost model's estimates for Llama-3.1-8B on named hardware",
+           project=True),
+)}
+
+
+def preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def kv_bytes(config, context: int, batch: int, dtype: torch.dtype) -> int:
+    """Dense KV bytes of ``batch`` sequences of ``context`` tokens (sliding layers keep their window)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    tokens = sum(min(context, window) if kind == "sliding_attention" and window else context for kind in kinds)
+    per_token_layer = 2 * config.num_key_value_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return batch * tokens * per_token_layer
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """The byte and token budgets every system of a sweep runs under."""
+
+    device_memory: int
+    host_memory: int
+    token_budget: int
+    block_size: int
+    largest_kv: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def budgets_for(sweep: Sweep, config, dtype: torch.dtype) -> Budgets:
+    """Device and host KV budgets from the dense KV of the sweep's largest point."""
+    largest = max(kv_bytes(config, c, b, dtype) for c, b in sweep.points)
+    align = 1 << 20
+    device = max(align, int(largest * sweep.device_fraction) // align * align)
+    host = max(align, int(largest * sweep.host_fraction) // align * align)
+    return Budgets(device, host, sweep.token_budget, sweep.block_size, largest)

@@ -1,0 +1,264 @@
+"""Tables (tabulate), the JSON's expected structure, and plots (matplotlib, Agg) of a run."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from tabulate import tabulate
+
+from .metrics import BOUNDARIES, STAGES, TIERS
+from .systems import SYSTEMS
+
+RAN = ("ok", "over budget")                # statuses of rows that carry measurements
+STATUSES = RAN + ("needs CUDA", "skipped", "out of memory", "error")
+
+
+def size(nbytes: Optional[float]) -> str:
+    if nbytes is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def num(value: Optional[float], fmt: str = ".2f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def throughput_table(rows: list[dict]) -> str:
+    head = ["system", "context", "batch", "status", "decode tok/s", "TTFT s", "step ms p50", "step ms p95",
+            "step CPU ms", "weights GB/s", "busy", "compile s", "tokens"]
+    body = [[r["system"], r["context"], r["batch"], r["status"], num(r.get("decode_tok_s")),
+             num(r.get("ttft_s")), num(r.get("step_ms_median"), ".0f"), num(r.get("step_ms_p95"), ".0f"),
+             num(r.get("step_cpu_ms_median"), ".0f"), num(r.get("weights_read_gbs"), ".1f"),
+             ("yes" if r.get("machine_busy") else "") + (" (2 tries)" if r.get("measured_twice") else ""),
+             num(r.get("compile_s"), ".1f") + (f" (+{r['recompiles']} timed)" if r.get("recompiles") else ""),
+             r.get("tokens_check") or "-"] for r in rows]
+    return tabulate(body, headers=head, disable_numparse=True)
+
+
+def bytes_table(rows: list[dict]) -> str:
+    head = ["system", "context", "batch", "disk->host /tok", "host->device /tok", "device->host /tok",
+            "device hit", "CPU attn", "peak device", "peak host", "disk"]
+    body = []
+    for r in rows:
+        moved = r.get("moved_per_token") or {}
+        peak = r.get("peak_bytes") or {}
+        body.append([r["system"], r["context"], r["batch"],
+                     *(size(moved.get(b)) for b in ("disk->host", "host->device", "device->host")),
+                     pct(r.get("device_hit_rate")), pct(r.get("cpu_attention_share")),
+                     *(size(peak.get(t)) for t in TIERS)])
+    return tabulate(body, headers=head, disable_numparse=True)
+
+
+def stages_table(rows: list[dict]) -> str:
+    """Per-stage wall time per decode step (ms), kvdrive designs only."""
+    cols = (*STAGES, "other")
+    body = [[r["system"], r["context"], r["batch"], *(num(r["stages_ms"].get(c), ".0f") for c in cols),
+             num(r.get("step_ms_median"), ".0f")]
+            for r in rows if r.get("stages_ms")]
+    return tabulate(body, headers=["system", "context", "batch", *cols, "step p50"], disable_numparse=True)
+
+
+def notes(rows: list[dict]) -> list[str]:
+    return [f"{r['system']} {r['context']}x{r['batch']}: {r['note']}" for r in rows if r.get("note")]
+
+
+def sweep_text(sweep: dict) -> str:
+    b = sweep["budgets"]
+    head = (f"== {sweep['model']} ({sweep['dtype']}, {sweep['device']}): device budget {size(b['device_memory'])}, "
+            f"host budget {size(b['host_memory'])}, token budget {b['token_budget']}, block {b['block_size']}, "
+            f"{sweep['sweep']['decode_steps']} decode steps; dense KV of the largest point {size(b['largest_kv'])}")
+    parts = [head, "", "throughput and latency", throughput_table(sweep["rows"]), "",
+             "KV bytes moved per decoded token, and KV bytes per tier", bytes_table(sweep["rows"])]
+    if any(r.get("stages_ms") for r in sweep["rows"]):
+        parts += ["", "where a decode step goes (ms per step, from the runtime's stage timers)",
+                  stages_table(sweep["rows"])]
+    extra = notes(sweep["rows"])
+    if any(r.get("machine_busy") or r.get("measured_twice") for r in sweep["rows"]):
+        extra.append("busy: the machine was shared during these steps (CPU time under 80% of wall time, or the "
+                     "weights read under 70% of the sweep's best rate); such a row was measured a second time "
+                     "and the quieter try kept, but compare it with care")
+    if extra:
+        parts += ["", "notes:"] + [f"  {n}" for n in extra]
+    return "\n".join(parts)
+
+
+def text(result: dict) -> str:
+    meta = result["meta"]
+    m = meta["machine"]
+    where = m["gpu"] or f"{m['cpu_cores']} CPU cores, no GPU"
+    parts = [f"bench preset {meta['preset']}: {meta['covers']}",
+             f"machine: {where}, {m['memory_gib']} GiB RAM, {m['processor']}, torch {meta.get('torch', '?')} "
+             f"with {m.get('torch_threads')} CPU thread(s); load average {m.get('load_average', ['?'])[0]:.1f}; "
+             f"{meta['wall_seconds']:.0f} s"]
+    for sweep in result["sweeps"]:
+        parts += ["", sweep_text(sweep)]
+    return "\n".join(parts)
+
+
+# -- the JSON's structure ----------------------------------------------------------------------
+
+def _require(problems: list, cond: bool, where: str, what: str) -> bool:
+    if not cond:
+        problems.append(f"{where}: {what}")
+    return cond
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_row(p: list, r: dict, where: str, steps: int) -> None:
+    for key, kind in (("system", str), ("context", int), ("batch", int), ("status", str), ("note", str)):
+        _require(p, isinstance(r.get(key), kind), where, f"{key} must be {kind.__name__}")
+    _require(p, r.get("system") in SYSTEMS, where, f"unknown system {r.get('system')!r}")
+    if not _require(p, r.get("status") in STATUSES, where, f"status {r.get('status')!r} not in {STATUSES}"):
+        return
+    if r["status"] not in RAN:
+        _require(p, bool(r["note"]), where, "a row that did not run must say why in its note")
+        return
+    for key in ("decode_tok_s", "ttft_s", "step_ms_median", "step_ms_p95", "kv_bytes", "disk_bytes"):
+        _require(p, _is_num(r.get(key)) and r[key] >= 0, where, f"{key} must be a number >= 0")
+    moved, peak = r.get("moved_per_token"), r.get("peak_bytes")
+    _require(p, isinstance(moved, dict) and all(_is_num(moved.get(b)) for b in BOUNDARIES), where,
+             f"moved_per_token must give a number for each of {BOUNDARIES}")
+    _require(p, isinstance(peak, dict) and all(_is_num(peak.get(t)) for t in TIERS), where,
+             f"peak_bytes must give a number for each of {TIERS}")
+    tokens = r.get("tokens")
+    _require(p, isinstance(tokens, list) and len(tokens) == r["batch"]
+             and all(isinstance(t, list) and len(t) == steps + 1 for t in tokens), where,
+             f"tokens must be [batch][{steps + 1}]")
+    if r.get("stages_ms") is not None:
+        _require(p, all(_is_num(r["stages_ms"].get(s)) for s in (*STAGES, "other")), where,
+                 "stages_ms must give every stage and 'other'")
+
+
+def problems(result: dict) -> list[str]:
+    """What in ``result`` does not have the expected structure (empty: it validates)."""
+    p: list[str] = []
+    meta = result.get("meta")
+    if _require(p, isinstance(meta, dict), "meta", "missing"):
+        for key in ("preset", "covers"):
+            _require(p, isinstance(meta.get(key), str), f"meta.{key}", "must be a string")
+        _require(p, isinstance(meta.get("machine"), dict), "meta.machine", "must describe the machine")
+        _require(p, _is_num(meta.get("wall_seconds")), "meta.wall_seconds", "must be a number")
+    sweeps = result.get("sweeps")
+    if _require(p, isinstance(sweeps, list), "sweeps", "must be a list"):
+        for i, s in enumerate(sweeps):
+            where = f"sweeps[{i}]"
+            _require(p, isinstance(s.get("model"), str), where, "model must be a string")
+            b = s.get("budgets") or {}
+            for key in ("device_memory", "host_memory", "token_budget", "block_size"):
+                _require(p, isinstance(b.get(key), int), f"{where}.budgets", f"{key} must be an int")
+            steps = (s.get("sweep") or {}).get("decode_steps", 0)
+            rows = s.get("rows")
+            if _require(p, isinstance(rows, list) and rows, where, "rows must be a non-empty list"):
+                for j, r in enumerate(rows):
+                    _check_row(p, r, f"{where}.rows[{j}]", steps)
+    if "projection" in result:
+        proj = result["projection"]
+        _require(p, isinstance(proj.get("assumptions"), list), "projection.assumptions", "must be a list")
+        _require(p, isinstance(proj.get("scenarios"), list), "projection.scenarios", "must be a list")
+    return p
+
+
+def validate(result: dict) -> None:
+    """Raise ValueError naming every field of ``result`` that is not as expected."""
+    found = problems(result)
+    if found:
+        raise ValueError("bench results do not have the expected structure:\n  " + "\n  ".join(found))
+
+
+def write_json(result: dict, path: str) -> None:
+    validate(result)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+# -- plots -------------------------------------------------------------------------------------
+
+def _ran(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] in RAN]
+
+
+def _largest(rows: list[dict]) -> Optional[tuple[int, int]]:
+    points = sorted({(r["context"], r["batch"]) for r in rows}, key=lambda p: (p[0] * p[1], p))
+    return points[-1] if points else None
+
+
+def plot_sweep(sweep: dict, out_dir: str) -> list[str]:
+    """Throughput vs batch and vs context, bytes moved per token, KV per tier: the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+
+    rows = _ran(sweep["rows"])
+    if not rows:
+        return []
+    model = sweep["model"]
+    names = list(dict.fromkeys(r["system"] for r in rows))
+    paths = []
+
+    fig, (ax_b, ax_c) = plt.subplots(1, 2, figsize=(11, 4))
+    ctx = max(r["context"] for r in rows)
+    batch = min(r["batch"] for r in rows)
+    for name in names:
+        mine = [r for r in rows if r["system"] == name]
+        by_b = sorted((r["batch"], r["decode_tok_s"]) for r in mine if r["context"] == ctx)
+        by_c = sorted((r["context"], r["decode_tok_s"]) for r in mine if r["batch"] == batch)
+        if by_b:
+            ax_b.plot(*zip(*by_b), marker="o", label=name)
+        if by_c:
+            ax_c.plot(*zip(*by_c), marker="o", label=name)
+    ax_b.set(xlabel="batch", ylabel="decode tokens/s (whole batch)", title=f"{model}: context {ctx}",
+             xscale="log", ylim=(0, None))
+    ax_c.set(xlabel="context (tokens)", ylabel="decode tokens/s", title=f"{model}: batch {batch}",
+             xscale="log", ylim=(0, None))
+    for ax, key in ((ax_b, "batch"), (ax_c, "context")):
+        ticks = sorted({r[key] for r in rows})
+        ax.set_xticks(ticks, labels=[str(t) for t in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax_b.legend(fontsize=8)
+    paths.append(_save(fig, out_dir, f"{model}-throughput.png"))
+
+    point = _largest(rows)
+    at = {r["system"]: r for r in rows if (r["context"], r["batch"]) == point}
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
+    _stacked(ax_m, at, "moved_per_token", ("disk->host", "host->device", "device->host"), 2**20)
+    ax_m.set(ylabel="MiB per decoded token", title=f"KV moved per token at {point[0]}x{point[1]}")
+    _stacked(ax_t, at, "peak_bytes", TIERS, 2**20)
+    ax_t.axhline(sweep["budgets"]["device_memory"] / 2**20, color="k", ls="--", lw=1, label="device budget")
+    ax_t.set(ylabel="MiB", title=f"KV bytes per tier at {point[0]}x{point[1]}")
+    ax_t.legend(fontsize=8, framealpha=0.9)
+    paths.append(_save(fig, out_dir, f"{model}-bytes-memory.png"))
+    return paths
+
+
+def _stacked(ax, at: dict, key: str, parts: tuple, scale: float) -> None:
+    names = list(at)
+    bottom = [0.0] * len(names)
+    for part in parts:
+        heights = [(at[n].get(key) or {}).get(part, 0) / scale for n in names]
+        ax.bar(names, heights, bottom=bottom, label=part)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.legend(fontsize=8)
+    ax.tick_params(axis="x", labelrotation=20)
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
