@@ -70,6 +70,17 @@ def test_tokens_are_checked_against_each_systems_reference():
                       "hf-offload": None}
 
 
+def test_cpu_threads_are_set_inside_and_restored_after():
+    import numba
+
+    before = torch.get_num_threads(), numba.get_num_threads()
+    with runner.cpu_threads(1):
+        assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+    assert (torch.get_num_threads(), numba.get_num_threads()) == before
+    with runner.cpu_threads(None):                       # starts numba's pool, keeps torch's count
+        assert torch.get_num_threads() == before[0]
+
+
 # -- presets and systems ---------------------------------------------------------------------------
 
 GEMMA_LIKE = SimpleNamespace(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1, head_dim=8,

@@ -80,10 +80,16 @@ def run_bench(args: argparse.Namespace) -> int:
     report.write_json(result, path)
     plots = [] if args.no_plots else [p for s in result["sweeps"] for p in report.plot_sweep(s, out_dir)]
     print(f"\nwrote {path}" + "".join(f"\nwrote {p}" for p in plots))
-    mismatched = [r for s in result["sweeps"] for r in s["rows"] if "MISMATCH" in (r.get("tokens_check") or "")]
-    for r in mismatched:
-        print(f"TOKENS DIFFER: {r['system']} {r['context']}x{r['batch']}: {r['tokens_check']}")
-    return 1 if mismatched else 0
+    # exactness is promised in fp32; in bf16 the attention kernels round differently and greedy
+    # tokens may part after a while, which is reported but does not fail the run
+    failed = False
+    for s in result["sweeps"]:
+        for r in s["rows"]:
+            if "MISMATCH" in (r.get("tokens_check") or ""):
+                failed |= s["dtype"] == "float32"
+                print(f"TOKENS DIFFER ({s['model']} {s['dtype']}): {r['system']} {r['context']}x{r['batch']}: "
+                      f"{r['tokens_check']}")
+    return 1 if failed else 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
