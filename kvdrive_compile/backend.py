@@ -56,6 +56,9 @@ def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
     """
     t0 = time.perf_counter()
     opts = parse_options(options)
+    # Past Dynamo's recompile limit it would run the frame eagerly, on the cache's NaN
+    # stand-ins: silently wrong tokens. A clear error instead.
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     if mode not in (None, "default"):
         log.info("kvdrive ignores mode=%r", mode)
     rid = runtime_for(opts)
