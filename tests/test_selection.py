@@ -119,14 +119,13 @@ def test_fetch_attention_gives_the_same_tokens_as_split(budget):
     assert fetched() > before
 
 
-def test_recompile_limit_is_an_error_not_an_eager_run_on_stand_ins(monkeypatch):
+def test_recompile_limit_is_an_error_not_an_eager_run_on_stand_ins():
     # eager code would read the cache's NaN stand-ins and give garbage tokens silently
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     model = build("llama")
     eager = model.forward
     model.forward = torch.compile(eager, backend="kvdrive")
     try:
-        with pytest.raises(Exception, match="recompile_limit"):
+        with torch._dynamo.config.patch(recompile_limit=2), pytest.raises(Exception, match="recompile_limit"):
             for batch in (1, 2, 3, 4):
                 model.generate(torch.randint(3, 128, (batch, 40)), max_new_tokens=3, do_sample=False)
     finally:
