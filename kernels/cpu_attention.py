@@ -10,9 +10,9 @@ How it is fast:
 - Work items: every (sequence, KV head) block list is cut into ranges holding equal numbers
   of valid blocks, about four per thread, so that all cores stay busy at batch 1; each range
   keeps an online softmax and the ranges are merged by their log-sum-exp.
-- One block at a time, in L1: fp32 blocks are read in place; fp16/bf16 blocks are widened once
-  into a float32 scratch block (numba has neither type: fp16 goes through LLVM's ``half``, one
-  vcvtph2ps per 8 values; bf16 by moving its bits to the high half of a float32).
+- 16 tokens (at head_dim 128) at a time, in L1: fp32 blocks are read in place; fp16/bf16 are
+  widened once into a float32 scratch (numba has neither type: fp16 goes through LLVM's
+  ``half``, one vcvtph2ps per 8 values; bf16 by moving its bits to the high half of a float32).
 - Prefetch: the blocks are at random places, so the hardware prefetcher cannot guess them; the
   K/V of the block two ahead is hinted line by line between the compute steps (spread out, so
   the hints never wait for line fill buffers), and the block eight ahead gets its first line
@@ -36,6 +36,7 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}   # no "ninf"/"nnan": -inf ma
 _MIN_BLOCKS_PER_ITEM = 8       # a work item smaller than this costs more to merge than it saves
 _ITEMS_PER_THREAD = 4          # equal-sized items per thread, so a static schedule balances
 _PREFETCH_DISTANCE = 2         # blocks: fetched whole while the two before them are computed
+_SUB_BLOCK_FLOATS = 2048       # tokens x head_dim computed at a time: 8 KiB K + 8 KiB V, in L1
 _TOUCH_DISTANCE = 8            # blocks: first line hinted early (TLB miss, DRAM page) before the rest
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)          # ln 2 split in two so that n * ln2 is exact
@@ -149,20 +150,21 @@ def _plan_items(block_table, target_items, min_blocks):
 
 # -- the work: one item = one (sequence, KV head) entry range, all its query rows --
 
-def _block_rows(pool, slot, n, scratch):
-    """pool[slot, :n] as float32 rows: the pool's own memory for fp32, else widened into scratch."""
+def _block_rows(pool, slot, start, n, scratch):
+    """pool[slot, start:start + n] as float32 rows: the pool's own memory for fp32, else widened
+    into scratch (``[>= n, D]``)."""
 
 
 @overload(_block_rows, inline="always", jit_options={"fastmath": _FASTMATH})
-def _block_rows_impl(pool, slot, n, scratch):
+def _block_rows_impl(pool, slot, start, n, scratch):
     if pool.dtype == types.float32:
-        return lambda pool, slot, n, scratch: pool[slot]
+        return lambda pool, slot, start, n, scratch: pool[slot, start:]
 
-    def widen_rows(pool, slot, n, scratch):
+    def widen_rows(pool, slot, start, n, scratch):
         src = pool[slot]
         for t in range(n):
             for d in range(scratch.shape[1]):
-                scratch[t, d] = _widen(src[t, d])
+                scratch[t, d] = _widen(src[start + t, d])
         return scratch
 
     return widen_rows
@@ -261,9 +263,10 @@ def _attend_item(q, k_pool, v_pool, table, lens, lo, hi, out, lse):
     Writes out [R, D] (normalized) and lse [R] over the valid blocks in table[lo:hi]."""
     r_, d_ = q.shape
     bs = k_pool.shape[1]
-    kbuf = np.empty((bs, d_), np.float32)                      # one widened block: stays in L1
-    vbuf = np.empty((bs, d_), np.float32)
-    p = np.empty((r_, bs), np.float32)                         # scores, then probabilities
+    sub = min(bs, max(4, _SUB_BLOCK_FLOATS // d_ // 4 * 4))    # tokens computed at a time
+    kbuf = np.empty((sub, d_), np.float32)                     # a widened sub-block: stays in L1
+    vbuf = np.empty((sub, d_), np.float32)
+    p = np.empty((r_, sub), np.float32)                        # scores, then probabilities
     acc = np.zeros((r_, d_), np.float32)
     m = np.full(r_, _NEG_INF, np.float32)                      # running max per row
     l = np.zeros(r_, np.float32)                               # running sum of exp per row
@@ -280,7 +283,7 @@ def _attend_item(q, k_pool, v_pool, table, lens, lo, hi, out, lse):
     ahead = (cursor, k_pool, v_pool)
     for i in range(count):
         slot, n = slots[i], ns[i]
-        # -- prefetch block i + _PREFETCH_DISTANCE over this block's 2 * R * n / 4 compute steps --
+        # -- prefetch block i + _PREFETCH_DISTANCE over this block's ~2 * R * n / 4 compute steps --
         cursor[1], cursor[2] = 0, 0
         if i + _PREFETCH_DISTANCE < count:
             nxt = i + _PREFETCH_DISTANCE
@@ -290,11 +293,13 @@ def _attend_item(q, k_pool, v_pool, table, lens, lo, hi, out, lse):
         if i + _TOUCH_DISTANCE < count:                       # start that block's page walk early
             _prefetch(k_pool, slots[i + _TOUCH_DISTANCE] * bs * d_)
             _prefetch(v_pool, slots[i + _TOUCH_DISTANCE] * bs * d_)
-        # -- scores, online softmax --
-        _scores(q, _block_rows(k_pool, slot, n, kbuf), n, p, ahead)
-        _softmax_update(p, n, m, l, acc)
-        # -- acc += p @ v --
-        _accumulate(p, _block_rows(v_pool, slot, n, vbuf), n, acc, ahead)
+        for start in range(0, n, sub):
+            cnt = min(sub, n - start)
+            # -- scores, online softmax --
+            _scores(q, _block_rows(k_pool, slot, start, cnt, kbuf), cnt, p, ahead)
+            _softmax_update(p, cnt, m, l, acc)
+            # -- acc += p @ v --
+            _accumulate(p, _block_rows(v_pool, slot, start, cnt, vbuf), cnt, acc, ahead)
     for r in range(r_):
         if l[r] > _ZERO:
             inv = _ONE / l[r]
