@@ -29,9 +29,10 @@ from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.extending import intrinsic, overload
 
+from .paged_layout import POISON_ENV, check_paged_args
+
 __all__ = ["cpu_partial_attention", "warm_up", "POISON_ENV"]
 
-POISON_ENV = "KVDRIVE_POISON_OUTPUTS"   # "1": outputs start as NaN, so unwritten elements show
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}   # no "ninf"/"nnan": -inf marks empty rows
 _MIN_BLOCKS_PER_ITEM = 8       # a work item smaller than this costs more to merge than it saves
 _ITEMS_PER_THREAD = 4          # equal-sized items per thread, so a static schedule balances
@@ -372,19 +373,7 @@ def _check(q, k_pool, v_pool, block_table, block_lens) -> None:
         if t.device.type != "cpu":
             raise ValueError(f"cpu_partial_attention: {name} is on {t.device}; move it to the CPU "
                              f"or call kernels.paged_attention.paged_attention for device tensors")
-    if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype or k_pool.dim() != 3:
-        raise ValueError(f"k_pool and v_pool must both be [num_slots, block_size, head_dim] of one dtype "
-                         f"(got {tuple(k_pool.shape)} {k_pool.dtype}, {tuple(v_pool.shape)} {v_pool.dtype})")
-    if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
-        raise ValueError("k_pool and v_pool must be contiguous (a copy of a whole pool per call is "
-                         "never what the caller wants): pass the pools themselves, not views")
-    if block_table.shape != block_lens.shape or block_table.dim() != 3:
-        raise ValueError(f"block_table and block_lens must both be [B, Hkv, NB] "
-                         f"(got {tuple(block_table.shape)}, {tuple(block_lens.shape)})")
-    b, hkv = block_table.shape[:2]
-    if q.dim() not in (3, 4) or q.shape[0] != b or q.shape[1] % hkv or q.shape[-1] != k_pool.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} does not fit block_table {tuple(block_table.shape)} "
-                         f"and head_dim {k_pool.shape[2]}: need [B, Hq, (Q,) D] with Hq a multiple of Hkv")
+    check_paged_args(q, k_pool, v_pool, block_table, block_lens)
     if block_table.numel() and int(block_table.max()) >= k_pool.shape[0]:
         # numba does not check bounds: a bad slot would read outside the pool
         raise ValueError(f"block_table lists slot {int(block_table.max())} but the pools have "

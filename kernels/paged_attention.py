@@ -13,15 +13,15 @@ Triton is imported on first use, so this module imports where Triton is missing.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Optional
 
 import torch
 
+from .paged_layout import POISON_ENV, check_paged_args
+
 __all__ = ["paged_attention", "paged_attention_torch", "paged_attention_triton", "POISON_ENV"]
 
-POISON_ENV = "KVDRIVE_POISON_OUTPUTS"   # "1": outputs start as NaN, so unwritten elements show
 _LOG2E = 1.4426950408889634
 _MIN_DOT = 16               # tl.dot wants K >= 16 (and M >= 16 on some targets and versions)
 _TILE_BYTES = 16384         # K tile per loop step (whole blocks): 64 tokens of fp16 x 128
@@ -29,24 +29,6 @@ _MIN_BLOCKS_PER_SPLIT = 4   # below this a split's fixed cost outweighs the para
 
 
 # -- shared by both implementations --
-
-def _check(q, k_pool, v_pool, block_table, block_lens) -> None:
-    if k_pool.shape != v_pool.shape or k_pool.dtype != v_pool.dtype or k_pool.dim() != 3:
-        raise ValueError(f"k_pool and v_pool must both be [num_slots, block_size, head_dim] of one dtype "
-                         f"(got {tuple(k_pool.shape)} {k_pool.dtype}, {tuple(v_pool.shape)} {v_pool.dtype})")
-    if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
-        raise ValueError("k_pool and v_pool must be contiguous (a copy of a whole pool per call is "
-                         "never what the caller wants): pass the pools themselves, not views")
-    if k_pool.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"K/V pool dtype {k_pool.dtype} is not supported: use float32, float16 or bfloat16")
-    if block_table.shape != block_lens.shape or block_table.dim() != 3:
-        raise ValueError(f"block_table and block_lens must both be [B, Hkv, NB] "
-                         f"(got {tuple(block_table.shape)}, {tuple(block_lens.shape)})")
-    b, hkv = block_table.shape[:2]
-    if q.dim() not in (3, 4) or q.shape[0] != b or q.shape[1] % hkv or q.shape[-1] != k_pool.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} does not fit block_table {tuple(block_table.shape)} "
-                         f"and head_dim {k_pool.shape[2]}: need [B, Hq, (Q,) D] with Hq a multiple of Hkv")
-
 
 def _new_outputs(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """out [*shape] and lse [*shape[:-1]], fp32; NaN-filled when POISON_ENV is "1"."""
@@ -73,7 +55,7 @@ def paged_attention_torch(
     block_table, block_lens: int32 ``[B, Hkv, NB]``. Returns fp32 ``out`` shaped like q and
     fp32 natural-log ``lse`` ``[B, Hq(, Q)]``; nothing selected gives out 0, lse -inf.
     """
-    _check(q, k_pool, v_pool, block_table, block_lens)
+    check_paged_args(q, k_pool, v_pool, block_table, block_lens)
     one_token = q.dim() == 3
     q4 = q.unsqueeze(2) if one_token else q                               # [B, Hq, Q, D]
     b, hq, nq, d = q4.shape
@@ -237,7 +219,7 @@ def paged_attention_triton(
     for the tensor cores); block_table, block_lens: int32 ``[B, Hkv, NB]``.
     Returns fp32 ``out`` shaped like q and fp32 natural-log ``lse`` ``[B, Hq(, Q)]``.
     """
-    _check(q, k_pool, v_pool, block_table, block_lens)
+    check_paged_args(q, k_pool, v_pool, block_table, block_lens)
     split_kernel, merge_kernel = _triton_kernels()
     one_token = q.dim() == 3
     q4 = q.unsqueeze(2) if one_token else q
