@@ -16,13 +16,19 @@ baseline); finishes in a few minutes on an H100.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from kvdrive_compile.kernels.paged_attention import paged_attention_torch, paged_attention_triton
+from kvdrive_compile.kernels.paged_attention import (
+    DEFAULT_LAUNCH,
+    LaunchConfig,
+    paged_attention_torch,
+    paged_attention_triton,
+)
 
 HKV, GQA, HEAD_DIM = 8, 4, 128
 TOLERANCE = {torch.float16: 3e-3, torch.bfloat16: 2.5e-2}   # q and p are rounded to the pool dtype
@@ -67,13 +73,13 @@ def copy_bandwidth(do_bench) -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
-def bench(batch, tokens, bs, dtype, copy_gbs, do_bench, gen) -> dict:
+def bench(batch, tokens, bs, dtype, copy_gbs, do_bench, gen, launch=DEFAULT_LAUNCH) -> dict:
     q, k_pool, v_pool, table, lens = make_selection(batch, tokens, bs, dtype, gen)
     scale = 1 / math.sqrt(HEAD_DIM)
     flat = table.long()                                                       # [B, Hkv, NB]
     k_dense = k_pool[flat].reshape(batch, HKV, tokens, HEAD_DIM)            # gathered, contiguous
     v_dense = v_pool[flat].reshape(batch, HKV, tokens, HEAD_DIM)
-    ours = lambda: paged_attention_triton(q, k_pool, v_pool, table, lens, scale)
+    ours = lambda: paged_attention_triton(q, k_pool, v_pool, table, lens, scale, launch=launch)
     err = check(*ours(), q, k_dense, v_dense, scale, dtype)
     q_model = q.unsqueeze(2)                                                  # [B, Hq, 1, D]
     q_packed = q.reshape(batch, HKV, GQA, HEAD_DIM)                           # [B, Hkv, G, D]
@@ -99,13 +105,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--blocks", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument("--launch", help="a JSON file of LaunchConfig fields (tune_gpu_attention.py --json)")
     args = parser.parse_args()
+    launch = DEFAULT_LAUNCH
+    if args.launch:
+        with open(args.launch) as f:
+            launch = LaunchConfig(**json.load(f))
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu_attention needs a CUDA GPU and torch.cuda.is_available() is False "
                          "here; on a CPU-only machine run benchmarks/bench_cpu_attention.py")
     from triton.testing import do_bench
 
-    print(f"{torch.cuda.get_device_name()}; Hkv {HKV}, GQA {GQA}, head_dim {HEAD_DIM}, one query token")
+    print(f"{torch.cuda.get_device_name()}; Hkv {HKV}, GQA {GQA}, head_dim {HEAD_DIM}, one query token; {launch}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     copy_gbs = copy_bandwidth(do_bench)
     rows = []
@@ -115,7 +126,7 @@ def main() -> None:
                 for tokens in args.tokens:
                     if batch * tokens > 8 * 65536:      # pools, dense copies, gather baseline: < ~35 GB
                         continue
-                    rows.append(bench(batch, tokens, bs, getattr(torch, dt), copy_gbs, do_bench, gen))
+                    rows.append(bench(batch, tokens, bs, getattr(torch, dt), copy_gbs, do_bench, gen, launch))
                     torch.cuda.empty_cache()
     floatfmt = ("", "", "", "", ".3f", ".0f", ".0f", ".2f", ".2f", ".2f", ".2f", ".0e")
     print(tabulate(rows, headers="keys", floatfmt=floatfmt, tablefmt="github"))

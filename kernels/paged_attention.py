@@ -14,18 +14,37 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .paged_layout import POISON_ENV, check_paged_args
 
-__all__ = ["paged_attention", "paged_attention_torch", "paged_attention_triton", "POISON_ENV"]
+__all__ = ["paged_attention", "paged_attention_torch", "paged_attention_triton", "LaunchConfig",
+           "DEFAULT_LAUNCH", "POISON_ENV"]
 
 _LOG2E = 1.4426950408889634
 _MIN_DOT = 16               # tl.dot wants K >= 16 (and M >= 16 on some targets and versions)
-_TILE_BYTES = 16384         # K tile per loop step (whole blocks): 64 tokens of fp16 x 128
 _MIN_BLOCKS_PER_SPLIT = 4   # below this a split's fixed cost outweighs the parallelism
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the Triton kernel is launched (benchmarks/tune_gpu_attention.py sweeps these).
+
+    tile_bytes: bytes of K read per loop step, in whole blocks (16 KiB = 64 tokens of fp16 x 128);
+    programs_per_sm: the block list of each (sequence, KV head) is split until about this many
+    programs per multiprocessor run; num_warps / num_stages: as Triton takes them (None: 4 up to
+    head_dim 128, else 8 / Triton's default).
+    """
+    tile_bytes: int = 16384
+    programs_per_sm: int = 4
+    num_warps: Optional[int] = None
+    num_stages: Optional[int] = None
+
+
+DEFAULT_LAUNCH = LaunchConfig()
 
 
 # -- shared by both implementations --
@@ -194,10 +213,12 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _plan_splits(bh: int, nb: int, blocks_per_step: int, device: torch.device) -> tuple[int, int]:
-    """(number of splits, blocks per split): about four programs per SM, whole steps per split."""
+def _plan_splits(bh: int, nb: int, blocks_per_step: int, device: torch.device,
+                 programs_per_sm: int) -> tuple[int, int]:
+    """(number of splits, blocks per split): about ``programs_per_sm`` programs per SM, whole
+    steps per split."""
     units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = max(1, -(-4 * units // bh))
+    want = max(1, -(-programs_per_sm * units // bh))
     most = max(1, nb // _MIN_BLOCKS_PER_SPLIT)
     per = -(-nb // min(want, most))
     per = -(-per // blocks_per_step) * blocks_per_step
@@ -211,6 +232,7 @@ def paged_attention_triton(
     block_table: torch.Tensor,
     block_lens: torch.Tensor,
     scale: float,
+    launch: LaunchConfig = DEFAULT_LAUNCH,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged attention read straight from the pools; same contract as ``paged_attention``.
 
@@ -218,6 +240,7 @@ def paged_attention_triton(
     fp32/fp16/bf16 (fp32 accumulation; q and the probabilities are rounded to the pool dtype
     for the tensor cores); block_table, block_lens: int32 ``[B, Hkv, NB]``.
     Returns fp32 ``out`` shaped like q and fp32 natural-log ``lse`` ``[B, Hq(, Q)]``.
+    ``launch`` tunes the launch (tiles, splits, warps, stages), never the result.
     """
     check_paged_args(q, k_pool, v_pool, block_table, block_lens)
     split_kernel, merge_kernel = _triton_kernels()
@@ -232,8 +255,8 @@ def paged_attention_triton(
     lens = block_lens.to(torch.int32).contiguous()
     out, lse = _new_outputs((b, hq, nq, d), q.device)
     block, head_dim = _next_pow2(bs), max(_MIN_DOT, _next_pow2(d))
-    blocks_per_step = max(1, _TILE_BYTES // (head_dim * k_pool.element_size() * block))
-    nsplit, per_split = _plan_splits(b * hkv, max(nb, 1), blocks_per_step, q.device)
+    blocks_per_step = max(1, launch.tile_bytes // (head_dim * k_pool.element_size() * block))
+    nsplit, per_split = _plan_splits(b * hkv, max(nb, 1), blocks_per_step, q.device, launch.programs_per_sm)
     if nsplit == 1:                                          # same layout: write the result directly
         part_out, part_lse = out, lse
     else:
@@ -245,7 +268,8 @@ def paged_attention_triton(
         ROWS=max(_MIN_DOT, _next_pow2(r)), HEAD_DIM=head_dim, BLOCK=block,
         BLOCKS_PER_STEP=blocks_per_step, DOT_PRECISION="ieee",
         UPCAST_DOTS=k_pool.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=4 if head_dim <= 128 else 8,
+        num_warps=launch.num_warps or (4 if head_dim <= 128 else 8),
+        **({} if launch.num_stages is None else {"num_stages": launch.num_stages}),
     )
     if nsplit > 1:
         merge_kernel[(b * hkv * r,)](

@@ -1,5 +1,11 @@
 """Random-weight Hugging Face models of several architectures: kvdrive's greedy tokens are
-exactly eager's, with budgets small enough that device, host and disk all hold KV."""
+exactly eager's, with budgets small enough that device, host and disk all hold KV.
+
+KVDRIVE_TEST_DEVICE=cuda runs them with the model on the GPU (the device tier there, the
+Triton kernel for device blocks, pinned host blocks); the default is the CPU.
+"""
+import os
+
 import pytest
 import torch
 import transformers as tf
@@ -21,6 +27,7 @@ CASES = {
 }
 
 # 4 KiB per tier: a block of 16 tokens of one (sequence, kv head) at head_dim 16 is 2 KiB
+DEVICE = torch.device(os.environ.get("KVDRIVE_TEST_DEVICE", "cpu"))
 BUDGETS = dict(device_memory="8KiB", host_memory="8KiB", block_size=16)
 
 
@@ -29,13 +36,13 @@ def build(name):
     kwargs = {**SMALL, **extra} if cfg_cls is not tf.GPT2Config else {"vocab_size": 128, **extra}
     cfg = cfg_cls(**kwargs)
     torch.manual_seed(0)
-    return model_cls._from_config(cfg, attn_implementation=attn).eval()
+    return model_cls._from_config(cfg, attn_implementation=attn).eval().to(DEVICE)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_random_model_token_identical(name):
     model = build(name)
-    ids = torch.randint(3, 128, (1, 70), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 128, (1, 70), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     kvdrive_compile.counters.reset()
     ref, out = greedy_both(model, ids, 12, **BUDGETS)
     assert torch.equal(ref, out), f"{name}: eager {ref[0, 70:].tolist()} != kvdrive {out[0, 70:].tolist()}"
@@ -56,5 +63,5 @@ def test_left_padded_batch_token_identical():
     for i, n in enumerate(lengths):
         ids[i, 70 - n:] = torch.randint(3, 128, (n,), generator=g)
         mask[i, 70 - n:] = 1
-    ref, out = greedy_both(model, ids, 10, attention_mask=mask, **BUDGETS)
+    ref, out = greedy_both(model, ids.to(DEVICE), 10, attention_mask=mask.to(DEVICE), **BUDGETS)
     assert torch.equal(ref, out)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the device tool; see benchmarks/README.md): the Triton kernel's
+# launch sweep, its benchmark table with the sweep's best launch, then the GPU-side correctness tests (the Triton kernel natively, the merge,
+# and the random-model exactness tests with the model and the device tier on the GPU).
+#
+# The machine has torch/triton/numba/tabulate but not this package: build its wheel here first
+#   echo /.whl/ >> .git/info/exclude; .venv/bin/pip wheel --no-deps --no-build-isolation -w .whl .
+# and run with .whl carried:  bash benchmarks/device_check.sh
+# Logs land in $OUT (or ./results/device when OUT is unset).
+set -uo pipefail
+OUT=${OUT:-results/device}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+# -P: the repository root must not shadow the installed package (its subpackages live elsewhere)
+python3 -P -c "import torch, triton, numba, kvdrive_compile; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__)"
+timeout 200 python3 -P benchmarks/tune_gpu_attention.py --json "$OUT/launch.json" 2>&1 | tee "$OUT/tune_gpu_attention.txt"
+echo "tune rc=${PIPESTATUS[0]}"
+[ -s "$OUT/launch.json" ] && launch=(--launch "$OUT/launch.json") || launch=()
+timeout 200 python3 -P benchmarks/bench_gpu_attention.py "${launch[@]}" "$@" 2>&1 | tee "$OUT/bench_gpu_attention.txt"
+echo "bench rc=${PIPESTATUS[0]}"
+KVDRIVE_TEST_DEVICE=cuda timeout 240 python3 -P -m pytest -q -x -p no:cacheprovider \
+    tests/test_paged_attention.py tests/test_merge.py tests/test_hf_models.py 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
+echo "pytest rc=${PIPESTATUS[0]}"
