@@ -14,8 +14,12 @@ import dataclasses
 import itertools
 import json
 import math
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))    # bench_gpu_attention, also under python -P
 from bench_gpu_attention import HEAD_DIM, check, copy_bandwidth, make_selection
 from tabulate import tabulate
 
@@ -54,8 +58,8 @@ def main() -> None:
     rows.sort(key=lambda r: -r["geomean"])
     print(f"{torch.cuda.get_device_name()}: fraction of copy bandwidth ({copy_gbs:.0f} GB/s), fp16, block 16")
     print(tabulate(rows[:12], headers="keys", floatfmt=".2f", tablefmt="github"))
-    default = next(r for r in rows if LaunchConfig(**{k: r[k] for k in GRID}) == LaunchConfig())
-    print("current default:", default)
+    default = [r for r in rows if LaunchConfig(**{k: r[k] for k in GRID}) == LaunchConfig()]
+    print("current default:", default[0] if default else f"{LaunchConfig()} (not in the grid)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: rows[0][k] for k in GRID}, f)
