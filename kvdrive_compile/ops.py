@@ -4,7 +4,7 @@ One decode step of one attention site::
 
     step = open_step(past_k0, k_new0)              # once per graph: which session
     k_si, v_si, ticket = append(step, past_k, past_v, k_new, v_new)
-    plan = select(ticket, q, policy)               # what to attend, where it lies
+    plan = select(ticket, q, scale, policy)        # what to attend, where it lies
     plan = prefetch(plan)                          # start disk -> host reads
     out_h, lse_h = cpu_partial_attention(plan, q, mask)     # host + disk blocks, on the CPU
     out_d, lse_d = sparse_attention(plan, q, k_new, v_new, mask)  # device blocks
@@ -76,19 +76,19 @@ def _(step, past_k, past_v, k_new, v_new, layer, keeps_last):
 
 
 @torch.library.custom_op("kvdrive::select", mutates_args=())
-def select(ticket: Tensor, q: Tensor, policy_id: int) -> Tensor:
-    """Choose the blocks this site attends this step: score the block summaries with q, keep
-    the best within the token budget, plus sink and local window (the policy's settings).
-    Returns a plan ``[runtime, session, plan]``."""
+def select(ticket: Tensor, q: Tensor, scale: float, policy_id: int) -> Tensor:
+    """Choose the blocks this site attends this step: score the block summaries with q (and
+    the softmax scale), keep the best within the token budget, plus sink and local window (the
+    policy's settings). Returns a plan ``[runtime, session, plan]``."""
     rid, sid, layer, past, new = ticket.tolist()
     rt = get_runtime(rid)
     with rt.timed("select"):
-        pid = site_step.select(rt, rt.session(sid), layer, past, new, q, get_policy(policy_id))
+        pid = site_step.select(rt, rt.session(sid), layer, past, new, q, get_policy(policy_id), scale)
     return _handle(rid, sid, pid)
 
 
 @select.register_fake
-def _(ticket, q, policy_id):
+def _(ticket, q, scale, policy_id):
     return _fake_handle(3)
 
 

@@ -40,7 +40,7 @@ class KVDriveOptions:
     """Options of ``torch.compile(..., backend="kvdrive", options={...})``.
 
     block_size: tokens per KV block. policy: what each step attends (``token_budget``,
-    ``selection``, ``block_summary``, ``sink_tokens``, ``local_window``, ``dense_layers``,
+    ``selection``, ``block_summary``, ``score_aggregation``, ``sink_tokens``, ``local_window``, ``dense_layers``,
     ``attention``: see ``SelectionPolicy``; the user passes them as flat options).
     device_memory, host_memory: KV bytes allowed on each tier (None: no limit); beyond the host
     budget KV goes to disk, in a private directory under ``disk_dir`` (default: the system temp
@@ -95,8 +95,8 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
             raise ValueError(f"token_budget={budget!r}: a fraction of the context must be in (0, 1]")
         if isinstance(budget, int) and budget <= 0:
             raise ValueError(f"token_budget={budget!r}: must be a positive number of tokens, or None for exact")
-    for name, allowed in (("selection", ("topk", "window")), ("block_summary", ("minmax", "mean")),
-                          ("attention", ("split", "fetch"))):
+    for name, allowed in (("selection", ("topk", "window")), ("block_summary", ("qkeys", "minmax", "mean")),
+                          ("score_aggregation", ("max", "prob")), ("attention", ("split", "fetch"))):
         if options.get(name, allowed[0]) not in allowed:
             raise ValueError(f"{name}={options[name]!r}: choose one of {list(allowed)}")
     for name in ("sink_tokens", "local_window", "dense_layers"):

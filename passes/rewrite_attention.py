@@ -4,7 +4,7 @@
 
     step           = open_step(past_k, k_new of the first site, runtime_id)  # once per graph
     k_si, v_si, t  = append(step, past_k, past_v, k_new, v_new, layer)    # right after the cats
-    plan           = prefetch(select(t, q, policy))
+    plan           = prefetch(select(t, q, scale, policy))
     out_h, lse_h   = cpu_partial_attention(plan, q, mask, scale, causal)
     out_d, lse_d   = sparse_attention(plan, q, k_new, v_new, mask, scale, causal)
     out            = merge(plan, q, out_d, lse_d, out_h, lse_h)            # replaces the site
@@ -103,7 +103,7 @@ class RewriteAttention(GraphPass):
 
     def _attention(self, b: _Builder, site: AttentionSite, ticket: torch.fx.Node) -> torch.fx.Node:
         q, scale, bias = self._scaled_query_and_bias(b, site)
-        selection = b.call(_op("select"), ticket, q, self.policy_id, name="selection")
+        selection = b.call(_op("select"), ticket, q, scale, self.policy_id, name="selection")
         plan = b.call(_op("prefetch"), selection, name="plan")
         host = b.call(_op("cpu_partial_attention"), plan, q, bias, scale, site.is_causal, name="host_part")
         dev = b.call(_op("sparse_attention"), plan, q, site.k_bind.new, site.v_bind.new, bias, scale,

@@ -333,14 +333,14 @@ class KVRuntime:
     # -- one step of one site --------------------------------------------------------------
 
     def plan(self, kv: LayerKV, past_len: int, new_len: int, q: torch.Tensor,
-             policy: SelectionPolicy = EXACT) -> Plan:
+             policy: SelectionPolicy = EXACT, scale: float = 1.0) -> Plan:
         """Select what the site attends in the window ``[length - past - new, length)``."""
         start, end = kv.length - past_len - new_len, kv.length
         if past_len == 0:
             selected = window_blocks(kv, start, end).expand(kv.rows, -1)
             return Plan(kv, (start, end), selected, fresh_only=True)
         with self.lock:
-            selected = select_blocks(kv, policy, q, start, end)
+            selected = select_blocks(kv, policy, q, start, end, scale)
             plan = Plan(kv, (start, end), selected, fresh_only=False, fetch=policy.attention == "fetch")
             for tier in Tier:
                 part = plan.part(tier)

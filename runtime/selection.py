@@ -16,7 +16,10 @@ class SelectionPolicy:
     token_budget: tokens per (sequence, kv_head) and step (int), a fraction of the context
     (float in (0, 1]), or None for every token. sink_tokens, local_window: always attended, the
     first and the last tokens. dense_layers: the first layers stay exact. block_summary:
-    "minmax" (Quest's per-channel bound of q.k) or "mean" (the mean key). selection: "topk" (best-scored blocks, plus
+    "qkeys" (every key at 2 bits within its block's min/max: per-token estimates of q.k),
+    "minmax" (Quest's per-channel bound of q.k) or "mean" (the mean key). score_aggregation:
+    how the query heads of a KV head combine their block scores, "max" (of the raw scores) or
+    "prob" (of each head's estimated attention share; see ``rank_blocks``). selection: "topk" (best-scored blocks, plus
     sink and local window) or "window" (sink and the most recent blocks only: StreamingLLM).
     attention: "split" computes on each tier's blocks where they lie (host and disk blocks on
     the CPU); "fetch" copies every selected host/disk block to the device each step and
@@ -25,7 +28,8 @@ class SelectionPolicy:
 
     token_budget: Optional[Union[int, float]] = None
     selection: str = "topk"
-    block_summary: str = "minmax"
+    block_summary: str = "qkeys"
+    score_aggregation: str = "max"
     sink_tokens: int = 4
     local_window: int = 64
     dense_layers: int = 2
@@ -40,6 +44,27 @@ class SelectionPolicy:
 
 EXACT = SelectionPolicy()
 
+# (block summary, aggregation over the query rows of a KV head), by name
+SCORERS = {f"{summary}+{aggregation}": (summary, aggregation)
+           for summary in ("minmax", "mean", "qkeys") for aggregation in ("max", "prob")}
+
+
+def rank_blocks(summaries, q: torch.Tensor, ids: torch.Tensor, summary: str, aggregation: str,
+                counts: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scores of blocks ``ids`` per (sequence, KV head): fp32 ``[rows, nb]``, higher = attend first.
+
+    q: ``[B, Hq, Q, D]``; counts: tokens per block ``[nb]``; scale: the softmax scale.
+    summary: "minmax", "mean" or "qkeys" (``BlockSummaries.scores``: each query row's estimated
+    log attention mass per block). aggregation, how the query rows of a KV head (GQA group x
+    query tokens) combine: "max" takes the largest estimate; "prob" first turns each row's
+    estimates into shares of that row's attention (log-softmax over the blocks), so that a row
+    whose scores are all high cannot outvote a row that points at one block.
+    """
+    s = summaries.scores(q, ids.to(summaries.device), summary, counts, scale)   # [rows, G*Q, nb]
+    if aggregation == "prob":
+        s = torch.log_softmax(s, dim=-1)
+    return s.amax(1)
+
 
 def window_blocks(kv: LayerKV, start: int, end: int) -> torch.Tensor:
     """Logical ids of the blocks holding positions ``[start, end)``: ``[nb]`` int64."""
@@ -47,10 +72,11 @@ def window_blocks(kv: LayerKV, start: int, end: int) -> torch.Tensor:
     return torch.arange(r.start, r.stop, dtype=torch.int64)
 
 
-def select_blocks(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: int, end: int) -> torch.Tensor:
+def select_blocks(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: int, end: int,
+                  scale: float = 1.0) -> torch.Tensor:
     """The blocks each (sequence, kv_head) attends this step: int64 ``[rows, n]``, ascending.
 
-    q: ``[B, Hq, Q, D]``. Exact (every block of the window) when there is no budget, for the
+    q: ``[B, Hq, Q, D]``; scale: the softmax scale (the "prob" aggregation needs it). Exact (every block of the window) when there is no budget, for the
     first ``dense_layers`` layers, for sliding-window layers, and when the budget covers it all.
     """
     ids = window_blocks(kv, start, end)
@@ -75,7 +101,8 @@ def select_blocks(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
     if k <= 0 or policy.selection == "window":
         return ids[forced].expand(kv.rows, -1)
     counts = torch.clamp(torch.minimum(ids * bs + bs, torch.tensor(kv.length)) - ids * bs, min=0)
-    scores = kv.summaries.scores(q, ids.to(kv.summaries.device), policy.block_summary, counts)  # [rows, nb]
+    scores = rank_blocks(kv.summaries, q, ids, policy.block_summary, policy.score_aggregation,
+                         counts, scale)                                         # [rows, nb]
     scores = scores.masked_fill(forced.to(scores.device)[None, :], float("-inf"))
     top = scores.topk(k, dim=1).indices.cpu()                                            # [rows, k]
     chosen = torch.cat([forced.nonzero().view(1, -1).expand(kv.rows, -1), top], dim=1)

@@ -86,9 +86,10 @@ def append(rt: KVRuntime, session: Session, layer: int, past_k: torch.Tensor, pa
 
 
 def select(rt: KVRuntime, session: Session, layer: int, past_len: int, new_len: int,
-           q: torch.Tensor, policy: SelectionPolicy = EXACT) -> int:
-    """Plan what the site attends this step (q: ``[B, Hq, Q, D]``); returns the plan id."""
-    plan = rt.plan(session.layers[layer], past_len, new_len, q, policy)
+           q: torch.Tensor, policy: SelectionPolicy = EXACT, scale: float = 1.0) -> int:
+    """Plan what the site attends this step (q: ``[B, Hq, Q, D]``, scale: the softmax scale);
+    returns the plan id."""
+    plan = rt.plan(session.layers[layer], past_len, new_len, q, policy, scale)
     pid = next(_plan_ids)
     session.plans[pid] = plan
     return pid

@@ -2,28 +2,67 @@
 a step scores blocks without reading them.
 
 For each block of each (sequence, kv_head): the per-channel min and max of its keys (Quest's
-upper bound of ``q . k`` over the block) and their sum (the mean key, ShadowKV's landmark).
+upper bound of ``q . k`` over the block), their sum (the mean key, ShadowKV's landmark), and
+every key quantized to 2 bits per channel within the block's own min/max ("qkeys": 4 codes per
+byte, head_dim / 4 bytes per token, a sixteenth of an fp32 key). A block's keys are quantized
+when the block is complete (its range is final then); until then they wait in ``tail``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+CODE_BITS = 2
+_LEVELS = (1 << CODE_BITS) - 1
+_PER_BYTE = 8 // CODE_BITS
+_SHIFTS = torch.arange(0, 8, CODE_BITS, dtype=torch.uint8)                     # [4]
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes in [0, 3], ``[..., D]`` (D % 4 == 0) -> packed bytes ``[..., D // 4]``."""
+    c = codes.reshape(*codes.shape[:-1], -1, _PER_BYTE) << _SHIFTS.to(codes.device)
+    return c.sum(-1, dtype=torch.uint8)          # the 2-bit fields do not overlap: sum == or
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """Packed bytes ``[..., D // 4]`` -> uint8 codes ``[..., D]``."""
+    c = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & _LEVELS
+    return c.reshape(*packed.shape[:-1], -1)
+
+
+def quantize(k: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Codes of keys ``k [..., bs, D]`` within their block's per-channel range ``lo, hi [..., 1, D]``."""
+    step = ((hi - lo) / _LEVELS).clamp_min(torch.finfo(torch.float32).tiny)
+    return ((k - lo) / step).round_().clamp_(0, _LEVELS).to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The keys that ``codes [..., bs, D]`` stand for, fp32."""
+    return lo + codes.float() * ((hi - lo) / _LEVELS)
 
 
 class BlockSummaries:
-    """``kmin``, ``kmax``, ``ksum``: fp32 ``[rows, capacity, head_dim]`` indexed by logical block."""
+    """``kmin``, ``kmax``, ``ksum``: fp32 ``[rows, capacity, head_dim]`` indexed by logical block;
+    ``codes``: uint8 ``[rows, capacity, block_size, head_dim / 4]`` (complete blocks only);
+    ``tail``: fp32 ``[rows, block_size, head_dim]``, the keys of the open (incomplete) block."""
 
     def __init__(self, rows: int, head_dim: int, block_size: int, device: torch.device):
         self.rows, self.head_dim, self.block_size, self.device = rows, head_dim, block_size, device
+        self.code_dim = -(-head_dim // _PER_BYTE) * _PER_BYTE                  # channels, padded
         self.kmin = self._full(0, float("inf"))
         self.kmax = self._full(0, float("-inf"))
         self.ksum = self._full(0, 0.0)
+        self.codes = torch.zeros((rows, 0, block_size, self.code_dim // _PER_BYTE), dtype=torch.uint8, device=device)
+        self.tail = torch.zeros((rows, block_size, head_dim), dtype=torch.float32, device=device)
+        self.length = 0                                                        # tokens folded in
 
     def _full(self, n: int, value: float) -> torch.Tensor:
         return torch.full((self.rows, n, self.head_dim), value, dtype=torch.float32, device=self.device)
 
     @property
     def nbytes(self) -> int:
-        return 3 * self.kmin.numel() * 4
+        return 3 * self.kmin.numel() * 4 + self.codes.numel() + self.tail.numel() * 4
 
     def _reserve(self, blocks: int) -> None:
         cap = self.kmin.shape[1]
@@ -34,32 +73,84 @@ class BlockSummaries:
             grown = self._full(new, value)
             grown[:, :cap] = getattr(self, name)
             setattr(self, name, grown)
+        codes = self.codes.new_zeros((self.rows, new, *self.codes.shape[2:]))
+        codes[:, :cap] = self.codes
+        self.codes = codes
 
     def update(self, position: int, k: torch.Tensor) -> None:
-        """Fold keys ``k: [rows, n, D]`` at token positions ``position ..`` into their blocks."""
+        """Fold keys ``k: [rows, n, D]`` at token positions ``position ..`` into their blocks.
+
+        Keys arrive in order (``position`` is the number of tokens folded in so far)."""
         n = k.shape[1]
         if n == 0:
             return
-        idx = (torch.arange(position, position + n, device=self.device) // self.block_size)
+        if position != self.length:
+            raise RuntimeError(f"block summaries hold {self.length} tokens, keys arrived for position {position}")
+        bs = self.block_size
+        idx = (torch.arange(position, position + n, device=self.device) // bs)
         self._reserve(int(idx[-1]) + 1)
         index = idx.view(1, n, 1).expand(self.rows, n, self.head_dim)
         kf = k.to(self.device, torch.float32)
         self.kmin.scatter_reduce_(1, index, kf, "amin")
         self.kmax.scatter_reduce_(1, index, kf, "amax")
         self.ksum.scatter_add_(1, index, kf)
+        # -- quantize the blocks this completes; the rest waits in the tail --
+        open_n = position % bs
+        first = position // bs
+        keys = torch.cat([self.tail[:, :open_n], kf], dim=1) if open_n else kf      # from block `first` on
+        full = keys.shape[1] // bs
+        if full:
+            blocks = keys[:, : full * bs].reshape(self.rows, full, bs, self.head_dim)
+            lo = self.kmin[:, first:first + full, None]
+            hi = self.kmax[:, first:first + full, None]
+            codes = quantize(blocks, lo, hi)
+            if self.code_dim != self.head_dim:
+                codes = torch.nn.functional.pad(codes, (0, self.code_dim - self.head_dim))
+            self.codes[:, first:first + full] = pack_codes(codes)
+        rest = keys.shape[1] - full * bs
+        self.tail[:, :rest] = keys[:, full * bs:]
+        self.length = position + n
 
-    def scores(self, q: torch.Tensor, ids: torch.Tensor, kind: str, counts: torch.Tensor) -> torch.Tensor:
-        """Score blocks ``ids`` ([nb] int64) for the queries of each KV head.
+    def scores(self, q: torch.Tensor, ids: torch.Tensor, kind: str, counts: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """Estimated log attention mass of blocks ``ids`` ([nb] int64) for every query row.
 
-        q: ``[B, Hq, Q, D]``; counts: tokens in each block ``[nb]``. GQA/MQA and several query
-        tokens aggregate by max. Returns fp32 ``[rows, nb]``.
+        q: ``[B, Hq, Q, D]``; counts: tokens in each block ``[nb]``; scale: the softmax scale.
+        kind "minmax": ``scale * max over the block of q.k (Quest's bound) + log(count)``, an
+        upper bound; "mean": ``scale * q.mean key + log(count)``; "qkeys": the log-sum-exp of
+        ``scale * q.k`` over the block's 2-bit keys (the open block, not quantized yet, gets
+        its min/max bound). Returns fp32 ``[rows, G*Q, nb]`` (rows = B*Hkv, G = Hq // Hkv).
         """
         b, hq, nq, d = q.shape
         hkv = self.rows // b
-        qf = q.to(self.device, torch.float32).reshape(b * hkv, (hq // hkv) * nq, d)    # [rows, G*Q, D]
+        qf = q.to(self.device, torch.float32).reshape(b * hkv, (hq // hkv) * nq, d)    # [rows, R, D]
+        log_count = counts.to(self.device, torch.float32).clamp_min(1).log()          # [nb]
+        if kind == "mean":
+            mean = self.ksum[:, ids] / counts.to(self.device).clamp_min(1).view(1, -1, 1)
+            return torch.bmm(qf, mean.transpose(1, 2)) * scale + log_count
+        lo, hi = self.kmin[:, ids], self.kmax[:, ids]                                  # [rows, nb, D]
+        bound = torch.maximum(qf[:, :, None] * lo[:, None], qf[:, :, None] * hi[:, None]).sum(-1)
+        bound = bound * scale + log_count                                             # [rows, R, nb]
         if kind == "minmax":
-            lo, hi = self.kmin[:, ids], self.kmax[:, ids]                            # [rows, nb, D]
-            bound = torch.maximum(qf[:, :, None] * lo[:, None], qf[:, :, None] * hi[:, None])
-            return bound.sum(-1).amax(1)
-        mean = self.ksum[:, ids] / counts.to(self.device).clamp_min(1).view(1, -1, 1)
-        return torch.bmm(qf, mean.transpose(1, 2)).amax(1)
+            return bound
+        if kind != "qkeys":
+            raise ValueError(f"block summary {kind!r} is not known: use 'minmax', 'mean' or 'qkeys'")
+        done = (ids + 1) * self.block_size <= self.length                             # quantized blocks
+        if not bool(done.any()):
+            return bound
+        sel = ids[done]
+        codes = unpack_codes(self.codes[:, sel])[..., :d]                             # [rows, n, bs, D]
+        # q . k^ = q . lo + sum_d (q_d * step_d) * code_d: no dequantized keys are materialized
+        step = (hi[:, done] - lo[:, done]) / _LEVELS                                  # [rows, n, D]
+        base = torch.einsum("rgd,rnd->rgn", qf, lo[:, done])                          # [rows, R, n]
+        w = qf[:, :, None, :] * step[:, None]                                         # [rows, R, n, D]
+        s = base[..., None] + torch.einsum("rgnd,rntd->rgnt", w, codes.float())       # [rows, R, n, bs]
+        lse = torch.logsumexp(s * scale, dim=-1)
+        out = bound.clone()
+        out[:, :, done] = lse
+        return out
+
+
+def summary_bytes_per_token(head_dim: int, block_size: int) -> float:
+    """Device bytes of summaries per token and KV head (min, max, sum in fp32 + 2-bit codes)."""
+    return 3 * head_dim * 4 / block_size + math.ceil(head_dim / _PER_BYTE)

@@ -173,8 +173,8 @@ def test_opcheck_site_ops():
     step = ops.open_step(past, k, rid)
     k_si, v_si, ticket = ops.append(step, past, past, k, v, 0, False)
     assert k_si.shape == (1, 2, 5, 8) and k_si.untyped_storage().nbytes() <= 4
-    torch.library.opcheck(ops.select, (ticket, q, 0), test_utils=utils)
-    plan = ops.prefetch(ops.select(ticket, q, 0))
+    torch.library.opcheck(ops.select, (ticket, q, 1.0, 0), test_utils=utils)
+    plan = ops.prefetch(ops.select(ticket, q, 1.0, 0))
     torch.library.opcheck(ops.prefetch, (plan,), test_utils=utils)
     torch.library.opcheck(ops.cpu_partial_attention, (plan, q, None, 0.3, True), test_utils=utils)
     torch.library.opcheck(ops.sparse_attention, (plan, q, k, v, None, 0.3, True), test_utils=utils)

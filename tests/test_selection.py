@@ -32,13 +32,14 @@ def true_block_scores(q, block_keys):
     return torch.einsum("bhgd,bhnd->bhgn", qg, block_keys).amax(2)
 
 
-@pytest.mark.parametrize("summary", ["minmax", "mean"])
+@pytest.mark.parametrize("summary", ["minmax", "mean", "qkeys"])
 @pytest.mark.parametrize("batch,hkv,g", [(1, 1, 1), (2, 3, 3), (1, 2, 4)])
 def test_true_top_blocks_when_summaries_exact(summary, batch, hkv, g):
     nb, d = 40, 16
     rt, kv, block_keys = layer_with_constant_blocks(batch, hkv, d, nb)
     q = torch.randn(batch, hkv * g, 1, d)
-    policy = SelectionPolicy(token_budget=12 * BS, block_summary=summary, sink_tokens=4, local_window=2 * BS)
+    policy = SelectionPolicy(token_budget=12 * BS, block_summary=summary, score_aggregation="max",
+                             sink_tokens=4, local_window=2 * BS)
     sel = select_blocks(kv, policy, q, 0, nb * BS)                           # [rows, n]
     assert sel.shape[1] * BS <= policy.token_budget
     scores = true_block_scores(q, block_keys).reshape(batch * hkv, nb)
@@ -62,6 +63,34 @@ def test_gqa_aggregates_by_max_over_query_heads():
     policy = SelectionPolicy(token_budget=5 * BS, sink_tokens=0, local_window=0)
     chosen = set(select_blocks(kv, policy, q, 0, nb * BS)[0].tolist())
     assert {7, 13} <= chosen
+    rt.close()
+
+
+@pytest.mark.parametrize("summary", ["minmax", "mean", "qkeys"])
+def test_prob_aggregation_keeps_the_block_one_head_points_at(summary):
+    """Head 1 scores every block high (its query follows a direction all keys share), head 0
+    points at block 7: the raw maximum follows head 1's small differences, the attention shares
+    ("prob") keep block 7."""
+    nb, d = 20, 8
+    rt, kv, block_keys = layer_with_constant_blocks(1, 1, d, nb)
+    shared = torch.zeros(d)
+    shared[0] = 1.0
+    rt.close()
+    block_keys = block_keys.clone()
+    block_keys[..., 0] = 5.0                                     # every block shares channel 0
+    k = block_keys[:, :, :, None].expand(1, 1, nb, BS, d).reshape(1, 1, nb * BS, d).contiguous()
+    rt = KVRuntime(block_size=BS)
+    kv = rt.layer(rt.open_session(), 5, k, keeps_last=False)
+    rt.append(kv, k, torch.randn_like(k))
+    q = torch.zeros(1, 2, 1, d)
+    q[0, 0, 0, 1:] = block_keys[0, 0, 7, 1:] * 3                 # head 0: block 7
+    q[0, 1, 0] = shared * 10                                     # head 1: all blocks alike, and high
+    chosen = {}
+    for aggregation in ("max", "prob"):
+        policy = SelectionPolicy(token_budget=BS, sink_tokens=0, local_window=0, block_summary=summary,
+                                 score_aggregation=aggregation)
+        chosen[aggregation] = select_blocks(kv, policy, q, 0, nb * BS, scale=1.0)[0].tolist()
+    assert chosen["prob"] == [7]
     rt.close()
 
 
