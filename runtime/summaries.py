@@ -13,33 +13,15 @@ import math
 
 import torch
 
-CODE_BITS = 2
-_LEVELS = (1 << CODE_BITS) - 1
+from ..kernels.block_scores import CODE_BITS, LEVELS, pack_codes, qkeys_log_mass, qkeys_log_mass_torch
+
 _PER_BYTE = 8 // CODE_BITS
-_SHIFTS = torch.arange(0, 8, CODE_BITS, dtype=torch.uint8)                     # [4]
-
-
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes in [0, 3], ``[..., D]`` (D % 4 == 0) -> packed bytes ``[..., D // 4]``."""
-    c = codes.reshape(*codes.shape[:-1], -1, _PER_BYTE) << _SHIFTS.to(codes.device)
-    return c.sum(-1, dtype=torch.uint8)          # the 2-bit fields do not overlap: sum == or
-
-
-def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
-    """Packed bytes ``[..., D // 4]`` -> uint8 codes ``[..., D]``."""
-    c = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & _LEVELS
-    return c.reshape(*packed.shape[:-1], -1)
 
 
 def quantize(k: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Codes of keys ``k [..., bs, D]`` within their block's per-channel range ``lo, hi [..., 1, D]``."""
-    step = ((hi - lo) / _LEVELS).clamp_min(torch.finfo(torch.float32).tiny)
-    return ((k - lo) / step).round_().clamp_(0, _LEVELS).to(torch.uint8)
-
-
-def dequantize(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """The keys that ``codes [..., bs, D]`` stand for, fp32."""
-    return lo + codes.float() * ((hi - lo) / _LEVELS)
+    step = ((hi - lo) / LEVELS).clamp_min(torch.finfo(torch.float32).tiny)
+    return ((k - lo) / step).round_().clamp_(0, LEVELS).to(torch.uint8)
 
 
 class BlockSummaries:
@@ -139,13 +121,8 @@ class BlockSummaries:
         if not bool(done.any()):
             return bound
         sel = ids[done]
-        codes = unpack_codes(self.codes[:, sel])[..., :d]                             # [rows, n, bs, D]
-        # q . k^ = q . lo + sum_d (q_d * step_d) * code_d: no dequantized keys are materialized
-        step = (hi[:, done] - lo[:, done]) / _LEVELS                                  # [rows, n, D]
-        base = torch.einsum("rgd,rnd->rgn", qf, lo[:, done])                          # [rows, R, n]
-        w = qf[:, :, None, :] * step[:, None]                                         # [rows, R, n, D]
-        s = base[..., None] + torch.einsum("rgnd,rntd->rgnt", w, codes.float())       # [rows, R, n, bs]
-        lse = torch.logsumexp(s * scale, dim=-1)
+        score = qkeys_log_mass if self.device.type == "cpu" else qkeys_log_mass_torch
+        lse = score(self.codes, self.kmin, self.kmax, qf, sel, scale)                 # [rows, R, n]
         out = bound.clone()
         out[:, :, done] = lse
         return out

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from kvdrive_compile.runtime.summaries import BlockSummaries, pack_codes, unpack_codes
+from kvdrive_compile.kernels.block_scores import pack_codes, unpack_codes
+from kvdrive_compile.runtime.summaries import BlockSummaries
 
 
 def folded(rows, d, bs, k, chunks):
