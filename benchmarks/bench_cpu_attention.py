@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import mmap
 import os
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from numba import njit, prange
 from tabulate import tabulate
 
 from kvdrive_compile.kernels.cpu_attention import _pool_as_numpy, cpu_partial_attention
+from kvdrive_compile.runtime.host_memory import huge_page_tensor, huge_pages_available
 
 HKV, GQA, HEAD_DIM = 8, 4, 128
 FLUSH_BYTES = 1 << 30
@@ -65,24 +65,6 @@ def _read_blocks(k_pool, v_pool, table):
                         s += np.float32(block[t, d])
         part[h] = s
     return part.sum()
-
-
-def huge_page_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized tensor in a 2 MiB-aligned anonymous mapping advised MADV_HUGEPAGE."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    area = mmap.mmap(-1, nbytes + (2 << 20), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    area.madvise(mmap.MADV_HUGEPAGE)
-    raw = np.frombuffer(area, np.uint8)
-    start = -raw.ctypes.data % (2 << 20)
-    return torch.from_numpy(raw[start:start + nbytes]).view(dtype).reshape(shape)
-
-
-def huge_pages_available() -> bool:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return "[never]" not in f.read()
-    except OSError:
-        return False
 
 
 def cpu_seconds() -> tuple[float, float]:

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from .host_memory import host_empty
+
 
 class Tier(enum.IntEnum):
     DEVICE = 0
@@ -79,7 +81,10 @@ class BlockPool:
         return self.capacity - len(self.free)
 
     def _empty(self, n: int) -> torch.Tensor:
-        t = torch.empty((n, self.block_size, self.head_dim), dtype=self.dtype, device=self.device)
+        shape = (n, self.block_size, self.head_dim)
+        if self.device.type == "cpu" and not self.pin_memory:
+            return host_empty(shape, self.dtype)              # huge pages: blocks are read at random
+        t = torch.empty(shape, dtype=self.dtype, device=self.device)
         return t.pin_memory() if self.pin_memory and n else t
 
     def _grow(self, need: int) -> bool:
