@@ -7,7 +7,7 @@ import kvdrive_compile
 from exactness import greedy_both
 from kvdrive_compile.runtime.kv_runtime import KVRuntime
 from kvdrive_compile.runtime.selection import SelectionPolicy, select_blocks
-from test_hf_models import build
+from test_hf_models import DEVICE, build
 
 BS = 8
 
@@ -113,7 +113,7 @@ def test_dense_layers_and_no_budget_select_everything():
 
 def test_budget_larger_than_context_is_token_identical():
     model = build("llama")
-    ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     ref, out = greedy_both(model, ids, 10, token_budget=4096, dense_layers=0,
                            device_memory="8KiB", host_memory="8KiB")
     assert torch.equal(ref, out)
@@ -121,7 +121,7 @@ def test_budget_larger_than_context_is_token_identical():
 
 def test_sparse_budget_runs_end_to_end_and_attends_less():
     model = build("llama")
-    ids = torch.randint(3, 128, (1, 300), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(3, 128, (1, 300), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     _, out = greedy_both(model, ids, 6, token_budget=64, dense_layers=0, local_window=16,
                          device_memory="16KiB", host_memory="16KiB")
     assert out.shape[1] == 306
@@ -132,7 +132,7 @@ def test_sparse_budget_runs_end_to_end_and_attends_less():
 @pytest.mark.parametrize("budget", [None, 64])
 def test_fetch_attention_gives_the_same_tokens_as_split(budget):
     model = build("llama")
-    ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     common = dict(token_budget=budget, dense_layers=0, local_window=16, device_memory=0, host_memory="16KiB")
     def fetched():
         return kvdrive_compile.stats().moved_bytes["host->device"]
@@ -156,6 +156,6 @@ def test_recompile_limit_is_an_error_not_an_eager_run_on_stand_ins():
     try:
         with torch._dynamo.config.patch(recompile_limit=2), pytest.raises(Exception, match="recompile_limit"):
             for batch in (1, 2, 3, 4):
-                model.generate(torch.randint(3, 128, (batch, 40)), max_new_tokens=3, do_sample=False)
+                model.generate(torch.randint(3, 128, (batch, 40)).to(DEVICE), max_new_tokens=3, do_sample=False)
     finally:
         model.forward = eager
