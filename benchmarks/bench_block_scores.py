@@ -4,8 +4,8 @@
 
 Summaries of ``context`` tokens for one sequence with Hkv KV heads (head_dim, GQA as given;
 default a Llama-3-8B layer: 8 KV heads, GQA 4, head_dim 128, block 16), scored for one decode
-token by each block summary (runtime/summaries.py). On the CPU the qkeys scores come from the
-numba kernel, elsewhere from its torch twin. Prints the median time per call and the summary
+token by each block summary (runtime/summaries.py). The qkeys scores come from the numba kernel
+on the CPU and the Triton kernel on CUDA; "qkeys (torch twin)" is the torch version. Prints the median time per call and the summary
 bytes per token.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 import torch
 from tabulate import tabulate
 
+from kvdrive_compile.kernels.block_scores import qkeys_log_mass_torch, qkeys_log_mass_triton
 from kvdrive_compile.runtime.summaries import BlockSummaries, summary_bytes_per_token
 
 
@@ -53,8 +54,14 @@ def main() -> None:
         nb = n // bs
         ids = torch.arange(nb, device=device)
         counts = torch.full((nb,), bs, device=device)
-        for kind in ("minmax", "mean", "qkeys"):
-            sec = timed(lambda: s.scores(q, ids, kind, counts, d ** -0.5), device)
+        fns = {kind: (lambda kind=kind: s.scores(q, ids, kind, counts, d ** -0.5)) for kind in ("minmax", "mean", "qkeys")}
+        qr = q.reshape(hkv, args.gqa, d)
+        fns["qkeys (torch twin)"] = lambda: qkeys_log_mass_torch(s.codes, s.kmin, s.kmax, qr, ids, d ** -0.5)
+        if device.type == "cuda":
+            fns["qkeys (triton, no dot)"] = lambda: qkeys_log_mass_triton(s.codes, s.kmin, s.kmax, qr, ids,
+                                                                          d ** -0.5, use_dot=False)
+        for kind, fn in fns.items():
+            sec = timed(fn, device)
             rows.append({"context": n, "summary": kind, "ms per layer": sec * 1e3,
                          "us per 1K tokens": sec * 1e6 / (n / 1024)})
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} torch threads"

@@ -11,13 +11,15 @@ starting numba's thread pool there changes torch's thread count (and with it Dyn
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 from numba import njit
 
-__all__ = ["qkeys_log_mass", "qkeys_log_mass_torch", "pack_codes", "unpack_codes", "CODE_BITS", "LEVELS"]
+__all__ = ["qkeys_log_mass", "qkeys_log_mass_torch", "qkeys_log_mass_triton", "pack_codes", "unpack_codes",
+           "CODE_BITS", "LEVELS"]
 
 CODE_BITS = 2
 LEVELS = (1 << CODE_BITS) - 1          # codes 0..3
@@ -113,3 +115,63 @@ def qkeys_log_mass_torch(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.T
     w = qf[:, :, None, :] * ((hi - lo) / LEVELS)[:, None]                       # [rows, R, n, D]
     s = base[..., None] + torch.einsum("rgnd,rntd->rgnt", w, codes)              # [rows, R, n, bs]
     return torch.logsumexp(s * scale, dim=-1)
+
+
+# -- Triton (CUDA): one program per (row, block), all query rows of the KV head at once --
+
+@functools.cache
+def _triton_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _qkeys_kernel(packed_ptr, kmin_ptr, kmax_ptr, q_ptr, ids_ptr, out_ptr, scale,
+                      CAP, BS, D, D4, R, N,
+                      ROWS: tl.constexpr, TOKENS: tl.constexpr, DIMS: tl.constexpr, USE_DOT: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        blk = tl.load(ids_ptr + j).to(tl.int64)
+        rows = tl.arange(0, ROWS)
+        toks = tl.arange(0, TOKENS)
+        dims = tl.arange(0, DIMS)
+        row_ok, tok_ok, dim_ok = rows < R, toks < BS, dims < D
+        lo = tl.load(kmin_ptr + (r * CAP + blk) * D + dims, mask=dim_ok, other=0.0)
+        hi = tl.load(kmax_ptr + (r * CAP + blk) * D + dims, mask=dim_ok, other=0.0)
+        q = tl.load(q_ptr + (r * R + rows[:, None]) * D + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)               # [ROWS, DIMS]
+        w = q * ((hi - lo) / 3.0)[None, :]
+        base = tl.sum(q * lo[None, :], axis=1)                                     # [ROWS]
+        byte = tl.load(packed_ptr + ((r * CAP + blk) * BS + toks[:, None]) * D4 + dims[None, :] // 4,
+                       mask=tok_ok[:, None] & dim_ok[None, :], other=0)            # [TOKENS, DIMS]
+        codes = ((byte >> ((dims[None, :] % 4) * 2).to(tl.uint8)) & 3).to(tl.float32)
+        if USE_DOT:     # [ROWS >= 16, DIMS] x [DIMS, TOKENS >= 16] on the tensor cores' fp32 path
+            s = base[:, None] + tl.dot(w, tl.trans(codes), input_precision="ieee")
+        else:
+            s = base[:, None] + tl.sum(w[:, None, :] * codes[None, :, :], axis=2)  # [ROWS, TOKENS]
+        s = tl.where(tok_ok[None, :], s * scale, float("-inf"))
+        m = tl.max(s, axis=1)
+        lse = m + tl.log(tl.sum(tl.exp(s - m[:, None]), axis=1))
+        tl.store(out_ptr + (r * R + rows) * N + j, lse, mask=row_ok)
+
+    return _qkeys_kernel
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def qkeys_log_mass_triton(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,
+                          ids: torch.Tensor, scale: float, use_dot: bool = True) -> torch.Tensor:
+    """``qkeys_log_mass`` as a Triton kernel (CUDA; the interpreter elsewhere): one pass over the
+    packed codes, nothing unpacked in memory. use_dot: the scores as one ``tl.dot`` (rows and
+    tokens padded to 16), else a broadcast multiply-and-sum."""
+    rows, nq, d = q.shape
+    cap, bs, d4 = packed.shape[1:]
+    out = torch.empty((rows, nq, ids.numel()), dtype=torch.float32, device=q.device)
+    if ids.numel() and rows and nq:
+        _triton_kernel()[(rows, ids.numel())](
+            packed.contiguous(), kmin.contiguous(), kmax.contiguous(), q.float().contiguous(),
+            ids.contiguous(), out, float(scale), cap, bs, d, d4, nq, ids.numel(),
+            ROWS=max(16, _pow2(nq)) if use_dot else _pow2(nq), TOKENS=max(16, _pow2(bs)) if use_dot else _pow2(bs),
+            DIMS=max(16, _pow2(d)), USE_DOT=use_dot, num_warps=4)
+    return out

@@ -13,7 +13,14 @@ import math
 
 import torch
 
-from ..kernels.block_scores import CODE_BITS, LEVELS, pack_codes, qkeys_log_mass, qkeys_log_mass_torch
+from ..kernels.block_scores import (
+    CODE_BITS,
+    LEVELS,
+    pack_codes,
+    qkeys_log_mass,
+    qkeys_log_mass_torch,
+    qkeys_log_mass_triton,
+)
 
 _PER_BYTE = 8 // CODE_BITS
 
@@ -121,7 +128,7 @@ class BlockSummaries:
         if not bool(done.any()):
             return bound
         sel = ids[done]
-        score = qkeys_log_mass if self.device.type == "cpu" else qkeys_log_mass_torch
+        score = {"cpu": qkeys_log_mass, "cuda": qkeys_log_mass_triton}.get(self.device.type, qkeys_log_mass_torch)
         lse = score(self.codes, self.kmin, self.kmax, qf, sel, scale)                 # [rows, R, n]
         out = bound.clone()
         out[:, :, done] = lse

@@ -1,9 +1,19 @@
 """The qkeys block-score kernel (numba) and its torch twin against a float64 reference on fresh
 random codes and ranges."""
+import importlib.util
+
 import pytest
 import torch
 
-from kvdrive_compile.kernels.block_scores import pack_codes, qkeys_log_mass, qkeys_log_mass_torch
+from kvdrive_compile.kernels.block_scores import (
+    pack_codes,
+    qkeys_log_mass,
+    qkeys_log_mass_torch,
+    qkeys_log_mass_triton,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 def case(rows, nq, d, bs, cap, seed):
@@ -37,6 +47,17 @@ def test_qkeys_log_mass_matches_float64(rows, nq, d, bs, impl):
         got = impl(packed, kmin, kmax, q, ids, scale)
         assert got.shape == (rows, nq, ids.numel()) and got.dtype == torch.float32
         torch.testing.assert_close(got.double(), reference(codes, kmin, kmax, q, ids, scale), rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("use_dot", [True, False])
+@pytest.mark.parametrize("rows,nq,d,bs", [(1, 1, 64, 16), (2, 3, 16, 8), (1, 4, 6, 8)])
+def test_qkeys_triton_matches_float64(rows, nq, d, bs, use_dot):
+    """The Triton kernel (the interpreter on a CPU machine: small shapes) on the model's device."""
+    codes, packed, kmin, kmax, q, ids = case(rows, nq, d, bs, cap=5, seed=3)
+    got = qkeys_log_mass_triton(*(t.to(DEVICE) for t in (packed, kmin, kmax, q, ids)), 0.25, use_dot=use_dot)
+    assert got.shape == (rows, nq, ids.numel())
+    torch.testing.assert_close(got.cpu().double(), reference(codes, kmin, kmax, q, ids, 0.25), rtol=1e-4, atol=1e-4)
 
 
 def test_no_blocks_and_bad_shapes():
