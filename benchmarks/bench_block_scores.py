@@ -58,8 +58,8 @@ def main() -> None:
         qr = q.reshape(hkv, args.gqa, d)
         fns["qkeys (torch twin)"] = lambda: qkeys_log_mass_torch(s.codes, s.kmin, s.kmax, qr, ids, d ** -0.5)
         if device.type == "cuda":
-            fns["qkeys (triton, no dot)"] = lambda: qkeys_log_mass_triton(s.codes, s.kmin, s.kmax, qr, ids,
-                                                                          d ** -0.5, use_dot=False)
+            fns["qkeys (triton, tl.dot)"] = lambda: qkeys_log_mass_triton(s.codes, s.kmin, s.kmax, qr, ids,
+                                                                          d ** -0.5, use_dot=True)
         for kind, fn in fns.items():
             sec = timed(fn, device)
             rows.append({"context": n, "summary": kind, "ms per layer": sec * 1e3,

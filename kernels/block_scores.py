@@ -161,10 +161,11 @@ def _pow2(x: int) -> int:
 
 
 def qkeys_log_mass_triton(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,
-                          ids: torch.Tensor, scale: float, use_dot: bool = True) -> torch.Tensor:
+                          ids: torch.Tensor, scale: float, use_dot: bool = False) -> torch.Tensor:
     """``qkeys_log_mass`` as a Triton kernel (CUDA; the interpreter elsewhere): one pass over the
     packed codes, nothing unpacked in memory. use_dot: the scores as one ``tl.dot`` (rows and
-    tokens padded to 16), else a broadcast multiply-and-sum."""
+    tokens padded to 16) instead of a broadcast multiply-and-sum; slower on an H200 (1.2 against
+    0.76 ms per layer at 128K tokens, benchmarks/bench_block_scores.py), so off by default."""
     rows, nq, d = q.shape
     cap, bs, d4 = packed.shape[1:]
     out = torch.empty((rows, nq, ids.numel()), dtype=torch.float32, device=q.device)
