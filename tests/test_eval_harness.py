@@ -226,6 +226,31 @@ def test_report_validates_tabulates_and_plots(tmp_path):
         report.validate(broken)
 
 
+def test_merge_pools_samples_of_several_runs(tmp_path):
+    a, b = fake_results(), fake_results()
+    b["meta"]["seed"] = 1
+    for record in b["runs"][0]["records"]:
+        if record["method"] == "kvdrive@256" and record["task"] == "passkey":
+            record["score"] = 0.0
+    for i, part in enumerate((a, b)):
+        (tmp_path / f"seed{i}").mkdir()
+        (tmp_path / f"seed{i}" / "results.json").write_text(json.dumps(part))
+    merged = report.merge([a, b])
+    report.validate(merged)
+    (run,) = merged["runs"]
+    assert len(run["records"]) == 2 * len(a["runs"][0]["records"])
+    assert merged["meta"]["seeds"] == [0, 1] and merged["meta"]["samples"] == 2 * a["meta"]["samples"]
+    assert report.summarize(run)["kvdrive@256"]["passkey"] == 50.0
+    out = tmp_path / "merged"
+    args = build_parser().parse_args(["eval", "--merge", str(tmp_path / "seed0"), str(tmp_path / "seed1"),
+                                      "--out", str(out)])
+    assert args.func(args) == 0
+    assert json.loads((out / "results.json").read_text()) == merged
+    args = build_parser().parse_args(["eval", "--merge", str(tmp_path), "--out", str(out)])
+    with pytest.raises(SystemExit, match="no results.json"):
+        args.func(args)
+
+
 @pytest.mark.slow
 def test_smoke_preset_end_to_end(smollm2, tmp_path):
     # one sample per task keeps this near 2 minutes on 2 busy cores; one thread, because

@@ -14,16 +14,29 @@ DESCRIPTION = ("RULER-style retrieval tasks, pass keys and perplexity, generated
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Run the configuration, write results under --out, print the tables."""
-    from .report import table, write
+    """Run the configuration (or merge earlier results), write results under --out, print the tables."""
+    import json
+    from pathlib import Path
+
+    from .report import merge, table, write
     from .runner import run
 
     cfg = config.from_args(args)
-    results = run(cfg)
+    if args.merge:
+        parts = []
+        for folder in args.merge:
+            path = Path(folder) / "results.json"
+            if not path.is_file():
+                raise SystemExit(f"--merge {folder}: no results.json there (give the --out folders of earlier runs)")
+            parts.append(json.loads(path.read_text()))
+        results = merge(parts)
+    else:
+        results = run(cfg)
     written = write(results, cfg.out)
-    for model in dict.fromkeys(name for name, _ in cfg.runs):
+    for model in dict.fromkeys(r["model"] for r in results["runs"]):
         print(f"\n{model}\n\n{table(results, model)}")
-    print(f"\nran in {results['meta']['wall_seconds'] / 60:.1f} min; wrote")
+    verb = "merged" if args.merge else "ran in"
+    print(f"\n{verb} {results['meta']['wall_seconds'] / 60:.1f} min of runs; wrote")
     for path in (p for paths in written.values() for p in paths):
         print(f"  {path}")
     return 0

@@ -69,6 +69,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's); use 1 on a shared, busy machine")
     ap.add_argument("--out", help="results folder (default results/accuracy)")
+    ap.add_argument("--merge", nargs="+", metavar="DIR",
+                    help="run nothing: pool the results.json of earlier runs' --out folders (other seeds, "
+                         "tasks or methods, e.g. run in parallel) into one table, plot and JSON under --out")
 
 
 def from_args(args: argparse.Namespace) -> EvalConfig:

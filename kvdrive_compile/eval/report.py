@@ -122,6 +122,33 @@ def plot(run: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge(parts: list[dict]) -> dict:
+    """One result from several runs of the same harness (other seeds, tasks or methods, run in
+    parallel or on other machines): the records of equal (model, length) runs are pooled, so
+    each table cell averages over every sample; ``meta`` keeps the first run's settings, the
+    list of seeds, the summed sample count and wall time, and every method run."""
+    if not parts:
+        raise ValueError("merge needs at least one result")
+    for i, part in enumerate(parts):
+        try:
+            validate(part)
+        except ValueError as e:
+            raise ValueError(f"result {i}: {e}") from None
+    runs: dict[tuple[str, int], dict] = {}
+    for part in parts:
+        for run in part["runs"]:
+            key = (run["model"], run["length"])
+            runs.setdefault(key, {"model": run["model"], "length": run["length"], "records": []})
+            runs[key]["records"] += run["records"]
+    meta = dict(parts[0]["meta"])
+    meta["seeds"] = [p["meta"]["seed"] for p in parts]
+    meta["samples"] = sum(p["meta"]["samples"] for p in parts)
+    meta["wall_seconds"] = sum(p["meta"]["wall_seconds"] for p in parts)
+    meta["methods_run"] = list(dict.fromkeys(m for p in parts for m in p["meta"]["methods_run"]))
+    meta["tasks"] = list(dict.fromkeys(t for p in parts for t in p["meta"]["tasks"]))
+    return {"meta": meta, "runs": list(runs.values())}
+
+
 def write(results: dict, out: str | Path) -> dict[str, list[Path]]:
     """results.json, a table per model (``table_<model>.md``) and a plot per (model, length)."""
     validate(results)
