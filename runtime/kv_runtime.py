@@ -133,6 +133,13 @@ class KVRuntime:
             for f in session.disk_files.values():
                 f.close()
             session.plans.clear()
+            # the placement heaps drop stale entries lazily, at eviction; without a budget
+            # nothing is ever evicted, so drop this session's here, or they keep its layers
+            # (and their block summaries) alive for as long as the runtime lives
+            for tier, heap in self._lru.items():
+                kept = [e for e in heap if e[1].session_id != session_id]
+                heapq.heapify(kept)
+                self._lru[tier] = kept
             session.closed = True
             del self.sessions[session_id]
             self.standins.forget(session_id)

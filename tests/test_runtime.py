@@ -92,6 +92,30 @@ def test_sessions_do_not_see_each_other():
     rt.close()
 
 
+@pytest.mark.parametrize("device_memory", [None, 4 * 8 * 16 * 4 * 2])
+def test_released_sessions_leave_nothing_alive(device_memory):
+    """A long-lived runtime (no budget: nothing is ever evicted) must not keep the layers of
+    released sessions, nor their block summaries, through its placement bookkeeping."""
+    import gc
+    import weakref
+
+    rt = KVRuntime(block_size=8, device_memory=device_memory)
+    refs = []
+    for _ in range(3):
+        s = rt.open_session()
+        for layer in range(2):
+            k = torch.randn(1, 2, 40, 16)
+            kv = rt.layer(s, layer, k, False)
+            rt.append(kv, k, torch.randn_like(k))
+            refs += [weakref.ref(kv), weakref.ref(kv.summaries)]
+        rt.release(s.id)
+        del s, kv
+    gc.collect()
+    assert [r for r in refs if r() is not None] == []
+    assert all(len(heap) == 0 for heap in rt._lru.values())
+    rt.close()
+
+
 def test_prefill_is_causal_and_sliding_window_drops_blocks():
     torch.manual_seed(2)
     rt = KVRuntime(block_size=4, device_memory=4096, host_memory=4096)
