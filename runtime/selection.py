@@ -9,24 +9,31 @@ import torch
 from .layer_kv import LayerKV
 
 
+# The default token budget: the smallest of 256/512/1024/2048 whose average score in the
+# accuracy harness was within 1 point of dense attention at 8K tokens on SmolLM2-135M
+# (README, "Accuracy harness"). Pass token_budget=None for exact attention.
+DEFAULT_TOKEN_BUDGET = 512
+
+
 @dataclass(frozen=True)
 class SelectionPolicy:
     """What each decode step attends (the user passes these fields as flat compile options).
 
     token_budget: tokens per (sequence, kv_head) and step (int), a fraction of the context
-    (float in (0, 1]), or None for every token. sink_tokens, local_window: always attended, the
+    (float in (0, 1]), or None for every token (exact attention); default
+    ``DEFAULT_TOKEN_BUDGET``, so contexts up to about that many tokens stay exact. sink_tokens, local_window: always attended, the
     first and the last tokens. dense_layers: the first layers stay exact. block_summary:
     "qkeys" (every key at 2 bits within its block's min/max: per-token estimates of q.k),
     "minmax" (Quest's per-channel bound of q.k) or "mean" (the mean key). score_aggregation:
     how the query heads of a KV head combine their block scores, "max" (of the raw scores) or
-    "prob" (of each head's estimated attention share; see ``rank_blocks``). selection: "topk" (best-scored blocks, plus
-    sink and local window) or "window" (sink and the most recent blocks only: StreamingLLM).
+    "prob" (of each head's estimated attention share; see ``rank_blocks``). selection: "topk"
+    (best-scored blocks, plus sink and local window) or "window" (sink and the most recent blocks only: StreamingLLM).
     attention: "split" computes on each tier's blocks where they lie (host and disk blocks on
     the CPU); "fetch" copies every selected host/disk block to the device each step and
     attends there (the FlexGen / InfiniGen designs, kept as baselines).
     """
 
-    token_budget: Optional[Union[int, float]] = None
+    token_budget: Optional[Union[int, float]] = DEFAULT_TOKEN_BUDGET
     selection: str = "topk"
     block_summary: str = "qkeys"
     score_aggregation: str = "max"
@@ -42,7 +49,7 @@ class SelectionPolicy:
         return max(1, int(b * context)) if isinstance(b, float) else int(b)
 
 
-EXACT = SelectionPolicy()
+EXACT = SelectionPolicy(token_budget=None)
 
 # (block summary, aggregation over the query rows of a KV head), by name
 SCORERS = {f"{summary}+{aggregation}": (summary, aggregation)

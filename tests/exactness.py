@@ -18,7 +18,10 @@ def compiled_copy_forward(model, **options):
 
 @torch.no_grad()
 def greedy_both(model, ids, new_tokens, attention_mask=None, **options):
-    """(eager tokens, kvdrive tokens) of greedy generation; restores the eager forward."""
+    """(eager tokens, kvdrive tokens) of greedy generation; restores the eager forward.
+
+    Exact attention (``token_budget=None``) unless the caller passes a budget."""
+    options.setdefault("token_budget", None)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     if attention_mask is not None:
         kw["attention_mask"] = attention_mask

@@ -4,6 +4,7 @@ import torch
 
 from kvdrive_compile import parse_options, parse_size
 from kvdrive_compile.options import valid_keys
+from kvdrive_compile.runtime.selection import DEFAULT_TOKEN_BUDGET
 
 
 @pytest.mark.parametrize("value,expected", [
@@ -26,7 +27,10 @@ def test_bad_sizes(value, error, match):
 
 def test_defaults():
     o = parse_options(None)
-    assert (o.block_size, o.policy.token_budget, o.device_memory, o.host_memory, o.disk_dir) == (16, None, None, None, None)
+    assert (o.block_size, o.device_memory, o.host_memory, o.disk_dir) == (16, None, None, None)
+    assert o.policy.token_budget == DEFAULT_TOKEN_BUDGET == 512
+    assert (o.policy.block_summary, o.policy.score_aggregation) == ("qkeys", "max")
+    assert parse_options({"token_budget": None}).policy.token_budget is None       # exact
 
 
 def test_unknown_option_names_valid_keys():

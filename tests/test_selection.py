@@ -106,7 +106,7 @@ def test_dense_layers_and_no_budget_select_everything():
     rt, kv, _ = layer_with_constant_blocks(1, 1, 8, 10, layer=1)
     q = torch.randn(1, 1, 1, 8)
     assert select_blocks(kv, SelectionPolicy(token_budget=2 * BS), q, 0, 80).shape[1] == 10   # layer 1 < 2
-    assert select_blocks(kv, SelectionPolicy(), q, 0, 80).shape[1] == 10                      # no budget
+    assert select_blocks(kv, SelectionPolicy(token_budget=None), q, 0, 80).shape[1] == 10        # no budget
     assert select_blocks(kv, SelectionPolicy(token_budget=0.5, dense_layers=0), q, 0, 80).shape[1] == 5
     rt.close()
 
