@@ -58,7 +58,7 @@ def main() -> None:
     ids = tok(text, return_tensors="pt").input_ids
     ref, ref_cache, ref_first, ref_decode = generate(model, ids, args.new)    # eager HF, all KV in memory
     del ref_cache
-    # exact attention (the default budget would attend 512 of the prompt's tokens per step):
+    # exact attention (the default budget would attend 1,024 of the prompt's tokens per step):
     # the demo shows that the three tiers change nothing
     options = {"device_memory": args.device_memory, "host_memory": args.host_memory, "token_budget": None}
     model.forward = torch.compile(model.forward, backend="kvdrive", options=options)

@@ -28,7 +28,7 @@ def test_bad_sizes(value, error, match):
 def test_defaults():
     o = parse_options(None)
     assert (o.block_size, o.device_memory, o.host_memory, o.disk_dir) == (16, None, None, None)
-    assert o.policy.token_budget == DEFAULT_TOKEN_BUDGET == 512
+    assert o.policy.token_budget == DEFAULT_TOKEN_BUDGET == 1024
     assert (o.policy.block_summary, o.policy.score_aggregation) == ("qkeys", "max")
     assert parse_options({"token_budget": None}).policy.token_budget is None       # exact
 
