@@ -117,22 +117,29 @@ class BlockSummaries:
         if kind == "mean":
             mean = self.ksum[:, ids] / counts.to(self.device).clamp_min(1).view(1, -1, 1)
             return torch.bmm(qf, mean.transpose(1, 2)) * scale + log_count
-        lo, hi = self.kmin[:, ids], self.kmax[:, ids]                                  # [rows, nb, D]
-        bound = torch.maximum(qf[:, :, None] * lo[:, None], qf[:, :, None] * hi[:, None]).sum(-1)
-        bound = bound * scale + log_count                                             # [rows, R, nb]
-        if kind == "minmax":
-            return bound
-        if kind != "qkeys":
+        if kind not in ("minmax", "qkeys"):
             raise ValueError(f"block summary {kind!r} is not known: use 'minmax', 'mean' or 'qkeys'")
         done = (ids + 1) * self.block_size <= self.length                             # quantized blocks
-        if not bool(done.any()):
-            return bound
-        sel = ids[done]
-        score = {"cpu": qkeys_log_mass, "cuda": qkeys_log_mass_triton}.get(self.device.type, qkeys_log_mass_torch)
-        lse = score(self.codes, self.kmin, self.kmax, qf, sel, scale)                 # [rows, R, n]
-        out = bound.clone()
-        out[:, :, done] = lse
+        if kind == "minmax" or not bool(done.all()):
+            rest = slice(None) if kind == "minmax" else ~done          # qkeys: the open block only
+            out = self._bound(qf, ids[rest], log_count[rest], scale)
+            if kind == "minmax":
+                return out
+            full = out.new_empty((qf.shape[0], qf.shape[1], ids.numel()))
+            full[:, :, ~done] = out
+            out = full
+        else:
+            out = qf.new_empty((qf.shape[0], qf.shape[1], ids.numel()))
+        if bool(done.any()):
+            score = {"cpu": qkeys_log_mass, "cuda": qkeys_log_mass_triton}.get(self.device.type, qkeys_log_mass_torch)
+            out[:, :, done] = score(self.codes, self.kmin, self.kmax, qf, ids[done], scale)   # [rows, R, n]
         return out
+
+    def _bound(self, qf: torch.Tensor, ids: torch.Tensor, log_count: torch.Tensor, scale: float) -> torch.Tensor:
+        """Quest's bound ``scale * sum_c max(q_c min_c, q_c max_c) + log(count)``: ``[rows, R, n]``."""
+        lo, hi = self.kmin[:, ids], self.kmax[:, ids]                                  # [rows, n, D]
+        bound = torch.maximum(qf[:, :, None] * lo[:, None], qf[:, :, None] * hi[:, None]).sum(-1)
+        return bound * scale + log_count
 
 
 def summary_bytes_per_token(head_dim: int, block_size: int) -> float:
