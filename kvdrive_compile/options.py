@@ -40,8 +40,8 @@ class KVDriveOptions:
     """Options of ``torch.compile(..., backend="kvdrive", options={...})``.
 
     block_size: tokens per KV block. policy: what each step attends (``token_budget``,
-    ``selection``, ``block_summary``, ``score_aggregation``, ``sink_tokens``, ``local_window``, ``dense_layers``,
-    ``attention``: see ``SelectionPolicy``; the user passes them as flat options).
+    ``selection``, ``block_summary``, ``score_aggregation``, ``sink_tokens``, ``local_window``,
+    ``dense_layers``, ``attention``: see ``SelectionPolicy``; the user passes them as flat options).
     device_memory, host_memory: KV bytes allowed on each tier (None: no limit); beyond the host
     budget KV goes to disk, in a private directory under ``disk_dir`` (default: the system temp
     directory). dump_dir: where pass-inspection dumps go (default: $KVDRIVE_DUMP_DIR, else none).

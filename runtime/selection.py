@@ -22,13 +22,15 @@ class SelectionPolicy:
 
     token_budget: tokens per (sequence, kv_head) and step (int), a fraction of the context
     (float in (0, 1]), or None for every token (exact attention); default
-    ``DEFAULT_TOKEN_BUDGET``, so contexts up to about that many tokens stay exact. sink_tokens, local_window: always attended, the
-    first and the last tokens. dense_layers: the first layers stay exact. block_summary:
+    ``DEFAULT_TOKEN_BUDGET``, so contexts up to about that many tokens stay exact.
+    sink_tokens, local_window: always attended, the first and the last tokens. dense_layers:
+    the first layers stay exact. block_summary:
     "qkeys" (every key at 2 bits within its block's min/max: per-token estimates of q.k),
     "minmax" (Quest's per-channel bound of q.k) or "mean" (the mean key). score_aggregation:
-    how the query heads of a KV head combine their block scores, "max" (of the raw scores) or
-    "prob" (of each head's estimated attention share; see ``rank_blocks``). selection: "topk"
-    (best-scored blocks, plus sink and local window) or "window" (sink and the most recent blocks only: StreamingLLM).
+    how the query heads of a KV head combine their block scores, "max" (of the estimated log
+    attention masses) or "prob" (of each head's estimated attention share; see
+    ``rank_blocks``). selection: "topk" (best-scored blocks, plus sink and local window) or
+    "window" (sink and the most recent blocks only: StreamingLLM).
     attention: "split" computes on each tier's blocks where they lie (host and disk blocks on
     the CPU); "fetch" copies every selected host/disk block to the device each step and
     attends there (the FlexGen / InfiniGen designs, kept as baselines).
@@ -84,8 +86,9 @@ def select_blocks(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
                   scale: float = 1.0) -> torch.Tensor:
     """The blocks each (sequence, kv_head) attends this step: int64 ``[rows, n]``, ascending.
 
-    q: ``[B, Hq, Q, D]``; scale: the softmax scale (the "prob" aggregation needs it). Exact (every block of the window) when there is no budget, for the
-    first ``dense_layers`` layers, for sliding-window layers, and when the budget covers it all.
+    q: ``[B, Hq, Q, D]``; scale: the softmax scale (the scores are estimated log attention
+    masses). Exact (every block of the window) when there is no budget, for the first
+    ``dense_layers`` layers, for sliding-window layers, and when the budget covers it all.
     """
     ids = window_blocks(kv, start, end)
     budget = policy.budget_tokens(end - start)

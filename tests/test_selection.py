@@ -68,28 +68,29 @@ def test_gqa_aggregates_by_max_over_query_heads():
 
 @pytest.mark.parametrize("summary", ["minmax", "mean", "qkeys"])
 def test_prob_aggregation_keeps_the_block_one_head_points_at(summary):
-    """Head 1 scores every block high (its query follows a direction all keys share), head 0
-    points at block 7: the raw maximum follows head 1's small differences, the attention shares
-    ("prob") keep block 7."""
+    """Head 1 scores every block high (its query follows a direction all keys share, rising
+    slightly with the block), head 0 points at block 7: the maximum follows head 1's small
+    differences, the attention shares ("prob") keep block 7."""
     nb, d = 20, 8
     rt, kv, block_keys = layer_with_constant_blocks(1, 1, d, nb)
     shared = torch.zeros(d)
     shared[0] = 1.0
     rt.close()
     block_keys = block_keys.clone()
-    block_keys[..., 0] = 5.0                                     # every block shares channel 0
+    block_keys[..., 0] = 5.0 + 0.01 * torch.arange(nb)          # every block shares channel 0
     k = block_keys[:, :, :, None].expand(1, 1, nb, BS, d).reshape(1, 1, nb * BS, d).contiguous()
     rt = KVRuntime(block_size=BS)
     kv = rt.layer(rt.open_session(), 5, k, keeps_last=False)
     rt.append(kv, k, torch.randn_like(k))
     q = torch.zeros(1, 2, 1, d)
-    q[0, 0, 0, 1:] = block_keys[0, 0, 7, 1:] * 3                 # head 0: block 7
+    q[0, 0, 0, 1:] = block_keys[0, 0, 7, 1:]                     # head 0: block 7 (below head 1)
     q[0, 1, 0] = shared * 10                                     # head 1: all blocks alike, and high
     chosen = {}
     for aggregation in ("max", "prob"):
         policy = SelectionPolicy(token_budget=BS, sink_tokens=0, local_window=0, block_summary=summary,
                                  score_aggregation=aggregation)
         chosen[aggregation] = select_blocks(kv, policy, q, 0, nb * BS, scale=1.0)[0].tolist()
+    assert chosen["max"] == [nb - 1]                             # head 1's slightly highest block
     assert chosen["prob"] == [7]
     rt.close()
 
