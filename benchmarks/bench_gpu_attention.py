@@ -5,7 +5,10 @@
 One decode token, Hkv 8 KV heads, GQA 4, head_dim 128, fp16 and bf16 pools; each (sequence,
 KV head) selects ``tokens`` tokens as blocks at random slots of a pool twice that size.
 Each configuration is first checked against float64 attention on fresh random data, then
-timed with triton.testing.do_bench (median; L2 cleared between runs). "GB/s" counts the K/V
+timed with triton.testing.do_bench (median; L2 cleared between runs, each call launched from
+Python as the runtime launches it) and with do_bench_cudagraph ("graph": calls replayed from a
+CUDA graph, so the GPU time alone, without the host's launch cost; "host us" is the CPU time
+one call takes to launch). "GB/s" counts the K/V
 bytes read; "copy GB/s" is a device-to-device copy of 2 GiB measured in the same run (bytes
 read + written), the practical HBM ceiling. torch SDPA runs on the dense equivalent (the
 selected tokens already gathered, contiguous), as a model calls it (``enable_gqa=True``) and
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +77,7 @@ def copy_bandwidth(do_bench) -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
-def bench(batch, tokens, bs, dtype, copy_gbs, do_bench, gen, launch=DEFAULT_LAUNCH) -> dict:
+def bench(batch, tokens, bs, dtype, copy_gbs, do_bench, do_bench_cudagraph, gen, launch=DEFAULT_LAUNCH) -> dict:
     q, k_pool, v_pool, table, lens = make_selection(batch, tokens, bs, dtype, gen)
     scale = 1 / math.sqrt(HEAD_DIM)
     flat = table.long()                                                       # [B, Hkv, NB]
@@ -90,10 +94,19 @@ def bench(batch, tokens, bs, dtype, copy_gbs, do_bench, gen, launch=DEFAULT_LAUN
         "gather": lambda: paged_attention_torch(q, k_pool, v_pool, table, lens, scale),
     }
     ms = {name: do_bench(fn, return_mode="median") for name, fn in fns.items()}
-    gbs = 2 * k_dense.numel() * k_dense.element_size() / ms["ours"] / 1e6
+    graph_ms = do_bench_cudagraph(ours, return_mode="median")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(100):                    # host time per call: what a launch costs the CPU
+        ours()
+    host_us = (time.perf_counter() - start) * 1e4
+    torch.cuda.synchronize()
+    nbytes = 2 * k_dense.numel() * k_dense.element_size()
+    gbs = nbytes / ms["ours"] / 1e6
     return {
         "batch": batch, "tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "block": bs,
         "ms": ms["ours"], "GB/s": gbs, "copy GB/s": copy_gbs, "of copy": gbs / copy_gbs,
+        "graph ms": graph_ms, "of copy (graph)": nbytes / graph_ms / 1e6 / copy_gbs, "host us": host_us,
         "x SDPA(gqa)": ms["model"] / ms["ours"], "x SDPA(packed)": ms["packed"] / ms["ours"],
         "x gather": ms["gather"] / ms["ours"], "max err": err,
     }
@@ -114,7 +127,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu_attention needs a CUDA GPU and torch.cuda.is_available() is False "
                          "here; on a CPU-only machine run benchmarks/bench_cpu_attention.py")
-    from triton.testing import do_bench
+    from triton.testing import do_bench, do_bench_cudagraph
 
     print(f"{torch.cuda.get_device_name()}; Hkv {HKV}, GQA {GQA}, head_dim {HEAD_DIM}, one query token; {launch}")
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -126,9 +139,10 @@ def main() -> None:
                 for tokens in args.tokens:
                     if batch * tokens > 8 * 65536:      # pools, dense copies, gather baseline: < ~35 GB
                         continue
-                    rows.append(bench(batch, tokens, bs, getattr(torch, dt), copy_gbs, do_bench, gen, launch))
+                    rows.append(bench(batch, tokens, bs, getattr(torch, dt), copy_gbs, do_bench,
+                                       do_bench_cudagraph, gen, launch))
                     torch.cuda.empty_cache()
-    floatfmt = ("", "", "", "", ".3f", ".0f", ".0f", ".2f", ".2f", ".2f", ".2f", ".0e")
+    floatfmt = ("", "", "", "", ".3f", ".0f", ".0f", ".2f", ".3f", ".2f", ".0f", ".2f", ".2f", ".2f", ".0e")
     print(tabulate(rows, headers="keys", floatfmt=floatfmt, tablefmt="github"))
 
 

@@ -17,11 +17,11 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 # -P: the repository root must not shadow the installed package (its subpackages live elsewhere)
 python3 -P -c "import torch, triton, numba, kvdrive_compile; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__)"
-timeout 200 python3 -P benchmarks/tune_gpu_attention.py --json "$OUT/launch.json" 2>&1 | tee "$OUT/tune_gpu_attention.txt"
+timeout 220 python3 -P benchmarks/tune_gpu_attention.py --json "$OUT/launch.json" 2>&1 | tee "$OUT/tune_gpu_attention.txt"
 echo "tune rc=${PIPESTATUS[0]}"
 [ -s "$OUT/launch.json" ] && launch=(--launch "$OUT/launch.json") || launch=()
-timeout 200 python3 -P benchmarks/bench_gpu_attention.py "${launch[@]}" "$@" 2>&1 | tee "$OUT/bench_gpu_attention.txt"
+timeout 170 python3 -P benchmarks/bench_gpu_attention.py "${launch[@]}" "$@" 2>&1 | tee "$OUT/bench_gpu_attention.txt"
 echo "bench rc=${PIPESTATUS[0]}"
-KVDRIVE_TEST_DEVICE=cuda timeout 240 python3 -P -m pytest -q -x -p no:cacheprovider \
+KVDRIVE_TEST_DEVICE=cuda timeout 150 python3 -P -m pytest -q -x -p no:cacheprovider \
     tests/test_paged_attention.py tests/test_merge.py tests/test_hf_models.py 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
 echo "pytest rc=${PIPESTATUS[0]}"

@@ -26,18 +26,22 @@ from tabulate import tabulate
 from kvdrive_compile.kernels.paged_attention import LaunchConfig, paged_attention_triton
 
 SHAPES = [(8, 4096), (8, 16384), (8, 65536), (32, 16384)]        # (batch, selected tokens per head)
-GRID = dict(tile_bytes=[16384, 32768], programs_per_sm=[4, 8, 16], num_warps=[4, 8], num_stages=[2, 3, 4])
+GRID = dict(tile_bytes=[8192, 16384, 32768], programs_per_sm=[4, 8, 16, 32], num_warps=[4], num_stages=[2, 3],
+            fused_merge=[False, True])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write the best config here")
+    parser.add_argument("--grid", type=json.loads, default={},
+                        help='JSON overriding some of the grid\'s lists, e.g. \'{"num_stages": [2]}\'')
     args = parser.parse_args()
+    grid = {**GRID, **args.grid}
     from triton.testing import do_bench
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     copy_gbs = copy_bandwidth(do_bench)
-    configs = [LaunchConfig(*values) for values in itertools.product(*GRID.values())]
+    configs = [LaunchConfig(**dict(zip(grid, values))) for values in itertools.product(*grid.values())]
     scale = 1 / math.sqrt(HEAD_DIM)
     frac = {c: [] for c in configs}
     for batch, tokens in SHAPES:
@@ -58,6 +62,7 @@ def main() -> None:
     rows.sort(key=lambda r: -r["geomean"])
     print(f"{torch.cuda.get_device_name()}: fraction of copy bandwidth ({copy_gbs:.0f} GB/s), fp16, block 16")
     print(tabulate(rows[:12], headers="keys", floatfmt=".2f", tablefmt="github"))
+    print("best at 8x4K:", max(rows, key=lambda r: r["8x4K"]))
     default = [r for r in rows if LaunchConfig(**{k: r[k] for k in GRID}) == LaunchConfig()]
     print("current default:", default[0] if default else f"{LaunchConfig()} (not in the grid)")
     if args.json:

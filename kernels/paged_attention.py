@@ -4,10 +4,12 @@ Layout (shared with kernels/cpu_attention.py): ``k_pool, v_pool: [num_slots, blo
 ``block_table, block_lens: int32 [B, Hkv, NB]`` list, per (sequence, KV head), the slots it
 attends (``-1`` = unused entry) and how many leading tokens of each are valid.
 
-The Triton path is flash-decoding: ``_split_kernel`` runs one program per (sequence, KV head,
+The Triton path (kernels/triton_paged.py) is flash-decoding: ``split_kernel`` runs one program per (sequence, KV head,
 split of its block list), with all the query rows of that KV head (GQA group x query tokens)
 packed into one ``tl.dot`` operand, reading K/V straight from the pools through the block
-table; ``_merge_kernel`` combines the splits' partial results by their log-sum-exp.
+table. The splits' partial results are combined by their log-sum-exp either in the same launch
+(``LaunchConfig.fused_merge``: the last split of a (sequence, KV head) to finish, found with an
+atomic counter, merges them) or by a second kernel, ``merge_kernel``.
 Triton is imported on first use, so this module imports where Triton is missing.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = ["paged_attention", "paged_attention_torch", "paged_attention_triton",
 _LOG2E = 1.4426950408889634
 _MIN_DOT = 16               # tl.dot wants K >= 16 (and M >= 16 on some targets and versions)
 _MIN_BLOCKS_PER_SPLIT = 4   # below this a split's fixed cost outweighs the parallelism
+_MERGE_FLOATS = 4096        # partial outputs the merge holds at a time: splits x head_dim
 
 
 @dataclass(frozen=True)
@@ -36,17 +39,21 @@ class LaunchConfig:
     tile_bytes: bytes of K read per loop step, in whole blocks (16 KiB = 64 tokens of fp16 x 128);
     programs_per_sm: the block list of each (sequence, KV head) is split until about this many
     programs per multiprocessor run; num_warps / num_stages: as Triton takes them (num_warps
-    None: 4 up to head_dim 128, else 8; num_stages None: Triton's default).
+    None: 4 up to head_dim 128, else 8; num_stages None: Triton's default);
+    fused_merge: merge the splits in the split kernel itself (one launch instead of two; needs a
+    small per-stream counter buffer, see ``_split_counters``).
     """
-    tile_bytes: int = 16384
+    tile_bytes: int = 32768
     programs_per_sm: int = 16
     num_warps: Optional[int] = None
     num_stages: Optional[int] = 2
+    fused_merge: bool = False
 
 
-# the best of benchmarks/tune_gpu_attention.py's sweep on an H200 (fp16, block 16, head_dim 128:
-# 0.60/0.85/0.98/0.92 of copy bandwidth at 8x4K/8x16K/8x64K/32x16K; Triton's default of 3 stages
-# and 4 programs per SM gave 0.43-0.84)
+# the best of benchmarks/tune_gpu_attention.py's sweeps on an H100 (fp16, block 16, head_dim 128;
+# 2026-11-27): 0.65/0.87/0.97/0.97 of copy bandwidth at 8x4K/8x16K/8x64K/32x16K, per call from
+# Python; the GPU time alone (CUDA graph) gives 0.78 at 8x4K. The fused merge took the same GPU
+# time (0.057 ms at 8x4K) and no less host time in that run, so the simpler two launches stay.
 DEFAULT_LAUNCH = LaunchConfig()
 
 
@@ -107,120 +114,43 @@ def paged_attention_torch(
 
 @functools.cache
 def _triton_kernels():
-    """Define the Triton kernels on first use (importing triton is slow and may fail)."""
-    import triton
-    import triton.language as tl
+    """(split kernel, merge kernel), importing Triton on first use."""
+    from . import triton_paged
 
-    @triton.jit
-    def _split_kernel(
-        q_ptr,                  # [B*Hkv, R, D], any float dtype
-        k_ptr, v_ptr,           # [num_slots, BS, D]
-        table_ptr, lens_ptr,    # int32 [B*Hkv, NB]
-        out_ptr, lse_ptr,       # fp32 [B*Hkv, NSPLIT, R, D], [B*Hkv, NSPLIT, R]
-        qk_scale,               # softmax scale * log2(e): scores are kept in base 2
-        R, D, BS, NB, BLOCKS_PER_SPLIT,
-        ROWS: tl.constexpr,         # R padded to a power of two >= 16
-        HEAD_DIM: tl.constexpr,     # D padded to a power of two
-        BLOCK: tl.constexpr,        # BS padded to a power of two
-        BLOCKS_PER_STEP: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,  # "ieee": fp32 pools get exact dots, not tf32
-        UPCAST_DOTS: tl.constexpr,    # dot in fp32 (the interpreter cannot dot bf16: triton#11584)
-    ):
-        bh = tl.program_id(0).to(tl.int64)
-        split = tl.program_id(1)
-        nsplit = tl.num_programs(1)
-        rows = tl.arange(0, ROWS)
-        dims = tl.arange(0, HEAD_DIM)
-        row_ok = rows < R
-        dim_ok = dims < D
-        # -- q rows of this KV head, in the pool dtype for the tensor cores --
-        q = tl.load(q_ptr + (bh * R + rows[:, None]) * D + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        q = q.to(k_ptr.dtype.element_ty)
-        if UPCAST_DOTS:
-            q = q.to(tl.float32)
-        # -- token t of a step: block t // BLOCK of the step, position t % BLOCK in it --
-        TOKENS: tl.constexpr = BLOCK * BLOCKS_PER_STEP
-        tok = tl.arange(0, TOKENS)
-        blk = tok // BLOCK
-        pos = tok % BLOCK
-        m_i = tl.full([ROWS], float("-inf"), tl.float32)
-        l_i = tl.zeros([ROWS], tl.float32)
-        acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-        lo = split * BLOCKS_PER_SPLIT
-        hi = tl.minimum(lo + BLOCKS_PER_SPLIT, NB)
-        for j in range(lo, hi, BLOCKS_PER_STEP):
-            entry = j + blk
-            slot = tl.load(table_ptr + bh * NB + entry, mask=entry < hi, other=-1)
-            n = tl.load(lens_ptr + bh * NB + entry, mask=entry < hi, other=0)
-            tok_ok = (slot >= 0) & (pos < n) & (pos < BS)
-            offs = (slot.to(tl.int64) * BS + pos)[:, None] * D + dims[None, :]     # [TOKENS, HEAD_DIM]
-            kv_mask = tok_ok[:, None] & dim_ok[None, :]
-            # -- compute qk --
-            k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
-            if UPCAST_DOTS:
-                k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale        # [ROWS, TOKENS]
-            s = tl.where(tok_ok[None, :], s, float("-inf"))
-            # -- update m_i and l_i --
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)               # all masked so far
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            # -- acc += p @ v --
-            v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
-            p = p.to(v.dtype)                                                   # as the tensor cores see it
-            if UPCAST_DOTS:
-                p, v = p.to(tl.float32), v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-            m_i = m_new
-        # -- normalize; an empty split gives out 0, lse -inf --
-        has = l_i > 0.0
-        out = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-        part = bh * nsplit + split
-        tl.store(out_ptr + (part * R + rows[:, None]) * D + dims[None, :], out,
-                 mask=row_ok[:, None] & dim_ok[None, :])
-        tl.store(lse_ptr + part * R + rows, lse, mask=row_ok)
-
-    @triton.jit
-    def _merge_kernel(
-        part_out_ptr, part_lse_ptr,     # fp32 [B*Hkv, NSPLIT, R, D], [B*Hkv, NSPLIT, R]
-        out_ptr, lse_ptr,               # fp32 [B*Hkv*R, D], [B*Hkv*R]
-        R, D, NSPLIT,
-        SPLITS: tl.constexpr,           # NSPLIT padded to a power of two
-        HEAD_DIM: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)       # = bh * R + r
-        bh = row // R
-        r = row % R
-        sp = tl.arange(0, SPLITS)
-        dims = tl.arange(0, HEAD_DIM)
-        sp_ok = sp < NSPLIT
-        part = (bh * NSPLIT + sp) * R + r                                      # [SPLITS]
-        lse = tl.load(part_lse_ptr + part, mask=sp_ok, other=float("-inf"))
-        m = tl.max(lse, axis=0)
-        w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))                 # 0 for empty splits
-        o = tl.load(part_out_ptr + part[:, None] * D + dims[None, :],
-                    mask=(w > 0.0)[:, None] & (dims < D)[None, :], other=0.0)
-        total = tl.sum(w, axis=0)
-        safe = tl.where(total > 0.0, total, 1.0)
-        tl.store(out_ptr + row * D + dims, tl.sum(w[:, None] * o, axis=0) / safe, mask=dims < D)
-        tl.store(lse_ptr + row, tl.where(total > 0.0, m + tl.log(safe), float("-inf")))
-
-    return _split_kernel, _merge_kernel
+    return triton_paged.split_kernel, triton_paged.merge_kernel
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> Optional[torch.Tensor]:
+    """Zeroed int32 counters (>= n) for the fused merge, one buffer per (device, stream): the
+    kernel leaves them at zero, and kernels on one stream never overlap. None while a CUDA graph
+    is being captured and the stream has no buffer yet (a zero fill cannot run then)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
 def _plan_splits(bh: int, nb: int, blocks_per_step: int, device: torch.device,
                  programs_per_sm: int) -> tuple[int, int]:
     """(number of splits, blocks per split): about ``programs_per_sm`` programs per SM, whole
     steps per split."""
-    units = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    units = _multiprocessors(device)
     want = max(1, -(-programs_per_sm * units // bh))
     most = max(1, nb // _MIN_BLOCKS_PER_SPLIT)
     per = -(-nb // min(want, most))
@@ -260,24 +190,28 @@ def paged_attention_triton(
     block, head_dim = _next_pow2(bs), max(_MIN_DOT, _next_pow2(d))
     blocks_per_step = max(1, launch.tile_bytes // (head_dim * k_pool.element_size() * block))
     nsplit, per_split = _plan_splits(b * hkv, max(nb, 1), blocks_per_step, q.device, launch.programs_per_sm)
+    counters = _split_counters(q.device, b * hkv) if launch.fused_merge and nsplit > 1 else None
+    merge_splits = min(_next_pow2(nsplit), max(1, _MERGE_FLOATS // head_dim))
     if nsplit == 1:                                          # same layout: write the result directly
         part_out, part_lse = out, lse
     else:
         part_out = torch.empty(b * hkv, nsplit, r, d, device=q.device)
         part_lse = torch.empty(b * hkv, nsplit, r, device=q.device)
     split_kernel[(b * hkv, nsplit)](
-        q_rows, k_pool, v_pool, table, lens, part_out, part_lse,
+        q_rows, k_pool, v_pool, table, lens, part_out, part_lse, out, lse,
+        table if counters is None else counters,             # unused unless FUSED
         scale * _LOG2E, r, d, bs, nb, per_split,
         ROWS=max(_MIN_DOT, _next_pow2(r)), HEAD_DIM=head_dim, BLOCK=block,
         BLOCKS_PER_STEP=blocks_per_step, DOT_PRECISION="ieee",
         UPCAST_DOTS=k_pool.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        FUSED=counters is not None, SPLITS=merge_splits if counters is not None else 1,
         num_warps=launch.num_warps or (4 if head_dim <= 128 else 8),
         **({} if launch.num_stages is None else {"num_stages": launch.num_stages}),
     )
-    if nsplit > 1:
+    if nsplit > 1 and counters is None:
         merge_kernel[(b * hkv * r,)](
             part_out, part_lse, out, lse, r, d, nsplit,
-            SPLITS=_next_pow2(nsplit), HEAD_DIM=head_dim, num_warps=1 if head_dim <= 128 else 2,
+            SPLITS=merge_splits, HEAD_DIM=head_dim, num_warps=1 if head_dim <= 128 else 2,
         )
     if one_token:
         return out.squeeze(2), lse.squeeze(2)
