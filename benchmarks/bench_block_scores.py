@@ -5,8 +5,10 @@
 Summaries of ``context`` tokens for one sequence with Hkv KV heads (head_dim, GQA as given;
 default a Llama-3-8B layer: 8 KV heads, GQA 4, head_dim 128, block 16), scored for one decode
 token by each block summary (runtime/summaries.py). The qkeys scores come from the numba kernel
-on the CPU and the Triton kernel on CUDA; "qkeys (torch twin)" is the torch version. Prints the median time per call and the summary
-bytes per token.
+on the CPU and the Triton kernel on CUDA ("qkeys kernel (...)": the kernel called directly, at
+both dot precisions and a few launches); "qkeys (torch twin)" is the torch version. Prints the
+median time per call (synchronized), the qkeys bytes read per second, and the summary bytes per
+token.
 """
 from __future__ import annotations
 
@@ -57,13 +59,17 @@ def main() -> None:
         fns = {kind: (lambda kind=kind: s.scores(q, ids, kind, counts, d ** -0.5)) for kind in ("minmax", "mean", "qkeys")}
         qr = q.reshape(hkv, args.gqa, d)
         fns["qkeys (torch twin)"] = lambda: qkeys_log_mass_torch(s.codes, s.kmin, s.kmax, qr, ids, d ** -0.5)
-        if device.type == "cuda":
-            fns["qkeys (triton, tl.dot)"] = lambda: qkeys_log_mass_triton(s.codes, s.kmin, s.kmax, qr, ids,
-                                                                          d ** -0.5, use_dot=True)
+        if device.type == "cuda":       # the kernel alone, without the summary's own bookkeeping
+            for precision, pps, stages in [("tf32", 8, 3), ("tf32", 16, 2), ("ieee", 8, 3), ("ieee", 8, 2)]:
+                fns[f"qkeys kernel ({precision}, {pps}/SM, {stages} stages)"] = (
+                    lambda p=precision, a=pps, b=stages: qkeys_log_mass_triton(
+                        s.codes, s.kmin, s.kmax, qr, ids, d ** -0.5, precision=p, programs_per_sm=a, num_stages=b))
+        read = hkv * nb * (bs * s.codes.shape[-1] + 2 * d * 4)     # qkeys bytes read: codes, kmin, kmax
         for kind, fn in fns.items():
             sec = timed(fn, device)
             rows.append({"context": n, "summary": kind, "ms per layer": sec * 1e3,
-                         "us per 1K tokens": sec * 1e6 / (n / 1024)})
+                         "us per 1K tokens": sec * 1e6 / (n / 1024),
+                         "qkeys GB/s": read / sec / 1e9 if kind.startswith("qkeys") else None})
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} torch threads"
     print(f"{name}; Hkv {hkv}, GQA {args.gqa}, head_dim {d}, block {bs}; summaries "
           f"{summary_bytes_per_token(d, bs):.0f} bytes per token and KV head")

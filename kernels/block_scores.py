@@ -1,4 +1,5 @@
-"""Block scores from 2-bit quantized keys, on the CPU (numba): the "qkeys" block summary.
+"""Block scores from 2-bit quantized keys: the "qkeys" block summary, on the CPU (numba), on CUDA
+(Triton, kernels/triton_block_scores.py) and in torch ops (anywhere; the reference).
 
 Every key of a complete block is stored as 2-bit codes per channel within the block's own
 per-channel range ``[kmin, kmax]`` (4 codes per byte, channel ``4 * j + i`` in bits ``2i..2i+1``
@@ -117,62 +118,40 @@ def qkeys_log_mass_torch(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.T
     return torch.logsumexp(s * scale, dim=-1)
 
 
-# -- Triton (CUDA): one program per (row, block), all query rows of the KV head at once --
+# -- Triton (CUDA): kernels/triton_block_scores.py --
 
-@functools.cache
-def _triton_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _qkeys_kernel(packed_ptr, kmin_ptr, kmax_ptr, q_ptr, ids_ptr, out_ptr, scale,
-                      CAP, BS, D, D4, R, N,
-                      ROWS: tl.constexpr, TOKENS: tl.constexpr, DIMS: tl.constexpr, USE_DOT: tl.constexpr):
-        r = tl.program_id(0).to(tl.int64)
-        j = tl.program_id(1)
-        blk = tl.load(ids_ptr + j).to(tl.int64)
-        rows = tl.arange(0, ROWS)
-        toks = tl.arange(0, TOKENS)
-        dims = tl.arange(0, DIMS)
-        row_ok, tok_ok, dim_ok = rows < R, toks < BS, dims < D
-        lo = tl.load(kmin_ptr + (r * CAP + blk) * D + dims, mask=dim_ok, other=0.0)
-        hi = tl.load(kmax_ptr + (r * CAP + blk) * D + dims, mask=dim_ok, other=0.0)
-        q = tl.load(q_ptr + (r * R + rows[:, None]) * D + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)               # [ROWS, DIMS]
-        w = q * ((hi - lo) / 3.0)[None, :]
-        base = tl.sum(q * lo[None, :], axis=1)                                     # [ROWS]
-        byte = tl.load(packed_ptr + ((r * CAP + blk) * BS + toks[:, None]) * D4 + dims[None, :] // 4,
-                       mask=tok_ok[:, None] & dim_ok[None, :], other=0)            # [TOKENS, DIMS]
-        codes = ((byte >> ((dims[None, :] % 4) * 2).to(tl.uint8)) & 3).to(tl.float32)
-        if USE_DOT:     # [ROWS >= 16, DIMS] x [DIMS, TOKENS >= 16] on the tensor cores' fp32 path
-            s = base[:, None] + tl.dot(w, tl.trans(codes), input_precision="ieee")
-        else:
-            s = base[:, None] + tl.sum(w[:, None, :] * codes[None, :, :], axis=2)  # [ROWS, TOKENS]
-        s = tl.where(tok_ok[None, :], s * scale, float("-inf"))
-        m = tl.max(s, axis=1)
-        lse = m + tl.log(tl.sum(tl.exp(s - m[:, None]), axis=1))
-        tl.store(out_ptr + (r * R + rows) * N + j, lse, mask=row_ok)
-
-    return _qkeys_kernel
+_PROGRAMS_PER_SM = 8
 
 
 def _pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def qkeys_log_mass_triton(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,
-                          ids: torch.Tensor, scale: float, use_dot: bool = False) -> torch.Tensor:
-    """``qkeys_log_mass`` as a Triton kernel (CUDA; the interpreter elsewhere): one pass over the
-    packed codes, nothing unpacked in memory. use_dot: the scores as one ``tl.dot`` (rows and
-    tokens padded to 16) instead of a broadcast multiply-and-sum; slower on an H200 (1.2 against
-    0.76 ms per layer at 128K tokens, benchmarks/bench_block_scores.py), so off by default."""
+                          ids: torch.Tensor, scale: float, precision: str = "tf32",
+                          programs_per_sm: int = _PROGRAMS_PER_SM, num_stages: int = 3) -> torch.Tensor:
+    """``qkeys_log_mass`` as a Triton kernel (CUDA; the interpreter elsewhere): each program loops
+    over a range of the listed blocks, dequantizing a block's keys in registers and scoring all
+    query rows with one ``tl.dot``. precision: the dot's input precision, "tf32" (the tensor
+    cores; ~1e-3 relative error, enough to rank blocks) or "ieee" (exact fp32, ~1.7x slower on an
+    H100); programs_per_sm, num_stages: the launch (benchmarks/bench_block_scores.py)."""
+    from .triton_block_scores import qkeys_kernel
+
     rows, nq, d = q.shape
     cap, bs, d4 = packed.shape[1:]
-    out = torch.empty((rows, nq, ids.numel()), dtype=torch.float32, device=q.device)
-    if ids.numel() and rows and nq:
-        _triton_kernel()[(rows, ids.numel())](
+    n = ids.numel()
+    out = torch.empty((rows, nq, n), dtype=torch.float32, device=q.device)
+    if n and rows and nq:
+        want = max(1, -(-programs_per_sm * _multiprocessors(q.device) // rows))      # programs per row
+        per = -(-n // want)
+        qkeys_kernel[(rows, -(-n // per))](
             packed.contiguous(), kmin.contiguous(), kmax.contiguous(), q.float().contiguous(),
-            ids.contiguous(), out, float(scale), cap, bs, d, d4, nq, ids.numel(),
-            ROWS=max(16, _pow2(nq)) if use_dot else _pow2(nq), TOKENS=max(16, _pow2(bs)) if use_dot else _pow2(bs),
-            DIMS=max(16, _pow2(d)), USE_DOT=use_dot, num_warps=4)
+            ids.contiguous(), out, float(scale), cap, bs, d, d4, nq, n, per,
+            ROWS=max(16, _pow2(nq)), BLOCK=max(16, _pow2(bs)), DIMS=max(16, _pow2(d)), PRECISION=precision,
+            num_warps=4, num_stages=num_stages)
     return out

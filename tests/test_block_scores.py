@@ -4,6 +4,7 @@ import importlib.util
 
 import pytest
 import torch
+from triton_compile import compile_for_h100
 
 from kvdrive_compile.kernels.block_scores import (
     pack_codes,
@@ -50,14 +51,40 @@ def test_qkeys_log_mass_matches_float64(rows, nq, d, bs, impl):
 
 
 @needs_triton
-@pytest.mark.parametrize("use_dot", [True, False])
-@pytest.mark.parametrize("rows,nq,d,bs", [(1, 1, 64, 16), (2, 3, 16, 8), (1, 4, 6, 8)])
-def test_qkeys_triton_matches_float64(rows, nq, d, bs, use_dot):
-    """The Triton kernel (the interpreter on a CPU machine: small shapes) on the model's device."""
-    codes, packed, kmin, kmax, q, ids = case(rows, nq, d, bs, cap=5, seed=3)
-    got = qkeys_log_mass_triton(*(t.to(DEVICE) for t in (packed, kmin, kmax, q, ids)), 0.25, use_dot=use_dot)
+@pytest.mark.parametrize("programs_per_sm", [8, 1], ids=["block-per-program", "blocks-per-program"])
+@pytest.mark.parametrize("rows,nq,d,bs,cap", [(1, 1, 64, 16, 5), (2, 3, 16, 8, 23), (1, 4, 6, 8, 9), (2, 17, 16, 32, 7)])
+def test_qkeys_triton_matches_float64(rows, nq, d, bs, cap, programs_per_sm):
+    """The Triton kernel (the interpreter on a CPU machine: small shapes) on the model's device:
+    one block per program, or many with a shorter last range; query rows past 16; blocks under 16."""
+    codes, packed, kmin, kmax, q, ids = case(rows, nq, d, bs, cap=cap, seed=3)
+    got = qkeys_log_mass_triton(*(t.to(DEVICE) for t in (packed, kmin, kmax, q, ids)), 0.25,
+                                programs_per_sm=programs_per_sm, precision="ieee")
     assert got.shape == (rows, nq, ids.numel())
     torch.testing.assert_close(got.cpu().double(), reference(codes, kmin, kmax, q, ids, 0.25), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="tf32 is a tensor-core format: needs a GPU")
+def test_qkeys_triton_tf32_close():
+    codes, packed, kmin, kmax, q, ids = case(2, 4, 128, 16, cap=64, seed=4)
+    got = qkeys_log_mass_triton(*(t.to(DEVICE) for t in (packed, kmin, kmax, q, ids)), 128 ** -0.5, precision="tf32")
+    torch.testing.assert_close(got.cpu().double(), reference(codes, kmin, kmax, q, ids, 128 ** -0.5), rtol=1e-2, atol=1e-2)
+
+
+COMPILE_FOR_H100 = """
+from kvdrive_compile.kernels.triton_block_scores import qkeys_kernel
+types = {"packed_ptr": "*u8", "kmin_ptr": "*fp32", "kmax_ptr": "*fp32", "q_ptr": "*fp32", "ids_ptr": "*i64",
+         "out_ptr": "*fp32", "scale": "fp32"}
+for rows, block, dims, precision in [(16, 16, 128, "tf32"), (32, 32, 256, "ieee"), (16, 16, 16, "ieee")]:
+    constants = {"ROWS": rows, "BLOCK": block, "DIMS": dims, "PRECISION": precision}
+    signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in qkeys_kernel.arg_names}
+    compile(ASTSource(qkeys_kernel, signature, constants), target=target, options={"num_warps": 4, "num_stages": 3})
+print("compiled")
+"""
+
+
+@needs_triton
+def test_triton_kernel_compiles_for_h100():
+    compile_for_h100(COMPILE_FOR_H100)
 
 
 def test_no_blocks_and_bad_shapes():
