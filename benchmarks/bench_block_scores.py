@@ -54,16 +54,17 @@ def main() -> None:
         s.update(0, torch.randn(hkv, n, d, device=device))
         q = torch.randn(1, hkv * args.gqa, 1, d, device=device)
         nb = n // bs
-        ids = torch.arange(nb, device=device)
-        counts = torch.full((nb,), bs, device=device)
+        ids = torch.arange(nb)                            # on the host, as the runtime passes them
+        counts = torch.full((nb,), bs)
+        ids_dev = ids.to(device)
         fns = {kind: (lambda kind=kind: s.scores(q, ids, kind, counts, d ** -0.5)) for kind in ("minmax", "mean", "qkeys")}
         qr = q.reshape(hkv, args.gqa, d)
-        fns["qkeys (torch twin)"] = lambda: qkeys_log_mass_torch(s.codes, s.kmin, s.kmax, qr, ids, d ** -0.5)
+        fns["qkeys (torch twin)"] = lambda: qkeys_log_mass_torch(s.codes, s.kmin, s.kmax, qr, ids_dev, d ** -0.5)
         if device.type == "cuda":       # the kernel alone, without the summary's own bookkeeping
             for precision, pps, stages in [("tf32", 8, 3), ("tf32", 16, 2), ("ieee", 8, 3), ("ieee", 8, 2)]:
                 fns[f"qkeys kernel ({precision}, {pps}/SM, {stages} stages)"] = (
                     lambda p=precision, a=pps, b=stages: qkeys_log_mass_triton(
-                        s.codes, s.kmin, s.kmax, qr, ids, d ** -0.5, precision=p, programs_per_sm=a, num_stages=b))
+                        s.codes, s.kmin, s.kmax, qr, ids_dev, d ** -0.5, precision=p, programs_per_sm=a, num_stages=b))
         read = hkv * nb * (bs * s.codes.shape[-1] + 2 * d * 4)     # qkeys bytes read: codes, kmin, kmax
         for kind, fn in fns.items():
             sec = timed(fn, device)

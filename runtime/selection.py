@@ -70,7 +70,7 @@ def rank_blocks(summaries, q: torch.Tensor, ids: torch.Tensor, summary: str, agg
     estimates into shares of that row's attention (log-softmax over the blocks), so that a row
     whose scores are all high cannot outvote a row that points at one block.
     """
-    s = summaries.scores(q, ids.to(summaries.device), summary, counts, scale)   # [rows, G*Q, nb]
+    s = summaries.scores(q, ids, summary, counts, scale)                        # [rows, G*Q, nb]
     if aggregation == "prob":
         s = torch.log_softmax(s, dim=-1)
     return s.amax(1)

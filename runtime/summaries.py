@@ -114,25 +114,31 @@ class BlockSummaries:
         hkv = self.rows // b
         qf = q.to(self.device, torch.float32).reshape(b * hkv, (hq // hkv) * nq, d)    # [rows, R, D]
         log_count = counts.to(self.device, torch.float32).clamp_min(1).log()          # [nb]
+        # which blocks are quantized, decided on the host (the runtime's ids are CPU tensors):
+        # on a GPU a device-side mask would cost a sync per layer and step to read back
+        ids_host = ids if ids.device.type == "cpu" else ids.cpu()
+        ids = ids.to(self.device)
         if kind == "mean":
             mean = self.ksum[:, ids] / counts.to(self.device).clamp_min(1).view(1, -1, 1)
             return torch.bmm(qf, mean.transpose(1, 2)) * scale + log_count
         if kind not in ("minmax", "qkeys"):
             raise ValueError(f"block summary {kind!r} is not known: use 'minmax', 'mean' or 'qkeys'")
-        done = (ids + 1) * self.block_size <= self.length                             # quantized blocks
-        if kind == "minmax" or not bool(done.all()):
-            rest = slice(None) if kind == "minmax" else ~done          # qkeys: the open block only
-            out = self._bound(qf, ids[rest], log_count[rest], scale)
-            if kind == "minmax":
-                return out
-            full = out.new_empty((qf.shape[0], qf.shape[1], ids.numel()))
-            full[:, :, ~done] = out
-            out = full
-        else:
-            out = qf.new_empty((qf.shape[0], qf.shape[1], ids.numel()))
-        if bool(done.any()):
-            score = {"cpu": qkeys_log_mass, "cuda": qkeys_log_mass_triton}.get(self.device.type, qkeys_log_mass_torch)
-            out[:, :, done] = score(self.codes, self.kmin, self.kmax, qf, ids[done], scale)   # [rows, R, n]
+        if kind == "minmax":
+            return self._bound(qf, ids, log_count, scale)
+        done = (ids_host + 1) * self.block_size <= self.length                        # quantized blocks
+        n_done = int(done.sum())
+        score = {"cpu": qkeys_log_mass, "cuda": qkeys_log_mass_triton}.get(self.device.type, qkeys_log_mass_torch)
+        out = qf.new_empty((qf.shape[0], qf.shape[1], ids.numel()))
+        if bool(done[:n_done].all()):          # ascending ids: the quantized blocks, then the open one
+            if n_done:
+                out[:, :, :n_done] = score(self.codes, self.kmin, self.kmax, qf, ids[:n_done], scale)
+            if n_done < ids.numel():                                   # min/max bound for the open block
+                out[:, :, n_done:] = self._bound(qf, ids[n_done:], log_count[n_done:], scale)
+            return out
+        at = done.nonzero().squeeze(1).to(self.device)
+        rest = (~done).nonzero().squeeze(1).to(self.device)
+        out[:, :, at] = score(self.codes, self.kmin, self.kmax, qf, ids[at], scale)     # [rows, R, n]
+        out[:, :, rest] = self._bound(qf, ids[rest], log_count[rest], scale)
         return out
 
     def _bound(self, qf: torch.Tensor, ids: torch.Tensor, log_count: torch.Tensor, scale: float) -> torch.Tensor:

@@ -87,10 +87,13 @@ def test_scores_match_reference(batch, hkv, g, nq):
     qk = bound.clone()
     qk[:, :, : nb - 1] = torch.logsumexp(torch.einsum("rgd,rntd->rgnt", qd, kq) * scale, -1)
     want["qkeys"] = qk
+    perm = torch.randperm(nb, generator=torch.Generator().manual_seed(batch))   # the open block anywhere
     for kind, ref in want.items():
         got = s.scores(q, ids, kind, counts, scale)
         assert got.shape == (rows, g * nq, nb)
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4, msg=kind)
+        got = s.scores(q, ids[perm], kind, counts[perm], scale)                 # any order of ids
+        torch.testing.assert_close(got.double(), ref[:, :, perm], rtol=1e-4, atol=1e-4, msg=kind)
 
 
 def test_qkeys_error_is_within_half_a_step():
