@@ -26,8 +26,7 @@ from tabulate import tabulate
 from kvdrive_compile.kernels.paged_attention import LaunchConfig, paged_attention_triton
 
 SHAPES = [(8, 4096), (8, 16384), (8, 65536), (32, 16384)]        # (batch, selected tokens per head)
-GRID = dict(tile_bytes=[8192, 16384, 32768], programs_per_sm=[4, 8, 16, 32], num_warps=[4], num_stages=[2, 3],
-            fused_merge=[False, True])
+GRID = dict(tile_bytes=[8192, 16384, 32768], programs_per_sm=[4, 8, 16, 32], num_warps=[4], num_stages=[2, 3])
 
 
 def main() -> None:

@@ -7,9 +7,8 @@ attends (``-1`` = unused entry) and how many leading tokens of each are valid.
 The Triton path (kernels/triton_paged.py) is flash-decoding: ``split_kernel`` runs one program per (sequence, KV head,
 split of its block list), with all the query rows of that KV head (GQA group x query tokens)
 packed into one ``tl.dot`` operand, reading K/V straight from the pools through the block
-table. The splits' partial results are combined by their log-sum-exp either in the same launch
-(``LaunchConfig.fused_merge``: the last split of a (sequence, KV head) to finish, found with an
-atomic counter, merges them) or by a second kernel, ``merge_kernel``.
+table; ``merge_kernel`` combines the splits' partial results by their log-sum-exp, a chunk of
+splits at a time (so any number of splits fits in registers).
 Triton is imported on first use, so this module imports where Triton is missing.
 """
 from __future__ import annotations
@@ -39,21 +38,17 @@ class LaunchConfig:
     tile_bytes: bytes of K read per loop step, in whole blocks (16 KiB = 64 tokens of fp16 x 128);
     programs_per_sm: the block list of each (sequence, KV head) is split until about this many
     programs per multiprocessor run; num_warps / num_stages: as Triton takes them (num_warps
-    None: 4 up to head_dim 128, else 8; num_stages None: Triton's default);
-    fused_merge: merge the splits in the split kernel itself (one launch instead of two; needs a
-    small per-stream counter buffer, see ``_split_counters``).
+    None: 4 up to head_dim 128, else 8; num_stages None: Triton's default).
     """
     tile_bytes: int = 32768
     programs_per_sm: int = 16
     num_warps: Optional[int] = None
     num_stages: Optional[int] = 2
-    fused_merge: bool = False
 
 
 # the best of benchmarks/tune_gpu_attention.py's sweeps on an H100 (fp16, block 16, head_dim 128;
 # 2026-11-27): 0.65/0.87/0.97/0.97 of copy bandwidth at 8x4K/8x16K/8x64K/32x16K, per call from
-# Python; the GPU time alone (CUDA graph) gives 0.78 at 8x4K. The fused merge took the same GPU
-# time (0.057 ms at 8x4K) and no less host time in that run, so the simpler two launches stay.
+# Python; the GPU time alone (CUDA graph) gives 0.78 at 8x4K.
 DEFAULT_LAUNCH = LaunchConfig()
 
 
@@ -129,23 +124,6 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device, n: int) -> Optional[torch.Tensor]:
-    """Zeroed int32 counters (>= n) for the fused merge, one buffer per (device, stream): the
-    kernel leaves them at zero, and kernels on one stream never overlap. None while a CUDA graph
-    is being captured and the stream has no buffer yet (a zero fill cannot run then)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
-
-
 def _plan_splits(bh: int, nb: int, blocks_per_step: int, device: torch.device,
                  programs_per_sm: int) -> tuple[int, int]:
     """(number of splits, blocks per split): about ``programs_per_sm`` programs per SM, whole
@@ -190,28 +168,24 @@ def paged_attention_triton(
     block, head_dim = _next_pow2(bs), max(_MIN_DOT, _next_pow2(d))
     blocks_per_step = max(1, launch.tile_bytes // (head_dim * k_pool.element_size() * block))
     nsplit, per_split = _plan_splits(b * hkv, max(nb, 1), blocks_per_step, q.device, launch.programs_per_sm)
-    counters = _split_counters(q.device, b * hkv) if launch.fused_merge and nsplit > 1 else None
-    merge_splits = min(_next_pow2(nsplit), max(1, _MERGE_FLOATS // head_dim))
     if nsplit == 1:                                          # same layout: write the result directly
         part_out, part_lse = out, lse
     else:
         part_out = torch.empty(b * hkv, nsplit, r, d, device=q.device)
         part_lse = torch.empty(b * hkv, nsplit, r, device=q.device)
     split_kernel[(b * hkv, nsplit)](
-        q_rows, k_pool, v_pool, table, lens, part_out, part_lse, out, lse,
-        table if counters is None else counters,             # unused unless FUSED
+        q_rows, k_pool, v_pool, table, lens, part_out, part_lse,
         scale * _LOG2E, r, d, bs, nb, per_split,
         ROWS=max(_MIN_DOT, _next_pow2(r)), HEAD_DIM=head_dim, BLOCK=block,
         BLOCKS_PER_STEP=blocks_per_step, DOT_PRECISION="ieee",
         UPCAST_DOTS=k_pool.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        FUSED=counters is not None, SPLITS=merge_splits if counters is not None else 1,
         num_warps=launch.num_warps or (4 if head_dim <= 128 else 8),
         **({} if launch.num_stages is None else {"num_stages": launch.num_stages}),
     )
-    if nsplit > 1 and counters is None:
+    if nsplit > 1:
         merge_kernel[(b * hkv * r,)](
             part_out, part_lse, out, lse, r, d, nsplit,
-            SPLITS=merge_splits, HEAD_DIM=head_dim, num_warps=1 if head_dim <= 128 else 2,
+            SPLITS=min(_next_pow2(nsplit), max(1, _MERGE_FLOATS // head_dim)), HEAD_DIM=head_dim, num_warps=1 if head_dim <= 128 else 2,
         )
     if one_token:
         return out.squeeze(2), lse.squeeze(2)

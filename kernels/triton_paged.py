@@ -2,8 +2,7 @@
 slow and may fail where it is not installed). See that module for the layout and the contract.
 
 ``split_kernel``: one program per (sequence, KV head, split of its block list), flash-decoding
-style; with ``FUSED`` the last split of a (sequence, KV head) to finish (an atomic counter) merges
-them all. ``merge_kernel``: the merge as a second launch, one program per query row.
+style; ``merge_kernel``: the splits' log-sum-exp merge, one program per query row.
 """
 import triton
 import triton.language as tl
@@ -14,9 +13,7 @@ def split_kernel(
     q_ptr,                  # [B*Hkv, R, D], any float dtype
     k_ptr, v_ptr,           # [num_slots, BS, D]
     table_ptr, lens_ptr,    # int32 [B*Hkv, NB]
-    out_ptr, lse_ptr,       # fp32 [B*Hkv, NSPLIT, R, D], [B*Hkv, NSPLIT, R]: partial results
-    final_out_ptr, final_lse_ptr,   # fp32 [B*Hkv*R, D], [B*Hkv*R]: written when FUSED
-    count_ptr,              # int32 [>= B*Hkv], zeros: splits finished per (sequence, KV head)
+    out_ptr, lse_ptr,       # fp32 [B*Hkv, NSPLIT, R, D], [B*Hkv, NSPLIT, R]
     qk_scale,               # softmax scale * log2(e): scores are kept in base 2
     R, D, BS, NB, BLOCKS_PER_SPLIT,
     ROWS: tl.constexpr,         # R padded to a power of two >= 16
@@ -25,8 +22,6 @@ def split_kernel(
     BLOCKS_PER_STEP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee": fp32 pools get exact dots, not tf32
     UPCAST_DOTS: tl.constexpr,    # dot in fp32 (the interpreter cannot dot bf16: triton#11584)
-    FUSED: tl.constexpr,          # the last split to finish merges all splits (NSPLIT > 1)
-    SPLITS: tl.constexpr,         # splits the merge reads at a time (power of two)
 ):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -85,26 +80,21 @@ def split_kernel(
     tl.store(out_ptr + (part * R + rows[:, None]) * D + dims[None, :], out,
              mask=row_ok[:, None] & dim_ok[None, :])
     tl.store(lse_ptr + part * R + rows, lse, mask=row_ok)
-    if FUSED:
-        # -- the last split of this (sequence, KV head) to get here merges them all --
-        tl.debug_barrier()                  # every thread's partial stores precede the release
-        done = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel", scope="gpu")
-        if done == nsplit - 1:
-            tl.atomic_xchg(count_ptr + bh, 0, sem="relaxed", scope="gpu")  # zero for the next call
-            for r_i in range(0, R):
-                merge_row(out_ptr, lse_ptr, final_out_ptr, final_lse_ptr, bh, r_i, R, D, nsplit,
-                           SPLITS=SPLITS, HEAD_DIM=HEAD_DIM)
+
 
 @triton.jit
-def merge_row(
+def merge_kernel(
     part_out_ptr, part_lse_ptr,     # fp32 [B*Hkv, NSPLIT, R, D], [B*Hkv, NSPLIT, R]
     out_ptr, lse_ptr,               # fp32 [B*Hkv*R, D], [B*Hkv*R]
-    bh, r, R, D, NSPLIT,
+    R, D, NSPLIT,
     SPLITS: tl.constexpr,           # splits read at a time (power of two)
     HEAD_DIM: tl.constexpr,
 ):
-    """Row r of (sequence, KV head) bh: the log-sum-exp merge of its NSPLIT partial results,
-    SPLITS at a time (an online merge, so any number of splits fits in registers)."""
+    """One query row: the log-sum-exp merge of its NSPLIT partial results, SPLITS at a time (an
+    online merge, so any number of splits fits in registers)."""
+    row = tl.program_id(0).to(tl.int64)       # = bh * R + r
+    bh = row // R
+    r = row % R
     sp = tl.arange(0, SPLITS)
     dims = tl.arange(0, HEAD_DIM)
     dim_ok = dims < D
@@ -112,32 +102,17 @@ def merge_row(
     total = tl.zeros([1], tl.float32)
     acc = tl.zeros([HEAD_DIM], tl.float32)
     for s0 in range(0, NSPLIT, SPLITS):
-        sp_ok = s0 + sp < NSPLIT
-        part = (bh * NSPLIT + s0 + sp) * R + r                             # [SPLITS]
-        # .cg: read from L2, where other programs of the same launch stored them
-        lse = tl.load(part_lse_ptr + part, mask=sp_ok, other=float("-inf"), cache_modifier=".cg")
+        part = (bh * NSPLIT + s0 + sp) * R + r                                 # [SPLITS]
+        lse = tl.load(part_lse_ptr + part, mask=s0 + sp < NSPLIT, other=float("-inf"))
         m_new = tl.maximum(m, tl.max(lse, axis=0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.exp(lse - m_use)                                            # 0 for empty splits
+        w = tl.exp(lse - m_use)                                                # 0 for empty splits
         o = tl.load(part_out_ptr + part[:, None] * D + dims[None, :],
-                    mask=(w > 0.0)[:, None] & dim_ok[None, :], other=0.0, cache_modifier=".cg")
+                    mask=(w > 0.0)[:, None] & dim_ok[None, :], other=0.0)
         alpha = tl.exp(m - m_use)
         total = total * alpha + tl.sum(w, axis=0)
         acc = acc * alpha + tl.sum(w[:, None] * o, axis=0)
         m = m_new
     safe = tl.where(total > 0.0, total, 1.0)
-    row = bh * R + r
     tl.store(out_ptr + row * D + dims, acc / safe, mask=dim_ok)
     tl.store(lse_ptr + row + tl.arange(0, 1), tl.where(total > 0.0, m + tl.log(safe), float("-inf")))
-
-@triton.jit
-def merge_kernel(
-    part_out_ptr, part_lse_ptr,     # fp32 [B*Hkv, NSPLIT, R, D], [B*Hkv, NSPLIT, R]
-    out_ptr, lse_ptr,               # fp32 [B*Hkv*R, D], [B*Hkv*R]
-    R, D, NSPLIT,
-    SPLITS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)       # = bh * R + r
-    merge_row(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, row // R, row % R, R, D, NSPLIT,
-               SPLITS=SPLITS, HEAD_DIM=HEAD_DIM)
