@@ -12,12 +12,13 @@ starting numba's thread pool there changes torch's thread count (and with it Dyn
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 import torch
 from numba import njit
+
+from .launch_utils import multiprocessors, next_pow2
 
 __all__ = ["qkeys_log_mass", "qkeys_log_mass_torch", "qkeys_log_mass_triton", "pack_codes", "unpack_codes",
            "CODE_BITS", "LEVELS"]
@@ -123,15 +124,6 @@ def qkeys_log_mass_torch(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.T
 _PROGRAMS_PER_SM = 8
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def qkeys_log_mass_triton(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,
                           ids: torch.Tensor, scale: float, precision: str = "tf32",
                           programs_per_sm: int = _PROGRAMS_PER_SM, num_stages: int = 3) -> torch.Tensor:
@@ -147,11 +139,11 @@ def qkeys_log_mass_triton(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.
     n = ids.numel()
     out = torch.empty((rows, nq, n), dtype=torch.float32, device=q.device)
     if n and rows and nq:
-        want = max(1, -(-programs_per_sm * _multiprocessors(q.device) // rows))      # programs per row
+        want = max(1, -(-programs_per_sm * multiprocessors(q.device) // rows))      # programs per row
         per = -(-n // want)
         qkeys_kernel[(rows, -(-n // per))](
             packed.contiguous(), kmin.contiguous(), kmax.contiguous(), q.float().contiguous(),
             ids.contiguous(), out, float(scale), cap, bs, d, d4, nq, n, per,
-            ROWS=max(16, _pow2(nq)), BLOCK=max(16, _pow2(bs)), DIMS=max(16, _pow2(d)), PRECISION=precision,
-            num_warps=4, num_stages=num_stages)
+            ROWS=max(16, next_pow2(nq)), BLOCK=max(16, next_pow2(bs)), DIMS=max(16, next_pow2(d)),
+            PRECISION=precision, num_warps=4, num_stages=num_stages)
     return out

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from .launch_utils import multiprocessors, next_pow2
 from .paged_layout import POISON_ENV, check_paged_args
 
 __all__ = ["paged_attention", "paged_attention_torch", "paged_attention_triton", "LaunchConfig",
@@ -115,20 +116,11 @@ def _triton_kernels():
     return triton_paged.split_kernel, triton_paged.merge_kernel
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _plan_splits(bh: int, nb: int, blocks_per_step: int, device: torch.device,
                  programs_per_sm: int) -> tuple[int, int]:
     """(number of splits, blocks per split): about ``programs_per_sm`` programs per SM, whole
     steps per split."""
-    units = _multiprocessors(device)
+    units = multiprocessors(device)
     want = max(1, -(-programs_per_sm * units // bh))
     most = max(1, nb // _MIN_BLOCKS_PER_SPLIT)
     per = -(-nb // min(want, most))
@@ -165,7 +157,7 @@ def paged_attention_triton(
     table = block_table.to(torch.int32).contiguous()
     lens = block_lens.to(torch.int32).contiguous()
     out, lse = _new_outputs((b, hq, nq, d), q.device)
-    block, head_dim = _next_pow2(bs), max(_MIN_DOT, _next_pow2(d))
+    block, head_dim = next_pow2(bs), max(_MIN_DOT, next_pow2(d))
     blocks_per_step = max(1, launch.tile_bytes // (head_dim * k_pool.element_size() * block))
     nsplit, per_split = _plan_splits(b * hkv, max(nb, 1), blocks_per_step, q.device, launch.programs_per_sm)
     if nsplit == 1:                                          # same layout: write the result directly
@@ -176,7 +168,7 @@ def paged_attention_triton(
     split_kernel[(b * hkv, nsplit)](
         q_rows, k_pool, v_pool, table, lens, part_out, part_lse,
         scale * _LOG2E, r, d, bs, nb, per_split,
-        ROWS=max(_MIN_DOT, _next_pow2(r)), HEAD_DIM=head_dim, BLOCK=block,
+        ROWS=max(_MIN_DOT, next_pow2(r)), HEAD_DIM=head_dim, BLOCK=block,
         BLOCKS_PER_STEP=blocks_per_step, DOT_PRECISION="ieee",
         UPCAST_DOTS=k_pool.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=launch.num_warps or (4 if head_dim <= 128 else 8),
@@ -185,7 +177,8 @@ def paged_attention_triton(
     if nsplit > 1:
         merge_kernel[(b * hkv * r,)](
             part_out, part_lse, out, lse, r, d, nsplit,
-            SPLITS=min(_next_pow2(nsplit), max(1, _MERGE_FLOATS // head_dim)), HEAD_DIM=head_dim, num_warps=1 if head_dim <= 128 else 2,
+            SPLITS=min(next_pow2(nsplit), max(1, _MERGE_FLOATS // head_dim)), HEAD_DIM=head_dim,
+            num_warps=1 if head_dim <= 128 else 2,
         )
     if one_token:
         return out.squeeze(2), lse.squeeze(2)
