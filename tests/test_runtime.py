@@ -173,3 +173,32 @@ def test_budget_zero_device_still_exact():
     out, _ = attend(rt, s, 0, q, 32, 1, k[:, :, -1:], v[:, :, -1:])
     torch.testing.assert_close(out.double(), reference(q, k, v, 0.125), atol=1e-5, rtol=1e-5)
     rt.close()
+
+
+def test_stand_ins_report_a_session_once_nothing_refers_to_it():
+    """Each finalized stand-in checks only its own base and the bases a view kept alive; the
+    session is reported unreferenced when the last stand-in is gone and no view holds a base."""
+    import gc
+
+    from kvdrive_compile.runtime.standins import StandInKey, StandIns
+
+    released = []
+    st = StandIns(released.append)
+    like = torch.zeros(1, 2, 3, 4)
+    a = st.make(StandInKey(7, 0, "k"), like, 5)
+    b = st.make(StandInKey(7, 0, "v"), like, 5)
+    window = a[:, :, 2:]                     # a sliding window's slice outlives its stand-in
+    del a
+    gc.collect()
+    assert released == [] and st.lookup(window) == StandInKey(7, 0, "k")
+    del b
+    gc.collect()
+    assert released == []                    # the slice still holds a's base
+    c = st.make(StandInKey(7, 1, "k"), like, 6)
+    del window
+    gc.collect()
+    assert released == []                    # c is alive
+    del c
+    gc.collect()
+    assert released == [7]
+    assert st._bases == {} and st._keys == {}
