@@ -20,15 +20,12 @@ def merge_partials(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -
     """
     if len(outs) != len(lses) or not outs:
         raise ValueError(f"merge_partials needs matching, non-empty lists (got {len(outs)} outs, {len(lses)} lses)")
-    lse_all = torch.stack([l.float() for l in lses])                  # [P, ...]
-    m = lse_all.amax(dim=0)                                            # [...]
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(lse_all - m_safe)                                    # [P, ...], 0 for empty parts
-    total = w.sum(dim=0)
-    out = torch.zeros_like(outs[0], dtype=torch.float32)
-    for w_i, o_i in zip(w, outs):
-        # where(): an empty part may hold anything, NaN included
-        out += torch.where(w_i.unsqueeze(-1) > 0, o_i.float() * w_i.unsqueeze(-1), 0.0)
-    out = torch.where(total.unsqueeze(-1) > 0, out / total.clamp_min(1e-30).unsqueeze(-1), 0.0)
-    lse = torch.where(total > 0, m_safe + torch.log(total.clamp_min(1e-30)), float("-inf"))
-    return out, lse
+    lse_all = torch.stack([l.float() for l in lses])                   # [P, ...]
+    # an all-empty row has m = -inf: clamped to the lowest float, its weights stay exp(-inf) = 0
+    m = lse_all.amax(dim=0).clamp_min(torch.finfo(torch.float32).min)
+    w = torch.exp(lse_all - m).unsqueeze(-1)                           # [P, ..., 1], 0 for empty parts
+    o = torch.stack([o_i.float() for o_i in outs])
+    o = torch.where(w > 0, o, 0.0)                                     # an empty part may hold NaN
+    total = w.sum(dim=0)                                               # [..., 1]
+    out = (o * w).sum(dim=0) / total.clamp_min(1e-30)                  # 0 where every part is empty
+    return out, m + torch.log(total.squeeze(-1))                       # log(0) = -inf there
