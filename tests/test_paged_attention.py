@@ -133,8 +133,13 @@ def test_triton_kernels_compile_for_h100():
 
 
 def test_dispatch():
+    from kvdrive_compile.kernels.cpu_attention import cpu_partial_attention
+
     inputs = make_case(1, 1, 2, None, 64, 16, 2, torch.float32)
-    out, lse = paged_attention(*inputs)                      # CPU tensors: the torch path
+    out, lse = paged_attention(*inputs)                      # CPU tensors: the numba kernel
+    ref_out, ref_lse = cpu_partial_attention(*inputs)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    out, lse = paged_attention(*inputs, backend="torch")
     ref_out, ref_lse = paged_attention_torch(*inputs)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
     with pytest.raises(ValueError, match="backend"):
