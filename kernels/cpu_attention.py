@@ -348,6 +348,23 @@ def _merge_items(first, part_out, part_lse, out, lse):
             lse[bh, r] = m + np.log(total)
 
 
+# -- numba's thread pool and torch's thread count --
+
+def _start_thread_pool() -> None:
+    """Start numba's thread pool now, keeping torch's thread count. Starting the pool (numba's
+    OpenMP layer, the default here) resets OpenMP's thread count, which is torch's; a count
+    that changes after a ``torch.compile`` fails Dynamo's global-state guard, and every graph
+    compiled before recompiles (the next ``generate`` re-traced its prefill: ~20 s for
+    SmolLM2). Started at import, before anything is compiled."""
+    before = torch.get_num_threads()
+    get_num_threads()                       # launches the pool
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
+_start_thread_pool()
+
+
 # -- public wrapper --
 
 def _pool_as_numpy(pool: torch.Tensor) -> np.ndarray:

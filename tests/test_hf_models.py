@@ -65,3 +65,35 @@ def test_left_padded_batch_token_identical():
         mask[i, 70 - n:] = 1
     ref, out = greedy_both(model, ids.to(DEVICE), 10, attention_mask=mask.to(DEVICE), **BUDGETS)
     assert torch.equal(ref, out)
+
+
+FRESH_PROCESS = """
+import torch
+import kvdrive_compile
+from transformers import LlamaConfig, LlamaForCausalLM
+
+torch.set_num_threads(1)                 # a count numba's thread pool would reset when it starts
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+model = LlamaForCausalLM(config).eval()
+ids = torch.randint(0, 97, (1, 64))
+model.forward = torch.compile(model.forward, backend="kvdrive", options={
+    "device_memory": "64KiB", "host_memory": "1MiB", "token_budget": 32, "dense_layers": 0})
+with torch.no_grad():
+    model.generate(ids, max_new_tokens=3, do_sample=False)     # the numba kernels run in here
+    with torch.compiler.set_stance("fail_on_recompile"):
+        model.generate(ids, max_new_tokens=5, do_sample=False)
+print("no recompile", torch.get_num_threads())
+"""
+
+
+def test_numba_pool_does_not_make_the_next_generate_recompile():
+    """In a fresh process, the first numba parallel kernel of a decode step used to start numba's
+    thread pool, which reset torch's thread count and failed every Dynamo guard: the second
+    generate re-traced its prefill. kernels/cpu_attention.py now starts the pool at import."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "no recompile 1" in done.stdout, done.stderr[-3000:]
