@@ -62,11 +62,12 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: fraction of copy bandwidth ({copy_gbs:.0f} GB/s), fp16, block 16")
     print(tabulate(rows[:12], headers="keys", floatfmt=".2f", tablefmt="github"))
     print("best at 8x4K:", max(rows, key=lambda r: r["8x4K"]))
-    default = [r for r in rows if LaunchConfig(**{k: r[k] for k in GRID}) == LaunchConfig()]
-    print("current default:", default[0] if default else f"{LaunchConfig()} (not in the grid)")
+    default_launch = dataclasses.replace(LaunchConfig(), num_warps=LaunchConfig().num_warps or 4)  # head_dim 128
+    default = [r for r in rows if LaunchConfig(**{k: r[k] for k in grid}) == default_launch]
+    print("current default:", default[0] if default else f"{default_launch} (not in the grid)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({k: rows[0][k] for k in GRID}, f)
+            json.dump({k: rows[0][k] for k in grid}, f)
 
 
 if __name__ == "__main__":

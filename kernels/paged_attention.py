@@ -14,7 +14,6 @@ Triton is imported on first use, so this module imports where Triton is missing.
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -110,14 +109,6 @@ def paged_attention_torch(
 
 # -- Triton --
 
-@functools.cache
-def _triton_kernels():
-    """(split kernel, merge kernel), importing Triton on first use."""
-    from . import triton_paged
-
-    return triton_paged.split_kernel, triton_paged.merge_kernel
-
-
 def _plan_splits(bh: int, nb: int, blocks_per_step: int, device: torch.device,
                  programs_per_sm: int) -> tuple[int, int]:
     """(number of splits, blocks per split): about ``programs_per_sm`` programs per SM, whole
@@ -148,7 +139,7 @@ def paged_attention_triton(
     ``launch`` tunes the launch (tiles, splits, warps, stages), never the result.
     """
     check_paged_args(q, k_pool, v_pool, block_table, block_lens)
-    split_kernel, merge_kernel = _triton_kernels()
+    from .triton_paged import merge_kernel, split_kernel      # importing triton is slow: on first use
     one_token = q.dim() == 3
     q4 = q.unsqueeze(2) if one_token else q
     b, hq, nq, d = q4.shape

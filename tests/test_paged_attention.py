@@ -109,9 +109,8 @@ def test_triton_all_empty():
 
 
 COMPILE_FOR_H100 = """
-from kvdrive_compile.kernels.paged_attention import _triton_kernels
+from kvdrive_compile.kernels.triton_paged import merge_kernel, split_kernel
 
-split_kernel, merge_kernel = _triton_kernels()
 for pool, head_dim, block, rows in [("fp16", 128, 16, 16), ("bf16", 256, 64, 32), ("fp32", 64, 32, 16)]:
     types = {"q_ptr": "*" + pool, "k_ptr": "*" + pool, "v_ptr": "*" + pool, "table_ptr": "*i32",
              "lens_ptr": "*i32", "out_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale": "fp32"}
