@@ -82,19 +82,19 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def make_selection(tokens: int, bs: int, dtype: torch.dtype, huge: bool, gen: torch.Generator):
+def make_selection(tokens: int, bs: int, dtype: torch.dtype, huge: bool, gen: torch.Generator, hkv: int = HKV):
     """Pools twice the selection, the selected blocks at random slots, filled with randn."""
     nb = tokens // bs
-    shape = (2 * HKV * nb, bs, HEAD_DIM)
+    shape = (2 * hkv * nb, bs, HEAD_DIM)
     num_slots = shape[0]
     new = (lambda: huge_page_tensor(shape, dtype)) if huge else (lambda: torch.empty(shape, dtype=dtype))
     k_pool, v_pool = new(), new()                                       # unselected slots: never read
-    table = torch.randperm(num_slots, generator=gen)[: HKV * nb].reshape(1, HKV, nb).int()
+    table = torch.randperm(num_slots, generator=gen)[: hkv * nb].reshape(1, hkv, nb).int()
     flat = table.flatten().long()
     k_pool[flat] = torch.randn(flat.numel(), bs, HEAD_DIM, generator=gen).to(dtype)
     v_pool[flat] = torch.randn(flat.numel(), bs, HEAD_DIM, generator=gen).to(dtype)
     lens = torch.full_like(table, bs)
-    q = torch.randn(1, HKV * GQA, HEAD_DIM, generator=gen).to(dtype)
+    q = torch.randn(1, hkv * GQA, HEAD_DIM, generator=gen).to(dtype)
     return q, k_pool, v_pool, table, lens
 
 
@@ -123,6 +123,23 @@ def compile_times() -> tuple[float, float, float]:
     return imported, cold, cached
 
 
+def primers(dtype: torch.dtype, bs: int) -> dict:
+    """A tiny call of each timed function on its own small data, run right before the timed
+    call: the 1 GiB flush also evicts the code, the Python objects and the page-table entries
+    that every call walks (~0.7 ms of fixed cost here, for any call), which a decode step that
+    runs the kernel every layer keeps warm. The timed call's K/V stay cold."""
+    gen = torch.Generator().manual_seed(1)
+    q, k_pool, v_pool, table, lens = make_selection(64, bs, dtype, False, gen, hkv=1)
+    k, v = k_pool[table[0, 0].long()].reshape(1, 1, -1, HEAD_DIM), v_pool[table[0, 0].long()].reshape(1, 1, -1, HEAD_DIM)
+    kp, vp, tb = _pool_as_numpy(k_pool), _pool_as_numpy(v_pool), table[0].numpy()
+    return {
+        "ours": lambda: cpu_partial_attention(q, k_pool, v_pool, table, lens, 0.1),
+        "blocks": lambda: _read_blocks(kp, vp, tb),
+        "model": lambda: F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True),
+        "packed": lambda: F.scaled_dot_product_attention(q.reshape(1, 1, GQA, HEAD_DIM), k, v),
+    }
+
+
 def bench(tokens: int, bs: int, dtype: torch.dtype, huge: bool, flush: np.ndarray, reps: int, gen) -> dict:
     q, k_pool, v_pool, table, lens = make_selection(tokens, bs, dtype, huge, gen)
     scale = 1 / math.sqrt(HEAD_DIM)
@@ -138,12 +155,14 @@ def bench(tokens: int, bs: int, dtype: torch.dtype, huge: bool, flush: np.ndarra
     kp, vp, tb = _pool_as_numpy(k_pool), _pool_as_numpy(v_pool), table[0].numpy()
     read_blocks = lambda: _read_blocks(kp, vp, tb)
     fns = {"ours": run, "blocks": read_blocks, "model": sdpa_model, "packed": sdpa_packed}
+    primes = primers(dtype, bs)
     times = {"read": [], **{name: [] for name in fns}}
     for fn in fns.values():
         fn()
     for _ in range(reps):
         times["read"].append(timed(lambda: _read_all(flush, 64)))        # also flushes the caches
         for name, fn in fns.items():
+            primes[name]()
             times[name].append(timed(fn))
             _read_all(flush, 64)
     t = {name: min(v) for name, v in times.items()}

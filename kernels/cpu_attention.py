@@ -10,13 +10,15 @@ How it is fast:
 - Work items: every (sequence, KV head) block list is cut into ranges holding equal numbers
   of valid blocks, about four per thread, so that all cores stay busy at batch 1; each range
   keeps an online softmax and the ranges are merged by their log-sum-exp.
-- 16 tokens (at head_dim 128) at a time, in L1: fp32 blocks are read in place; fp16/bf16 are
-  widened once into a float32 scratch (numba has neither type: fp16 goes through LLVM's
-  ``half``, one vcvtph2ps per 8 values; bf16 by moving its bits to the high half of a float32).
+- Register blocking, K/V read where they lie: scores take four query rows x two tokens per pass
+  over head_dim, the value sum four rows x four tokens, so each K/V value is loaded and widened
+  once per four rows straight from the pool (no widened copy) and eight or more independent
+  sums hide the FMA latency. numba has neither fp16 nor bf16: fp16 goes through LLVM's
+  ``half`` (one vcvtph2ps per 8 values), bf16 by moving its bits to the high half of a float32.
 - Prefetch: the blocks are at random places, so the hardware prefetcher cannot guess them; the
   K/V of the block two ahead is hinted line by line between the compute steps (spread out, so
-  the hints never wait for line fill buffers), and the block eight ahead gets its first line
-  hinted early to start its TLB walk.
+  the hints never wait for line fill buffers), and the first lines of the block four ahead are
+  hinted early to start its page walk.
 - Exp: a float32 polynomial that LLVM vectorizes (numba's exp is a scalar libm call without SVML).
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 from .paged_layout import POISON_ENV, check_paged_args
 
@@ -37,8 +39,8 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}   # no "ninf"/"nnan": -inf ma
 _MIN_BLOCKS_PER_ITEM = 8       # a work item smaller than this costs more to merge than it saves
 _ITEMS_PER_THREAD = 4          # equal-sized items per thread, so a static schedule balances
 _PREFETCH_DISTANCE = 2         # blocks: fetched whole while the two before them are computed
-_SUB_BLOCK_FLOATS = 2048       # tokens x head_dim computed at a time: 8 KiB K + 8 KiB V, in L1
-_TOUCH_DISTANCE = 8            # blocks: first line hinted early (TLB miss, DRAM page) before the rest
+_TOUCH_DISTANCE = 4            # blocks: first lines hinted early (TLB miss, DRAM page) before the rest
+_TOUCH_LINES = 2
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)          # ln 2 split in two so that n * ln2 is exact
 _LN2_LO = np.float32(-2.12194440e-4)
@@ -123,12 +125,16 @@ def _exp(x):
 @njit(cache=True, nogil=True)
 def _plan_items(block_table, target_items, min_blocks):
     """block_table: [B, Hkv, NB] int32. Returns ``first [B*Hkv + 1]`` (items of row bh are
-    ``first[bh]:first[bh+1]``) and ``lo, hi [n_items]``: each item's entry range in its row."""
+    ``first[bh]:first[bh+1]``), ``lo, hi [n_items]``: each item's entry range in its row, and the
+    largest slot listed (-1 if none), which the caller checks against the pools' size."""
     b_, hkv, nb = block_table.shape
     valid = np.zeros(b_ * hkv, np.int64)
+    top = -1
     for bh in range(b_ * hkv):
         for j in range(nb):
-            valid[bh] += block_table[bh // hkv, bh % hkv, j] >= 0
+            slot = block_table[bh // hkv, bh % hkv, j]
+            valid[bh] += slot >= 0
+            top = max(top, slot)
     chunk = max(min_blocks, -(-valid.sum() // target_items))
     first = np.zeros(b_ * hkv + 1, np.int64)
     for bh in range(b_ * hkv):
@@ -146,30 +152,10 @@ def _plan_items(block_table, target_items, min_blocks):
                 lo[item] = j
                 seen = 0
             seen += 1
-    return first, lo, hi
+    return first, lo, hi, top
 
 
 # -- the work: one item = one (sequence, KV head) entry range, all its query rows --
-
-def _block_rows(pool, slot, start, n, scratch):
-    """pool[slot, start:start + n] as float32 rows: the pool's own memory for fp32, else widened
-    into scratch (``[>= n, D]``)."""
-
-
-@overload(_block_rows, inline="always", jit_options={"fastmath": _FASTMATH})
-def _block_rows_impl(pool, slot, start, n, scratch):
-    if pool.dtype == types.float32:
-        return lambda pool, slot, start, n, scratch: pool[slot, start:]
-
-    def widen_rows(pool, slot, start, n, scratch):
-        src = pool[slot]
-        for t in range(n):
-            for d in range(scratch.shape[1]):
-                scratch[t, d] = _widen(src[start + t, d])
-        return scratch
-
-    return widen_rows
-
 
 @njit(inline="always")
 def _prefetch_some(ahead):
@@ -193,45 +179,84 @@ def _prefetch_some(ahead):
 
 
 @njit(inline="always", fastmath=_FASTMATH)
-def _scores(q, kf, n, p, ahead):
-    """p[:, :n] = q @ kf[:n].T. q: [R, D]; kf: [BS, D]; p: [R, BS].
-    Four tokens per pass over q[r]: four independent sums hide the FMA latency."""
+def _scores(q, blk, n, p, ahead):
+    """p[:, :n] = q @ widen(blk[:n]).T. q: [R, D]; blk: [BS, D] as stored; p: [R, BS].
+
+    Register blocking: four query rows x two tokens per pass over D, so each K value is loaded
+    and widened once per four rows and eight independent sums hide the FMA latency."""
     r_, d_ = q.shape
-    n4 = n - n % 4
-    for r in range(r_):
-        for t in range(0, n4, 4):
+    r4, n2 = r_ - r_ % 4, n - n % 2
+    for r in range(0, r4, 4):
+        for t in range(0, n2, 2):
+            s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = _ZERO
+            for d in range(d_):
+                k0, k1 = _widen(blk[t, d]), _widen(blk[t + 1, d])
+                x0, x1, x2, x3 = q[r, d], q[r + 1, d], q[r + 2, d], q[r + 3, d]
+                s00 += x0 * k0
+                s01 += x0 * k1
+                s10 += x1 * k0
+                s11 += x1 * k1
+                s20 += x2 * k0
+                s21 += x2 * k1
+                s30 += x3 * k0
+                s31 += x3 * k1
+            p[r, t], p[r, t + 1], p[r + 1, t], p[r + 1, t + 1] = s00, s01, s10, s11
+            p[r + 2, t], p[r + 2, t + 1], p[r + 3, t], p[r + 3, t + 1] = s20, s21, s30, s31
+            _prefetch_some(ahead)
+        if n2 < n:
             s0 = s1 = s2 = s3 = _ZERO
             for d in range(d_):
-                x = q[r, d]
-                s0 += x * kf[t, d]
-                s1 += x * kf[t + 1, d]
-                s2 += x * kf[t + 2, d]
-                s3 += x * kf[t + 3, d]
-            p[r, t], p[r, t + 1], p[r, t + 2], p[r, t + 3] = s0, s1, s2, s3
-            _prefetch_some(ahead)
-        for t in range(n4, n):
+                k0 = _widen(blk[n2, d])
+                s0 += q[r, d] * k0
+                s1 += q[r + 1, d] * k0
+                s2 += q[r + 2, d] * k0
+                s3 += q[r + 3, d] * k0
+            p[r, n2], p[r + 1, n2], p[r + 2, n2], p[r + 3, n2] = s0, s1, s2, s3
+    for r in range(r4, r_):
+        for t in range(n):
             s0 = _ZERO
             for d in range(d_):
-                s0 += q[r, d] * kf[t, d]
+                s0 += q[r, d] * _widen(blk[t, d])
             p[r, t] = s0
+            _prefetch_some(ahead)
 
 
 @njit(inline="always", fastmath=_FASTMATH)
-def _accumulate(p, vf, n, acc, ahead):
-    """acc += p[:, :n] @ vf[:n]. p: [R, BS]; vf: [BS, D]; acc: [R, D].
-    Four tokens per pass over acc[r]: a quarter of the accumulator loads and stores."""
+def _accumulate(p, blk, n, acc, ahead):
+    """acc += p[:, :n] @ widen(blk[:n]). p: [R, BS]; blk: [BS, D] as stored; acc: [R, D].
+
+    Register blocking: four rows x four tokens per pass over D: each V value is loaded and
+    widened once per four rows, each accumulator loaded and stored once per four tokens."""
     r_, d_ = acc.shape
-    n4 = n - n % 4
-    for r in range(r_):
+    r4, n4 = r_ - r_ % 4, n - n % 4
+    for r in range(0, r4, 4):
         for t in range(0, n4, 4):
-            w0, w1, w2, w3 = p[r, t], p[r, t + 1], p[r, t + 2], p[r, t + 3]
+            w00, w01, w02, w03 = p[r, t], p[r, t + 1], p[r, t + 2], p[r, t + 3]
+            w10, w11, w12, w13 = p[r + 1, t], p[r + 1, t + 1], p[r + 1, t + 2], p[r + 1, t + 3]
+            w20, w21, w22, w23 = p[r + 2, t], p[r + 2, t + 1], p[r + 2, t + 2], p[r + 2, t + 3]
+            w30, w31, w32, w33 = p[r + 3, t], p[r + 3, t + 1], p[r + 3, t + 2], p[r + 3, t + 3]
             for d in range(d_):
-                acc[r, d] += w0 * vf[t, d] + w1 * vf[t + 1, d] + w2 * vf[t + 2, d] + w3 * vf[t + 3, d]
+                v0, v1 = _widen(blk[t, d]), _widen(blk[t + 1, d])
+                v2, v3 = _widen(blk[t + 2, d]), _widen(blk[t + 3, d])
+                acc[r, d] += w00 * v0 + w01 * v1 + w02 * v2 + w03 * v3
+                acc[r + 1, d] += w10 * v0 + w11 * v1 + w12 * v2 + w13 * v3
+                acc[r + 2, d] += w20 * v0 + w21 * v1 + w22 * v2 + w23 * v3
+                acc[r + 3, d] += w30 * v0 + w31 * v1 + w32 * v2 + w33 * v3
             _prefetch_some(ahead)
         for t in range(n4, n):
+            w0, w1, w2, w3 = p[r, t], p[r + 1, t], p[r + 2, t], p[r + 3, t]
+            for d in range(d_):
+                v0 = _widen(blk[t, d])
+                acc[r, d] += w0 * v0
+                acc[r + 1, d] += w1 * v0
+                acc[r + 2, d] += w2 * v0
+                acc[r + 3, d] += w3 * v0
+    for r in range(r4, r_):
+        for t in range(n):
             w0 = p[r, t]
             for d in range(d_):
-                acc[r, d] += w0 * vf[t, d]
+                acc[r, d] += w0 * _widen(blk[t, d])
+            _prefetch_some(ahead)
 
 
 @njit(inline="always", fastmath=_FASTMATH)
@@ -259,15 +284,16 @@ def _softmax_update(p, n, m, l, acc):
 
 
 @njit(inline="always", fastmath=_FASTMATH)
-def _attend_item(q, k_pool, v_pool, table, lens, lo, hi, out, lse):
-    """q: [R, D] fp32, pre-scaled; table, lens: [NB] of one (sequence, KV head).
+def _attend_item(q_rows, scale, k_pool, v_pool, table, lens, lo, hi, out, lse):
+    """q_rows: [R, D] fp32; table, lens: [NB] of one (sequence, KV head).
     Writes out [R, D] (normalized) and lse [R] over the valid blocks in table[lo:hi]."""
-    r_, d_ = q.shape
+    r_, d_ = q_rows.shape
     bs = k_pool.shape[1]
-    sub = min(bs, max(4, _SUB_BLOCK_FLOATS // d_ // 4 * 4))    # tokens computed at a time
-    kbuf = np.empty((sub, d_), np.float32)                     # a widened sub-block: stays in L1
-    vbuf = np.empty((sub, d_), np.float32)
-    p = np.empty((r_, sub), np.float32)                        # scores, then probabilities
+    q = np.empty((r_, d_), np.float32)                         # scaled once, stays in L1
+    for r in range(r_):
+        for d in range(d_):
+            q[r, d] = q_rows[r, d] * scale
+    p = np.empty((r_, bs), np.float32)                         # scores, then probabilities
     acc = np.zeros((r_, d_), np.float32)
     m = np.full(r_, _NEG_INF, np.float32)                      # running max per row
     l = np.zeros(r_, np.float32)                               # running sum of exp per row
@@ -280,27 +306,26 @@ def _attend_item(q, k_pool, v_pool, table, lens, lo, hi, out, lse):
             slots[count], ns[count] = table[j], n
             count += 1
     line_elems = 64 // k_pool.itemsize
+    r4 = r_ - r_ % 4
     cursor = np.zeros(4, np.int64)
     ahead = (cursor, k_pool, v_pool)
     for i in range(count):
         slot, n = slots[i], ns[i]
-        # -- prefetch block i + _PREFETCH_DISTANCE over this block's ~2 * R * n / 4 compute steps --
+        # -- prefetch block i + _PREFETCH_DISTANCE over this block's compute steps --
+        steps = r4 // 4 * (n // 2 + n // 4) + (r_ - r4) * 2 * n
         cursor[1], cursor[2] = 0, 0
         if i + _PREFETCH_DISTANCE < count:
             nxt = i + _PREFETCH_DISTANCE
             cursor[0] = slots[nxt] * bs * d_
             cursor[2] = 2 * (-(-ns[nxt] * d_ // line_elems))
-            cursor[3] = -(-cursor[2] // max(1, 2 * r_ * (n // 4)))
+            cursor[3] = -(-cursor[2] // max(1, steps))
         if i + _TOUCH_DISTANCE < count:                       # start that block's page walk early
-            _prefetch(k_pool, slots[i + _TOUCH_DISTANCE] * bs * d_)
-            _prefetch(v_pool, slots[i + _TOUCH_DISTANCE] * bs * d_)
-        for start in range(0, n, sub):
-            cnt = min(sub, n - start)
-            # -- scores, online softmax --
-            _scores(q, _block_rows(k_pool, slot, start, cnt, kbuf), cnt, p, ahead)
-            _softmax_update(p, cnt, m, l, acc)
-            # -- acc += p @ v --
-            _accumulate(p, _block_rows(v_pool, slot, start, cnt, vbuf), cnt, acc, ahead)
+            for li in range(_TOUCH_LINES):
+                _prefetch(k_pool, slots[i + _TOUCH_DISTANCE] * bs * d_ + li * line_elems)
+                _prefetch(v_pool, slots[i + _TOUCH_DISTANCE] * bs * d_ + li * line_elems)
+        _scores(q, k_pool[slot], n, p, ahead)
+        _softmax_update(p, n, m, l, acc)
+        _accumulate(p, v_pool[slot], n, acc, ahead)
     for r in range(r_):
         if l[r] > _ZERO:
             inv = _ONE / l[r]
@@ -313,13 +338,13 @@ def _attend_item(q, k_pool, v_pool, table, lens, lo, hi, out, lse):
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=_FASTMATH)
-def _attend_items(q, k_pool, v_pool, block_table, block_lens, first, lo, hi, part_out, part_lse):
+def _attend_items(q, scale, k_pool, v_pool, block_table, block_lens, first, lo, hi, part_out, part_lse):
     """q: [B, Hkv, R, D] fp32; part_out: [n_items, R, D]; part_lse: [n_items, R]."""
     hkv = q.shape[1]
     for item in prange(lo.shape[0]):
         bh = np.searchsorted(first, item, side="right") - 1
         b, h = bh // hkv, bh % hkv
-        _attend_item(q[b, h], k_pool, v_pool, block_table[b, h], block_lens[b, h],
+        _attend_item(q[b, h], scale, k_pool, v_pool, block_table[b, h], block_lens[b, h],
                      lo[item], hi[item], part_out[item], part_lse[item])
 
 
@@ -378,23 +403,19 @@ def _pool_as_numpy(pool: torch.Tensor) -> np.ndarray:
     raise TypeError(f"K/V pool dtype {pool.dtype} is not supported: use float32, float16 or bfloat16")
 
 
-def _new_outputs(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    fill = float("nan") if os.environ.get(POISON_ENV) == "1" else None
-    make = (lambda s: torch.full(s, fill)) if fill is not None else (lambda s: torch.empty(s))
-    return make(shape), make(shape[:-1])
+def _as_numpy(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """``t`` as a C-contiguous numpy array of ``dtype``: a view when it already is one."""
+    if t.dtype != dtype or not t.is_contiguous():
+        t = t.to(dtype).contiguous()
+    return t.numpy()
 
 
-def _check(q, k_pool, v_pool, block_table, block_lens) -> None:
+def _check_devices(q, k_pool, v_pool, block_table, block_lens) -> None:
     for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool),
                     ("block_table", block_table), ("block_lens", block_lens)):
         if t.device.type != "cpu":
             raise ValueError(f"cpu_partial_attention: {name} is on {t.device}; move it to the CPU "
                              f"or call kernels.paged_attention.paged_attention for device tensors")
-    check_paged_args(q, k_pool, v_pool, block_table, block_lens)
-    if block_table.numel() and int(block_table.max()) >= k_pool.shape[0]:
-        # numba does not check bounds: a bad slot would read outside the pool
-        raise ValueError(f"block_table lists slot {int(block_table.max())} but the pools have "
-                         f"{k_pool.shape[0]} slots")
 
 
 def cpu_partial_attention(
@@ -414,30 +435,33 @@ def cpu_partial_attention(
     valid leading tokens of each listed block (1..block_size).
     Returns ``out`` fp32 ``[B, Hq, D]`` / ``[B, Hq, Q, D]`` and ``lse`` fp32 natural-log
     ``[B, Hq]`` / ``[B, Hq, Q]``; a (sequence, KV head) with no block gives out 0, lse -inf.
+
+    The preparation is numpy views, not torch ops: a decode step calls this once per layer,
+    often with cold caches, where every torch op dispatch costs tens of microseconds.
     """
-    _check(q, k_pool, v_pool, block_table, block_lens)
-    one_token = q.dim() == 3
-    q4 = q.unsqueeze(2) if one_token else q                              # [B, Hq, Q, D]
-    b, hq, nq, d = q4.shape
+    _check_devices(q, k_pool, v_pool, block_table, block_lens)
+    check_paged_args(q, k_pool, v_pool, block_table, block_lens)
+    b, hq, d = q.shape[0], q.shape[1], q.shape[-1]
+    nq = 1 if q.dim() == 3 else q.shape[2]
     hkv = block_table.shape[1]
-    qs = (q4.float() * scale).reshape(b, hkv, hq // hkv * nq, d).contiguous()   # [B, Hkv, R, D]
-    table = block_table.to(torch.int32).contiguous().numpy()
-    lens = block_lens.to(torch.int32).contiguous().numpy()
+    rows = hq // hkv * nq
+    qn = _as_numpy(q, torch.float32).reshape(b, hkv, rows, d)            # [B, Hkv, R, D] view
+    table, lens = _as_numpy(block_table, torch.int32), _as_numpy(block_lens, torch.int32)
+    first, lo, hi, top = _plan_items(table, _ITEMS_PER_THREAD * get_num_threads(), _MIN_BLOCKS_PER_ITEM)
+    if top >= k_pool.shape[0]:       # numba does not check bounds: a bad slot would read outside the pool
+        raise ValueError(f"block_table lists slot {top} but the pools have {k_pool.shape[0]} slots")
     kp, vp = _pool_as_numpy(k_pool), _pool_as_numpy(v_pool)
-    out, lse = _new_outputs((b, hq, nq, d))
-    out_rows = out.numpy().reshape(b * hkv, -1, d)                      # [B*Hkv, R, D] view
-    lse_rows = lse.numpy().reshape(b * hkv, -1)
-    first, lo, hi = _plan_items(table, _ITEMS_PER_THREAD * get_num_threads(), _MIN_BLOCKS_PER_ITEM)
+    make = np.empty if os.environ.get(POISON_ENV) != "1" else (lambda s, t: np.full(s, np.nan, t))
+    out, lse = make((b * hkv, rows, d), np.float32), make((b * hkv, rows), np.float32)
     if lo.shape[0] == b * hkv:                                          # one item per row: write in place
-        _attend_items(qs.numpy(), kp, vp, table, lens, first, lo, hi, out_rows, lse_rows)
+        _attend_items(qn, np.float32(scale), kp, vp, table, lens, first, lo, hi, out, lse)
     else:
-        part_out = np.empty((lo.shape[0],) + out_rows.shape[1:], np.float32)
-        part_lse = np.empty((lo.shape[0], out_rows.shape[1]), np.float32)
-        _attend_items(qs.numpy(), kp, vp, table, lens, first, lo, hi, part_out, part_lse)
-        _merge_items(first, part_out, part_lse, out_rows, lse_rows)
-    if one_token:
-        return out.squeeze(2), lse.squeeze(2)
-    return out, lse
+        part_out = make((lo.shape[0], rows, d), np.float32)
+        part_lse = make((lo.shape[0], rows), np.float32)
+        _attend_items(qn, np.float32(scale), kp, vp, table, lens, first, lo, hi, part_out, part_lse)
+        _merge_items(first, part_out, part_lse, out, lse)
+    shape = (b, hq, d) if q.dim() == 3 else (b, hq, nq, d)
+    return torch.from_numpy(out.reshape(shape)), torch.from_numpy(lse.reshape(shape[:-1]))
 
 
 def warm_up() -> None:
