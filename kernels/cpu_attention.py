@@ -212,13 +212,23 @@ def _scores(q, blk, n, p, ahead):
                 s2 += q[r + 2, d] * k0
                 s3 += q[r + 3, d] * k0
             p[r, n2], p[r + 1, n2], p[r + 2, n2], p[r + 3, n2] = s0, s1, s2, s3
-    for r in range(r4, r_):
-        for t in range(n):
+    n4 = n - n % 4
+    for r in range(r4, r_):                                    # a last single row: 4 tokens per pass
+        for t in range(0, n4, 4):
+            s0 = s1 = s2 = s3 = _ZERO
+            for d in range(d_):
+                x = q[r, d]
+                s0 += x * _widen(blk[t, d])
+                s1 += x * _widen(blk[t + 1, d])
+                s2 += x * _widen(blk[t + 2, d])
+                s3 += x * _widen(blk[t + 3, d])
+            p[r, t], p[r, t + 1], p[r, t + 2], p[r, t + 3] = s0, s1, s2, s3
+            _prefetch_some(ahead)
+        for t in range(n4, n):
             s0 = _ZERO
             for d in range(d_):
                 s0 += q[r, d] * _widen(blk[t, d])
             p[r, t] = s0
-            _prefetch_some(ahead)
 
 
 @njit(inline="always", fastmath=_FASTMATH)
@@ -251,12 +261,17 @@ def _accumulate(p, blk, n, acc, ahead):
                 acc[r + 1, d] += w1 * v0
                 acc[r + 2, d] += w2 * v0
                 acc[r + 3, d] += w3 * v0
-    for r in range(r4, r_):
-        for t in range(n):
+    for r in range(r4, r_):                                    # a last single row: 4 tokens per pass
+        for t in range(0, n4, 4):
+            w0, w1, w2, w3 = p[r, t], p[r, t + 1], p[r, t + 2], p[r, t + 3]
+            for d in range(d_):
+                acc[r, d] += (w0 * _widen(blk[t, d]) + w1 * _widen(blk[t + 1, d])
+                              + w2 * _widen(blk[t + 2, d]) + w3 * _widen(blk[t + 3, d]))
+            _prefetch_some(ahead)
+        for t in range(n4, n):
             w0 = p[r, t]
             for d in range(d_):
                 acc[r, d] += w0 * _widen(blk[t, d])
-            _prefetch_some(ahead)
 
 
 @njit(inline="always", fastmath=_FASTMATH)
@@ -287,10 +302,11 @@ def _softmax_update(p, n, m, l, acc):
 def _attend_item(q_rows, scale, k_pool, v_pool, table, lens, lo, hi, out, lse):
     """q_rows: [R, D] fp32; table, lens: [NB] of one (sequence, KV head).
     Writes out [R, D] (normalized) and lse [R] over the valid blocks in table[lo:hi]."""
-    r_, d_ = q_rows.shape
+    rows, d_ = q_rows.shape
     bs = k_pool.shape[1]
-    q = np.empty((r_, d_), np.float32)                         # scaled once, stays in L1
-    for r in range(r_):
+    r_ = rows + (4 - rows % 4) % 4 if rows % 4 >= 2 else rows   # 2-3 spare rows: pad to a quad
+    q = np.zeros((r_, d_), np.float32)                         # scaled once, stays in L1
+    for r in range(rows):
         for d in range(d_):
             q[r, d] = q_rows[r, d] * scale
     p = np.empty((r_, bs), np.float32)                         # scores, then probabilities
@@ -312,7 +328,7 @@ def _attend_item(q_rows, scale, k_pool, v_pool, table, lens, lo, hi, out, lse):
     for i in range(count):
         slot, n = slots[i], ns[i]
         # -- prefetch block i + _PREFETCH_DISTANCE over this block's compute steps --
-        steps = r4 // 4 * (n // 2 + n // 4) + (r_ - r4) * 2 * n
+        steps = r4 // 4 * (n // 2 + n // 4) + (r_ - r4) * (n // 4) * 2
         cursor[1], cursor[2] = 0, 0
         if i + _PREFETCH_DISTANCE < count:
             nxt = i + _PREFETCH_DISTANCE
@@ -326,7 +342,7 @@ def _attend_item(q_rows, scale, k_pool, v_pool, table, lens, lo, hi, out, lse):
         _scores(q, k_pool[slot], n, p, ahead)
         _softmax_update(p, n, m, l, acc)
         _accumulate(p, v_pool[slot], n, acc, ahead)
-    for r in range(r_):
+    for r in range(rows):                                      # the padding rows are dropped
         if l[r] > _ZERO:
             inv = _ONE / l[r]
             for d in range(d_):

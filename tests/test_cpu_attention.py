@@ -12,7 +12,7 @@ def poison_outputs(monkeypatch):
     monkeypatch.setenv(POISON_ENV, "1")     # outputs start as NaN: an unwritten element fails
 
 
-# (b, hkv, g, nq, d, bs, nb, empty (sequence, KV head) pairs): together they cover GQA 1/3/4/8,
+# (b, hkv, g, nq, d, bs, nb, empty (sequence, KV head) pairs): together they cover GQA 1/2/3/4/8,
 # head_dim 64/128/256, block size 16/32/64, batch 1 and 8, one and three query tokens,
 # a single block, empty selections, and block lists long enough to be split across threads.
 CASES = {
@@ -25,6 +25,10 @@ CASES = {
     "gqa8-q3-d64-bs64": (3, 2, 8, 3, 64, 64, 10, ((2, 1),)),
     "all-empty": (2, 2, 2, None, 64, 16, 4, ((0, 0), (0, 1), (1, 0), (1, 1))),
     "d80-bs24": (1, 1, 2, 2, 80, 24, 6, ()),
+    # query rows per KV head not a multiple of four: 3 (SmolLM2's GQA 3) and 6 are padded to a
+    # quad of rows inside the kernel, 9 = two quads + a single row
+    "gqa3-d64-bs16": (2, 3, 3, None, 64, 16, 12, ()),
+    "gqa3-q2-d128-bs32": (1, 2, 3, 2, 128, 32, 10, ()),
 }
 
 
