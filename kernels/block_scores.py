@@ -19,6 +19,7 @@ import torch
 from numba import njit
 
 from .launch_utils import multiprocessors, next_pow2
+from .numba_math import exp_f32
 
 __all__ = ["qkeys_log_mass", "qkeys_log_mass_torch", "qkeys_log_mass_triton", "pack_codes", "unpack_codes",
            "CODE_BITS", "LEVELS"]
@@ -44,45 +45,59 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 
 @njit(nogil=True, cache=True, fastmath=True)
 def _log_mass(packed, kmin, kmax, q, ids, scale, out):
+    """One block at a time: decode its codes once into ``codes [bs, Dp]`` (channels in the
+    order 0, 4, 8, .., 1, 5, .., which decodes with unit strides), score every (query
+    row, token) pair with four tokens per pass over the channels (vectorized over channels,
+    four independent sums), then a two-pass log-sum-exp over the block's tokens per row."""
     rows, nrows_q, d = q.shape
     bs, d4 = packed.shape[2], packed.shape[3]
     dp = 4 * d4
-    w = np.zeros((nrows_q, dp), np.float32)
-    base = np.zeros(nrows_q, np.float32)
-    codes = np.zeros(dp, np.float32)
-    m = np.zeros(nrows_q, np.float32)
-    ssum = np.zeros(nrows_q, np.float32)
+    w = np.zeros((nrows_q, dp), np.float32)                  # scale * q_c * step_c (0 on padding), codes' order
+    base = np.zeros(nrows_q, np.float32)                     # scale * q . kmin
+    codes = np.zeros((bs, dp), np.float32)
+    step = np.zeros(d, np.float32)
+    s = np.empty(bs, np.float32)
+    bs4 = bs - bs % 4
     for r in range(rows):
         for j in range(ids.shape[0]):
             blk = ids[j]
+            for t in range(bs):                  # channel 4b + i is column i * d4 + b: unit strides
+                for i in range(4):
+                    for b in range(d4):
+                        codes[t, i * d4 + b] = (packed[r, blk, t, b] >> (2 * i)) & 3
+            for c in range(d):
+                step[c] = (kmax[r, blk, c] - kmin[r, blk, c]) * (scale / LEVELS)
             for g in range(nrows_q):
                 acc = np.float32(0.0)
                 for c in range(d):
-                    lo = kmin[r, blk, c]
-                    w[g, c] = q[r, g, c] * ((kmax[r, blk, c] - lo) / LEVELS)
-                    acc += q[r, g, c] * lo
-                base[g] = acc
-                m[g] = -np.inf
-                ssum[g] = 0.0
-            for t in range(bs):
-                for b in range(d4):
-                    byte = packed[r, blk, t, b]
-                    codes[4 * b] = byte & 3
-                    codes[4 * b + 1] = (byte >> 2) & 3
-                    codes[4 * b + 2] = (byte >> 4) & 3
-                    codes[4 * b + 3] = byte >> 6
-                for g in range(nrows_q):
-                    s = base[g]
-                    for c in range(dp):
-                        s += w[g, c] * codes[c]
-                    s *= scale
-                    if s > m[g]:
-                        ssum[g] = ssum[g] * math.exp(m[g] - s) + 1.0
-                        m[g] = s
-                    else:
-                        ssum[g] += math.exp(s - m[g])
+                    acc += q[r, g, c] * kmin[r, blk, c]
+                base[g] = acc * scale
+                for i in range(4):
+                    for b in range(d4):
+                        c = 4 * b + i
+                        w[g, i * d4 + b] = q[r, g, c] * step[c] if c < d else np.float32(0.0)
             for g in range(nrows_q):
-                out[r, g, j] = m[g] + math.log(ssum[g])
+                for t in range(0, bs4, 4):
+                    s0 = s1 = s2 = s3 = np.float32(0.0)
+                    for c in range(dp):
+                        x = w[g, c]
+                        s0 += x * codes[t, c]
+                        s1 += x * codes[t + 1, c]
+                        s2 += x * codes[t + 2, c]
+                        s3 += x * codes[t + 3, c]
+                    s[t], s[t + 1], s[t + 2], s[t + 3] = s0, s1, s2, s3
+                for t in range(bs4, bs):
+                    s0 = np.float32(0.0)
+                    for c in range(dp):
+                        s0 += w[g, c] * codes[t, c]
+                    s[t] = s0
+                mx = s[0]
+                for t in range(1, bs):
+                    mx = max(mx, s[t])
+                total = np.float32(0.0)
+                for t in range(bs):
+                    total += exp_f32(s[t] - mx)
+                out[r, g, j] = base[g] + mx + math.log(total)
 
 
 def qkeys_log_mass(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,

@@ -19,7 +19,7 @@ How it is fast:
   K/V of the block two ahead is hinted line by line between the compute steps (spread out, so
   the hints never wait for line fill buffers), and the first lines of the block four ahead are
   hinted early to start its page walk.
-- Exp: a float32 polynomial that LLVM vectorizes (numba's exp is a scalar libm call without SVML).
+- Exp: a float32 polynomial that LLVM vectorizes (kernels/numba_math.py).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.extending import intrinsic
 
+from .numba_math import exp_f32
 from .paged_layout import POISON_ENV, check_paged_args
 
 __all__ = ["cpu_partial_attention", "warm_up", "POISON_ENV"]
@@ -41,13 +42,7 @@ _ITEMS_PER_THREAD = 4          # equal-sized items per thread, so a static sched
 _PREFETCH_DISTANCE = 2         # blocks: fetched whole while the two before them are computed
 _TOUCH_DISTANCE = 4            # blocks: first lines hinted early (TLB miss, DRAM page) before the rest
 _TOUCH_LINES = 2               # lines of it hinted then (of K and of V each)
-_LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693359375)          # ln 2 split in two so that n * ln2 is exact
-_LN2_LO = np.float32(-2.12194440e-4)
-_EXP_FLOOR = np.float32(-87.0)             # exp() of anything lower is taken as e^-87 ~ 1.6e-38
-_C2, _C3, _C4, _C5, _C6, _C7 = (np.float32(1.0 / f) for f in (2, 6, 24, 120, 720, 5040))   # Taylor
 _ONE = np.float32(1.0)
-_HALF = np.float32(0.5)
 _ZERO = np.float32(0.0)
 _NEG_INF = np.float32(-np.inf)
 
@@ -73,19 +68,6 @@ def _widen(typingctx, x):
 
 
 @intrinsic
-def _bits_to_f32(typingctx, x):
-    """Reinterpret the low 32 bits of an integer as a float32."""
-    if not isinstance(x, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        low = builder.trunc(args[0], ir.IntType(32)) if x.bitwidth > 32 else args[0]
-        return builder.bitcast(low, ir.FloatType())
-
-    return types.float32(x), codegen
-
-
-@intrinsic
 def _prefetch(typingctx, arr, offset):
     """Hint the cache to fetch the line holding ``arr.flat[offset]``; never faults."""
     if not isinstance(arr, types.Array):
@@ -102,22 +84,6 @@ def _prefetch(typingctx, arr, offset):
         return context.get_dummy_value()
 
     return types.void(arr, types.intp), codegen
-
-
-@njit(inline="always", fastmath=_FASTMATH)
-def _exp(x):
-    """float32 e**x for x <= 0, vectorizable (numba has no vector exp without SVML); rel err < 2e-7."""
-    x = max(x, _EXP_FLOOR)
-    n = np.floor(x * _LOG2E + _HALF)
-    f = x - n * _LN2_HI - n * _LN2_LO                          # |f| <= ln2 / 2
-    p = _C7 * f + _C6
-    p = p * f + _C5
-    p = p * f + _C4
-    p = p * f + _C3
-    p = p * f + _C2
-    p = p * f + _ONE
-    p = p * f + _ONE
-    return p * _bits_to_f32((np.int64(n) + 127) << 23)
 
 
 # -- planning: cut every (sequence, KV head) block list into equal work items --
@@ -286,11 +252,11 @@ def _softmax_update(p, n, m, l, acc):
         m_new = max(m[r], mx)
         total = _ZERO
         for t in range(n):
-            e = _exp(p[r, t] - m_new)
+            e = exp_f32(p[r, t] - m_new)
             p[r, t] = e
             total += e
         if m_new > m[r]:                                       # m = -inf at first: acc is 0 anyway
-            alpha = _exp(m[r] - m_new) if m[r] > _NEG_INF else _ZERO
+            alpha = exp_f32(m[r] - m_new) if m[r] > _NEG_INF else _ZERO
             l[r] *= alpha
             for d in range(d_):
                 acc[r, d] *= alpha

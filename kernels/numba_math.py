@@ -1,0 +1,54 @@
+"""float32 math for numba kernels that LLVM can vectorize (numba's ``math.exp`` is a scalar
+libm call unless Intel's SVML is installed).
+
+Used by kernels/cpu_attention.py and kernels/block_scores.py. numba's on-disk cache keys a
+compiled function on its own file only: after editing this module, delete the ``.nbi``/``.nbc``
+files in ``kernels/__pycache__`` (or set a fresh ``NUMBA_CACHE_DIR``) so that the kernels that
+inline these helpers are compiled again.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+__all__ = ["exp_f32"]
+
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}   # no "ninf"/"nnan": callers keep -inf
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)          # ln 2 split in two so that n * ln2 is exact
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_FLOOR = np.float32(-87.0)             # exp() of anything lower is taken as e^-87 ~ 1.6e-38
+_C2, _C3, _C4, _C5, _C6, _C7 = (np.float32(1.0 / f) for f in (2, 6, 24, 120, 720, 5040))   # Taylor
+_ONE = np.float32(1.0)
+_HALF = np.float32(0.5)
+
+
+@intrinsic
+def _bits_to_f32(typingctx, x):
+    """Reinterpret the low 32 bits of an integer as a float32."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        low = builder.trunc(args[0], ir.IntType(32)) if x.bitwidth > 32 else args[0]
+        return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def exp_f32(x):
+    """float32 e**x for x <= 0, vectorizable; rel err < 2e-7."""
+    x = max(x, _EXP_FLOOR)
+    n = np.floor(x * _LOG2E + _HALF)
+    f = x - n * _LN2_HI - n * _LN2_LO                          # |f| <= ln2 / 2
+    p = _C7 * f + _C6
+    p = p * f + _C5
+    p = p * f + _C4
+    p = p * f + _C3
+    p = p * f + _C2
+    p = p * f + _ONE
+    p = p * f + _ONE
+    return p * _bits_to_f32((np.int64(n) + 127) << 23)
