@@ -21,7 +21,7 @@ from numba import njit
 from .launch_utils import multiprocessors, next_pow2
 from .numba_math import exp_f32
 
-__all__ = ["qkeys_log_mass", "qkeys_log_mass_torch", "qkeys_log_mass_triton", "pack_codes", "unpack_codes",
+__all__ = ["qkeys_log_mass", "qkeys_log_mass_or_bound", "qkeys_log_mass_torch", "qkeys_log_mass_triton", "pack_codes", "unpack_codes",
            "CODE_BITS", "LEVELS"]
 
 CODE_BITS = 2
@@ -44,11 +44,13 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 
 
 @njit(nogil=True, cache=True, fastmath=True)
-def _log_mass(packed, kmin, kmax, q, ids, scale, out):
+def _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, out):
     """One block at a time: decode its codes once into ``codes [bs, Dp]`` (channels in the
     order 0, 4, 8, .., 1, 5, .., which decodes with unit strides), score every (query
     row, token) pair with four tokens per pass over the channels (vectorized over channels,
-    four independent sums), then a two-pass log-sum-exp over the block's tokens per row."""
+    four independent sums), then a two-pass log-sum-exp over the block's tokens per row.
+    A block not ``quantized`` (the open one) gets Quest's bound
+    ``scale * sum_c max(q_c kmin_c, q_c kmax_c) + log_count`` instead."""
     rows, nrows_q, d = q.shape
     bs, d4 = packed.shape[2], packed.shape[3]
     dp = 4 * d4
@@ -61,6 +63,13 @@ def _log_mass(packed, kmin, kmax, q, ids, scale, out):
     for r in range(rows):
         for j in range(ids.shape[0]):
             blk = ids[j]
+            if not quantized[j]:
+                for g in range(nrows_q):
+                    acc = np.float32(0.0)
+                    for c in range(d):
+                        acc += max(q[r, g, c] * kmin[r, blk, c], q[r, g, c] * kmax[r, blk, c])
+                    out[r, g, j] = acc * scale + log_count[j]
+                continue
             for t in range(bs):                  # channel 4b + i is column i * d4 + b: unit strides
                 for i in range(4):
                     for b in range(d4):
@@ -109,6 +118,24 @@ def qkeys_log_mass(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
     head); ids: int64 ``[n]`` block ids, each a complete block. Returns fp32 ``[rows, R, n]``.
     CPU tensors; ``qkeys_log_mass_torch`` is the same on any device.
     """
+    quantized = np.ones(ids.numel(), np.bool_)
+    return _scores(packed, kmin, kmax, q, ids, quantized, np.zeros(ids.numel(), np.float32), scale)
+
+
+def qkeys_log_mass_or_bound(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,
+                            ids: torch.Tensor, quantized: torch.Tensor, log_count: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """``qkeys_log_mass`` where ``quantized`` (bool ``[n]``), Quest's min/max bound plus
+    ``log_count`` (fp32 ``[n]``) elsewhere (the open block, whose keys are not coded yet), in one
+    call: the CPU path of ``BlockSummaries.scores``, which runs every layer of every step."""
+    if quantized.shape != ids.shape or log_count.shape != ids.shape:
+        raise ValueError(f"quantized {tuple(quantized.shape)} and log_count {tuple(log_count.shape)} "
+                         f"must both be shaped like ids {tuple(ids.shape)}")
+    return _scores(packed, kmin, kmax, q, ids, quantized.contiguous().numpy(),
+                   log_count.float().contiguous().numpy(), scale)
+
+
+def _scores(packed, kmin, kmax, q, ids, quantized: np.ndarray, log_count: np.ndarray, scale: float) -> torch.Tensor:
     rows, nq, d = q.shape
     if packed.dim() != 4 or packed.dtype != torch.uint8 or packed.shape[0] != rows or 4 * packed.shape[3] < d:
         raise ValueError(f"packed codes {tuple(packed.shape)} {packed.dtype} do not fit q {tuple(q.shape)}")
@@ -117,7 +144,8 @@ def qkeys_log_mass(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
     out = torch.empty((rows, nq, ids.numel()), dtype=torch.float32)
     if ids.numel() and rows and nq:
         _log_mass(packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
-                  q.float().contiguous().numpy(), ids.long().contiguous().numpy(), np.float32(scale), out.numpy())
+                  q.float().contiguous().numpy(), ids.long().contiguous().numpy(), quantized, log_count,
+                  np.float32(scale), out.numpy())
     return out
 
 

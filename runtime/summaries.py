@@ -17,7 +17,7 @@ from ..kernels.block_scores import (
     CODE_BITS,
     LEVELS,
     pack_codes,
-    qkeys_log_mass,
+    qkeys_log_mass_or_bound,
     qkeys_log_mass_torch,
     qkeys_log_mass_triton,
 )
@@ -126,8 +126,10 @@ class BlockSummaries:
         if kind == "minmax":
             return self._bound(qf, ids, log_count, scale)
         done = (ids_host + 1) * self.block_size <= self.length                        # quantized blocks
+        if self.device.type == "cpu":                  # one numba call, the open block's bound included
+            return qkeys_log_mass_or_bound(self.codes, self.kmin, self.kmax, qf, ids, done, log_count, scale)
         n_done = int(done.sum())
-        score = {"cpu": qkeys_log_mass, "cuda": qkeys_log_mass_triton}.get(self.device.type, qkeys_log_mass_torch)
+        score = qkeys_log_mass_triton if self.device.type == "cuda" else qkeys_log_mass_torch
         out = qf.new_empty((qf.shape[0], qf.shape[1], ids.numel()))
         if bool(done[:n_done].all()):          # ascending ids: the quantized blocks, then the open one
             if n_done:

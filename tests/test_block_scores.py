@@ -9,6 +9,7 @@ from triton_compile import compile_for_h100
 from kvdrive_compile.kernels.block_scores import (
     pack_codes,
     qkeys_log_mass,
+    qkeys_log_mass_or_bound,
     qkeys_log_mass_torch,
     qkeys_log_mass_triton,
 )
@@ -94,3 +95,20 @@ def test_no_blocks_and_bad_shapes():
         qkeys_log_mass(packed[:1], kmin, kmax, q, ids, 1.0)
     with pytest.raises(ValueError, match="do not fit"):
         qkeys_log_mass(packed, kmin[..., :8], kmax, q, ids, 1.0)
+
+
+@pytest.mark.parametrize("rows,nq,d,bs", [(3, 3, 64, 16), (2, 4, 6, 8)])
+def test_qkeys_or_bound_mixes_the_two_per_block(rows, nq, d, bs):
+    """Blocks not quantized (the open one, anywhere in ids) get Quest's bound + log(count)."""
+    codes, packed, kmin, kmax, q, ids = case(rows, nq, d, bs, cap=11, seed=3)
+    scale = d ** -0.5
+    quantized = torch.rand(ids.numel(), generator=torch.Generator().manual_seed(4)) < 0.7
+    log_count = torch.rand(ids.numel()) * 3
+    got = qkeys_log_mass_or_bound(packed, kmin, kmax, q, ids, quantized, log_count, scale)
+    want = reference(codes, kmin, kmax, q, ids, scale)
+    lo, hi = kmin[:, ids].double(), kmax[:, ids].double()
+    bound = torch.maximum(q.double()[:, :, None] * lo[:, None], q.double()[:, :, None] * hi[:, None]).sum(-1)
+    want[:, :, ~quantized] = (bound * scale + log_count.double())[:, :, ~quantized]
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="shaped like ids"):
+        qkeys_log_mass_or_bound(packed, kmin, kmax, q, ids, quantized[:-1], log_count, scale)
