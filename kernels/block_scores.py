@@ -131,7 +131,7 @@ def qkeys_log_mass_or_bound(packed: torch.Tensor, kmin: torch.Tensor, kmax: torc
     if quantized.shape != ids.shape or log_count.shape != ids.shape:
         raise ValueError(f"quantized {tuple(quantized.shape)} and log_count {tuple(log_count.shape)} "
                          f"must both be shaped like ids {tuple(ids.shape)}")
-    return _scores(packed, kmin, kmax, q, ids, quantized.contiguous().numpy(),
+    return _scores(packed, kmin, kmax, q, ids, quantized.to(torch.bool).contiguous().numpy(),
                    log_count.float().contiguous().numpy(), scale)
 
 
