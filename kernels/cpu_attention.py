@@ -31,12 +31,11 @@ from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.extending import intrinsic
 
-from .numba_math import exp_f32
+from .numba_math import FASTMATH as _FASTMATH, exp_f32
 from .paged_layout import POISON_ENV, check_paged_args
 
 __all__ = ["cpu_partial_attention", "warm_up", "POISON_ENV"]
 
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}   # no "ninf"/"nnan": -inf marks empty rows
 _MIN_BLOCKS_PER_ITEM = 8       # a work item smaller than this costs more to merge than it saves
 _ITEMS_PER_THREAD = 4          # equal-sized items per thread, so a static schedule balances
 _PREFETCH_DISTANCE = 2         # blocks: fetched whole while the two before them are computed

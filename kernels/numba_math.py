@@ -13,9 +13,10 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-__all__ = ["exp_f32"]
+__all__ = ["exp_f32", "FASTMATH"]
 
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}   # no "ninf"/"nnan": callers keep -inf
+# LLVM fast-math flags for the kernels: no "ninf"/"nnan", because -inf marks empty rows
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)          # ln 2 split in two so that n * ln2 is exact
 _LN2_LO = np.float32(-2.12194440e-4)
@@ -38,7 +39,7 @@ def _bits_to_f32(typingctx, x):
     return types.float32(x), codegen
 
 
-@njit(inline="always", fastmath=_FASTMATH)
+@njit(inline="always", fastmath=FASTMATH)
 def exp_f32(x):
     """float32 e**x for x <= 0, vectorizable; rel err < 2e-7."""
     x = max(x, _EXP_FLOOR)
