@@ -14,11 +14,14 @@ How it is fast:
   over head_dim, the value sum four rows x four tokens, so each K/V value is loaded and widened
   once per four rows straight from the pool (no widened copy) and eight or more independent
   sums hide the FMA latency. numba has neither fp16 nor bf16: fp16 goes through LLVM's
-  ``half`` (one vcvtph2ps per 8 values), bf16 by moving its bits to the high half of a float32.
-- Prefetch: the blocks are at random places, so the hardware prefetcher cannot guess them; the
-  K/V of the block two ahead is hinted line by line between the compute steps (spread out, so
-  the hints never wait for line fill buffers), and the first lines of the block four ahead are
-  hinted early to start its page walk.
+  ``half`` (vcvtph2ps), bf16 by moving its bits to the high half of a float32.
+- Prefetch: the blocks are at random places, so the hardware prefetcher cannot guess them.
+  While a block is computed, eight blocks ahead are hinted at once, round robin one line at a
+  time, each over eight block times (``_plan_hints``), spread between the compute steps.
+  Measured, that reads ~15 % (fp16) to ~25 % (fp32) faster than hinting one block at a time;
+  the likely reason is that the L2 streamer follows the eight pages read in ascending order and
+  fetches ahead in them, more bytes in flight than the core's line fill buffers allow hints.
+- 512-bit vectors where the CPU has them (``_wide_vectors``).
 - Exp: a float32 polynomial that LLVM vectorizes (kernels/numba_math.py).
 """
 from __future__ import annotations
@@ -38,9 +41,9 @@ __all__ = ["cpu_partial_attention", "warm_up", "POISON_ENV"]
 
 _MIN_BLOCKS_PER_ITEM = 8       # a work item smaller than this costs more to merge than it saves
 _ITEMS_PER_THREAD = 4          # equal-sized items per thread, so a static schedule balances
-_PREFETCH_DISTANCE = 2         # blocks: fetched whole while the two before them are computed
-_TOUCH_DISTANCE = 4            # blocks: first lines hinted early (TLB miss, DRAM page) before the rest
-_TOUCH_LINES = 2               # lines of it hinted then (of K and of V each)
+_PREFETCH_DISTANCE = 2         # blocks: the nearest block being hinted is this far ahead
+_PREFETCH_STREAMS = 8          # blocks hinted at once, round robin, each over this many block times
+_LINE = 64                     # bytes per cache line
 _ONE = np.float32(1.0)
 _ZERO = np.float32(0.0)
 _NEG_INF = np.float32(-np.inf)
@@ -67,14 +70,13 @@ def _widen(typingctx, x):
 
 
 @intrinsic
-def _prefetch(typingctx, arr, offset):
-    """Hint the cache to fetch the line holding ``arr.flat[offset]``; never faults."""
-    if not isinstance(arr, types.Array):
+def _prefetch(typingctx, address):
+    """Hint the cache to fetch the line holding byte ``address``; never faults."""
+    if not isinstance(address, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
-        ary = context.make_array(sig.args[0])(context, builder, args[0])
-        ptr = builder.gep(ary.data, [args[1]])
+        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
         fn = builder.module.declare_intrinsic("llvm.prefetch", [ptr.type], fnty)
@@ -82,7 +84,21 @@ def _prefetch(typingctx, arr, offset):
         builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 1), ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
-    return types.void(arr, types.intp), codegen
+    return types.void(address), codegen
+
+
+@intrinsic
+def _wide_vectors(typingctx):
+    """Let LLVM vectorize the function this is inlined into with 512-bit registers where the
+    CPU has them. LLVM prefers 256 bits on every AVX-512 CPU model (a frequency guard for
+    older Xeons); here 512 makes the fp16 kernel ~6 % faster cold and ~8 % on small warm calls,
+    fp32 the same. The attribute is a string attribute that llvmlite's checked ``add`` does
+    not know, so it goes in through ``set.add``; CPUs without AVX-512 ignore it."""
+    def codegen(context, builder, sig, args):
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.void(), codegen
 
 
 # -- planning: cut every (sequence, KV head) block list into equal work items --
@@ -123,24 +139,61 @@ def _plan_items(block_table, target_items, min_blocks):
 # -- the work: one item = one (sequence, KV head) entry range, all its query rows --
 
 @njit(inline="always")
-def _prefetch_some(ahead):
-    """Hint the next ``per_call`` cache lines of an upcoming block, K lines then V lines.
+def _plan_hints(i, slots, ns, count, pools, runs, cursor):
+    """Plan the cache-line hints to give while block ``i`` is computed.
 
-    ahead = (cursor, k_pool, v_pool); cursor: int64 [block offset, next line, lines, per_call].
-    Called between the compute loops' steps: the block streams in while this one is computed
-    (a burst of hints in one place stalls on the line fill buffers)."""
-    cursor, k_pool, v_pool = ahead
-    step = 64 // k_pool.itemsize
-    half = cursor[2] // 2
-    for _ in range(cursor[3]):
-        line = cursor[1]
-        if line >= cursor[2]:
-            return
-        if line < half:
-            _prefetch(k_pool, cursor[0] + line * step)
-        else:
-            _prefetch(v_pool, cursor[0] + (line - half) * step)
-        cursor[1] = line + 1
+    Round robin over ``_PREFETCH_STREAMS`` (W) blocks: block ``i + _PREFETCH_DISTANCE + w``
+    gives segment ``W - 1 - w`` of its lines (K's, then V's, cut in W; at block 0 also the
+    segments before it), and the segments' lines are hinted in turn, one line each. So each block is hinted over W block times and W
+    pages are read at once, each in ascending order, which the L2 streamer follows and fetches
+    ahead in, without holding the core's few line fill buffers (a hint to a line the streamer
+    has brought in returns at once).
+
+    pools = (K base address, V base address, bytes per slot, bytes per token). Writes
+    runs [2, 2W] (a segment's start address and its length in lines, split where it crosses
+    from K to V) and cursor = [next, hints incl. gaps, per call, runs, run, line]."""
+    k_base, v_base, slot_bytes, token_bytes = pools
+    w_ = _PREFETCH_STREAMS
+    nr, longest = 0, 0
+    for w in range(w_):
+        j = i + _PREFETCH_DISTANCE + w
+        if j >= count:
+            break
+        half = -(-ns[j] * token_bytes // _LINE)                  # lines of K (and of V)
+        seg = w_ - 1 - w
+        a, b = seg * 2 * half // w_, (seg + 1) * 2 * half // w_
+        if i == 0:                                                # and what earlier times would have
+            a = 0
+        base = slots[j] * slot_bytes
+        if a < half and a < b:                                    # its K lines
+            runs[0, nr], runs[1, nr] = k_base + base + a * _LINE, min(b, half) - a
+            longest = max(longest, runs[1, nr])
+            nr += 1
+        if b > half and b > a:                                    # its V lines
+            a = max(a, half)
+            runs[0, nr], runs[1, nr] = v_base + base + (a - half) * _LINE, b - a
+            longest = max(longest, runs[1, nr])
+            nr += 1
+    cursor[0], cursor[1], cursor[3], cursor[4], cursor[5] = 0, nr * longest, nr, 0, 0
+
+
+@njit(inline="always")
+def _prefetch_some(ahead):
+    """Give the next few planned hints (see _plan_hints). ahead = (runs, cursor). Called
+    between the compute loops' steps, so the hints are spread over the block's compute (a
+    burst in one place stalls on the line fill buffers)."""
+    runs, cursor = ahead
+    pos, r, k = cursor[0], cursor[4], cursor[5]
+    end = min(pos + cursor[2], cursor[1])
+    while pos < end:
+        if k < runs[1, r]:
+            _prefetch(runs[0, r] + k * _LINE)
+        pos += 1
+        r += 1
+        if r == cursor[3]:
+            r = 0
+            k += 1
+    cursor[0], cursor[4], cursor[5] = pos, r, k
 
 
 @njit(inline="always", fastmath=_FASTMATH)
@@ -267,6 +320,7 @@ def _softmax_update(p, n, m, l, acc):
 def _attend_item(q_rows, scale, k_pool, v_pool, table, lens, lo, hi, out, lse):
     """q_rows: [R, D] fp32; table, lens: [NB] of one (sequence, KV head).
     Writes out [R, D] (normalized) and lse [R] over the valid blocks in table[lo:hi]."""
+    _wide_vectors()
     rows, d_ = q_rows.shape
     bs = k_pool.shape[1]
     r_ = rows + (4 - rows % 4) % 4 if rows % 4 >= 2 else rows   # 2-3 spare rows: pad to a quad
@@ -286,24 +340,18 @@ def _attend_item(q_rows, scale, k_pool, v_pool, table, lens, lo, hi, out, lse):
         if table[j] >= 0 and n > 0:
             slots[count], ns[count] = table[j], n
             count += 1
-    line_elems = 64 // k_pool.itemsize
     r4 = r_ - r_ % 4
-    cursor = np.zeros(4, np.int64)
-    ahead = (cursor, k_pool, v_pool)
+    slot_bytes, token_bytes = bs * d_ * k_pool.itemsize, d_ * k_pool.itemsize
+    pools = (k_pool.ctypes.data, v_pool.ctypes.data, slot_bytes, token_bytes)
+    runs = np.empty((2, 2 * _PREFETCH_STREAMS), np.int64)
+    cursor = np.zeros(6, np.int64)
+    ahead = (runs, cursor)
     for i in range(count):
         slot, n = slots[i], ns[i]
-        # -- prefetch block i + _PREFETCH_DISTANCE over this block's compute steps --
+        # -- the hints of this block's time, spread over its compute steps --
+        _plan_hints(i, slots, ns, count, pools, runs, cursor)
         steps = r4 // 4 * (n // 2 + n // 4) + (r_ - r4) * (n // 4) * 2
-        cursor[1], cursor[2] = 0, 0
-        if i + _PREFETCH_DISTANCE < count:
-            nxt = i + _PREFETCH_DISTANCE
-            cursor[0] = slots[nxt] * bs * d_
-            cursor[2] = 2 * (-(-ns[nxt] * d_ // line_elems))
-            cursor[3] = -(-cursor[2] // max(1, steps))
-        if i + _TOUCH_DISTANCE < count:                       # start that block's page walk early
-            for li in range(_TOUCH_LINES):
-                _prefetch(k_pool, slots[i + _TOUCH_DISTANCE] * bs * d_ + li * line_elems)
-                _prefetch(v_pool, slots[i + _TOUCH_DISTANCE] * bs * d_ + li * line_elems)
+        cursor[2] = -(-cursor[1] // max(1, steps))
         _scores(q, k_pool[slot], n, p, ahead)
         _softmax_update(p, n, m, l, acc)
         _accumulate(p, v_pool[slot], n, acc, ahead)

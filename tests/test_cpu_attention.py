@@ -1,5 +1,6 @@
 """cpu_partial_attention (numba) against a float64 gather-and-softmax reference."""
 
+import numpy as np
 import pytest
 import torch
 from paged_cases import make_case, reference
@@ -80,3 +81,33 @@ def test_cpu_partial_attention_rejects_bad_shapes():
         cpu_partial_attention(q, k_pool, v_pool, table + k_pool.shape[0], lens, scale)
     with pytest.raises(ValueError, match="contiguous"):
         cpu_partial_attention(q, k_pool[:, :8], v_pool[:, :8], table, lens.clamp(max=8), scale)
+
+
+@pytest.mark.parametrize("token_bytes, bs", [(256, 16), (128, 24), (512, 64)])
+def test_prefetch_plan_hints_every_line_of_the_blocks_ahead_once(token_bytes, bs):
+    # the kernel hints, while block i is computed, segments of blocks i+2 .. i+9 round robin;
+    # over a whole item every cache line of every block after the first two (K and V, only
+    # the valid tokens of a partly filled block) must be hinted exactly once, and nothing else
+    from kvdrive_compile.kernels.cpu_attention import _LINE, _PREFETCH_DISTANCE, _plan_hints
+
+    gen = torch.Generator().manual_seed(token_bytes + bs)
+    count = 21
+    slots = torch.randperm(64, generator=gen)[:count].numpy().astype("int64")
+    ns = torch.randint(1, bs + 1, (count,), generator=gen).numpy().astype("int64")
+    slot_bytes, k_base, v_base = bs * token_bytes, 1 << 30, 1 << 40
+    runs = np.zeros((2, 16), np.int64)
+    cursor = np.zeros(6, np.int64)
+    hinted = []
+    for i in range(count):
+        _plan_hints(i, slots, ns, count, (k_base, v_base, slot_bytes, token_bytes), runs, cursor)
+        nr = cursor[3]
+        for pos in range(cursor[1]):                     # what _prefetch_some walks through
+            r, k = pos % nr, pos // nr
+            if k < runs[1, r]:
+                hinted.append(int(runs[0, r] + k * _LINE))
+    expected = []
+    for j in range(_PREFETCH_DISTANCE, count):
+        lines = -(-int(ns[j]) * token_bytes // _LINE)
+        for base in (k_base, v_base):
+            expected += [base + int(slots[j]) * slot_bytes + line * _LINE for line in range(lines)]
+    assert sorted(hinted) == sorted(expected)
