@@ -151,7 +151,7 @@ def _plan_hints(i, slots, ns, count, pools, runs, cursor):
 
     pools = (K base address, V base address, bytes per slot, bytes per token). Writes
     runs [2, 2W] (a segment's start address and its length in lines, split where it crosses
-    from K to V) and cursor = [next, hints incl. gaps, per call, runs, run, line]."""
+    from K to V) and cursor = [next round, rounds, rounds per call, runs]."""
     k_base, v_base, slot_bytes, token_bytes = pools
     w_ = _PREFETCH_STREAMS
     nr, longest = 0, 0
@@ -174,26 +174,23 @@ def _plan_hints(i, slots, ns, count, pools, runs, cursor):
             runs[0, nr], runs[1, nr] = v_base + base + (a - half) * _LINE, b - a
             longest = max(longest, runs[1, nr])
             nr += 1
-    cursor[0], cursor[1], cursor[3], cursor[4], cursor[5] = 0, nr * longest, nr, 0, 0
+    cursor[0], cursor[1], cursor[3] = 0, longest, nr
 
 
 @njit(inline="always")
 def _prefetch_some(ahead):
-    """Give the next few planned hints (see _plan_hints). ahead = (runs, cursor). Called
-    between the compute loops' steps, so the hints are spread over the block's compute (a
-    burst in one place stalls on the line fill buffers)."""
+    """Give the next rounds of planned hints (see _plan_hints): a round hints line ``k`` of every
+    run. ahead = (runs, cursor). Called between the compute loops' steps, so the hints are
+    spread over the block's compute (a burst in one place stalls on the line fill buffers)."""
     runs, cursor = ahead
-    pos, r, k = cursor[0], cursor[4], cursor[5]
-    end = min(pos + cursor[2], cursor[1])
-    while pos < end:
-        if k < runs[1, r]:
-            _prefetch(runs[0, r] + k * _LINE)
-        pos += 1
-        r += 1
-        if r == cursor[3]:
-            r = 0
-            k += 1
-    cursor[0], cursor[4], cursor[5] = pos, r, k
+    k = cursor[0]
+    end = min(k + cursor[2], cursor[1])
+    while k < end:
+        for r in range(cursor[3]):
+            if k < runs[1, r]:
+                _prefetch(runs[0, r] + k * _LINE)
+        k += 1
+    cursor[0] = k
 
 
 @njit(inline="always", fastmath=_FASTMATH)
@@ -344,7 +341,7 @@ def _attend_item(q_rows, scale, k_pool, v_pool, table, lens, lo, hi, out, lse):
     slot_bytes, token_bytes = bs * d_ * k_pool.itemsize, d_ * k_pool.itemsize
     pools = (k_pool.ctypes.data, v_pool.ctypes.data, slot_bytes, token_bytes)
     runs = np.empty((2, 2 * _PREFETCH_STREAMS), np.int64)
-    cursor = np.zeros(6, np.int64)
+    cursor = np.zeros(4, np.int64)
     ahead = (runs, cursor)
     for i in range(count):
         slot, n = slots[i], ns[i]

@@ -96,15 +96,14 @@ def test_prefetch_plan_hints_every_line_of_the_blocks_ahead_once(token_bytes, bs
     ns = torch.randint(1, bs + 1, (count,), generator=gen).numpy().astype("int64")
     slot_bytes, k_base, v_base = bs * token_bytes, 1 << 30, 1 << 40
     runs = np.zeros((2, 16), np.int64)
-    cursor = np.zeros(6, np.int64)
+    cursor = np.zeros(4, np.int64)
     hinted = []
     for i in range(count):
         _plan_hints(i, slots, ns, count, (k_base, v_base, slot_bytes, token_bytes), runs, cursor)
-        nr = cursor[3]
-        for pos in range(cursor[1]):                     # what _prefetch_some walks through
-            r, k = pos % nr, pos // nr
-            if k < runs[1, r]:
-                hinted.append(int(runs[0, r] + k * _LINE))
+        for k in range(cursor[1]):                       # the rounds _prefetch_some gives
+            for r in range(cursor[3]):
+                if k < runs[1, r]:
+                    hinted.append(int(runs[0, r] + k * _LINE))
     expected = []
     for j in range(_PREFETCH_DISTANCE, count):
         lines = -(-int(ns[j]) * token_bytes // _LINE)
