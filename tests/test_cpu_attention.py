@@ -88,19 +88,19 @@ def test_prefetch_plan_hints_every_line_of_the_blocks_ahead_once(token_bytes, bs
     # the kernel hints, while block i is computed, segments of blocks i+2 .. i+9 round robin;
     # over a whole item every cache line of every block after the first two (K and V, only
     # the valid tokens of a partly filled block) must be hinted exactly once, and nothing else
-    from kvdrive_compile.kernels.cpu_attention import _LINE, _PREFETCH_DISTANCE, _plan_hints
+    from kvdrive_compile.kernels.cpu_attention import _LINE, _PREFETCH_DISTANCE, _PREFETCH_STREAMS, _plan_hints
 
     gen = torch.Generator().manual_seed(token_bytes + bs)
     count = 21
     slots = torch.randperm(64, generator=gen)[:count].numpy().astype("int64")
     ns = torch.randint(1, bs + 1, (count,), generator=gen).numpy().astype("int64")
     slot_bytes, k_base, v_base = bs * token_bytes, 1 << 30, 1 << 40
-    runs = np.zeros((2, 16), np.int64)
+    runs = np.zeros((2, 2 * _PREFETCH_STREAMS), np.int64)
     cursor = np.zeros(4, np.int64)
     hinted = []
     for i in range(count):
         _plan_hints(i, slots, ns, count, (k_base, v_base, slot_bytes, token_bytes), runs, cursor)
-        for k in range(cursor[1]):                       # the rounds _prefetch_some gives
+        for k in range(cursor[1]):                # the rounds _prefetch_some gives (its loop)
             for r in range(cursor[3]):
                 if k < runs[1, r]:
                     hinted.append(int(runs[0, r] + k * _LINE))
