@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (the device tool; see benchmarks/README.md): the Triton kernel's
-# launch sweep, its benchmark table with the sweep's best launch, then the GPU-side correctness tests (the Triton kernel natively, the merge,
+# launch sweep (SKIP_TUNE=1: none), the host cost of one call part by part, its benchmark table with
+# the sweep's best launch, then the GPU-side correctness tests (the Triton kernel natively, the merge,
 # and the random-model exactness tests with the model and the device tier on the GPU).
 #
 # The machine has torch/triton/numba/tabulate but not this package: build its wheel here first
@@ -17,11 +18,16 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 # -P: the repository root must not shadow the installed package (its subpackages live elsewhere)
 python3 -P -c "import torch, triton, numba, kvdrive_compile; print('torch', torch.__version__, 'triton', triton.__version__, 'numba', numba.__version__)"
-timeout 220 python3 -P benchmarks/tune_gpu_attention.py --json "$OUT/launch.json" 2>&1 | tee "$OUT/tune_gpu_attention.txt"
-echo "tune rc=${PIPESTATUS[0]}"
+if [ "${SKIP_TUNE:-0}" != 1 ]; then       # SKIP_TUNE=1: the default launch (the last sweep's best)
+    timeout 220 python3 -P benchmarks/tune_gpu_attention.py --json "$OUT/launch.json" 2>&1 | tee "$OUT/tune_gpu_attention.txt"
+    echo "tune rc=${PIPESTATUS[0]}"
+fi
+timeout 90 python3 -P benchmarks/bench_gpu_attention.py --host-profile --batches 8 --tokens 4096 --blocks 16 --dtypes float16 \
+    2>&1 | tee "$OUT/host_profile.txt"
+echo "host profile rc=${PIPESTATUS[0]}"
 [ -s "$OUT/launch.json" ] && launch=(--launch "$OUT/launch.json") || launch=()
 timeout 170 python3 -P benchmarks/bench_gpu_attention.py "${launch[@]}" "$@" 2>&1 | tee "$OUT/bench_gpu_attention.txt"
 echo "bench rc=${PIPESTATUS[0]}"
 KVDRIVE_TEST_DEVICE=cuda timeout 150 python3 -P -m pytest -q -x -p no:cacheprovider \
-    tests/test_paged_attention.py tests/test_merge.py tests/test_hf_models.py 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
+    tests/test_paged_attention.py tests/test_triton_launcher.py tests/test_merge.py tests/test_hf_models.py 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
 echo "pytest rc=${PIPESTATUS[0]}"

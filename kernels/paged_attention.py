@@ -14,6 +14,7 @@ Triton is imported on first use, so this module imports where Triton is missing.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -23,6 +24,7 @@ import torch
 from .cpu_attention import cpu_partial_attention
 from .launch_utils import multiprocessors, next_pow2
 from .paged_layout import POISON_ENV, check_paged_args
+from .triton_launcher import CachedLauncher, launcher_for
 
 __all__ = ["paged_attention", "paged_attention_torch", "paged_attention_triton", "LaunchConfig",
            "DEFAULT_LAUNCH", "POISON_ENV"]
@@ -52,17 +54,6 @@ class LaunchConfig:
 # 2026-11-27): 0.65/0.87/0.97/0.97 of copy bandwidth at 8x4K/8x16K/8x64K/32x16K, per call from
 # Python; the GPU time alone (CUDA graph) gives 0.78 at 8x4K.
 DEFAULT_LAUNCH = LaunchConfig()
-
-
-# -- shared by both implementations --
-
-def _new_outputs(shape: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """out [*shape] and lse [*shape[:-1]], fp32; NaN-filled when POISON_ENV is "1"."""
-    if os.environ.get(POISON_ENV) == "1":
-        nan = float("nan")
-        return (torch.full(shape, nan, device=device),
-                torch.full(shape[:-1], nan, device=device))
-    return torch.empty(shape, device=device), torch.empty(shape[:-1], device=device)
 
 
 # -- plain torch: the reference and the CPU-device path --
@@ -121,6 +112,66 @@ def _plan_splits(bh: int, nb: int, blocks_per_step: int, device: torch.device,
     return -(-nb // per), per
 
 
+def _out_and_lse(shape: tuple, device: torch.device, poison: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 out ``[*shape]`` and lse ``[*shape[:-1]]``; NaN-filled when ``poison``."""
+    if poison:
+        return torch.full(shape, float("nan"), device=device), torch.full(shape[:-1], float("nan"), device=device)
+    return torch.empty(shape, device=device), torch.empty(shape[:-1], device=device)
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
+
+
+@functools.cache
+def _launchers() -> tuple[CachedLauncher, CachedLauncher]:
+    """The split and merge kernels' launchers (importing triton is slow: on first use)."""
+    from .triton_paged import merge_kernel, split_kernel
+    return launcher_for(split_kernel), launcher_for(merge_kernel)
+
+
+@dataclass
+class _Plan:
+    """Everything about a launch that follows from the shapes, worked out once per shape: a
+    decode step calls with the same shapes every layer, and each Python step here is host time
+    the GPU may wait for."""
+    r: int
+    nsplit: int
+    split_grid: tuple
+    split_ints: tuple               # R, D, BS, NB, BLOCKS_PER_SPLIT
+    split_constexprs: dict
+    split_options: dict
+    merge_grid: tuple
+    merge_ints: tuple               # R, D, NSPLIT
+    merge_constexprs: dict
+    merge_options: dict
+    scratch_shape: tuple            # the splits' partial out: [B*Hkv, NSPLIT, R, D]
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(q_shape: torch.Size, pool_shape: torch.Size, pool_dtype: torch.dtype, table_shape: torch.Size,
+          launch: LaunchConfig, device: torch.device, interpreted: bool) -> _Plan:
+    b, hq, d = q_shape[0], q_shape[1], q_shape[-1]
+    nq = q_shape[2] if len(q_shape) == 4 else 1
+    hkv, nb = table_shape[1:]
+    bs = pool_shape[1]
+    r = hq // hkv * nq                                       # query rows per KV head
+    block, head_dim = next_pow2(bs), max(_MIN_DOT, next_pow2(d))
+    blocks_per_step = max(1, launch.tile_bytes // (head_dim * pool_dtype.itemsize * block))
+    nsplit, per_split = _plan_splits(b * hkv, max(nb, 1), blocks_per_step, device, launch.programs_per_sm)
+    options = {"num_warps": launch.num_warps or (4 if head_dim <= 128 else 8)}
+    if launch.num_stages is not None:
+        options["num_stages"] = launch.num_stages
+    return _Plan(
+        r=r, nsplit=nsplit, split_grid=(b * hkv, nsplit), split_ints=(r, d, bs, nb, per_split),
+        split_constexprs={"ROWS": max(_MIN_DOT, next_pow2(r)), "HEAD_DIM": head_dim, "BLOCK": block,
+                          "BLOCKS_PER_STEP": blocks_per_step, "DOT_PRECISION": "ieee",
+                          "UPCAST_DOTS": pool_dtype == torch.bfloat16 and interpreted},
+        split_options=options, merge_grid=(b * hkv * r,), merge_ints=(r, d, nsplit),
+        merge_constexprs={"SPLITS": min(next_pow2(nsplit), max(1, _MERGE_FLOATS // head_dim)), "HEAD_DIM": head_dim},
+        merge_options={"num_warps": 1 if head_dim <= 128 else 2}, scratch_shape=(b * hkv, nsplit, r, d))
+
+
 def paged_attention_triton(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -139,42 +190,25 @@ def paged_attention_triton(
     ``launch`` tunes the launch (tiles, splits, warps, stages), never the result.
     """
     check_paged_args(q, k_pool, v_pool, block_table, block_lens)
-    from .triton_paged import merge_kernel, split_kernel      # importing triton is slow: on first use
-    one_token = q.dim() == 3
-    q4 = q.unsqueeze(2) if one_token else q
-    b, hq, nq, d = q4.shape
-    hkv, nb = block_table.shape[1:]
-    bs = k_pool.shape[1]
-    r = hq // hkv * nq                                       # query rows per KV head
-    q_rows = q4.reshape(b * hkv, r, d).contiguous()         # [B*Hkv, R, D]
-    table = block_table.to(torch.int32).contiguous()
-    lens = block_lens.to(torch.int32).contiguous()
-    out, lse = _new_outputs((b, hq, nq, d), q.device)
-    block, head_dim = next_pow2(bs), max(_MIN_DOT, next_pow2(d))
-    blocks_per_step = max(1, launch.tile_bytes // (head_dim * k_pool.element_size() * block))
-    nsplit, per_split = _plan_splits(b * hkv, max(nb, 1), blocks_per_step, q.device, launch.programs_per_sm)
-    if nsplit == 1:                                          # same layout: write the result directly
+    split, merge = _launchers()
+    plan = _plan(q.shape, k_pool.shape, k_pool.dtype, block_table.shape, launch, q.device,
+                 os.environ.get("TRITON_INTERPRET") == "1")
+    q_rows = q.reshape(plan.split_grid[0], plan.r, q.shape[-1])        # [B*Hkv, R, D]
+    if not q_rows.is_contiguous():
+        q_rows = q_rows.contiguous()
+    table, lens = _int32(block_table), _int32(block_lens)
+    poison = os.environ.get(POISON_ENV) == "1"
+    # out [B, Hq, (Q,) D] has the kernels' row order (sequence, KV head, group member, token)
+    out, lse = _out_and_lse(q.shape, q.device, poison)
+    if plan.nsplit == 1:                                     # same layout: write the result directly
         part_out, part_lse = out, lse
     else:
-        part_out = torch.empty(b * hkv, nsplit, r, d, device=q.device)
-        part_lse = torch.empty(b * hkv, nsplit, r, device=q.device)
-    split_kernel[(b * hkv, nsplit)](
-        q_rows, k_pool, v_pool, table, lens, part_out, part_lse,
-        scale * _LOG2E, r, d, bs, nb, per_split,
-        ROWS=max(_MIN_DOT, next_pow2(r)), HEAD_DIM=head_dim, BLOCK=block,
-        BLOCKS_PER_STEP=blocks_per_step, DOT_PRECISION="ieee",
-        UPCAST_DOTS=k_pool.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=launch.num_warps or (4 if head_dim <= 128 else 8),
-        **({} if launch.num_stages is None else {"num_stages": launch.num_stages}),
-    )
-    if nsplit > 1:
-        merge_kernel[(b * hkv * r,)](
-            part_out, part_lse, out, lse, r, d, nsplit,
-            SPLITS=min(next_pow2(nsplit), max(1, _MERGE_FLOATS // head_dim)), HEAD_DIM=head_dim,
-            num_warps=1 if head_dim <= 128 else 2,
-        )
-    if one_token:
-        return out.squeeze(2), lse.squeeze(2)
+        part_out, part_lse = _out_and_lse(plan.scratch_shape, q.device, poison)
+    split(plan.split_grid, (q_rows, k_pool, v_pool, table, lens, part_out, part_lse, scale * _LOG2E, *plan.split_ints),
+          plan.split_constexprs, plan.split_options)
+    if plan.nsplit > 1:
+        merge(plan.merge_grid, (part_out, part_lse, out, lse, *plan.merge_ints),
+              plan.merge_constexprs, plan.merge_options)
     return out, lse
 
 

@@ -88,12 +88,14 @@ print("no recompile", torch.get_num_threads())
 """
 
 
-def test_numba_pool_does_not_make_the_next_generate_recompile():
+def test_numba_pool_does_not_make_the_next_generate_recompile(tmp_path):
     """In a fresh process, the first numba parallel kernel of a decode step used to start numba's
     thread pool, which reset torch's thread count and failed every Dynamo guard: the second
     generate re-traced its prefill. kernels/cpu_attention.py now starts the pool at import."""
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS], capture_output=True, text=True, timeout=600)
+    # cwd: not the repository root, whose kvdrive_compile/ would shadow an installed wheel
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
     assert done.returncode == 0 and "no recompile 1" in done.stdout, done.stderr[-3000:]

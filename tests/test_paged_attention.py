@@ -12,6 +12,7 @@ from triton_compile import compile_for_h100
 
 from kvdrive_compile.kernels.paged_attention import (
     POISON_ENV,
+    LaunchConfig,
     paged_attention,
     paged_attention_torch,
     paged_attention_triton,
@@ -91,7 +92,6 @@ def test_triton_split_merge(monkeypatch):
     """Many splits per (sequence, KV head), some of them empty, merged two at a time (the merge
     reads the splits in chunks so that any number of them fits in registers)."""
     from kvdrive_compile.kernels import paged_attention as module
-    from kvdrive_compile.kernels.paged_attention import LaunchConfig
 
     monkeypatch.setattr(module, "_MERGE_FLOATS", 128)      # 2 splits of head_dim 64 at a time: 3 rounds
     launch = LaunchConfig(tile_bytes=2048, programs_per_sm=64)   # 4 blocks per split, 5 splits
@@ -99,6 +99,26 @@ def test_triton_split_merge(monkeypatch):
     inputs[3][0, 1, 4:12] = -1                               # two whole splits of one row unused
     out, lse = paged_attention_triton(*on_device(*inputs), launch=launch)
     check(out, lse, *reference(*inputs), tol=TRITON_TOL[torch.float16])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_calls_again_with_fresh_data_are_right(dtype):
+    """The second and later calls with the same shapes launch the kept compiled kernels directly
+    on a GPU (kernels/triton_launcher.py; under the interpreter every call binds): each call on
+    its own fresh pools, selection and query must still be right, split and merge alike."""
+    from kvdrive_compile.kernels.paged_attention import _launchers
+
+    split, merge = _launchers()
+    before = split.direct_launches, merge.direct_launches
+    for seed in range(3):
+        inputs = make_case(2, 2, 4, None, 64, 16, 20, dtype, seed=10 + seed)
+        out, lse = paged_attention_triton(*on_device(*inputs), launch=LaunchConfig(tile_bytes=2048, programs_per_sm=64))
+        check(out, lse, *reference(*inputs), tol=TRITON_TOL[dtype])
+    if DEVICE == "cuda":
+        assert split.fallback_reason is None and merge.fallback_reason is None
+        assert split.direct_launches - before[0] == 2       # the merge's key has no pool dtype: >= 2
+        assert merge.direct_launches - before[1] >= 2
 
 
 @needs_triton
