@@ -10,8 +10,9 @@ Here both kernels run in one process, alternated call by call on the same data:
 - cold: the bench's shape (Hkv 8, GQA 4, head_dim 128, one decode token, blocks at random
   slots of a pool twice the selection, 2 MiB pages where available); every call after a 1 GiB
   flush (no priming, so a call's fixed cost is included), best and median of ``--reps``;
-- small: warm calls on the shapes a decode step makes (SmolLM2's 3 KV heads x GQA 3,
-  head_dim 64, and 8 x 4 / 8 x 8 with head_dim 128), median of 300 calls each.
+- small: calls on the shapes a decode step makes (SmolLM2's 3 KV heads x GQA 3, head_dim 64,
+  and 8 x 4 / 8 x 8 with head_dim 128), warm (median of 300 calls each) and cold (median of
+  31, each after the flush and a tiny call of the same kernel that warms its code path).
 
 The old kernel is ``kernels/cpu_attention.py`` at ``--against``, loaded from a private temporary
 directory (its numba cache goes there too and is removed with it); its relative imports are
@@ -44,6 +45,7 @@ SMALL = {  # name: (batch, KV heads, GQA, head_dim, blocks of 16 per (sequence, 
     "SmolLM2 3x3 d64, batch 1, 64 blocks, fp32": (1, 3, 3, 64, 64, torch.float32),
     "SmolLM2 3x3 d64, batch 4, 64 blocks, fp32": (4, 3, 3, 64, 64, torch.float32),
     "8x4 d128, batch 1, 256 blocks, fp16": (1, 8, 4, 128, 256, torch.float16),
+    "8x4 d128, batch 4, 64 blocks, fp16": (4, 8, 4, 128, 64, torch.float16),
     "8x8 d128, batch 1, 256 blocks, fp16": (1, 8, 8, 128, 256, torch.float16),
 }
 
@@ -99,8 +101,14 @@ def cold_rows(kernels: dict, tokens_list, dtypes, bs: int, reps: int) -> list[di
     return rows
 
 
-def small_rows(kernels: dict, calls_each: int = 300) -> list[dict]:
+def small_rows(kernels: dict, calls_each: int = 300, cold_each: int = 31) -> list[dict]:
+    """Each shape warm (median of ``calls_each`` alternated calls) and cold (median of
+    ``cold_each``: the 1 GiB flush, then a tiny call of the same kernel on other data so that
+    its code path is warm as in a decode step, then the timed call, whose K/V are cold)."""
     gen = torch.Generator().manual_seed(1)
+    flush = np.ones(bench.FLUSH_BYTES // 4, np.float32)
+    tiny_k = torch.randn(2, 16, 64, generator=gen)
+    tiny_table = torch.tensor([[[0, 1]]], dtype=torch.int32)
     rows = []
     for name, (b, hkv, g, d, nb, dtype) in SMALL.items():
         slots = 4 * b * hkv * nb
@@ -109,16 +117,28 @@ def small_rows(kernels: dict, calls_each: int = 300) -> list[dict]:
         table = torch.randperm(slots, generator=gen)[: b * hkv * nb].reshape(b, hkv, nb).int()
         lens = torch.full_like(table, 16)
         q = torch.randn(b, hkv * g, d, generator=gen)
+        tiny = tiny_k.to(dtype)
         calls = {k: (lambda m=m: m.cpu_partial_attention(q, k_pool, v_pool, table, lens, 0.1))
                  for k, m in kernels.items()}
+        primers = {k: (lambda m=m: m.cpu_partial_attention(torch.zeros(1, 1, 64), tiny, tiny, tiny_table,
+                                                           torch.full_like(tiny_table, 16), 0.1))
+                   for k, m in kernels.items()}
         for call in calls.values():
             call()
-        times = {k: [] for k in calls}
+        warm = {k: [] for k in calls}
         for _ in range(calls_each):
             for k, call in calls.items():
-                times[k].append(bench.timed(call))
-        old, new = (float(np.median(times[k])) * 1e6 for k in ("old", "new"))
-        rows.append({"shape": name, "old us": old, "new us": new, "new / old": new / old})
+                warm[k].append(bench.timed(call))
+        cold = {k: [] for k in calls}
+        for _ in range(cold_each):
+            for k, call in calls.items():
+                bench._read_all(flush, 64)
+                primers[k]()
+                cold[k].append(bench.timed(call))
+        old, new = (float(np.median(warm[k])) * 1e6 for k in ("old", "new"))
+        old_cold, new_cold = (float(np.median(cold[k])) * 1e6 for k in ("old", "new"))
+        rows.append({"shape": name, "old us": old, "new us": new, "new / old": new / old,
+                     "old cold us": old_cold, "new cold us": new_cold, "new / old cold": new_cold / old_cold})
     return rows
 
 
@@ -129,7 +149,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float16", "float32"])
     parser.add_argument("--block", type=int, default=16)
     parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--no-small", action="store_true", help="skip the small warm calls")
+    parser.add_argument("--no-small", action="store_true", help="skip the small calls")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kvdrive-ab-") as where:   # mode 0700, removed after
         kernels = {"old": load_old_kernel(args.against, Path(where)), "new": new_kernel}
@@ -139,7 +159,7 @@ def main() -> None:
         print("cold (after a 1 GiB flush, not primed; GB/s = best of the reps)")
         print(tabulate(rows, headers="keys", floatfmt=".2f", tablefmt="github"))
         if not args.no_small:
-            print("\nsmall warm calls (median)")
+            print("\nsmall calls (median): warm, and cold after the flush (code path primed by a tiny call)")
             print(tabulate(small_rows(kernels), headers="keys", floatfmt=".2f", tablefmt="github"))
 
 
