@@ -20,6 +20,7 @@ from numba import njit
 
 from .launch_utils import multiprocessors, next_pow2
 from .numba_math import exp_f32
+from .triton_launcher import launcher_for
 
 __all__ = ["qkeys_log_mass", "qkeys_log_mass_or_bound", "qkeys_log_mass_torch", "qkeys_log_mass_triton", "pack_codes", "unpack_codes",
            "CODE_BITS", "LEVELS"]
@@ -177,6 +178,7 @@ def qkeys_log_mass_triton(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.
     H100); programs_per_sm, num_stages: the launch (benchmarks/bench_block_scores.py)."""
     from .triton_block_scores import qkeys_kernel
 
+    launch = launcher_for(qkeys_kernel)         # kept kernels launched directly: less host time per layer
     rows, nq, d = q.shape
     cap, bs, d4 = packed.shape[1:]
     n = ids.numel()
@@ -184,9 +186,10 @@ def qkeys_log_mass_triton(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.
     if n and rows and nq:
         want = max(1, -(-programs_per_sm * multiprocessors(q.device) // rows))      # programs per row
         per = -(-n // want)
-        qkeys_kernel[(rows, -(-n // per))](
-            packed.contiguous(), kmin.contiguous(), kmax.contiguous(), q.float().contiguous(),
-            ids.contiguous(), out, float(scale), cap, bs, d, d4, nq, n, per,
-            ROWS=max(16, next_pow2(nq)), BLOCK=max(16, next_pow2(bs)), DIMS=max(16, next_pow2(d)),
-            PRECISION=precision, num_warps=4, num_stages=num_stages)
+        launch((rows, -(-n // per)),
+               (packed.contiguous(), kmin.contiguous(), kmax.contiguous(), q.float().contiguous(),
+                ids.contiguous(), out, float(scale), cap, bs, d, d4, nq, n, per),
+               {"ROWS": max(16, next_pow2(nq)), "BLOCK": max(16, next_pow2(bs)), "DIMS": max(16, next_pow2(d)),
+                "PRECISION": precision},
+               {"num_warps": 4, "num_stages": num_stages})
     return out

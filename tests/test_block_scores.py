@@ -56,12 +56,22 @@ def test_qkeys_log_mass_matches_float64(rows, nq, d, bs, impl):
 @pytest.mark.parametrize("rows,nq,d,bs,cap", [(1, 1, 64, 16, 5), (2, 3, 16, 8, 23), (1, 4, 6, 8, 9), (2, 17, 16, 32, 7)])
 def test_qkeys_triton_matches_float64(rows, nq, d, bs, cap, programs_per_sm):
     """The Triton kernel (the interpreter on a CPU machine: small shapes) on the model's device:
-    one block per program, or many with a shorter last range; query rows past 16; blocks under 16."""
-    codes, packed, kmin, kmax, q, ids = case(rows, nq, d, bs, cap=cap, seed=3)
-    got = qkeys_log_mass_triton(*(t.to(DEVICE) for t in (packed, kmin, kmax, q, ids)), 0.25,
-                                programs_per_sm=programs_per_sm, precision="ieee")
-    assert got.shape == (rows, nq, ids.numel())
-    torch.testing.assert_close(got.cpu().double(), reference(codes, kmin, kmax, q, ids, 0.25), rtol=1e-4, atol=1e-4)
+    one block per program, or many with a shorter last range; query rows past 16; blocks under 16.
+    Twice on fresh data: on a GPU the second call launches the kept compiled kernel directly
+    (kernels/triton_launcher.py)."""
+    if DEVICE == "cuda":
+        from kvdrive_compile.kernels.triton_block_scores import qkeys_kernel
+        from kvdrive_compile.kernels.triton_launcher import launcher_for
+        launcher = launcher_for(qkeys_kernel)
+        before = launcher.direct_launches
+    for seed in (3, 4):
+        codes, packed, kmin, kmax, q, ids = case(rows, nq, d, bs, cap=cap, seed=seed)
+        got = qkeys_log_mass_triton(*(t.to(DEVICE) for t in (packed, kmin, kmax, q, ids)), 0.25,
+                                    programs_per_sm=programs_per_sm, precision="ieee")
+        assert got.shape == (rows, nq, ids.numel())
+        torch.testing.assert_close(got.cpu().double(), reference(codes, kmin, kmax, q, ids, 0.25), rtol=1e-4, atol=1e-4)
+    if DEVICE == "cuda":
+        assert launcher.fallback_reason is None and launcher.direct_launches > before
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="tf32 is a tensor-core format: needs a GPU")
