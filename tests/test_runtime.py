@@ -202,3 +202,33 @@ def test_stand_ins_report_a_session_once_nothing_refers_to_it():
     gc.collect()
     assert released == [7]
     assert st._bases == {} and st._keys == {}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tier_split_matches_a_stable_sort_by_tier(seed):
+    """planner.tier_part (one numba pass) against the torch reference: per row the selected
+    blocks of the tier first, in their order, then the others as padding (valid False, slot 0),
+    cut to the longest row; None where no row has one. Dropped blocks (tier -1) belong to none."""
+    from types import SimpleNamespace
+
+    from kvdrive_compile.runtime.planner import tier_part
+
+    gen = torch.Generator().manual_seed(seed)
+    rows, nblocks, n = 5, 40, 12
+    tiers = torch.randint(-1, 3 if seed else 2, (nblocks,), generator=gen)     # seed 0: no disk block
+    slots = torch.randint(0, 1000, (rows, nblocks), generator=gen)
+    selected = torch.stack([torch.randperm(nblocks, generator=gen)[:n].sort().values for _ in range(rows)])
+    kv = SimpleNamespace(table=lambda: (tiers, slots))
+    for tier in Tier:
+        in_tier = tiers[selected] == tier
+        m = int(in_tier.sum(1).max())
+        got = tier_part(kv, selected, tier)
+        if m == 0:
+            assert got is None
+            continue
+        order = torch.argsort((~in_tier).to(torch.int8), dim=1, stable=True)[:, :m]
+        ids, valid = selected.gather(1, order), in_tier.gather(1, order)
+        assert torch.equal(got.ids, ids) and torch.equal(got.valid, valid)
+        assert torch.equal(got.slots, torch.where(valid, slots.gather(1, ids), 0))
+    with pytest.raises(IndexError, match="outside"):
+        tier_part(kv, torch.full((rows, 1), nblocks), Tier.DEVICE)
