@@ -19,7 +19,7 @@ import torch
 from numba import njit
 
 from .launch_utils import multiprocessors, next_pow2
-from .numba_math import exp_f32
+from .numba_math import exp_f32, wide_vectors
 from .triton_launcher import launcher_for
 
 __all__ = ["qkeys_log_mass", "qkeys_log_mass_or_bound", "qkeys_log_mass_torch", "qkeys_log_mass_triton", "pack_codes", "unpack_codes",
@@ -47,21 +47,29 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 @njit(nogil=True, cache=True, fastmath=True)
 def _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, out):
     """One block at a time: decode its codes once into ``codes [bs, Dp]`` (channels in the
-    order 0, 4, 8, .., 1, 5, .., which decodes with unit strides), score every (query
+    order 0, 4, 8, .., 1, 5, .., which decodes with unit strides; q is put in that order once
+    per KV head and the block's step once per block), score every (query
     row, token) pair with four tokens per pass over the channels (vectorized over channels,
     four independent sums), then a two-pass log-sum-exp over the block's tokens per row.
     A block not ``quantized`` (the open one) gets Quest's bound
     ``scale * sum_c max(q_c kmin_c, q_c kmax_c) + log_count`` instead."""
+    wide_vectors()
     rows, nrows_q, d = q.shape
     bs, d4 = packed.shape[2], packed.shape[3]
     dp = 4 * d4
     w = np.zeros((nrows_q, dp), np.float32)                  # scale * q_c * step_c (0 on padding), codes' order
     base = np.zeros(nrows_q, np.float32)                     # scale * q . kmin
     codes = np.zeros((bs, dp), np.float32)
-    step = np.zeros(d, np.float32)
+    qp = np.zeros((nrows_q, dp), np.float32)                 # q in the codes' channel order (0 on padding)
+    step = np.zeros(dp, np.float32)                          # scale * (kmax - kmin) / 3, codes' order
     s = np.empty(bs, np.float32)
     bs4 = bs - bs % 4
     for r in range(rows):
+        for g in range(nrows_q):
+            for i in range(4):
+                for b in range(d4):
+                    c = 4 * b + i
+                    qp[g, i * d4 + b] = q[r, g, c] if c < d else np.float32(0.0)
         for j in range(ids.shape[0]):
             blk = ids[j]
             if not quantized[j]:
@@ -75,17 +83,17 @@ def _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, out):
                 for i in range(4):
                     for b in range(d4):
                         codes[t, i * d4 + b] = (packed[r, blk, t, b] >> (2 * i)) & 3
-            for c in range(d):
-                step[c] = (kmax[r, blk, c] - kmin[r, blk, c]) * (scale / LEVELS)
+            for i in range(4):
+                for b in range(d4):
+                    c = 4 * b + i
+                    step[i * d4 + b] = (kmax[r, blk, c] - kmin[r, blk, c]) * (scale / LEVELS) if c < d else np.float32(0.0)
             for g in range(nrows_q):
                 acc = np.float32(0.0)
                 for c in range(d):
                     acc += q[r, g, c] * kmin[r, blk, c]
                 base[g] = acc * scale
-                for i in range(4):
-                    for b in range(d4):
-                        c = 4 * b + i
-                        w[g, i * d4 + b] = q[r, g, c] * step[c] if c < d else np.float32(0.0)
+                for c in range(dp):
+                    w[g, c] = qp[g, c] * step[c]
             for g in range(nrows_q):
                 for t in range(0, bs4, 4):
                     s0 = s1 = s2 = s3 = np.float32(0.0)

@@ -36,7 +36,7 @@ from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.extending import intrinsic
 
-from .numba_math import FASTMATH as _FASTMATH, exp_f32
+from .numba_math import FASTMATH as _FASTMATH, exp_f32, wide_vectors as _wide_vectors
 from .paged_layout import POISON_ENV, check_paged_args
 
 __all__ = ["cpu_partial_attention", "warm_up", "POISON_ENV"]
@@ -87,24 +87,6 @@ def _prefetch(typingctx, address):
         return context.get_dummy_value()
 
     return types.void(address), codegen
-
-
-@intrinsic
-def _wide_vectors(typingctx):
-    """Let LLVM vectorize the function this is inlined into with 512-bit registers where the
-    CPU has them. LLVM prefers 256 bits on every AVX-512 CPU model (a frequency guard for
-    older Xeons); here 512 makes the fp16 kernel ~6 % faster cold and ~8 % on small warm calls,
-    fp32 the same. The attribute is a string attribute that llvmlite's checked ``add`` does
-    not know, so it goes in through ``set.add`` (rendered verbatim in the function's header;
-    skipped if a later llvmlite stores attributes otherwise: it is only a hint); CPUs without
-    AVX-512 ignore it."""
-    def codegen(context, builder, sig, args):
-        attributes = builder.function.attributes
-        if isinstance(attributes, set):
-            set.add(attributes, '"prefer-vector-width"="512"')
-        return context.get_dummy_value()
-
-    return types.void(), codegen
 
 
 # -- planning: cut every (sequence, KV head) block list into equal work items --

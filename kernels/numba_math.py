@@ -1,7 +1,8 @@
 """float32 math for numba kernels that LLVM can vectorize (numba's ``math.exp`` is a scalar
 libm call unless Intel's SVML is installed).
 
-Used by kernels/cpu_attention.py and kernels/block_scores.py. numba's on-disk cache keys a
+Used by kernels/cpu_attention.py and kernels/block_scores.py (and ``wide_vectors``, a hint to
+LLVM, by both). numba's on-disk cache keys a
 compiled function on its own file only: after editing this module, delete the ``.nbi``/``.nbc``
 files in ``kernels/__pycache__`` (or set a fresh ``NUMBA_CACHE_DIR``) so that the kernels that
 inline these helpers are compiled again.
@@ -13,7 +14,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-__all__ = ["exp_f32", "FASTMATH"]
+__all__ = ["exp_f32", "FASTMATH", "wide_vectors"]
 
 # LLVM fast-math flags for the kernels: no "ninf"/"nnan", because -inf marks empty rows
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -53,3 +54,21 @@ def exp_f32(x):
     p = p * f + _ONE
     p = p * f + _ONE
     return p * _bits_to_f32((np.int64(n) + 127) << 23)
+
+
+@intrinsic
+def wide_vectors(typingctx):
+    """Let LLVM vectorize the function this is called in with 512-bit registers where the CPU
+    has them. LLVM prefers 256 bits on every AVX-512 CPU model (a frequency guard for older
+    Xeons); here 512 makes the CPU attention's fp16 kernel ~6 % faster cold and ~8 % on small
+    warm calls, fp32 the same. The attribute is a string attribute that llvmlite's checked ``add`` does
+    not know, so it goes in through ``set.add`` (rendered verbatim in the function's header;
+    skipped if a later llvmlite stores attributes otherwise: it is only a hint); CPUs without
+    AVX-512 ignore it."""
+    def codegen(context, builder, sig, args):
+        attributes = builder.function.attributes
+        if isinstance(attributes, set):
+            set.add(attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.void(), codegen
