@@ -380,9 +380,11 @@ def _attend_items(q, scale, k_pool, v_pool, block_table, block_lens, first, lo, 
         slots = np.empty(size, np.int64)
         ns = np.empty(size, np.int64)
         ends = np.empty(b - a, np.int64)
+        rows = np.empty(b - a, np.int64)                   # each item's (sequence, KV head)
         count = 0
         for item in range(a, b):
             bh = np.searchsorted(first, item, side="right") - 1
+            rows[item - a] = bh
             table, lens = block_table[bh // hkv, bh % hkv], block_lens[bh // hkv, bh % hkv]
             for j in range(lo[item], hi[item]):
                 n = min(max(lens[j], 0), bs)
@@ -392,7 +394,7 @@ def _attend_items(q, scale, k_pool, v_pool, block_table, block_lens, first, lo, 
             ends[item - a] = count
         start = 0
         for item in range(a, b):
-            bh = np.searchsorted(first, item, side="right") - 1
+            bh = rows[item - a]
             _attend_item(q[bh // hkv, bh % hkv], scale, k_pool, v_pool, slots, ns, start, ends[item - a], count,
                          part_out[item], part_lse[item])
             start = ends[item - a]

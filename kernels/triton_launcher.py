@@ -100,8 +100,8 @@ _LAUNCHERS: dict[int, CachedLauncher] = {}
 
 
 def launcher_for(fn: Any) -> CachedLauncher:
-    """The one ``CachedLauncher`` of a Triton kernel."""
+    """The one ``CachedLauncher`` of a Triton kernel (it holds ``fn``, so the id stays its own)."""
     got = _LAUNCHERS.get(id(fn))
-    if got is None or got.fn is not fn:
+    if got is None:
         got = _LAUNCHERS[id(fn)] = CachedLauncher(fn)
     return got
