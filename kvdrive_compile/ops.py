@@ -61,7 +61,7 @@ def append(step: Tensor, past_k: Tensor, past_v: Tensor, k_new: Tensor, v_new: T
     """
     rid, sid = step.tolist()
     rt = get_runtime(rid)
-    with rt.timed("append"):
+    with rt.timed("append", sid):
         k_si, v_si, past = site_step.append(rt, rt.session(sid), layer, past_k, past_v, k_new, v_new, keeps_last)
     return k_si, v_si, _handle(rid, sid, layer, past, k_new.shape[2])
 
@@ -82,7 +82,7 @@ def select(ticket: Tensor, q: Tensor, scale: float, policy_id: int) -> Tensor:
     policy's settings). Returns a plan ``[runtime, session, plan]``."""
     rid, sid, layer, past, new = ticket.tolist()
     rt = get_runtime(rid)
-    with rt.timed("select"):
+    with rt.timed("select", sid):
         pid = site_step.select(rt, rt.session(sid), layer, past, new, q, get_policy(policy_id), scale)
     return _handle(rid, sid, pid)
 
@@ -97,7 +97,7 @@ def prefetch(plan: Tensor) -> Tensor:
     """Start moving what the plan needs (disk -> host reads) on the I/O threads."""
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
-    with rt.timed("prefetch"):
+    with rt.timed("prefetch", sid):
         rt.prefetch(site_step.plan_of(rt, sid, pid))
     return plan.clone()
 
@@ -114,8 +114,8 @@ def cpu_partial_attention(plan: Tensor, q: Tensor, mask: Optional[Tensor], scale
     they lie. mask: bool (True = attend) or additive, broadcastable to ``[B, Hq, Q, P + n]``."""
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
-    p = site_step.plan_of(rt, sid, pid)
-    with rt.timed("cpu_attention"):
+    with rt.timed("cpu_attention", sid):
+        p = site_step.plan_of(rt, sid, pid)
         out, lse = rt.host_attention(p, q, site_step.step_mask(p, mask, is_causal), scale)
     return out.contiguous(), lse.contiguous()                  # the strides the fake impl gives
 
@@ -136,8 +136,8 @@ def sparse_attention(plan: Tensor, q: Tensor, k_new: Tensor, v_new: Tensor, mask
     """Attention over the plan's device-resident blocks (on a prefill: the new tokens)."""
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
-    p = site_step.plan_of(rt, sid, pid)
-    with rt.timed("device_attention"):
+    with rt.timed("device_attention", sid):
+        p = site_step.plan_of(rt, sid, pid)
         out, lse = rt.device_attention(p, q, k_new, v_new, site_step.step_mask(p, mask, is_causal), scale)
     return out.contiguous(), lse.contiguous()
 
@@ -153,8 +153,8 @@ def merge(plan: Tensor, q: Tensor, out_a: Tensor, lse_a: Tensor, out_b: Tensor, 
     in q's dtype. Ends the plan."""
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
-    rt.session(sid).plans.pop(pid, None)
-    with rt.timed("merge"):
+    with rt.timed("merge", sid):
+        rt.session(sid).plans.pop(pid, None)
         return site_step.merge([(out_a, lse_a), (out_b, lse_b)], q.dtype).contiguous()
 
 

@@ -78,10 +78,16 @@ class KVRuntime:
         atexit.register(self.close)
 
     @contextlib.contextmanager
-    def timed(self, stage: str):
+    def timed(self, stage: str, session_id: Optional[int] = None):
+        """Time a stage; if it fails, release the session's KV (blocks, files, plans) before
+        the error leaves, so a failed generation holds nothing after its error."""
         t0 = time.perf_counter()
         try:
             yield
+        except BaseException:
+            if session_id is not None:
+                self.release(session_id)
+            raise
         finally:
             self.stage_seconds[stage] += time.perf_counter() - t0
 
