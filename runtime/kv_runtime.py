@@ -12,11 +12,10 @@ import heapq
 import itertools
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -28,7 +27,7 @@ from .planner import Plan, TierPart
 from .selection import EXACT, SelectionPolicy, select_blocks, window_blocks
 from .standins import StandIns
 from .stats import RuntimeStats, TierStats
-from .tiers import BlockPool, DiskFile, Tier, TierBudget, slot_bytes
+from .tiers import BlockPool, DiskFile, KVDiskError, Tier, TierBudget, slot_bytes
 from ..kernels.cpu_attention import cpu_partial_attention
 from ..kernels.merge import merge_partials
 from ..kernels.paged_attention import paged_attention
@@ -61,10 +60,11 @@ class KVRuntime:
         self.budgets = {Tier.DEVICE: TierBudget("device", device_memory),
                         Tier.HOST: TierBudget("host", host_memory)}
         self._disk_parent = disk_dir
-        self._disk_dir: Optional[str] = None
         self.pools: dict[tuple, BlockPool] = {}
         self.sessions: dict[int, Session] = {}
+        self.io_threads = io_threads
         self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvdrive-io")
+        self._io_lock = threading.Lock()
         self.lock = threading.RLock()
         self._ids = itertools.count(1)
         self._created = itertools.count()
@@ -152,16 +152,13 @@ class KVRuntime:
             self.sessions_closed += 1
 
     def close(self) -> None:
-        """Release every session, the pools, and the private disk directory."""
+        """Release every session (closing its disk files) and the pools."""
         with self.lock:
             for sid in list(self.sessions):
                 self.release(sid)
             for pool in self.pools.values():
                 pool.close()
             self.pools.clear()
-            if self._disk_dir is not None:
-                shutil.rmtree(self._disk_dir, ignore_errors=True)
-                self._disk_dir = None
 
     # -- pools and files -------------------------------------------------------------------
 
@@ -176,9 +173,15 @@ class KVRuntime:
         return pool
 
     def disk_dir(self) -> str:
-        if self._disk_dir is None:
-            self._disk_dir = tempfile.mkdtemp(prefix="kvdrive-", dir=self._disk_parent)  # mode 0700
-        return self._disk_dir
+        """Where KV files are made, checked each time: each file is unlinked at creation, so
+        nothing made earlier (no private directory) is relied on."""
+        directory = self._disk_parent or tempfile.gettempdir()
+        if not os.path.isdir(directory):
+            raise KVDiskError(
+                f"disk_dir '{directory}' is gone (it existed when the model was compiled; a temp cleaner "
+                "may have removed it): create it again, or compile with options={'disk_dir': ...} naming "
+                "an existing writable directory with room")
+        return directory
 
     def _disk(self, kv: LayerKV) -> DiskFile:
         session = self.sessions[kv.session_id]
@@ -186,9 +189,19 @@ class KVRuntime:
         f = session.disk_files.get(key)
         if f is None:
             name = f"session{kv.session_id}-{str(kv.dtype).split('.')[-1]}-d{kv.head_dim}.kv"
-            f = DiskFile(os.path.join(self.disk_dir(), name), kv.dtype, self.block_size, kv.head_dim, self.io_pool)
+            f = DiskFile(self.disk_dir(), name, kv.dtype, self.block_size, kv.head_dim, self.submit_io)
             session.disk_files[key] = f
         return f
+
+    def submit_io(self, fn, *args) -> Future:
+        """``fn(*args)`` on the I/O threads (every disk request goes through here); a pool that
+        was shut down (``io_pool.shutdown()``) is replaced first."""
+        with self._io_lock:
+            try:
+                return self.io_pool.submit(fn, *args)
+            except RuntimeError:                          # "cannot schedule new futures after shutdown"
+                self.io_pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvdrive-io")
+                return self.io_pool.submit(fn, *args)
 
     def _store(self, tier: Tier, kv: LayerKV):
         return self._disk(kv) if tier == Tier.DISK else self._pool(tier, kv)
@@ -198,7 +211,7 @@ class KVRuntime:
     def _alloc(self, tier: Tier, kv: LayerKV) -> Optional[list[int]]:
         """``kv.rows`` slots in ``tier``, evicting that tier's oldest blocks downwards if needed."""
         if tier == Tier.DISK:
-            return self._disk(kv).alloc(kv.rows)
+            return self._disk(kv).alloc(kv.rows, kv.layer)
         pool = self._pool(tier, kv)
         while True:
             slots = pool.alloc(kv.rows)
@@ -368,7 +381,7 @@ class KVRuntime:
         needed = torch.unique(part.slots[part.valid])                        # sorted
         disk = self._disk(plan.layer)
         plan.disk_slots = needed
-        plan.disk_read = self.io_pool.submit(disk.read, needed.tolist())
+        plan.disk_read = self.submit_io(disk.read, needed.tolist())
         self.moved["disk->host"] += needed.numel() * disk.slot_bytes
 
     def host_attention(self, plan: Plan, q: torch.Tensor, step: StepMask, scale: float):

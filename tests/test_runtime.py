@@ -148,18 +148,20 @@ def test_disk_files_are_private_and_removed(tmp_path):
     kv = rt.layer(s, 0, k, False)
     rt.append(kv, k, k)
     assert all(b.tier == Tier.DISK for b in kv.blocks.values())
-    (private,) = list(tmp_path.iterdir())
-    assert stat.S_IMODE(private.stat().st_mode) == 0o700
-    (f,) = list(private.iterdir())
-    assert stat.S_IMODE(f.stat().st_mode) == 0o600
-    assert f.stat().st_size >= 50 * 2 * 16 * 4 * 2
+    assert list(tmp_path.iterdir()) == []                  # unlinked at creation: only the fd holds it
+    (f,) = s.disk_files.values()
+    assert stat.S_IMODE(os.fstat(f.fd).st_mode) == 0o600
+    assert os.fstat(f.fd).st_size >= 50 * 2 * 16 * 4 * 2
     q = torch.randn(1, 2, 1, 16)
     out, _ = attend(rt, s, 0, q, 49, 1, k[:, :, -1:], k[:, :, -1:])
     torch.testing.assert_close(out.double(), reference(q, k, k, 0.125), atol=1e-5, rtol=1e-5)
+    fd = f.fd
     rt.release(s.id)
-    assert list(private.iterdir()) == []
+    assert f.fd == -1
+    with pytest.raises(OSError):
+        os.fstat(fd)                                       # closed, which frees the unlinked file
     rt.close()
-    assert not os.path.exists(private)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_budget_zero_device_still_exact():
