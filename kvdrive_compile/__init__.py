@@ -6,7 +6,7 @@
 """
 from .backend import counters, kvdrive_backend
 from .options import KVDriveOptions, parse_options, parse_size
-from .runtimes import all_stats, collect, release_all, stats
+from .runtimes import all_stats, collect, materialize, release_all, stats
 
 __all__ = ["kvdrive_backend", "counters", "KVDriveOptions", "parse_options", "parse_size",
-           "stats", "all_stats", "release_all", "collect"]
+           "stats", "all_stats", "release_all", "collect", "materialize"]

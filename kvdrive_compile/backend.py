@@ -15,10 +15,11 @@ from . import ops  # noqa: F401  (registers the kvdrive:: custom ops)
 from .options import parse_options
 from .passes.bind_kv_cache import BindKVCache
 from .passes.find_attention import FindAttentionSites
+from .passes.guard_standins import GuardStandIns
 from .passes.pass_manager import PassContext, PassManager
 from .passes.rewrite_attention import RewriteAttention
 from .passes.verify import VerifyGraph
-from .runtimes import policy_for, runtime_for
+from .runtimes import is_standin, policy_for, runtime_for
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ _layer_ids: dict[int, dict[str, int]] = {}           # runtime id -> module path
 
 
 def default_passes() -> list:
-    return [FindAttentionSites(), BindKVCache(), RewriteAttention(), VerifyGraph()]
+    return [FindAttentionSites(), BindKVCache(), RewriteAttention(), GuardStandIns(), VerifyGraph()]
 
 
 def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
@@ -64,7 +65,7 @@ def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
     rid = runtime_for(opts)
     ctx = PassContext(runtime_id=rid, policy_id=policy_for(opts), graph_index=next(_graph_ids),
                       layer_ids=_layer_ids.setdefault(rid, {}),
-                      dump_dir=opts.dump_dir, example_inputs=list(example_inputs))
+                      dump_dir=opts.dump_dir, example_inputs=list(example_inputs), is_standin=is_standin)
     PassManager(default_passes()).run(gm, ctx)
     for site in ctx.skipped:
         msg = f"kvdrive: attention site {site.node.name} in {site.layer_name} left as it was: {site.reason}"

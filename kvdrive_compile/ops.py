@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from .runtime import site_step
-from .runtimes import get_policy, get_runtime
+from .runtime.standins import is_standin_like
+from .runtimes import get_policy, get_runtime, materialize_standin
 
 
 def _handle(*values: int) -> Tensor:
@@ -50,6 +51,7 @@ def _(past_k, k_new, runtime_id):
     return _fake_handle(2)
 
 
+
 @torch.library.custom_op("kvdrive::append", mutates_args=())
 def append(step: Tensor, past_k: Tensor, past_v: Tensor, k_new: Tensor, v_new: Tensor,
            layer: int, keeps_last: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -73,6 +75,21 @@ def _(step, past_k, past_v, k_new, v_new, layer, keeps_last):
     k_si = k_new.new_empty((1, 1, 1, 1)).expand(b, h, p + n, d)
     v_si = v_new.new_empty((1, 1, 1, 1)).expand(b, h, p + n, d)
     return k_si, v_si, _fake_handle(5)
+
+
+@torch.library.custom_op("kvdrive::materialize", mutates_args=())
+def materialize(cached: Tensor) -> Tensor:
+    """The real K or V ``[B, Hkv, S, D]`` that a stand-in stands for, gathered from the
+    runtime's tiers (slow, exact): for graph code that reads cache values and is not an
+    attention site kvdrive rewrites. A tensor that is not a stand-in comes back as a copy."""
+    if not is_standin_like(cached):
+        return cached.clone()
+    return materialize_standin(cached)
+
+
+@materialize.register_fake
+def _(cached):
+    return torch.empty(cached.shape, dtype=cached.dtype, device=cached.device)
 
 
 @torch.library.custom_op("kvdrive::select", mutates_args=())
@@ -154,7 +171,7 @@ def merge(plan: Tensor, q: Tensor, out_a: Tensor, lse_a: Tensor, out_b: Tensor, 
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
     with rt.timed("merge", sid):
-        rt.session(sid).plans.pop(pid, None)
+        site_step.end_plan(rt, rt.session(sid), pid)
         return site_step.merge([(out_a, lse_a), (out_b, lse_b)], q.dtype).contiguous()
 
 
@@ -171,4 +188,5 @@ OPS = {
     "cpu_partial_attention": torch.ops.kvdrive.cpu_partial_attention.default,
     "sparse_attention": torch.ops.kvdrive.sparse_attention.default,
     "merge": torch.ops.kvdrive.merge.default,
+    "materialize": torch.ops.kvdrive.materialize.default,
 }

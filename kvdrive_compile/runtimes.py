@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import itertools
 import threading
+from typing import Any, Optional
 
-from typing import Optional
+import torch
 
 from .options import KVDriveOptions, parse_options
 from .runtime.kv_runtime import KVRuntime
 from .runtime.selection import SelectionPolicy  # noqa: F401  (the registry's type)
+from .runtime.site_step import OUTSIDE_READ
+from .runtime.standins import is_standin_like
 from .runtime.stats import RuntimeStats
 
 _lock = threading.Lock()
@@ -55,6 +58,56 @@ def get_runtime(runtime_id: int) -> KVRuntime:
 
 def runtimes() -> list[KVRuntime]:
     return list(_by_id.values())
+
+
+def is_standin(t: Any) -> bool:
+    """Whether ``t`` is a stand-in (or a view of one) that some kvdrive runtime made."""
+    return isinstance(t, torch.Tensor) and (is_standin_like(t) or any(rt.standins.lookup(t) for rt in runtimes()))
+
+
+def materialize_standin(t: torch.Tensor) -> torch.Tensor:
+    """The real K or V ``[B, Hkv, S, D]`` behind a stand-in ``t`` (on the layer's device): the
+    last ``S`` tokens of its layer, gathered from the tiers."""
+    for rt in runtimes():
+        key = rt.standins.lookup(t)
+        if key is None:
+            continue
+        kv = rt.session(key.session_id).layers[key.layer]
+        b, h, s, d = t.shape
+        if (b, h, d) != (kv.batch, kv.kv_heads, kv.head_dim) or s > kv.length:
+            raise RuntimeError(f"a stand-in of layer {key.layer} was reshaped or sliced outside the compiled "
+                               f"graph ({tuple(t.shape)}; the runtime holds [{kv.batch}, {kv.kv_heads}, "
+                               f"{kv.length}, {kv.head_dim}]): {OUTSIDE_READ}")
+        k, v = rt.read_window(kv, kv.length - s, kv.length)
+        return k if key.kind == "k" else v
+    raise RuntimeError(f"a {tuple(t.shape)} tensor on the meta device reached a kvdrive op but no kvdrive "
+                       f"runtime holds its KV (its generation was released, or the tensor was made by "
+                       f"code outside kvdrive). {OUTSIDE_READ}")
+
+
+def materialize(cache: Any) -> Any:
+    """A model's KV cache with every kvdrive stand-in replaced by the real K/V, so that eager
+    code (the uncompiled model, beam search, cropping) can continue from it.
+
+    cache: a Hugging Face ``Cache`` (its ``layers``' ``keys``/``values``; an encoder-decoder
+    cache's two halves), or tuples/lists/dicts of tensors (a hand-written model's cache).
+    Hugging Face caches are changed in place and returned; containers are rebuilt.
+    """
+    if isinstance(cache, torch.Tensor):
+        return materialize_standin(cache) if is_standin_like(cache) else cache
+    if isinstance(cache, (tuple, list)):
+        return type(cache)(materialize(c) for c in cache)
+    if isinstance(cache, dict):
+        return {k: materialize(c) for k, c in cache.items()}
+    for half in ("self_attention_cache", "cross_attention_cache"):
+        if hasattr(cache, half):
+            materialize(getattr(cache, half))
+    for layer in getattr(cache, "layers", ()):
+        for name in ("keys", "values"):
+            value = getattr(layer, name, None)
+            if is_standin_like(value):
+                setattr(layer, name, materialize_standin(value))
+    return cache
 
 
 def stats(options: Optional[dict] = None) -> RuntimeStats:

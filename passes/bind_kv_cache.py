@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import fx_match as m
 from .pass_manager import GraphPass, PassContext
@@ -42,7 +43,7 @@ def _static_cache_write(node: torch.fx.Node) -> Optional[str]:
     return None
 
 
-def _is_size_query(node: torch.fx.Node) -> bool:
+def is_size_query(node: torch.fx.Node) -> bool:
     """``x.size()``, ``x.shape``, ``x.dim()``...: reads metadata, not KV values."""
     if node.op == "call_method":
         return node.target in m.SIZE_METHODS
@@ -62,6 +63,11 @@ def _tail_slice(node: torch.fx.Node) -> bool:
     return full and idx[2].step is None and idx[2].stop is None
 
 
+def _tokens(node: torch.fx.Node):
+    """The token count (dim -2) of a 4-D tensor node: an int or a SymInt."""
+    return m.tensor_meta(node).shape[-2]
+
+
 class BindKVCache(GraphPass):
     name = "bind_kv_cache"
 
@@ -78,6 +84,12 @@ class BindKVCache(GraphPass):
             return
         site.v_bind = self._binding(site, site.v, "V")
         if not site.ok:
+            return
+        q_len, kv_len = (_tokens(n) for n in (site.q, site.k_bind.new))
+        if not statically_known_true(q_len == kv_len):
+            # self-attention appends one K/V per query token; these come from another sequence
+            site.skip(f"cross-attention: {kv_len} new K/V tokens for {q_len} query tokens (K/V computed "
+                      "from another sequence, e.g. an encoder's); left as it is, exact")
             return
         for b in (site.k_bind, site.v_bind):
             self._check_users(site, b)
@@ -106,7 +118,7 @@ class BindKVCache(GraphPass):
         for u in past.users:
             # one empty tensor may start several caches (K and V, or every layer)
             shared_empty = _is_empty(past) and m.is_call(u, m.CAT_FNS) and u.args[0][0] is past
-            if u is not node and not _is_size_query(u) and not shared_empty:
+            if u is not node and not is_size_query(u) and not shared_empty:
                 site.skip(f"past {what} ({past.name}) is also used by {u.name}")
                 return None
         return KVBinding(node, past, new)
@@ -115,9 +127,9 @@ class BindKVCache(GraphPass):
         """The cat's value may only reach the site, the graph's outputs (possibly as a tail slice) or size queries."""
         chain = set(site.chain)
         for u in b.cat.users:
-            if u in chain or u.op == "output" or _is_size_query(u):
+            if u in chain or u.op == "output" or is_size_query(u):
                 continue
-            if _tail_slice(u) and all(w.op == "output" or _is_size_query(w) for w in u.users):
+            if _tail_slice(u) and all(w.op == "output" or is_size_query(w) for w in u.users):
                 site.keeps_last = True
                 continue
             site.skip(f"cached {b.cat.name} is also used by {u.name} ({u.target}); kvdrive would have to materialise it")

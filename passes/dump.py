@@ -74,6 +74,7 @@ def summarize(ctx: "PassContext") -> dict:
              "binding": s.binding(), "reason": s.reason}
             for s in ctx.sites
         ],
+        "materialized": ctx.materialized,
     }
 
 
@@ -83,4 +84,9 @@ def render_summary(data: dict) -> str:
             f"pass seconds: {data['pass_seconds']}\n\n")
     rows = [[s["site"], s["layer"], s["kind"], s["node"], s["status"], s["binding"] if s["status"] == "rewritten" else s["reason"]]
             for s in data["sites"]]
-    return head + tabulate(rows, headers=["site", "layer", "kind", "node", "status", "KV binding / reason"]) + "\n"
+    out = head + tabulate(rows, headers=["site", "layer", "kind", "node", "status", "KV binding / reason"]) + "\n"
+    if data.get("materialized"):
+        out += ("\ncached KV read outside a rewritten site, gathered from the runtime each step (exact, slower):\n"
+                + tabulate([[k, ", ".join(v)] for k, v in data["materialized"].items()], headers=["cache input", "read by"])
+                + "\n")
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch.fx
 
@@ -31,6 +31,8 @@ class PassContext:
     dump_dir: Optional[str] = None
     example_inputs: list[Any] = field(default_factory=list)
     sites: list[AttentionSite] = field(default_factory=list)
+    materialized: dict[str, list[str]] = field(default_factory=dict)   # cache input -> its readers
+    is_standin: Callable[[Any], bool] = lambda t: False                # the runtime made this tensor
     pass_seconds: dict[str, float] = field(default_factory=dict)
 
     @property

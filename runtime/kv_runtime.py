@@ -23,7 +23,7 @@ import torch
 
 from .block_attention import StepMask, attend, attend_gathered, attend_part, empty_partial, gather_part
 from .layer_kv import Block, LayerKV
-from .planner import Plan, TierPart
+from .planner import Plan, TierPart, tier_part
 from .selection import EXACT, SelectionPolicy, select_blocks, window_blocks
 from .standins import StandIns
 from .stats import RuntimeStats, TierStats
@@ -74,7 +74,7 @@ class KVRuntime:
         self.stage_seconds = {s: 0.0 for s in STAGES}
         self.sessions_closed = 0
         self.steps = 0
-        self.standins = StandIns(self.release)
+        self.standins = StandIns(self.release, self.lock)
         atexit.register(self.close)
 
     @contextlib.contextmanager
@@ -230,7 +230,7 @@ class KVRuntime:
             block = kv.blocks.get(idx)
             if block is None or block.tier != tier or block.created != created:
                 continue                                                   # stale entry
-            if self._pool(tier, kv) is not pool:
+            if self._pool(tier, kv) is not pool or idx in kv.pins:       # pinned: a step reads it
                 skipped.append((created, kv, idx))
                 continue
             self._demote(kv, idx)
@@ -371,7 +371,33 @@ class KVRuntime:
             for tier in Tier:
                 part = plan.part(tier)
                 self.selected_blocks[tier.name.lower()] += 0 if part is None else int(part.valid.sum())
+            self._pin(plan)
             return plan
+
+    def _pin(self, plan: Plan) -> None:
+        """Keep the plan's device and host blocks where they are until its merge: another
+        thread's step sharing this runtime may not evict them and reuse their slots while
+        this step's attention reads them outside the lock."""
+        kv = plan.layer
+        ids = set()
+        for tier in (Tier.DEVICE, Tier.HOST):
+            part = plan.part(tier)
+            if part is not None:
+                ids.update(part.ids[part.valid].tolist())
+        plan.pinned = tuple(ids)
+        for idx in ids:
+            kv.pins[idx] = kv.pins.get(idx, 0) + 1
+
+    def unpin(self, plan: Plan) -> None:
+        """The plan is done (merged, or its step failed): its blocks may move again."""
+        with self.lock:
+            pins = plan.layer.pins
+            for idx in plan.pinned:
+                if pins.get(idx, 0) > 1:
+                    pins[idx] -= 1
+                else:
+                    pins.pop(idx, None)
+            plan.pinned = ()
 
     def prefetch(self, plan: Plan) -> None:
         """Start reading the plan's disk blocks into host memory, one request per run of slots."""
@@ -450,6 +476,37 @@ class KVRuntime:
             return empty_partial(q)
         k, v, pos = (torch.cat(x, dim=d) for x, d in zip(zip(*pieces), (2, 2, 1)))
         return attend_gathered(q, k, v, pos, kv, step, scale)
+
+    # -- the slow, exact path: a layer's values for code that must see them ----------------
+
+    def read_window(self, kv: LayerKV, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token of positions ``[start, end)`` of a layer, gathered from whatever tier
+        each block lies on: k, v ``[B, Hkv, end - start, D]`` on the layer's device."""
+        with self.lock:
+            if start < kv.first * self.block_size or end > kv.length:
+                raise RuntimeError(f"layer {kv.layer}: tokens [{start}, {end}) are not all held "
+                                   f"(held: [{kv.first * self.block_size}, {kv.length}))")
+            blocks = window_blocks(kv, start, end)
+            first, bs, d = int(blocks[0]) if len(blocks) else 0, self.block_size, kv.head_dim
+            k_out = torch.zeros((kv.rows, len(blocks), bs, d), dtype=kv.dtype, device=kv.device)
+            v_out = torch.zeros_like(k_out)
+            for tier in Tier:
+                part = tier_part(kv, blocks.expand(kv.rows, -1), tier) if len(blocks) else None
+                if part is None:
+                    continue
+                rows, cols = torch.nonzero(part.valid, as_tuple=True)
+                slots = part.slots[rows, cols]
+                if tier == Tier.DISK:
+                    k, v = self._disk(kv).read(slots.tolist())
+                else:
+                    pool = self._pool(tier, kv)
+                    k, v = pool.k[slots.to(pool.device)], pool.v[slots.to(pool.device)]
+                at = (rows.to(kv.device), (part.ids[rows, cols] - first).to(kv.device))
+                k_out[at], v_out[at] = k.to(kv.device), v.to(kv.device)
+            offset = start - first * bs
+            shape = (kv.batch, kv.kv_heads, end - start, d)
+            return tuple(t.reshape(kv.rows, -1, d)[:, offset:offset + end - start].reshape(shape)
+                         for t in (k_out, v_out))
 
     # -- stats -----------------------------------------------------------------------------
 

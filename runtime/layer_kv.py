@@ -43,6 +43,7 @@ class LayerKV:
     first: int = 0
     blocks: dict[int, Block] = field(default_factory=dict)
     summaries: Optional[BlockSummaries] = None
+    pins: dict[int, int] = field(default_factory=dict)     # block id -> live plans reading it
     _table: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
 
     def __post_init__(self):

@@ -49,6 +49,7 @@ class Plan:
     parts: dict[Tier, Optional[TierPart]] = field(default_factory=dict)
     disk_read: Optional[Future] = None
     disk_slots: Optional[torch.Tensor] = None
+    pinned: tuple[int, ...] = ()           # device/host block ids held in place until the merge
 
     @property
     def tokens_attended(self) -> int:

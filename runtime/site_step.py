@@ -13,7 +13,7 @@ from .block_attention import StepMask, to_bias
 from .kv_runtime import KVRuntime, Plan, Session
 from .layer_kv import LayerKV
 from .selection import EXACT, SelectionPolicy
-from .standins import StandInKey
+from .standins import StandInKey, is_standin_like
 from ..kernels.merge import merge_partials
 
 _plan_ids = itertools.count(1)
@@ -34,7 +34,8 @@ def open_step(rt: KVRuntime, past_k: torch.Tensor) -> Session:
             rt.sweep()
             return rt.open_session()
         session = rt.session(key.session_id)
-        session.plans.clear()
+        for pid in list(session.plans):         # left by a step that did not finish
+            end_plan(rt, session, pid)
         return session
 
 
@@ -46,8 +47,9 @@ def _past_length(rt: KVRuntime, session: Session, kv: LayerKV, past: torch.Tenso
         return 0
     key = rt.standins.lookup(past)
     if key is None:
-        if bool(torch.isnan(past).any()):
-            raise RuntimeError(OUTSIDE_READ)
+        if is_standin_like(past) or bool(torch.isnan(past).any()):   # e.g. a reordered stand-in
+            raise RuntimeError(f"layer {kv.layer}: the cache holds a {tuple(past.shape)} tensor on the meta "
+                               f"device that kvdrive did not make. {OUTSIDE_READ}")
         if kv.length:
             raise RuntimeError(f"layer {kv.layer}: got real KV for a layer the runtime already holds. {OUTSIDE_READ}")
         return None
@@ -93,6 +95,13 @@ def select(rt: KVRuntime, session: Session, layer: int, past_len: int, new_len: 
     pid = next(_plan_ids)
     session.plans[pid] = plan
     return pid
+
+
+def end_plan(rt: KVRuntime, session: Session, plan_id: int) -> None:
+    """Forget a plan once merged; its blocks may move again."""
+    plan = session.plans.pop(plan_id, None)
+    if plan is not None:
+        rt.unpin(plan)
 
 
 def plan_of(rt: KVRuntime, session_id: int, plan_id: int) -> Plan:

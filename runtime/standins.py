@@ -1,15 +1,22 @@
 """Zero-memory stand-ins for the K/V tensors a model keeps in its own cache object.
 
-A stand-in has the shape of the real ``[B, Hkv, S, D]`` tensor but is a stride-0 expansion of
-a one-element NaN tensor (its base) that the runtime owns; each step's stand-in gets a new base,
-so no op output aliases its input. When it comes back as the next step's input, its data
-pointer says which session and layer it is. Code that
-reads its values outside the compiled graph gets NaN, never plausible garbage; the runtime
-refuses such a tensor when it comes back. A session is released when no stand-in of it (nor a
-view of one, like a sliding window's slice) is alive any more.
+A stand-in has the shape and dtype of the real ``[B, Hkv, S, D]`` tensor but is a stride-0
+expansion of a one-element NaN tensor (its base) that the runtime owns, wrapped as a
+``StandIn`` (a ``torch.Tensor`` subclass); each step's stand-in gets a new base, so no op output
+aliases its input. When it comes back as the next step's input, its data pointer says which
+session and layer it is.
+
+A stand-in holds no KV values, so nothing but kvdrive's ops may compute on it. While Dynamo
+traces, it is a plain tensor (the passes then make sure that only ``kvdrive::`` ops read it,
+or give the reader a ``kvdrive::materialize`` of the real values). Outside a trace, any torch
+function other than a metadata query (shape, dtype, device...) or a ``kvdrive::`` op raises
+``StandInReadError``, which says what to do: eager code (the uncompiled model, beam search,
+a Dynamo fallback) can never attend NaN silently. A session is released when no stand-in of
+it (nor a view of one, like a sliding window's slice) is alive any more.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -30,10 +37,80 @@ def _other_refs(t: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(storage._cdata) - 2        # - t itself - this wrapper
 
 
+class StandInReadError(RuntimeError):
+    pass
+
+
+READ_OUTSIDE = (
+    "{what} read a KV cache tensor that kvdrive holds in its runtime (a zero-memory stand-in: "
+    "the values are not in the cache object). Only the model compiled with backend='kvdrive' can "
+    "continue this cache. To continue it with eager code, first call "
+    "kvdrive_compile.materialize(cache), which puts the real K/V back into the cache object; "
+    "beam search and other cache reordering or cropping are not supported (use num_beams=1).")
+
+# metadata a stand-in answers truthfully: its shape, dtype, device... never its values
+_METADATA = {"size", "dim", "numel", "stride", "storage_offset", "is_contiguous", "data_ptr",
+             "untyped_storage", "element_size", "get_device", "nelement", "ndimension",
+             "__len__", "__hash__", "_version", "_typed_storage", "storage"}
+_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "layout", "is_cuda", "is_cpu", "is_meta",
+               "requires_grad", "is_leaf", "grad_fn", "is_sparse", "is_quantized", "is_nested",
+               "_base", "names", "itemsize", "nbytes", "is_mps", "is_xpu"}
+
+
+def _is_metadata(name: str) -> bool:
+    return name in _METADATA or name in _ATTRIBUTES or \
+        (name.startswith(("is_", "_is_")) and name != "is_nonzero")             # flags, not values
+
+
+def _func_name(func) -> str:
+    if getattr(func, "__name__", "") == "__get__":                     # a property: its name
+        return getattr(getattr(func, "__self__", None), "__name__", "__get__")
+    return getattr(func, "__name__", str(func))
+
+
+class StandIn(torch.Tensor):
+    """A cache tensor whose KV lives in the kvdrive runtime (see the module docstring)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.compiler.is_compiling():                     # Dynamo traces it as a plain tensor
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        name = _func_name(func)
+        if _is_metadata(name) or name in _VIEWS or \
+                (isinstance(func, torch._ops.OpOverload) and func.namespace == "kvdrive"):
+            with torch._C.DisableTorchFunctionSubclass():
+                out = func(*args, **kwargs)
+            # a view of a stand-in (a sliding window's slice) is a stand-in too
+            return _wrap(out) if name in _VIEWS else out
+        raise StandInReadError(READ_OUTSIDE.format(what=f"torch.{name} (outside the compiled graph)"))
+
+    def __repr__(self, *, tensor_contents=None):
+        return f"kvdrive.StandIn(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
+# views taken of a stand-in without reading it (Hugging Face's sliding-window cache keeps
+# ``full[:, :, -w:]`` of the stand-in a compiled step returned) are stand-ins too
+_VIEWS = {"__getitem__", "narrow", "detach", "expand"}
+
+
+def _wrap(t: torch.Tensor) -> torch.Tensor:
+    return t if isinstance(t, StandIn) else torch.Tensor._make_subclass(StandIn, t)
+
+
+def is_standin_like(t: object) -> bool:
+    """A tensor that holds no values of its own: a stand-in, or a view of one."""
+    return isinstance(t, StandIn)
+
+
 class StandIns:
     """The registry of stand-in bases, by data pointer."""
 
-    def __init__(self, on_unreferenced: Callable[[int], None]):
+    def __init__(self, on_unreferenced: Callable[[int], None], lock: Optional[threading.RLock] = None):
+        # the runtime's lock: stand-ins are made by every thread's steps and finalized by any
+        # thread's garbage collection
+        self.lock = lock if lock is not None else threading.RLock()
         self._bases: dict[int, torch.Tensor] = {}                  # data_ptr -> base
         self._keys: dict[int, StandInKey] = {}
         self._by_session: dict[int, set[int]] = {}
@@ -45,12 +122,13 @@ class StandIns:
         """A stand-in ``[B, Hkv, length, D]`` for ``like: [B, Hkv, n, D]``."""
         base = torch.full((1, 1, 1, 1), float("nan"), dtype=like.dtype, device=like.device)
         ptr = base.data_ptr()
-        self._bases[ptr] = base
-        self._keys[ptr] = key
-        self._by_session.setdefault(key.session_id, set()).add(ptr)
-        self._alive[key.session_id] = self._alive.get(key.session_id, 0) + 1
+        with self.lock:
+            self._bases[ptr] = base
+            self._keys[ptr] = key
+            self._by_session.setdefault(key.session_id, set()).add(ptr)
+            self._alive[key.session_id] = self._alive.get(key.session_id, 0) + 1
         b, h, _, d = like.shape
-        out = base.expand(b, h, length, d)
+        out = _wrap(base.expand(b, h, length, d))
         # the token count grows every step: let Dynamo trace it symbolically from the first
         # decode step on, instead of recompiling once more on the second
         torch._dynamo.maybe_mark_dynamic(out, 2)
@@ -61,10 +139,12 @@ class StandIns:
         """The key of a stand-in (or a view of one), else None."""
         if t.numel() == 0 or any(st != 0 for st, n in zip(t.stride(), t.shape) if n > 1):
             return None
-        key = self._keys.get(t.data_ptr())
-        if key is not None and self._bases[t.data_ptr()].dtype != t.dtype:
-            return None
-        return key
+        ptr = t.data_ptr()
+        with self.lock:
+            key = self._keys.get(ptr)
+            if key is not None and self._bases[ptr].dtype != t.dtype:
+                return None
+            return key
 
     def prune(self, session_id: int, dying_ptr: Optional[int] = None) -> bool:
         """Forget the session's bases no tensor refers to any more; whether any is left in use.
@@ -90,6 +170,10 @@ class StandIns:
         """A stand-in is finalized. Every step finalizes one per layer and kind, so this looks
         only at its own base and at the bases that outlived their stand-in through a view (a
         sliding window's slice), not at all the session's bases."""
+        with self.lock:
+            self._dying_locked(session_id, ptr)
+
+    def _dying_locked(self, session_id: int, ptr: int) -> None:
         if session_id not in self._by_session:
             return
         self._alive[session_id] -= 1

@@ -28,6 +28,7 @@ def attend(rt, session, layer, q, past, new, k_new, v_new, mask=None, causal=Fal
     step = site_step.step_mask(plan, mask, causal)
     parts = [rt.device_attention(plan, q, k_new, v_new, step, 0.125),
              rt.host_attention(plan, q, step, 0.125)]
+    site_step.end_plan(rt, session, pid)                      # as the merge op does: unpins its blocks
     return site_step.merge(parts, torch.float32), plan
 
 

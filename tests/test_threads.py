@@ -1,0 +1,62 @@
+"""Two models compiled with equal options share one runtime (and its budgets). Generating from
+two threads at once, each step's blocks stay where its plan found them until its merge (pinned),
+so neither thread ever attends the other's KV."""
+import sys
+import threading
+
+import torch
+import transformers as tf
+
+import kvdrive_compile
+from exactness import assert_budgets_respected, open_sessions
+
+# tiny budgets: every step of one thread evicts blocks, the other thread's too
+OPTIONS = dict(device_memory="4KiB", host_memory="8KiB", block_size=4, token_budget=None)
+
+
+def llama(seed):
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+@torch.no_grad()
+def test_two_threads_sharing_a_runtime_stay_exact():
+    kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    models = [llama(1), llama(2)]
+    prompts = [torch.randint(3, 128, (2, 60 + 7 * i), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    refs = [m.generate(p, **kw) for m, p in zip(models, prompts)]
+    for m in models:
+        m.forward = torch.compile(m.forward, backend="kvdrive", options=OPTIONS)
+    for m, p, r in zip(models, prompts, refs):              # compile both in this thread first
+        assert torch.equal(m.generate(p, **kw), r)
+    results = {0: [], 1: []}
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(8):
+                results[i].append(models[i].generate(prompts[i], **kw))
+        except BaseException as e:                           # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)                  # switch threads often: between a plan and its reads
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    for i in range(2):
+        wrong = [j for j, out in enumerate(results[i]) if not torch.equal(out, refs[i])]
+        assert not wrong, f"thread {i}: runs {wrong} of 8 differ from eager"
+    assert len(kvdrive_compile.all_stats()) == 1              # the two models did share one runtime
+    moved = kvdrive_compile.stats().moved_bytes
+    assert moved["device->host"] > 0 and moved["host->disk"] > 0, moved
+    assert_budgets_respected()
+    assert open_sessions() == 0
