@@ -27,7 +27,7 @@ from .planner import Plan, TierPart, tier_part
 from .selection import EXACT, SelectionPolicy, select_blocks, window_blocks
 from .standins import StandIns
 from .stats import RuntimeStats, TierStats
-from .tiers import BlockPool, DiskFile, KVDiskError, Tier, TierBudget, slot_bytes
+from .tiers import IO_THREAD_PREFIX, BlockPool, DiskFile, KVDiskError, Tier, TierBudget, slot_bytes
 from ..kernels.cpu_attention import cpu_partial_attention
 from ..kernels.merge import merge_partials
 from ..kernels.paged_attention import paged_attention
@@ -63,7 +63,7 @@ class KVRuntime:
         self.pools: dict[tuple, BlockPool] = {}
         self.sessions: dict[int, Session] = {}
         self.io_threads = io_threads
-        self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="kvdrive-io")
+        self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix=IO_THREAD_PREFIX)
         self._io_lock = threading.Lock()
         self.lock = threading.RLock()
         self._ids = itertools.count(1)
@@ -200,7 +200,7 @@ class KVRuntime:
             try:
                 return self.io_pool.submit(fn, *args)
             except RuntimeError:                          # "cannot schedule new futures after shutdown"
-                self.io_pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvdrive-io")
+                self.io_pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix=IO_THREAD_PREFIX)
                 return self.io_pool.submit(fn, *args)
 
     def _store(self, tier: Tier, kv: LayerKV):

@@ -23,6 +23,9 @@ import xxhash
 from .host_memory import host_empty
 
 
+IO_THREAD_PREFIX = "kvdrive-io"          # the runtime's I/O threads are named so
+
+
 class Tier(enum.IntEnum):
     DEVICE = 0
     HOST = 1
@@ -277,9 +280,11 @@ class DiskFile:
             fd = self.fd
             self.busy += 1
         try:
-            if len(calls) == 1:
-                fn, *args = calls[0]
-                fn(fd, *args)
+            # inline on an I/O thread too: a read the prefetch put on the pool must not wait for
+            # the pool (four such reads at once would wait for each other forever)
+            if len(calls) == 1 or threading.current_thread().name.startswith(IO_THREAD_PREFIX):
+                for fn, *args in calls:
+                    fn(fd, *args)
                 return
             jobs = []
             try:
