@@ -46,7 +46,10 @@ READ_OUTSIDE = (
     "the values are not in the cache object). Only the model compiled with backend='kvdrive' can "
     "continue this cache. To continue it with eager code, first call "
     "kvdrive_compile.materialize(cache), which puts the real K/V back into the cache object; "
-    "beam search and other cache reordering or cropping are not supported (use num_beams=1).")
+    "beam search and other cache reordering or cropping are not supported (use num_beams=1). If "
+    "the compiled model itself got here, Dynamo ran its frame eagerly: it hit its recompile limit "
+    "(torch._dynamo.config.recompile_limit; e.g. one function compiled with many option sets or "
+    "for many model instances): call torch._dynamo.reset() between them, or raise the limit.")
 
 # metadata a stand-in answers truthfully: its shape, dtype, device... never its values
 _METADATA = {"size", "dim", "numel", "stride", "storage_offset", "is_contiguous", "data_ptr",
