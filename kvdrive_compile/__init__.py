@@ -4,9 +4,9 @@
     model.forward = torch.compile(model.forward, backend="kvdrive",
                                   options={"device_memory": "256MiB", "host_memory": "1GiB"})
 """
-from .backend import counters, kvdrive_backend
+from .backend import compile, counters, kvdrive_backend
 from .options import KVDriveOptions, parse_options, parse_size
 from .runtimes import all_stats, collect, materialize, release_all, stats
 
-__all__ = ["kvdrive_backend", "counters", "KVDriveOptions", "parse_options", "parse_size",
+__all__ = ["compile", "kvdrive_backend", "counters", "KVDriveOptions", "parse_options", "parse_size",
            "stats", "all_stats", "release_all", "collect", "materialize"]

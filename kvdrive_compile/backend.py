@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 import torch.fx
+from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+from torch._dynamo.symbolic_convert import InstructionTranslator
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import ops  # noqa: F401  (registers the kvdrive:: custom ops)
 from .options import parse_options
+from .passes import fx_match as m
 from .passes.bind_kv_cache import BindKVCache
 from .passes.find_attention import FindAttentionSites
 from .passes.guard_standins import GuardStandIns
 from .passes.pass_manager import PassContext, PassManager
 from .passes.rewrite_attention import RewriteAttention
+from .passes.sites import AttentionSite
 from .passes.verify import VerifyGraph
 from .runtimes import is_standin, policy_for, runtime_for
 
@@ -26,7 +33,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Counters:
-    """What the backend did, for tests and users: graphs compiled, sites found/rewritten/skipped."""
+    """What the backend did, for tests and users: graphs compiled, sites found/rewritten/skipped,
+    and traces Dynamo was asked to redo with dynamic input sizes (``dynamic_retraces``)."""
 
     graphs: int = 0
     sites_found: int = 0
@@ -34,6 +42,7 @@ class Counters:
     sites_skipped: int = 0
     skip_reasons: list[str] = field(default_factory=list)
     compile_seconds: float = 0.0
+    dynamic_retraces: int = 0
 
     def reset(self) -> None:
         self.__init__()
@@ -57,9 +66,7 @@ def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
     """
     t0 = time.perf_counter()
     opts = parse_options(options)
-    # Past Dynamo's recompile limit it would run the frame eagerly, on the cache's NaN
-    # stand-ins: silently wrong tokens. A clear error instead.
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    _retrace_with_dynamic_sizes(gm, example_inputs)
     if mode not in (None, "default"):
         log.info("kvdrive ignores mode=%r", mode)
     rid = runtime_for(opts)
@@ -67,14 +74,135 @@ def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
                       layer_ids=_layer_ids.setdefault(rid, {}),
                       dump_dir=opts.dump_dir, example_inputs=list(example_inputs), is_standin=is_standin)
     PassManager(default_passes()).run(gm, ctx)
-    for site in ctx.skipped:
-        msg = f"kvdrive: attention site {site.node.name} in {site.layer_name} left as it was: {site.reason}"
-        counters.skip_reasons.append(msg)
-        # a graph with no KV cache at all (e.g. a hand-written prefill) is no surprise
-        (log.info if "keeps no KV cache" in site.reason or "no KV cache to keep" in site.reason else log.warning)(msg)
+    _report_skips(ctx)
     counters.graphs += 1
     counters.sites_found += len(ctx.sites)
     counters.sites_rewritten += len(ctx.rewritten)
     counters.sites_skipped += len(ctx.skipped)
     counters.compile_seconds += time.perf_counter() - t0
     return gm
+
+
+def compile(model: torch.nn.Module, *, dynamic: Optional[bool] = None, **options: Any) -> torch.nn.Module:
+    """Compile ``model.forward`` with the kvdrive backend, in place (Hugging Face's ``generate``
+    calls it), and return ``model``. The options are checked here, at once: ``torch.compile``
+    gives a backend its options only after Dynamo has traced the first call (seconds on a real
+    model), and has no hook that would let a backend check them sooner.
+
+    ``kvdrive_compile.compile(model, device_memory="256MiB")`` is
+    ``model.forward = torch.compile(model.forward, backend="kvdrive", options={...})``."""
+    parse_options(options)
+    model.forward = torch.compile(model.forward, backend="kvdrive", options=options, dynamic=dynamic)
+    return model
+
+
+# -- dynamic sizes -------------------------------------------------------------------------------
+#
+# Dynamo traces a frame with the sizes of its first call and makes a size dynamic only after it
+# changed: each new prompt length, batch size or mask length recompiles once, and past its
+# recompile limit (8 graphs) the frame runs eagerly. A backend sees the inputs only after a trace,
+# so for a graph with attention kvdrive marks the sizes a later call may change dynamic then and
+# has Dynamo trace again (the restart Inductor's scalar pass asks for): the first prefill and the
+# first decode graph then serve every prompt length, batch size > 1 and padding.
+
+_MODULE_STATE = re.compile(r"\._(parameters|buffers)\[")      # L['self']._modules['q']._parameters['weight']
+_last_retraced: list[Any] = [None]                               # the compile id last traced again
+
+
+def _has_attention(gm: torch.fx.GraphModule) -> bool:
+    return any(m.is_call(n, m.SDPA) or m.is_call(n, m.SOFTMAX_FNS, {"softmax"}) for n in gm.graph.nodes)
+
+
+def _fixed_sizes(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> list[tuple[torch.Tensor, int, str]]:
+    """(input, dim, source) of each size the trace fixed that another call may change: sizes >= 2
+    (Dynamo specializes 0 and 1) of the tensors passed in, not of module parameters or buffers,
+    and not marked static or dynamic already. A stand-in's heads and head_dim never change."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = []
+    for node, value in zip(placeholders, example_inputs):
+        arg = node.meta.get("grapharg")
+        if arg is None or not isinstance(value, torch.Tensor) or isinstance(value, (torch.nn.Parameter, FakeTensor)):
+            continue
+        if _MODULE_STATE.search(arg.source.name) or m.tensor_meta(node) is None:
+            continue
+        marked = getattr(value, "_dynamo_static_indices", set()) | getattr(value, "_dynamo_weak_dynamic_indices", set())
+        if is_standin(value):
+            marked = marked | {1, 3}                               # [B, Hkv, S, D]
+        for dim, size in enumerate(m.tensor_meta(node).shape):
+            if type(size) is int and size >= 2 and dim not in marked:
+                found.append((value, dim, f"{arg.source.name}.size({dim})"))
+    return found
+
+
+def _retrace_with_dynamic_sizes(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> None:
+    """Under ``torch.compile``'s default ``dynamic=None``, make an attention graph's input sizes
+    dynamic (once per compile) and raise Dynamo's restart; returns when there is nothing to mark.
+    ``dynamic=True`` traced them dynamic already; ``dynamic=False`` asks for static sizes."""
+    config = torch._dynamo.config
+    trace = torch._guards.CompileContext.current_trace_id()
+    if trace is None or not config.automatic_dynamic_shapes or not config.assume_static_by_default \
+            or _last_retraced[0] == trace.compile_id or not _has_attention(gm):
+        return
+    sizes = _fixed_sizes(gm, example_inputs)
+    if not sizes:
+        return
+    for value, dim, _ in sizes:
+        torch._dynamo.maybe_mark_dynamic(value, dim)
+    _last_retraced[0] = trace.compile_id
+    # the log of the branches this trace took: with symbolic sizes the next one may take others
+    InstructionTranslator.current_tx().speculation_log.clear()
+    counters.dynamic_retraces += 1
+    names = [name for _, _, name in sizes]
+    log.info("kvdrive: tracing %s again with dynamic sizes %s", trace.compile_id, names)
+    raise TensorifyScalarRestartAnalysis(restart_reason=f"kvdrive: dynamic sizes {names}")
+
+
+# -- sites left as they were ---------------------------------------------------------------------
+
+def _written_in_place(node: torch.fx.Node) -> bool:
+    """An in-place op (``index_copy_``, ``copy_``: torch names them with one trailing ``_``) or
+    slice assignment writes to ``node``."""
+    return any(u.target is operator.setitem or (u.op == "call_method" and str(u.target).endswith("_")
+                                                 and not str(u.target).endswith("__")) for u in node.users)
+
+
+def _keeps_growing_cache(site: AttentionSite) -> bool:
+    """Whether a skipped site's K/V is a cache kvdrive should have kept: appended to by a cat, or a
+    graph input written in place (a static cache). A cache input only read (an encoder's K/V for
+    cross-attention) or K/V computed in the graph hold nothing that grows."""
+    if site.reason.startswith("cross-attention"):
+        return False
+    return any(m.is_call(kv, m.CAT_FNS) or (isinstance(kv, torch.fx.Node) and kv.op == "placeholder"
+                                              and _written_in_place(kv)) for kv in (site.k, site.v))
+
+
+def _summary(sites: list[AttentionSite]) -> str:
+    """``N x <reason> (layer, layer, layer, +K more)`` per reason; reasons that differ only in
+    numbers (node names: ``cat_3``, ``l_kwargs_cache_layers_3_keys``) are one reason."""
+    groups: dict[str, list[AttentionSite]] = {}
+    for site in sites:
+        groups.setdefault(re.sub(r"\d+", "#", re.sub(r"_\d+\b", "", site.reason)), []).append(site)
+    parts = []
+    for group in groups.values():
+        layers = list(dict.fromkeys(s.layer_name for s in group))
+        more = f", +{len(layers) - 3} more" if len(layers) > 3 else ""
+        parts.append(f"{len(group)} x {group[0].reason} ({', '.join(layers[:3])}{more})")
+    return "; ".join(parts)
+
+
+def _report_skips(ctx: PassContext) -> None:
+    """Per graph, one WARNING for the skipped sites whose KV cache stays in the model (grouped by
+    reason) and one INFO for those that keep no cache; each site's reason in ``counters``."""
+    for site in ctx.skipped:
+        counters.skip_reasons.append(
+            f"kvdrive: attention site {site.node.name} in {site.layer_name} left as it was: {site.reason}")
+    cached = [s for s in ctx.skipped if _keeps_growing_cache(s)]
+    other = [s for s in ctx.skipped if not _keeps_growing_cache(s)]
+    n = len(ctx.sites)
+    if cached:
+        log.warning("kvdrive: graph %d: attention left as it was at %d of %d sites, whose KV cache stays in "
+                    "the model (exact, but not in kvdrive's tiers): %s", ctx.graph_index, len(cached), n,
+                    _summary(cached))
+    if other:
+        log.info("kvdrive: graph %d: attention left as it was at %d of %d sites, which keep no KV cache: %s",
+                 ctx.graph_index, len(other), n, _summary(other))

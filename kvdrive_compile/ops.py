@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .runtime import site_step
 from .runtime.standins import is_standin_like
-from .runtimes import get_policy, get_runtime, materialize_standin
+from .runtimes import get_policy, get_runtime, materialize_standin, tail_standin
 
 
 def _handle(*values: int) -> Tensor:
@@ -75,6 +75,21 @@ def _(step, past_k, past_v, k_new, v_new, layer, keeps_last):
     k_si = k_new.new_empty((1, 1, 1, 1)).expand(b, h, p + n, d)
     v_si = v_new.new_empty((1, 1, 1, 1)).expand(b, h, p + n, d)
     return k_si, v_si, _fake_handle(5)
+
+
+@torch.library.custom_op("kvdrive::standin_tail", mutates_args=())
+def standin_tail(standin: Tensor, start: int) -> Tensor:
+    """``standin[:, :, start:]`` as a stand-in of its own, standing for the same layer's
+    tokens from there on (a sliding-window cache keeps it). An op, not an index: inside a
+    compiled graph Dynamo runs tensor ops with the subclass switched off, so an index would
+    return a plain tensor that eager code could read."""
+    return tail_standin(standin, start)
+
+
+@standin_tail.register_fake
+def _(standin, start):
+    b, h, _, d = standin.shape
+    return standin.new_empty((1, 1, 1, 1)).expand(b, h, standin[:, :, start:].shape[2], d)
 
 
 @torch.library.custom_op("kvdrive::materialize", mutates_args=())
@@ -189,4 +204,5 @@ OPS = {
     "sparse_attention": torch.ops.kvdrive.sparse_attention.default,
     "merge": torch.ops.kvdrive.merge.default,
     "materialize": torch.ops.kvdrive.materialize.default,
+    "standin_tail": torch.ops.kvdrive.standin_tail.default,
 }

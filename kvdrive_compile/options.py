@@ -1,6 +1,7 @@
 """The backend's options: one dataclass, parsed and validated once, at compile time."""
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tempfile
@@ -65,6 +66,12 @@ def valid_keys() -> list[str]:
     return own + [f.name for f in fields(SelectionPolicy)]
 
 
+def _did_you_mean(key: Any) -> str:
+    """``'device_mem' (did you mean 'device_memory'?)``: the nearest valid name, if one is near."""
+    near = difflib.get_close_matches(str(key), valid_keys(), n=1)
+    return f"{key!r} (did you mean {near[0]!r}?)" if near else repr(key)
+
+
 def _check_dir(path: str, name: str) -> str:
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
@@ -81,9 +88,10 @@ def _check_dir(path: str, name: str) -> str:
 def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
     """Validate the user's ``options=`` dict; raises ValueError/TypeError that say what to change."""
     options = dict(options or {})
-    unknown = sorted(set(options) - set(valid_keys()))
+    unknown = sorted(set(options) - set(valid_keys()), key=str)
     if unknown:
-        raise ValueError(f"unknown kvdrive option(s) {unknown}; valid options are {valid_keys()}")
+        raise ValueError(f"unknown kvdrive option(s): {'; '.join(_did_you_mean(k) for k in unknown)}. "
+                         f"Valid options are {valid_keys()}")
     block_size = options.get("block_size", 16)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size={block_size!r}: must be a positive int (tokens per KV block), e.g. 16")

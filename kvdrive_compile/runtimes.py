@@ -11,7 +11,7 @@ from .options import KVDriveOptions, parse_options
 from .runtime.kv_runtime import KVRuntime
 from .runtime.selection import SelectionPolicy  # noqa: F401  (the registry's type)
 from .runtime.site_step import OUTSIDE_READ
-from .runtime.standins import is_standin_like
+from .runtime.standins import is_standin_like, token_span
 from .runtime.stats import RuntimeStats
 
 _lock = threading.Lock()
@@ -65,24 +65,36 @@ def is_standin(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and (is_standin_like(t) or any(rt.standins.lookup(t) for rt in runtimes()))
 
 
-def materialize_standin(t: torch.Tensor) -> torch.Tensor:
-    """The real K or V ``[B, Hkv, S, D]`` behind a stand-in ``t`` (on the layer's device): the
-    last ``S`` tokens of its layer, gathered from the tiers."""
+def _placed(t: torch.Tensor):
+    """(runtime, key, layer KV, (first token, count)) of a stand-in; a clear error otherwise."""
     for rt in runtimes():
         key = rt.standins.lookup(t)
         if key is None:
             continue
         kv = rt.session(key.session_id).layers[key.layer]
-        b, h, s, d = t.shape
-        if (b, h, d) != (kv.batch, kv.kv_heads, kv.head_dim) or s > kv.length:
-            raise RuntimeError(f"a stand-in of layer {key.layer} was reshaped or sliced outside the compiled "
-                               f"graph ({tuple(t.shape)}; the runtime holds [{kv.batch}, {kv.kv_heads}, "
+        span = token_span(t)
+        if span is None or (t.shape[0], t.shape[1], t.shape[3]) != (kv.batch, kv.kv_heads, kv.head_dim):
+            raise RuntimeError(f"a stand-in of layer {key.layer} was reshaped or sliced in a way kvdrive cannot "
+                               f"follow ({tuple(t.shape)}; the runtime holds [{kv.batch}, {kv.kv_heads}, "
                                f"{kv.length}, {kv.head_dim}]): {OUTSIDE_READ}")
-        k, v = rt.read_window(kv, kv.length - s, kv.length)
-        return k if key.kind == "k" else v
-    raise RuntimeError(f"a {tuple(t.shape)} tensor on the meta device reached a kvdrive op but no kvdrive "
-                       f"runtime holds its KV (its generation was released, or the tensor was made by "
-                       f"code outside kvdrive). {OUTSIDE_READ}")
+        return rt, key, kv, span
+    raise RuntimeError(f"a {tuple(t.shape)} stand-in reached a kvdrive op but no kvdrive runtime holds its KV "
+                       f"(its generation was released, or it was copied outside kvdrive). {OUTSIDE_READ}")
+
+
+def materialize_standin(t: torch.Tensor) -> torch.Tensor:
+    """The real K or V ``[B, Hkv, S, D]`` behind a stand-in ``t`` (on the layer's device): the
+    tokens it stands for, gathered from the tiers."""
+    rt, key, kv, (first, n) = _placed(t)
+    k, v = rt.read_window(kv, first, first + n)
+    return k if key.kind == "k" else v
+
+
+def tail_standin(t: torch.Tensor, start: int) -> torch.Tensor:
+    """A new stand-in for ``t[:, :, start:]`` (the same layer's tokens from ``start`` on)."""
+    rt, key, _, (first, n) = _placed(t)
+    skip = slice(start, None).indices(n)[0]
+    return rt.standins.make(key, t, n - skip, first + skip)
 
 
 def materialize(cache: Any) -> Any:

@@ -52,7 +52,7 @@ def is_size_query(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in m.SIZE_FNS
 
 
-def _tail_slice(node: torch.fx.Node) -> bool:
+def is_tail_slice(node: torch.fx.Node) -> bool:
     """``x[:, :, a:, :]`` with only the token dimension sliced: a window kept from the end."""
     if node.op != "call_function" or node.target is not operator.getitem:
         return False
@@ -129,7 +129,7 @@ class BindKVCache(GraphPass):
         for u in b.cat.users:
             if u in chain or u.op == "output" or is_size_query(u):
                 continue
-            if _tail_slice(u) and all(w.op == "output" or is_size_query(w) for w in u.users):
+            if is_tail_slice(u) and all(w.op == "output" or is_size_query(w) for w in u.users):
                 site.keeps_last = True
                 continue
             site.skip(f"cached {b.cat.name} is also used by {u.name} ({u.target}); kvdrive would have to materialise it")

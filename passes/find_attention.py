@@ -111,8 +111,12 @@ class FindAttentionSites(GraphPass):
                 site.scale = 1.0 / math.sqrt(d)
         elif isinstance(scale, (int, float)):
             site.scale = float(scale)
+        elif isinstance(m.example(scale), (torch.SymFloat, float)):
+            # a number the graph computes, e.g. a module's float attribute under dynamic=True
+            # (``self.scaling.item()``): the ops take its value each call
+            site.scale_nodes.append(scale)
         else:
-            site.skip(f"scale {scale} is not a constant")
+            site.skip(f"scale {scale} is neither a number nor a graph value")
         self._check_shapes(site)
         return site
 

@@ -116,8 +116,11 @@ class RewriteAttention(GraphPass):
 
     @staticmethod
     def _scaled_query_and_bias(b: _Builder, site: AttentionSite):
-        """Fold the score ops into (q * tensor factors, a constant scale, an additive bias)."""
+        """Fold the score ops into (q * tensor factors, the scale, an additive bias). The scale is a
+        float, or the node of a value the graph computes each call (a SymFloat under dynamic=True)."""
         q, scale = site.q, site.scale
+        for node in site.scale_nodes:
+            scale = node if scale == 1.0 else b.call(operator.mul, scale, node, name="scale")
         if site.kind == "sdpa":
             return q, scale, site.mask
         bias: Any = None

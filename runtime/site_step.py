@@ -13,7 +13,7 @@ from .block_attention import StepMask, to_bias
 from .kv_runtime import KVRuntime, Plan, Session
 from .layer_kv import LayerKV
 from .selection import EXACT, SelectionPolicy
-from .standins import StandInKey, is_standin_like
+from .standins import StandInKey, is_standin_like, token_span
 from ..kernels.merge import merge_partials
 
 _plan_ids = itertools.count(1)
@@ -48,20 +48,28 @@ def _past_length(rt: KVRuntime, session: Session, kv: LayerKV, past: torch.Tenso
     key = rt.standins.lookup(past)
     if key is None:
         if is_standin_like(past) or bool(torch.isnan(past).any()):   # e.g. a reordered stand-in
-            raise RuntimeError(f"layer {kv.layer}: the cache holds a {tuple(past.shape)} tensor on the meta "
-                               f"device that kvdrive did not make. {OUTSIDE_READ}")
+            raise RuntimeError(f"layer {kv.layer}: the cache holds a {tuple(past.shape)} stand-in of KV that "
+                               f"no kvdrive session holds (released, or made from one outside the graph). {OUTSIDE_READ}")
         if kv.length:
             raise RuntimeError(f"layer {kv.layer}: got real KV for a layer the runtime already holds. {OUTSIDE_READ}")
         return None
     if key != StandInKey(session.id, kv.layer, kind):
         raise RuntimeError(f"layer {kv.layer}: the cache holds the {key.kind} of layer {key.layer} of session "
                            f"{key.session_id}, not this layer's. {OUTSIDE_READ}")
+    span = token_span(past)
     p = past.shape[-2]
-    if p == kv.length:
-        return p
-    if p < kv.length and kv.keeps_last:
-        return p
-    raise RuntimeError(f"layer {kv.layer}: the cache says {p} tokens, the runtime holds {kv.length}. {OUTSIDE_READ}")
+    if span is not None and (past.shape[0], past.shape[1]) == (kv.batch, kv.kv_heads):
+        first, _ = span
+        # the past must be the layer's last p tokens: all of them, or a sliding window's tail
+        if first + p == kv.length and (first == 0 or kv.keeps_last):
+            return p
+    raise RuntimeError(f"layer {kv.layer}: the cache holds tokens {_describe(span, p)} of a "
+                       f"[{kv.batch}, {kv.kv_heads}] batch; the runtime holds [0, {kv.length}) of "
+                       f"[{past.shape[0]}, {past.shape[1]}]. {OUTSIDE_READ}")
+
+
+def _describe(span: Optional[tuple[int, int]], p: int) -> str:
+    return f"[{span[0]}, {span[0] + p})" if span is not None else f"(a slice kvdrive cannot place, {p} long)"
 
 
 def append(rt: KVRuntime, session: Session, layer: int, past_k: torch.Tensor, past_v: torch.Tensor,
@@ -82,8 +90,8 @@ def append(rt: KVRuntime, session: Session, layer: int, past_k: torch.Tensor, pa
     rt.drop_before(kv, kv.length - p)
     rt.append(kv, k_new, v_new)
     total = p + k_new.shape[2]
-    k_out = rt.standins.make(StandInKey(session.id, layer, "k"), k_new, total)
-    v_out = rt.standins.make(StandInKey(session.id, layer, "v"), v_new, total)
+    k_out = rt.standins.make(StandInKey(session.id, layer, "k"), k_new, total, kv.length - total)
+    v_out = rt.standins.make(StandInKey(session.id, layer, "v"), v_new, total, kv.length - total)
     return k_out, v_out, p
 
 

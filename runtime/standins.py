@@ -86,7 +86,7 @@ class StandIn(torch.Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 out = func(*args, **kwargs)
             # a view of a stand-in (a sliding window's slice) is a stand-in too
-            return _wrap(out) if name in _VIEWS else out
+            return _wrap(out, _view_first(name, args, out)) if name in _VIEWS else out
         raise StandInReadError(READ_OUTSIDE.format(what=f"torch.{name} (outside the compiled graph)"))
 
     def __repr__(self, *, tensor_contents=None):
@@ -98,8 +98,47 @@ class StandIn(torch.Tensor):
 _VIEWS = {"__getitem__", "narrow", "detach", "expand"}
 
 
-def _wrap(t: torch.Tensor) -> torch.Tensor:
-    return t if isinstance(t, StandIn) else torch.Tensor._make_subclass(StandIn, t)
+def _wrap(t: torch.Tensor, first: Optional[int]) -> torch.Tensor:
+    """``t`` as a StandIn whose token 0 is the layer's token ``first`` (None: not known)."""
+    out = torch.Tensor._make_subclass(StandIn, t)
+    out.kv_first = first
+    return out
+
+
+def _full(index, size: int) -> bool:
+    return isinstance(index, slice) and index.indices(size) == (0, size, 1)
+
+
+def _view_first(name: str, args: tuple, out: torch.Tensor) -> Optional[int]:
+    """Which layer token a view's token 0 is: the parent's plus the offset the view takes
+    along the token dimension. None when the view is anything else (a batch or head slice,
+    a strided or fancy index): such a stand-in can stand for nothing, and any use says so."""
+    parent = args[0]
+    first = getattr(parent, "kv_first", None)
+    if first is None or parent.dim() != 4 or out.dim() != 4:
+        return None
+    if name in ("detach", "expand"):
+        return first if out.shape == parent.shape else None
+    if name == "narrow":
+        dim, start = args[1] % 4, args[2]
+        return first + start % parent.shape[2] if dim == 2 else None
+    index = args[1] if isinstance(args[1], tuple) else (args[1],)
+    if any(i is Ellipsis for i in index):
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (4 - len(index) + 1) + index[at + 1:]
+    index = index + (slice(None),) * (4 - len(index))
+    if len(index) != 4 or not all(_full(index[d], parent.shape[d]) for d in (0, 1, 3)):
+        return None
+    tokens = index[2]
+    if not isinstance(tokens, slice) or tokens.step not in (None, 1):
+        return None
+    return first + tokens.indices(parent.shape[2])[0]
+
+
+def token_span(t: torch.Tensor) -> Optional[tuple[int, int]]:
+    """(first layer token, count) that a stand-in (or a view of one) stands for; None if not known."""
+    first = getattr(t, "kv_first", None)
+    return None if first is None else (first, t.shape[2])
 
 
 def is_standin_like(t: object) -> bool:
@@ -121,8 +160,9 @@ class StandIns:
         self._orphans: dict[int, set[int]] = {}                    # session -> bases only views hold
         self._on_unreferenced = on_unreferenced
 
-    def make(self, key: StandInKey, like: torch.Tensor, length: int) -> torch.Tensor:
-        """A stand-in ``[B, Hkv, length, D]`` for ``like: [B, Hkv, n, D]``."""
+    def make(self, key: StandInKey, like: torch.Tensor, length: int, first: int) -> torch.Tensor:
+        """A stand-in ``[B, Hkv, length, D]`` for ``like: [B, Hkv, n, D]``, standing for the
+        layer's tokens ``[first, first + length)``."""
         base = torch.full((1, 1, 1, 1), float("nan"), dtype=like.dtype, device=like.device)
         ptr = base.data_ptr()
         with self.lock:
@@ -131,7 +171,7 @@ class StandIns:
             self._by_session.setdefault(key.session_id, set()).add(ptr)
             self._alive[key.session_id] = self._alive.get(key.session_id, 0) + 1
         b, h, _, d = like.shape
-        out = _wrap(base.expand(b, h, length, d))
+        out = _wrap(base.expand(b, h, length, d), first)
         # the token count grows every step: let Dynamo trace it symbolically from the first
         # decode step on, instead of recompiling once more on the second
         torch._dynamo.maybe_mark_dynamic(out, 2)

@@ -188,8 +188,8 @@ def test_stand_ins_report_a_session_once_nothing_refers_to_it():
     released = []
     st = StandIns(released.append)
     like = torch.zeros(1, 2, 3, 4)
-    a = st.make(StandInKey(7, 0, "k"), like, 5)
-    b = st.make(StandInKey(7, 0, "v"), like, 5)
+    a = st.make(StandInKey(7, 0, "k"), like, 5, 0)
+    b = st.make(StandInKey(7, 0, "v"), like, 5, 0)
     window = a[:, :, 2:]                     # a sliding window's slice outlives its stand-in
     del a
     gc.collect()
@@ -197,7 +197,7 @@ def test_stand_ins_report_a_session_once_nothing_refers_to_it():
     del b
     gc.collect()
     assert released == []                    # the slice still holds a's base
-    c = st.make(StandInKey(7, 1, "k"), like, 6)
+    c = st.make(StandInKey(7, 1, "k"), like, 6, 0)
     del window
     gc.collect()
     assert released == []                    # c is alive
@@ -205,6 +205,44 @@ def test_stand_ins_report_a_session_once_nothing_refers_to_it():
     gc.collect()
     assert released == [7]
     assert st._bases == {} and st._keys == {}
+
+
+def test_stand_in_views_know_their_tokens_or_refuse():
+    """A view of a stand-in stands for the tokens it selects along dim 2 (a tail slice: a
+    sliding window; a head slice: a crop); any other view stands for nothing; and no view,
+    nor the stand-in itself, gives its values to code that is not a kvdrive op."""
+    from kvdrive_compile.runtime.standins import StandInKey, StandInReadError, StandIns, token_span
+
+    st = StandIns(lambda sid: None)
+    s = st.make(StandInKey(1, 0, "k"), torch.zeros(2, 3, 1, 4), 10, 30)     # tokens [30, 40)
+    assert token_span(s) == (30, 10)
+    assert token_span(s[:, :, -4:]) == (36, 4) and token_span(s[..., 2:5, :]) == (32, 3)
+    assert token_span(s[:, :, :7]) == (30, 7) and token_span(s.narrow(2, 1, 2)) == (31, 2)
+    assert token_span(s[:, :, -4:][:, :, 1:]) == (37, 3) and token_span(s.detach()) == (30, 10)
+    for other in (s[:1], s[:, 1:], s[:, :, ::2], s[..., :2], s[:, :, None]):
+        assert token_span(other) is None
+    assert st.lookup(s[:, :, -4:]) == StandInKey(1, 0, "k")
+    assert s.shape == (2, 3, 10, 4) and s.dtype == torch.float32 and s.dim() == 4
+    for read in (lambda t: t + 1, lambda t: torch.cat([t, t], 2), lambda t: t.sum(), lambda t: t.clone(),
+                 lambda t: t.float(), lambda t: t.index_select(0, torch.tensor([0])), lambda t: t.cpu()):
+        with pytest.raises(StandInReadError, match="materialize"):
+            read(s[:, :, -4:])
+
+
+def test_a_cropped_cache_is_refused_not_taken_for_a_window():
+    """Hugging Face's crop keeps a head slice of the cache; fed back, it must not be read as the
+    last tokens (that is a sliding window's tail, which keeps_last layers accept)."""
+    rt = KVRuntime(block_size=4)
+    session = rt.open_session()
+    for keeps_last in (False, True):
+        k = torch.randn(1, 2, 9, 8)
+        k_si, v_si, _ = site_step.append(rt, session, int(keeps_last), torch.zeros(0), torch.zeros(0), k, k, keeps_last)
+        with pytest.raises(RuntimeError, match="the cache holds tokens \\[0, 5\\)"):
+            site_step.append(rt, session, int(keeps_last), k_si[:, :, :5], v_si[:, :, :5], k[:, :, :1], k[:, :, :1],
+                             keeps_last)
+    tail = site_step.append(rt, session, 1, k_si[:, :, -5:], v_si[:, :, -5:], k[:, :, :1], k[:, :, :1], True)
+    assert tail[2] == 5                                          # a window's tail is accepted
+    rt.close()
 
 
 @pytest.mark.parametrize("seed", range(4))
