@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import kvdrive_compile
 from kvdrive_compile import parse_options, parse_size
 from kvdrive_compile.options import valid_keys
 from kvdrive_compile.runtime.selection import DEFAULT_TOKEN_BUDGET
@@ -36,8 +37,34 @@ def test_defaults():
 def test_unknown_option_names_valid_keys():
     with pytest.raises(ValueError, match="unknown kvdrive option") as e:
         parse_options({"device_mem": "1GiB"})
+    assert "'device_mem' (did you mean 'device_memory'?)" in str(e.value)
     for key in valid_keys():
         assert key in str(e.value)
+
+
+@pytest.mark.parametrize("typo,meant", [("tokenbudget", "token_budget"), ("host_memroy", "host_memory"),
+                                        ("dense_layer", "dense_layers"), ("selction", "selection")])
+def test_unknown_option_suggests_the_nearest(typo, meant):
+    with pytest.raises(ValueError, match=f"did you mean '{meant}'"):
+        parse_options({typo: 1})
+
+
+def test_unknown_option_far_from_any_has_no_suggestion():
+    with pytest.raises(ValueError, match="unknown kvdrive option") as e:
+        parse_options({"bogus": 1})
+    assert "did you mean" not in str(e.value)
+
+
+def test_compile_helper_checks_options_before_any_trace():
+    """torch.compile hands a backend its options only after Dynamo traced the first call;
+    kvdrive_compile.compile checks them when it is called."""
+    model = torch.nn.Linear(2, 2)
+    forward = model.forward
+    with pytest.raises(ValueError, match="did you mean 'device_memory'"):
+        kvdrive_compile.compile(model, device_mem="1GiB")
+    assert model.forward == forward and kvdrive_compile.counters.graphs == 0
+    kvdrive_compile.compile(model, device_memory="1GiB")
+    torch.testing.assert_close(model(torch.ones(1, 2)), forward(torch.ones(1, 2)))
 
 
 @pytest.mark.parametrize("options,match", [
