@@ -31,8 +31,9 @@ class AttentionSite:
     matmul of the hand-written form; ``out_3d`` when that is a ``bmm`` on ``[B*Hq, Q, D]``).
     chain: the site's own nodes, which the rewrite leaves dead.
     q, k, v: the 4-D operands (k, v before any GQA head repetition). scale: a constant factor;
-    scale_nodes: tensor factors from the graph. score_ops: the elementwise ops between
-    ``q @ k^T`` and the softmax, as (op, args) to rebuild the additive bias from.
+    scale_nodes: graph values the scale is multiplied by (a SymFloat under dynamic=True).
+    score_ops: the elementwise ops between ``q @ k^T`` and the softmax, as (op, args) to
+    rebuild the additive bias from.
     """
 
     index: int

@@ -146,6 +146,10 @@ def is_standin_like(t: object) -> bool:
     return isinstance(t, StandIn)
 
 
+def _never_traced(fn: Callable) -> Callable:
+    return torch._dynamo.disable(fn, recursive=True)
+
+
 class StandIns:
     """The registry of stand-in bases, by data pointer."""
 
@@ -175,7 +179,12 @@ class StandIns:
         # the token count grows every step: let Dynamo trace it symbolically from the first
         # decode step on, instead of recompiling once more on the second
         torch._dynamo.maybe_mark_dynamic(out, 2)
-        weakref.finalize(out, self._dying, key.session_id, ptr)
+        # heads and head_dim never change: under dynamic=True, Dynamo would otherwise give a
+        # batch of 2 and 2 KV heads one symbol, and the next batch size would recompile
+        torch._dynamo.mark_static(out, 1)
+        torch._dynamo.mark_static(out, 3)
+        # finalizers run wherever garbage is collected, Dynamo tracing included: never trace this
+        weakref.finalize(out, _never_traced(self._dying), key.session_id, ptr)
         return out
 
     def lookup(self, t: torch.Tensor) -> Optional[StandInKey]:
