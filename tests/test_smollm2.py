@@ -97,15 +97,19 @@ def test_cache_holds_no_kv_and_disk_files_go(smollm2, tmp_path):
                 assert t.untyped_storage().nbytes() <= 4, "the HF cache holds real KV bytes"
         st = kvdrive_compile.stats()
         assert st.tiers["disk"].resident_bytes > 0
-        (private,) = [p for p in tmp_path.iterdir()]
-        assert oct(private.stat().st_mode & 0o777) == oct(0o700)
-        files = list(private.iterdir())
-        assert files and all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+        # KV files are unlinked at creation: nothing under disk_dir, even while they hold KV;
+        # the open files are this process's fds only, private to the owner
+        assert list(tmp_path.iterdir()) == []
+        fds = [os.path.join("/proc/self/fd", f) for f in os.listdir("/proc/self/fd")]
+        ours = [f for f in fds if os.path.realpath(f).startswith(str(tmp_path))]
+        assert ours and all(os.stat(f).st_mode & 0o777 == 0o600 for f in ours)
         assert_budgets_respected()
         del cache, layer, t                      # the last stand-ins this test held
         gc.collect()
         assert open_sessions() == 0
-        assert list(private.iterdir()) == [], "disk files left after the session"
+        fds = [os.path.join("/proc/self/fd", f) for f in os.listdir("/proc/self/fd")]
+        assert not [f for f in fds if os.path.exists(f) and os.path.realpath(f).startswith(str(tmp_path))], \
+            "a KV file is still open after its session"
     finally:
         model.forward = eager
 
