@@ -30,11 +30,12 @@ install: $(STAMP)
 demo: install
 	$(PY) examples/demo.py
 
+# one worker per core (pytest-xdist); a file's tests stay on one worker (its model loads once)
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
 
 bench-cpu: install
 	$(PY) benchmarks/bench_cpu_attention.py

@@ -12,11 +12,9 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.fx
-from torch._dynamo.exc import TensorifyScalarRestartAnalysis
-from torch._dynamo.symbolic_convert import InstructionTranslator
-from torch._subclasses.fake_tensor import FakeTensor
 
 from . import ops  # noqa: F401  (registers the kvdrive:: custom ops)
+from .dynamic_sizes import retrace_with_dynamic_sizes
 from .options import parse_options
 from .passes import fx_match as m
 from .passes.bind_kv_cache import BindKVCache
@@ -66,7 +64,7 @@ def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
     """
     t0 = time.perf_counter()
     opts = parse_options(options)
-    _retrace_with_dynamic_sizes(gm, example_inputs)
+    retrace_with_dynamic_sizes(gm, example_inputs, counters)
     if mode not in (None, "default"):
         log.info("kvdrive ignores mode=%r", mode)
     rid = runtime_for(opts)
@@ -94,67 +92,6 @@ def compile(model: torch.nn.Module, *, dynamic: Optional[bool] = None, **options
     parse_options(options)
     model.forward = torch.compile(model.forward, backend="kvdrive", options=options, dynamic=dynamic)
     return model
-
-
-# -- dynamic sizes -------------------------------------------------------------------------------
-#
-# Dynamo traces a frame with the sizes of its first call and makes a size dynamic only after it
-# changed: each new prompt length, batch size or mask length recompiles once, and past its
-# recompile limit (8 graphs) the frame runs eagerly. A backend sees the inputs only after a trace,
-# so for a graph with attention kvdrive marks the sizes a later call may change dynamic then and
-# has Dynamo trace again (the restart Inductor's scalar pass asks for): the first prefill and the
-# first decode graph then serve every prompt length, batch size > 1 and padding.
-
-_MODULE_STATE = re.compile(r"\._(parameters|buffers)\[")      # L['self']._modules['q']._parameters['weight']
-_last_retraced: list[Any] = [None]                               # the compile id last traced again
-
-
-def _has_attention(gm: torch.fx.GraphModule) -> bool:
-    return any(m.is_call(n, m.SDPA) or m.is_call(n, m.SOFTMAX_FNS, {"softmax"}) for n in gm.graph.nodes)
-
-
-def _fixed_sizes(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> list[tuple[torch.Tensor, int, str]]:
-    """(input, dim, source) of each size the trace fixed that another call may change: sizes >= 2
-    (Dynamo specializes 0 and 1) of the tensors passed in, not of module parameters or buffers,
-    and not marked static or dynamic already. A stand-in's heads and head_dim never change."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    found = []
-    for node, value in zip(placeholders, example_inputs):
-        arg = node.meta.get("grapharg")
-        if arg is None or not isinstance(value, torch.Tensor) or isinstance(value, (torch.nn.Parameter, FakeTensor)):
-            continue
-        if _MODULE_STATE.search(arg.source.name) or m.tensor_meta(node) is None:
-            continue
-        marked = getattr(value, "_dynamo_static_indices", set()) | getattr(value, "_dynamo_weak_dynamic_indices", set())
-        if is_standin(value):
-            marked = marked | {1, 3}                               # [B, Hkv, S, D]
-        for dim, size in enumerate(m.tensor_meta(node).shape):
-            if type(size) is int and size >= 2 and dim not in marked:
-                found.append((value, dim, f"{arg.source.name}.size({dim})"))
-    return found
-
-
-def _retrace_with_dynamic_sizes(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> None:
-    """Under ``torch.compile``'s default ``dynamic=None``, make an attention graph's input sizes
-    dynamic (once per compile) and raise Dynamo's restart; returns when there is nothing to mark.
-    ``dynamic=True`` traced them dynamic already; ``dynamic=False`` asks for static sizes."""
-    config = torch._dynamo.config
-    trace = torch._guards.CompileContext.current_trace_id()
-    if trace is None or not config.automatic_dynamic_shapes or not config.assume_static_by_default \
-            or _last_retraced[0] == trace.compile_id or not _has_attention(gm):
-        return
-    sizes = _fixed_sizes(gm, example_inputs)
-    if not sizes:
-        return
-    for value, dim, _ in sizes:
-        torch._dynamo.maybe_mark_dynamic(value, dim)
-    _last_retraced[0] = trace.compile_id
-    # the log of the branches this trace took: with symbolic sizes the next one may take others
-    InstructionTranslator.current_tx().speculation_log.clear()
-    counters.dynamic_retraces += 1
-    names = [name for _, _, name in sizes]
-    log.info("kvdrive: tracing %s again with dynamic sizes %s", trace.compile_id, names)
-    raise TensorifyScalarRestartAnalysis(restart_reason=f"kvdrive: dynamic sizes {names}")
 
 
 # -- sites left as they were ---------------------------------------------------------------------

@@ -63,6 +63,25 @@ def test_left_padded_batch_of_four(smollm2):
 
 
 @torch.no_grad()
+def test_dynamic_true_rewrites_every_site(smollm2):
+    """Under torch.compile(dynamic=True) the softmax scale is a symbolic float: every site is
+    still rewritten (it used to be skipped, all 60 of them) and the tokens are eager's."""
+    model, tok = smollm2
+    ids = prompt_ids(tok, 300)
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    ref = model.generate(ids, **kw)
+    eager = model.forward
+    model.forward = torch.compile(eager, backend="kvdrive", dynamic=True, options=THREE_TIERS)
+    try:
+        out = model.generate(ids, **kw)
+    finally:
+        model.forward = eager
+    assert torch.equal(ref, out), (ref[0, -8:].tolist(), out[0, -8:].tolist())
+    c = kvdrive_compile.counters
+    assert c.graphs == 2 and c.sites_found == c.sites_rewritten == 60, c
+
+
+@torch.no_grad()
 def test_no_recompiles_and_fullgraph(smollm2):
     model, tok = smollm2
     ids = prompt_ids(tok, 300)

@@ -61,8 +61,8 @@ def test_encoder_decoder_token_identical(build, attn):
 
 # -- hand-written models whose attention the passes cannot always follow ---------------------
 
-class EinsumDecodeAttention(hw.Attention):
-    """Prefill as the example model; a decode step spells attention with einsum."""
+class DecodeSpelledOtherwise(hw.Attention):
+    """Prefill as the example model; a decode step attends through ``decode_attention``."""
 
     def forward(self, x, past):
         b, t, _ = x.shape
@@ -72,29 +72,28 @@ class EinsumDecodeAttention(hw.Attention):
         k, v = self.kv(x).view(b, t, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k = torch.cat([past[0], k], dim=-2)
         v = torch.cat([past[1], v], dim=-2)
-        rep = self.heads // self.kv_heads
-        kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        w = torch.einsum("bhqd,bhkd->bhqk", q, kk).div(math.sqrt(self.head_dim)).softmax(-1)
-        out = torch.einsum("bhqk,bhkd->bhqd", w, vv)
+        out = self.decode_attention(q, k, v)                                         # [B, H, 1, D]
         return self.o(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
 
 
-class WindowSliceAttention(hw.Attention):
+class EinsumDecodeAttention(DecodeSpelledOtherwise):
+    """A decode step spells attention with einsum (a form the passes do not recognise)."""
+
+    def decode_attention(self, q, k, v):
+        rep = self.heads // self.kv_heads
+        kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        w = torch.einsum("bhqd,bhkd->bhqk", q, kk).div(math.sqrt(self.head_dim)).softmax(-1)
+        return torch.einsum("bhqk,bhkd->bhqd", w, vv)
+
+
+class WindowSliceAttention(DecodeSpelledOtherwise):
     """A decode step attends only the last WINDOW tokens: cat([past, new])[:, :, -W:]."""
 
     WINDOW = 24
 
-    def forward(self, x, past):
-        b, t, _ = x.shape
-        if t > 1:
-            return super().forward(x, past)
-        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(x).view(b, t, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        k = torch.cat([past[0], k], dim=-2)
-        v = torch.cat([past[1], v], dim=-2)
+    def decode_attention(self, q, k, v):
         kw, vw = k[:, :, -self.WINDOW:], v[:, :, -self.WINDOW:]
-        out = torch.nn.functional.scaled_dot_product_attention(q, kw, vw, enable_gqa=True)
-        return self.o(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+        return torch.nn.functional.scaled_dot_product_attention(q, kw, vw, enable_gqa=True)
 
 
 def tiny_lm(attention_cls):

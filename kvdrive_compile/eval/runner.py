@@ -83,6 +83,8 @@ def compiled(model, method: Method) -> Iterator[None]:
 def _step(model, ids: list[int], cache) -> torch.Tensor:
     """Logits of the last position: [vocab] fp32."""
     x = torch.tensor([ids], dtype=torch.long)
+    if len(ids) > 1:
+        torch._dynamo.maybe_mark_dynamic(x, 1)      # one prefill graph for every prompt length
     return model(x, cache=cache, logits_to_keep=1).logits[0, -1].float()
 
 
