@@ -51,7 +51,6 @@ def _(past_k, k_new, runtime_id):
     return _fake_handle(2)
 
 
-
 @torch.library.custom_op("kvdrive::append", mutates_args=())
 def append(step: Tensor, past_k: Tensor, past_v: Tensor, k_new: Tensor, v_new: Tensor,
            layer: int, keeps_last: bool) -> tuple[Tensor, Tensor, Tensor]:

@@ -56,6 +56,7 @@ def test_encoder_decoder_token_identical(build, attn):
     c = kvdrive_compile.counters
     assert c.sites_rewritten >= 2 * 2, c                    # the decoder's self-attention, both graphs
     assert all("cross-attention" in r or "no KV cache" in r or "no cache write" in r for r in c.skip_reasons), c.skip_reasons
+    assert sum("cross-attention" in r for r in c.skip_reasons) == 2, c.skip_reasons   # at prefill, both layers
     assert open_sessions() == 0
 
 
