@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
 
+from .runtime.placement import CACHE_POLICIES, DEFAULT_REUSE_WINDOW
 from .runtime.selection import SelectionPolicy
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
@@ -46,6 +47,9 @@ class KVDriveOptions:
     device_memory, host_memory: KV bytes allowed on each tier (None: no limit); beyond the host
     budget KV goes to disk, in a private directory under ``disk_dir`` (default: the system temp
     directory). dump_dir: where pass-inspection dumps go (default: $KVDRIVE_DUMP_DIR, else none).
+    cache_policy: what the device (and host) tier keeps between decode steps, ``CACHE_POLICIES``;
+    reuse_window: decode steps of selection history a block is kept cached for
+    (``runtime/placement.py``).
     """
 
     block_size: int = 16
@@ -53,11 +57,14 @@ class KVDriveOptions:
     host_memory: Optional[int] = None
     disk_dir: Optional[str] = None
     dump_dir: Optional[str] = None
+    cache_policy: str = "attention"
+    reuse_window: int = DEFAULT_REUSE_WINDOW
     policy: SelectionPolicy = SelectionPolicy()
 
     def runtime_key(self) -> tuple:
         """Compiled functions with equal runtime options share one runtime (and its budgets)."""
-        return (self.block_size, self.device_memory, self.host_memory, self.disk_dir)
+        return (self.block_size, self.device_memory, self.host_memory, self.disk_dir, self.cache_policy,
+                self.reuse_window)
 
 
 def valid_keys() -> list[str]:
@@ -107,6 +114,11 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
                           ("score_aggregation", ("max", "prob")), ("attention", ("split", "fetch"))):
         if options.get(name, allowed[0]) not in allowed:
             raise ValueError(f"{name}={options[name]!r}: choose one of {list(allowed)}")
+    if options.get("cache_policy", "attention") not in CACHE_POLICIES:
+        raise ValueError(f"cache_policy={options['cache_policy']!r}: choose one of {list(CACHE_POLICIES)}")
+    reuse = options.get("reuse_window", DEFAULT_REUSE_WINDOW)
+    if isinstance(reuse, bool) or not isinstance(reuse, int) or reuse < 1:
+        raise ValueError(f"reuse_window={reuse!r}: must be an int >= 1 (decode steps of selection history)")
     for name in ("sink_tokens", "local_window", "dense_layers"):
         value = options.get(name, getattr(SelectionPolicy, name))
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -126,5 +138,7 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
         host_memory=parse_size(options.get("host_memory"), "host_memory"),
         disk_dir=disk_dir,
         dump_dir=dump_dir,
+        cache_policy=options.get("cache_policy", "attention"),
+        reuse_window=reuse,
         policy=SelectionPolicy(**{k: options[k] for k in policy_keys if k in options}),
     )

@@ -22,6 +22,11 @@ class RuntimeStats:
     tiers: dict[str, TierStats] = field(default_factory=dict)
     moved_bytes: dict[str, int] = field(default_factory=dict)
     selected_blocks: dict[str, int] = field(default_factory=dict)     # block reads attended, by tier
+    served: dict[str, int] = field(default_factory=dict)    # bytes of selected KV, by where it lay when needed
+    hit_rate: float = 0.0                                   # the device's share of ``served``
+    admitted: dict[str, int] = field(default_factory=dict)  # block copies made, per caching tier
+    evicted: dict[str, int] = field(default_factory=dict)   # block copies dropped, per caching tier
+    disk_cache_bypass: str = ""                             # how disk I/O avoids the page cache
     stage_seconds: dict[str, float] = field(default_factory=dict)     # wall time per graph stage
     sessions_open: int = 0
     sessions_closed: int = 0
