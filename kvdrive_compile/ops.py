@@ -2,7 +2,7 @@
 
 One decode step of one attention site::
 
-    step = open_step(past_k0, k_new0)              # once per graph: which session
+    step = open_step(past_k0, k_new0, rt, sites)   # once per graph: which session
     k_si, v_si, ticket = append(step, past_k, past_v, k_new, v_new)
     plan = select(ticket, q, scale, policy)        # what to attend, where it lies
     plan = prefetch(plan)                          # start disk -> host reads
@@ -35,19 +35,20 @@ def _fake_handle(n: int) -> Tensor:
 
 
 @torch.library.custom_op("kvdrive::open_step", mutates_args=())
-def open_step(past_k: Tensor, k_new: Tensor, runtime_id: int) -> Tensor:
+def open_step(past_k: Tensor, k_new: Tensor, runtime_id: int, sites: int) -> Tensor:
     """The session of this forward call: from the first site's past keys, or a new one.
 
-    k_new: the first site's new keys (it orders the op after them). Returns ``[runtime_id, session_id]``.
+    k_new: the first site's new keys (it orders the op after them). sites: the attention
+    sites of the graph (the layers that share the device budget). Returns ``[runtime_id, session_id]``.
     """
     rt = get_runtime(runtime_id)
     with rt.timed("append"):
-        session = site_step.open_step(rt, past_k)
+        session = site_step.open_step(rt, past_k, sites)
     return _handle(runtime_id, session.id)
 
 
 @open_step.register_fake
-def _(past_k, k_new, runtime_id):
+def _(past_k, k_new, runtime_id, sites):
     return _fake_handle(2)
 
 

@@ -30,7 +30,8 @@ def runtime_for(options: KVDriveOptions) -> int:
         if rid is None:
             rid = next(_ids)
             _by_id[rid] = KVRuntime(options.block_size, options.device_memory, options.host_memory,
-                                    options.disk_dir)
+                                    options.disk_dir, cache_policy=options.cache_policy,
+                                    reuse_window=options.reuse_window)
             _by_key[key] = rid
         _last[:] = [rid]
         return rid

@@ -2,7 +2,7 @@
 
 ::
 
-    step           = open_step(past_k, k_new of the first site, runtime_id)  # once per graph
+    step           = open_step(past_k, k_new of the first site, runtime_id, sites)  # once per graph
     k_si, v_si, t  = append(step, past_k, past_v, k_new, v_new, layer)    # right after the cats
     plan           = prefetch(select(t, q, scale, policy))
     out_h, lse_h   = cpu_partial_attention(plan, q, mask, scale, causal)
@@ -81,7 +81,8 @@ class RewriteAttention(GraphPass):
             kb, vb = site.k_bind, site.v_bind
             with graph.inserting_before(_later(kb.cat, vb.cat).next):
                 if step is None:
-                    step = b.call(_op("open_step"), kb.past, kb.new, ctx.runtime_id, name="kv_step")
+                    sites = sum(1 for s in ctx.sites if s.ok)
+                    step = b.call(_op("open_step"), kb.past, kb.new, ctx.runtime_id, sites, name="kv_step")
                 app = b.call(_op("append"), step, kb.past, vb.past, kb.new, vb.new, layer, site.keeps_last,
                              name="kv_append")
                 k_si, v_si = b.item(app, 0, "k_standin"), b.item(app, 1, "v_standin")

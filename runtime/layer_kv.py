@@ -1,33 +1,49 @@
-"""The paged KV of one attention layer of one session: which logical block lives where."""
+"""The paged KV of one attention layer of one session: where each block's home and copies are.
+
+A *block* here is ``block_size`` token positions of one row, a row being one (sequence,
+kv_head). Each block has one *home* (device when the device tier has no budget, else host
+while the host budget has room, else disk) and may have cached copies: on the device
+(whatever its home) and, for a disk-homed block, in host memory. Attention reads a block
+where its fastest copy lies.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .summaries import BlockSummaries
 from .tiers import Tier
 
+NONE = -1
+
 
 @dataclass
-class Block:
-    """One logical block: ``block_size`` token positions of every (sequence, kv_head).
+class Fresh:
+    """Blocks appended but not placed yet (placement waits for the step's queries to score
+    them): logical blocks ``first ..`` with k, v ``[count, rows, bs, D]`` on the layer's device."""
 
-    slots: one slot per (sequence, kv_head), row-major over ``[batch, kv_heads]``, in the pool
-    (or file) of ``tier``. created: global creation order; placement keeps the newest up.
-    """
+    first: int
+    k: torch.Tensor
+    v: torch.Tensor
 
-    tier: Tier
-    slots: list[int]
-    created: int
+    @property
+    def ids(self) -> range:
+        return range(self.first, self.first + self.k.shape[0])
 
 
 @dataclass
 class LayerKV:
-    """KV of one layer of one session: ``length`` tokens in blocks ``first .. last``.
+    """KV of one layer of one session: ``length`` tokens in blocks ``first .. num_blocks - 1``.
 
     Blocks before ``first`` were dropped (a sliding-window layer no longer attends them).
+    Per (row, block), numpy ``[rows, capacity]``: ``home`` tier (-1: none yet, or dropped) and
+    ``home_slot``; ``dev`` and ``host`` copy slots (-1: no copy; a host-homed block's host
+    slot is its home slot); ``last_selected`` (the layer's decode step that last selected
+    it, -1: never); ``score`` (its estimated attention mass at that step); ``pins`` (live
+    plans reading it: it may not move).
     """
 
     session_id: int
@@ -41,14 +57,37 @@ class LayerKV:
     keeps_last: bool = False
     length: int = 0
     first: int = 0
-    blocks: dict[int, Block] = field(default_factory=dict)
+    step: int = 0                                  # decode steps planned so far
+    pinned_front: int = 1                          # sink blocks kept on the device
+    pinned_back: int = 5                           # local-window blocks (and the open one) kept there
     summaries: Optional[BlockSummaries] = None
-    pins: dict[int, int] = field(default_factory=dict)     # block id -> live plans reading it
+    fresh: Optional[Fresh] = None
+    home: np.ndarray = field(default=None, repr=False)
+    home_slot: np.ndarray = field(default=None, repr=False)
+    dev: np.ndarray = field(default=None, repr=False)
+    host: np.ndarray = field(default=None, repr=False)
+    last_selected: np.ndarray = field(default=None, repr=False)
+    score: np.ndarray = field(default=None, repr=False)
+    pins: np.ndarray = field(default=None, repr=False)
     _table: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.summaries is None:
             self.summaries = BlockSummaries(self.rows, self.head_dim, self.block_size, self.device)
+        self._alloc_state(0)
+
+    def _alloc_state(self, cap: int) -> None:
+        old = self.home
+        n = 0 if old is None else old.shape[1]
+        r = self.rows
+        fills = {"home": (NONE, np.int8), "home_slot": (NONE, np.int64), "dev": (NONE, np.int64),
+                 "host": (NONE, np.int64), "last_selected": (NONE, np.int64), "score": (0.0, np.float32),
+                 "pins": (0, np.int32)}
+        for name, (fill, dtype) in fills.items():
+            new = np.full((r, cap), fill, dtype)
+            if n:
+                new[:, :n] = getattr(self, name)
+            setattr(self, name, new)
 
     def __hash__(self):                   # identity: one object per (session, layer)
         return id(self)
@@ -58,7 +97,7 @@ class LayerKV:
 
     @property
     def rows(self) -> int:
-        """Slots per logical block: one per (sequence, kv_head)."""
+        """Rows of a logical block: one per (sequence, kv_head)."""
         return self.batch * self.kv_heads
 
     @property
@@ -69,18 +108,37 @@ class LayerKV:
         """Logical blocks holding token positions ``[start, end)``."""
         return range(start // self.block_size, -(-end // self.block_size))
 
+    def grow(self, nblocks: int) -> None:
+        """Room in the state arrays for ``nblocks`` logical blocks."""
+        if nblocks > self.home.shape[1]:
+            self._alloc_state(max(nblocks, 2 * self.home.shape[1], 16))
+
+    def pinned_blocks(self) -> np.ndarray:
+        """bool ``[num_blocks]``: blocks kept on the device (sink, local window, open block)."""
+        n = self.num_blocks
+        out = np.zeros(n, np.bool_)
+        out[self.first:min(n, self.first + self.pinned_front)] = True
+        out[max(self.first, n - self.pinned_back):] = True
+        return out
+
+    def open_block(self) -> Optional[int]:
+        """The partly filled last block, if any."""
+        return None if self.length % self.block_size == 0 else self.length // self.block_size
+
+    def where(self) -> tuple[np.ndarray, np.ndarray]:
+        """Where attention reads each (row, block): tier ``[rows, nb]`` (-1: not held) and slot."""
+        n = self.num_blocks
+        dev, host, home = self.dev[:, :n], self.host[:, :n], self.home[:, :n]
+        tier = np.where(dev >= 0, int(Tier.DEVICE),
+                        np.where(host >= 0, int(Tier.HOST), np.where(home == Tier.DISK, int(Tier.DISK), NONE)))
+        slot = np.where(dev >= 0, dev, np.where(host >= 0, host, self.home_slot[:, :n]))
+        return tier.astype(np.int64), slot
+
     def table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(tier [nblocks], slot [rows, nblocks])`` by logical block id (tier -1: dropped)."""
+        """``(tier [rows, nblocks], slot [rows, nblocks])`` int64 by logical block id (tier -1: not held)."""
         if self._table is None:
-            n = self.num_blocks
-            tiers = torch.full((n,), -1, dtype=torch.int64)
-            slots = torch.zeros((self.rows, n), dtype=torch.int64)
-            ids = sorted(self.blocks)
-            if ids:
-                index = torch.tensor(ids)
-                tiers[index] = torch.tensor([int(self.blocks[i].tier) for i in ids])
-                slots[:, index] = torch.tensor([self.blocks[i].slots for i in ids]).T
-            self._table = (tiers, slots)
+            tier, slot = self.where()
+            self._table = (torch.from_numpy(np.ascontiguousarray(tier)), torch.from_numpy(np.ascontiguousarray(slot)))
         return self._table
 
     def changed(self) -> None:

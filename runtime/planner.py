@@ -49,7 +49,9 @@ class Plan:
     parts: dict[Tier, Optional[TierPart]] = field(default_factory=dict)
     disk_read: Optional[Future] = None
     disk_slots: Optional[torch.Tensor] = None
-    pinned: tuple[int, ...] = ()           # device/host block ids held in place until the merge
+    pinned: tuple = ()                     # (rows, blocks) of device/host entries held in place until the merge
+    fills: list = field(default_factory=list)   # admitted disk blocks: (tier, rows, blocks, slots), filled when read
+    staged: Optional[tuple] = None         # the disk read once landed: k, v and its TierPart
 
     @property
     def tokens_attended(self) -> int:
@@ -63,18 +65,19 @@ class Plan:
 
 @njit(cache=True, nogil=True)
 def _split_by_tier(tier_of, slot_of, selected, tier):
-    """Row by row, the selected blocks of ``tier`` first (in their order), then the others, cut
-    to the longest row's count m: ids, slots (0 where not in the tier), valid ``[rows, m]``.
-    tier_of: [nblocks] (-1: dropped); slot_of: [rows, nblocks]; selected: [rows, n]."""
+    """Row by row, the selected blocks on ``tier`` first (in their order), then the others, cut
+    to the longest row's count m: ids, slots (0 where not on the tier), valid ``[rows, m]``.
+    tier_of, slot_of: ``[rows, nblocks]`` (tier -1: not held); selected: ``[rows, n]``."""
     rows, n = selected.shape
+    nblocks = tier_of.shape[1]
     m = 0
     for r in range(rows):
         c = 0
         for j in range(n):
             b = selected[r, j]
-            if b < 0 or b >= tier_of.shape[0]:       # numba does not check bounds
+            if b < 0 or b >= nblocks:                # numba does not check bounds
                 raise IndexError("a selected block id is outside the layer's block table")
-            c += tier_of[b] == tier
+            c += tier_of[r, b] == tier
         m = max(m, c)
     ids = np.empty((rows, m), np.int64)
     slots = np.zeros((rows, m), np.int64)
@@ -83,12 +86,12 @@ def _split_by_tier(tier_of, slot_of, selected, tier):
         k = 0
         for j in range(n):
             b = selected[r, j]
-            if tier_of[b] == tier and k < m:
+            if tier_of[r, b] == tier and k < m:
                 ids[r, k], slots[r, k], valid[r, k] = b, slot_of[r, b], True
                 k += 1
         for j in range(n):                    # padding: the other blocks, as a stable sort puts them
             b = selected[r, j]
-            if tier_of[b] != tier and k < m:
+            if tier_of[r, b] != tier and k < m:
                 ids[r, k] = b
                 k += 1
     return ids, slots, valid

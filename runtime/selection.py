@@ -82,9 +82,31 @@ def window_blocks(kv: LayerKV, start: int, end: int) -> torch.Tensor:
     return torch.arange(r.start, r.stop, dtype=torch.int64)
 
 
+def block_scores(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, ids: torch.Tensor,
+                 scale: float = 1.0) -> torch.Tensor:
+    """Each (sequence, kv_head)'s score of blocks ``ids`` ([nb] int64): fp32 ``[rows, nb]`` on
+    the CPU, the estimated log attention mass (``rank_blocks``) of q ``[B, Hq, Q, D]``."""
+    bs = kv.block_size
+    counts = torch.clamp(torch.minimum(ids * bs + bs, torch.tensor(kv.length)) - ids * bs, min=0)
+    return rank_blocks(kv.summaries, q, ids, policy.block_summary, policy.score_aggregation, counts, scale).cpu()
+
+
+def scored(kv: LayerKV, policy: SelectionPolicy) -> bool:
+    """Whether this layer's decode steps rank blocks (else they attend every block)."""
+    return policy.token_budget is not None and kv.layer >= policy.dense_layers and not kv.keeps_last
+
+
 def select_blocks(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: int, end: int,
                   scale: float = 1.0) -> torch.Tensor:
-    """The blocks each (sequence, kv_head) attends this step: int64 ``[rows, n]``, ascending.
+    """The blocks each (sequence, kv_head) attends this step: int64 ``[rows, n]``, ascending."""
+    return select_scored(kv, policy, q, start, end, scale)[0]
+
+
+def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: int, end: int,
+                  scale: float = 1.0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The blocks each (sequence, kv_head) attends this step, int64 ``[rows, n]`` ascending,
+    and the scores of every block of the window (fp32 ``[rows, nb]``, CPU; None when the
+    blocks were not ranked).
 
     q: ``[B, Hq, Q, D]``; scale: the softmax scale (the scores are estimated log attention
     masses). Exact (every block of the window) when there is no budget, for the first
@@ -94,9 +116,8 @@ def select_blocks(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
     budget = policy.budget_tokens(end - start)
     bs = kv.block_size
     n_budget = None if budget is None else max(1, budget // bs)
-    if (n_budget is None or n_budget >= ids.numel() or kv.layer < policy.dense_layers
-            or kv.keeps_last):
-        return ids.expand(kv.rows, -1)
+    if n_budget is None or n_budget >= ids.numel() or not scored(kv, policy):
+        return ids.expand(kv.rows, -1), None
     nb = ids.numel()
     sink_n = min(n_budget, -(-min(policy.sink_tokens, end - start) // bs))
     if policy.selection == "window":                  # sink + the most recent blocks
@@ -110,11 +131,8 @@ def select_blocks(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
         forced[nb - local_n:] = True
     k = n_budget - int(forced.sum())
     if k <= 0 or policy.selection == "window":
-        return ids[forced].expand(kv.rows, -1)
-    counts = torch.clamp(torch.minimum(ids * bs + bs, torch.tensor(kv.length)) - ids * bs, min=0)
-    scores = rank_blocks(kv.summaries, q, ids, policy.block_summary, policy.score_aggregation,
-                         counts, scale)                                         # [rows, nb]
-    scores = scores.masked_fill(forced.to(scores.device)[None, :], float("-inf"))
-    top = scores.topk(k, dim=1).indices.cpu()                                            # [rows, k]
+        return ids[forced].expand(kv.rows, -1), None
+    scores = block_scores(kv, policy, q, ids, scale)                              # [rows, nb]
+    top = scores.masked_fill(forced[None, :], float("-inf")).topk(k, dim=1).indices          # [rows, k]
     chosen = torch.cat([forced.nonzero().view(1, -1).expand(kv.rows, -1), top], dim=1)
-    return ids[chosen].sort(dim=1).values
+    return ids[chosen].sort(dim=1).values, scores

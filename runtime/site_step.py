@@ -25,15 +25,17 @@ OUTSIDE_READ = (
     "sampling decoding (num_beams=1), and do not edit the cache between steps.")
 
 
-def open_step(rt: KVRuntime, past_k: torch.Tensor) -> Session:
-    """The session this forward call belongs to, from the first site's past keys."""
+def open_step(rt: KVRuntime, past_k: torch.Tensor, sites: int = 1) -> Session:
+    """The session this forward call belongs to, from the first site's past keys. sites: the
+    graph's attention sites (a model split into several graphs has at least that many)."""
     key = rt.standins.lookup(past_k)
     with rt.lock:
         rt.steps += 1
         if key is None:
             rt.sweep()
-            return rt.open_session()
+            return rt.open_session(sites)
         session = rt.session(key.session_id)
+        session.sites = max(session.sites, sites)
         for pid in list(session.plans):         # left by a step that did not finish
             end_plan(rt, session, pid)
         return session

@@ -47,7 +47,7 @@ def attend_disk(rt, kv, q):
 
 
 def slot_of(kv, block, row=0):
-    return kv.blocks[block].slots[row]
+    return int(kv.home_slot[row, block])
 
 
 def flip_bit(f, slot, byte=100):
@@ -123,7 +123,8 @@ def test_token_writes_into_a_disk_block_keep_its_checksum(tmp_path):
         k, v = torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D)
         rt.append(kv, k, v)
         k_all, v_all = torch.cat([k_all, k], 2), torch.cat([v_all, v], 2)
-    assert {b.tier for b in kv.blocks.values()} == {Tier.DISK}
+    rt.place_fresh(kv)
+    assert set(kv.where()[0].reshape(-1).tolist()) == {Tier.DISK}
     q = torch.randn(1, 4, 1, D)
     out, _ = attend_disk(rt, kv, q)
     ref = torch.softmax(q.double() @ k_all.double().repeat_interleave(2, 1).transpose(-1, -2) * 0.25, -1)

@@ -28,7 +28,7 @@ CASES = {
 
 # 4 KiB per tier: a block of 16 tokens of one (sequence, kv head) at head_dim 16 is 2 KiB
 DEVICE = torch.device(os.environ.get("KVDRIVE_TEST_DEVICE", "cpu"))
-BUDGETS = dict(device_memory="8KiB", host_memory="8KiB", block_size=16)
+BUDGETS = dict(device_memory="64KiB", host_memory="32KiB", block_size=16, sink_tokens=0, local_window=0)
 
 
 def build(name):

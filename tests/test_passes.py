@@ -167,10 +167,10 @@ def test_opcheck_site_ops():
     past = torch.zeros(0)
     k, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
     q = torch.randn(1, 4, 5, 8)
-    torch.library.opcheck(ops.open_step, (past, k, rid), test_utils=utils)
-    step = ops.open_step(past, k, rid)
+    torch.library.opcheck(ops.open_step, (past, k, rid, 1), test_utils=utils)
+    step = ops.open_step(past, k, rid, 1)
     torch.library.opcheck(ops.append, (step, past, past, k, v, 0, False), test_utils=("test_faketensor",))
-    step = ops.open_step(past, k, rid)
+    step = ops.open_step(past, k, rid, 1)
     k_si, v_si, ticket = ops.append(step, past, past, k, v, 0, False)
     assert k_si.shape == (1, 2, 5, 8) and k_si.untyped_storage().nbytes() <= 4
     torch.library.opcheck(ops.select, (ticket, q, 1.0, 0), test_utils=utils)

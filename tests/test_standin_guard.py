@@ -20,7 +20,7 @@ from exactness import greedy_both, open_sessions
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import handwritten_model as hw  # noqa: E402
 
-BUDGETS = dict(device_memory="8KiB", host_memory="8KiB", block_size=16)
+BUDGETS = dict(device_memory="64KiB", host_memory="32KiB", block_size=16, sink_tokens=0, local_window=0)
 
 
 def _varied(model, std):

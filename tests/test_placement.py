@@ -1,0 +1,224 @@
+"""The cache policy (runtime/placement.py) on hand-made selection sequences, and the runtime's
+tiers under it: what is cached after each step is exactly what the policy says, budgets hold,
+a block reads the same wherever it lies, and placement never changes the answer."""
+import numpy as np
+import pytest
+import torch
+
+from kvdrive_compile.runtime import site_step
+from kvdrive_compile.runtime.kv_runtime import KVBudgetError, KVRuntime
+from kvdrive_compile.runtime.placement import Entries, choose
+from kvdrive_compile.runtime.selection import SelectionPolicy
+from kvdrive_compile.runtime.tiers import Tier
+
+
+class Cache:
+    """One row of blocks under ``choose``, as the runtime drives it: a step selects blocks,
+    the policy admits and evicts, then the selection is remembered."""
+
+    def __init__(self, policy, window, capacity, nblocks, pinned=(), fetch=False):
+        self.policy, self.window, self.capacity, self.fetch = policy, window, capacity, fetch
+        self.cached = np.zeros(nblocks, np.bool_)
+        self.pinned = np.zeros(nblocks, np.bool_)
+        self.pinned[list(pinned)] = True
+        self.last = np.full(nblocks, -1, np.int64)
+        self.step = 0
+
+    def run(self, selected, scores=None):
+        self.step += 1
+        sel = np.zeros_like(self.cached)
+        sel[list(selected)] = True
+        score = np.zeros(self.cached.size, np.float32) if scores is None else np.asarray(scores, np.float32)
+        e = Entries(self.cached.copy(), self.pinned, self.last.copy(), score, sel, np.ones_like(sel))
+        admit, evict = choose(self.policy, self.window, self.step, e, self.capacity - int(self.cached.sum()),
+                              self.fetch)
+        assert not (set(admit) & set(evict))
+        self.cached[evict] = False
+        self.cached[admit] = True
+        self.last[sel] = self.step
+        assert self.cached.sum() <= self.capacity
+        return set(np.flatnonzero(self.cached).tolist())
+
+
+def test_attention_admits_on_the_second_selection_within_the_window():
+    c = Cache("attention", window=2, capacity=4, nblocks=10)
+    assert c.run({1, 2}) == set()                 # first selections: attended where they lie
+    assert c.run({2, 3}) == {2}                   # 2 again within the window: admitted
+    assert c.run({4}) == {2}
+    assert c.run({3}) == {2}                      # 3 was last selected 2 steps ago: outside a window of 2
+    assert c.run({3, 4}) == {2, 3}                # 3 again at once: admitted; 4 (2 steps ago) is not
+
+
+def test_attention_keeps_the_window_and_evicts_the_lowest_score_first():
+    c = Cache("attention", window=2, capacity=3, nblocks=8, fetch=True)      # fetch: every miss admitted
+    assert c.run({0, 1, 2}) == {0, 1, 2}
+    # full; 3 and 4 miss. 0, 1, 2 were selected one step ago: inside the window, kept
+    assert c.run({3, 4}) == {0, 1, 2}
+    # now 0, 1, 2 left the window (last selected 2 steps ago); the lowest-scored goes first
+    scores = [5, -1, 3, 9, 0, 0, 0, 0]
+    assert c.run({3}, scores) == {0, 2, 3}
+    # two misses, two victims needed; 1 is gone: 2 (score 3) then 0 (score 5)... but 3 is in the window
+    assert c.run({5, 6}, [5, 0, 3, 9, 0, 1, 2, 0]) == {3, 5, 6}
+
+
+def test_attention_ties_go_to_the_least_recently_selected():
+    c = Cache("attention", window=1, capacity=2, nblocks=6, fetch=True)
+    c.run({0})
+    c.run({1})
+    assert c.run({2}) == {1, 2}                   # 0 and 1 tie on score: 0 was selected longer ago
+
+
+def test_pinned_blocks_are_never_evicted_and_count_against_the_capacity():
+    c = Cache("lru", window=1, capacity=2, nblocks=6, pinned={0})
+    c.cached[0] = True                            # the open block lives on the device
+    assert c.run({1}) == {0, 1}
+    assert c.run({2}) == {0, 2}                   # lru: 1 goes, 0 stays pinned
+    assert c.run({3, 4}) == {0, 3}                # room for one: the best (ties: most recent) admitted
+
+
+def test_lru_admits_every_miss_and_evicts_the_least_recently_selected():
+    c = Cache("lru", window=4, capacity=3, nblocks=8)
+    assert c.run({0, 1}) == {0, 1}
+    assert c.run({2}) == {0, 1, 2}
+    assert c.run({1, 3}) == {1, 2, 3}             # 0 was selected longest ago
+    assert c.run({4}) == {1, 3, 4}                # 2 (step 2) before 1 and 3 (step 3)
+
+
+def test_none_keeps_nothing_between_steps():
+    c = Cache("none", window=4, capacity=8, nblocks=8, pinned={7})
+    c.cached[[1, 2, 7]] = True
+    assert c.run({1, 3}) == {7}
+    assert c.run({1, 3}) == {7}
+
+
+def test_over_its_share_a_layer_gives_back_even_without_misses():
+    c = Cache("attention", window=1, capacity=2, nblocks=6)
+    c.cached[[0, 1, 2, 3]] = True                 # e.g. after a warm-up with a larger share
+    assert c.run({0}, [0, 5, 1, 0, 0, 0]) == {0, 1}
+
+
+# -- the runtime under the policy ------------------------------------------------------------------
+
+POLICY = SelectionPolicy(token_budget=64, sink_tokens=16, local_window=16, dense_layers=0)
+
+
+def reference(q, k, v, scale):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    return torch.softmax(q.double() @ k.transpose(-1, -2) * scale, -1) @ v
+
+
+def step(rt, session, layer, q, past, n, k_new, v_new, policy):
+    pid = site_step.select(rt, session, layer, past, n, q, policy, 0.25)
+    plan = session.plans[pid]
+    rt.prefetch(plan)
+    mask = site_step.step_mask(plan, None, n > 1)
+    parts = [rt.device_attention(plan, q, k_new, v_new, mask, 0.25), rt.host_attention(plan, q, mask, 0.25)]
+    site_step.end_plan(rt, session, pid)
+    return site_step.merge(parts, torch.float32), plan
+
+
+def check_counters(rt):
+    for tier, b in rt.budgets.items():
+        assert b.limit is None or b.peak <= b.limit, (tier, b)
+    for session in rt.sessions.values():
+        for kv in session.layers.values():
+            nb = kv.num_blocks
+            assert (kv.pins[:, :nb] == 0).all()
+            held = (kv.dev[:, :nb] >= 0).sum()
+            assert held <= rt._pool(Tier.DEVICE, kv).used if rt.device_cache else True
+            # every completed block has exactly one home
+            done = kv.length // kv.block_size
+            assert (kv.home[:, kv.first:done] >= 0).all()
+
+
+@pytest.mark.parametrize("cache_policy", ["attention", "lru", "none"])
+@pytest.mark.parametrize("attention", ["split", "fetch"])
+@pytest.mark.parametrize("seed", range(3))
+def test_tiers_and_policies_give_the_selected_answer(tmp_path, cache_policy, attention, seed):
+    """Random prompt lengths, batches and budgets: every decode step equals attention over the
+    blocks the step selected, computed from the full K/V (so a block reads the same from a
+    device copy, a host copy or its home on disk); budgets and counters hold at every step."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, hkv, g, d, bs = int(torch.randint(1, 4, (1,), generator=gen)), 2, 2, 16, 16
+    slot = 2 * bs * d * 4
+    rows = batch * hkv
+    pinned = (1 + 1 + 1) * rows * slot                      # sink, local, open block per layer
+    layers = 2
+    rt = KVRuntime(block_size=bs, device_memory=layers * (pinned + int(torch.randint(0, 8, (1,), generator=gen)) * slot),
+                   host_memory=int(torch.randint(0, 12, (1,), generator=gen)) * slot, disk_dir=str(tmp_path),
+                   cache_policy=cache_policy, reuse_window=int(torch.randint(1, 4, (1,), generator=gen)))
+    policy = SelectionPolicy(token_budget=64, sink_tokens=16, local_window=16, dense_layers=0, attention=attention)
+    session = rt.open_session(sites=layers)
+    prompt = int(torch.randint(100, 260, (1,), generator=gen))
+    full = {}
+    for t in range(12):
+        n = prompt if t == 0 else 1
+        for layer in range(layers):
+            k_new, v_new = (torch.randn(batch, hkv, n, d, generator=gen) for _ in range(2))
+            kv = rt.layer(session, layer, k_new, False)
+            past = kv.length
+            rt.append(kv, k_new, v_new)
+            k_all, v_all = full.get(layer, (k_new[:, :, :0], v_new[:, :, :0]))
+            k_all, v_all = torch.cat([k_all, k_new], 2), torch.cat([v_all, v_new], 2)
+            full[layer] = (k_all, v_all)
+            q = torch.randn(batch, hkv * g, n, d, generator=gen)
+            out, plan = step(rt, session, layer, q, past, n, k_new, v_new, policy)
+            if t == 0:
+                continue
+            # the reference: the same blocks, gathered from the full K/V
+            sel = plan.selected                                          # [rows, m]
+            tok = (sel[:, :, None] * bs + torch.arange(bs)).reshape(rows, -1)
+            tok = tok.clamp(max=kv.length - 1)
+            keep = (sel[:, :, None] * bs + torch.arange(bs)).reshape(rows, -1) < kv.length
+            ka = k_all.reshape(rows, -1, d)[torch.arange(rows)[:, None], tok]
+            va = v_all.reshape(rows, -1, d)[torch.arange(rows)[:, None], tok]
+            qr = q.reshape(batch, hkv, g, 1, d)
+            s = (qr.double() @ ka.view(batch, hkv, 1, -1, d).double().transpose(-1, -2)) * 0.25
+            s = s.masked_fill(~keep.view(batch, hkv, 1, 1, -1), float("-inf"))
+            ref = (torch.softmax(s, -1) @ va.view(batch, hkv, 1, -1, d).double()).reshape(batch, hkv * g, 1, d)
+            torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+            check_counters(rt)
+    st = rt.stats()
+    assert sum(st.served.values()) > 0
+    for kv in session.layers.values():
+        copies = int((kv.dev[:, :kv.num_blocks] >= 0).sum())
+        if cache_policy == "none":                    # nothing kept but the pinned blocks
+            assert copies <= rows * int(kv.pinned_blocks().sum())
+    assert st.hit_rate == pytest.approx(st.served["device"] / sum(st.served.values()))
+    rt.close()
+
+
+def test_a_device_budget_below_the_pinned_blocks_says_the_minimum():
+    rt = KVRuntime(block_size=16, device_memory=4096, host_memory=None)
+    session = rt.open_session(sites=3)
+    k = torch.randn(1, 2, 100, 16)
+    kv = rt.layer(session, 0, k, False)
+    rt.append(kv, k, k)
+    with pytest.raises(KVBudgetError, match=r"Pass device_memory >= \d+ bytes"):
+        site_step.select(rt, session, 0, 0, 100, torch.randn(1, 4, 100, 16), POLICY, 0.25)
+    rt.close()
+
+
+def test_prefill_places_the_best_scored_blocks_on_the_device():
+    """Warm-up: the blocks the last prompt queries score highest get the device's room, the
+    rest go home (host while it has room, then disk)."""
+    torch.manual_seed(0)
+    bs, d = 16, 16
+    slot = 2 * bs * d * 4
+    rt = KVRuntime(block_size=bs, device_memory=(3 + 4) * slot, host_memory=6 * slot, cache_policy="attention")
+    session = rt.open_session(sites=1)
+    k = torch.randn(1, 1, 20 * bs, d) * 0.1
+    hot = [5, 9, 12, 14]
+    q = torch.randn(1, 1, 20 * bs, d)
+    for b in hot:                                     # keys aligned with the last queries: high scores
+        k[0, 0, b * bs:(b + 1) * bs] = q[0, 0, -1] * 3
+    kv = rt.layer(session, 0, k, False)
+    rt.append(kv, k, k)
+    policy = SelectionPolicy(token_budget=64, sink_tokens=16, local_window=16, dense_layers=0)
+    site_step.select(rt, session, 0, 0, 20 * bs, q, policy, 0.25)
+    on_device = set(np.flatnonzero(kv.dev[0, :20] >= 0).tolist())
+    assert on_device == {0, 18, 19} | set(hot)            # sink, local window + open block, the hot ones
+    assert set(np.flatnonzero(kv.home[0, :20] == Tier.HOST).tolist()) >= set(hot)    # best homes: host
+    assert (kv.home[0, :20] == Tier.DISK).sum() == 20 - 6
+    rt.close()
