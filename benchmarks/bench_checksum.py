@@ -5,14 +5,15 @@
 A slot is one KV block of one (sequence, KV head): K then V, each ``[block_size, head_dim]``.
 For each shape and dtype, per slot (median of repeats, microseconds):
 
-- ``checksum``: the slot's checksum (``tiers._digest``: K half and V half, each a buffer of its
+- ``checksum``: the slot's checksum (``disk._digest``: K half and V half, each a buffer of its
   own), taken on every write and checked on every read;
 - ``pread 1``: a preadv of that one slot (two buffers) from a page-cached file;
 - ``pread in run``: a preadv of ``--run`` consecutive slots (as DiskFile reads a run), per slot;
 - ``DiskFile.read 1`` / ``in run``: DiskFile.read of one slot / of the run, checks included.
 
-The file is page-cached (written just before), so the reads are the cheapest a disk read can be:
-the ratio is an upper bound of what the checksum adds.
+The file is page-cached (written just before; ``DiskFile(bypass_cache=False)``: no O_DIRECT), so
+the reads are the cheapest a disk read can be: the ratio is an upper bound of what the checksum
+adds. (``benchmarks/bench_disk.py`` measures reads that bypass the page cache.)
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 import xxhash
 from tabulate import tabulate
 
-from kvdrive_compile.runtime.tiers import DiskFile, _digest
+from kvdrive_compile.runtime.disk import DiskFile, _digest
 
 
 def per_call(fn, reps: int = 200, rounds: int = 7) -> float:
@@ -44,8 +45,9 @@ def per_call(fn, reps: int = 200, rounds: int = 7) -> float:
 
 
 def measure(bs: int, d: int, dtype: torch.dtype, run: int, pool: ThreadPoolExecutor, directory: str) -> list:
-    f = DiskFile(directory, "bench.kv", dtype, bs, d, pool.submit)
-    slots = f.alloc(run, layer=0)
+    f = DiskFile(directory, "bench.kv", dtype, bs, d, pool.submit, bypass_cache=False)
+    slots = [f.alloc(0, 1)[0] for _ in range(run)]                 # one row's blocks: consecutive
+    assert slots == list(range(run))
     k, v = torch.randn(run, bs, d).to(dtype), torch.randn(run, bs, d).to(dtype)
     f.write(slots, k, v)                                           # page-cached from here on
     half = f.half
