@@ -16,9 +16,9 @@ GIB = 2**30
 
 # -- metrics -------------------------------------------------------------------------------------
 
-def _snap(moved, selected, stages, resident=(0, 0, 0)):
+def _snap(moved, selected, stages, resident=(0, 0, 0), **more):
     return {"moved_bytes": moved, "selected_blocks": selected, "stage_seconds": stages,
-            "tiers": {t: {"resident_bytes": r} for t, r in zip(metrics.TIERS, resident)}}
+            "tiers": {t: {"resident_bytes": r} for t, r in zip(metrics.TIERS, resident)}, **more}
 
 
 def test_runtime_metrics_are_deltas_per_token_and_step():
@@ -35,6 +35,44 @@ def test_runtime_metrics_are_deltas_per_token_and_step():
     assert m["stages_ms"]["other"] == pytest.approx(400.0)
     fetch = metrics.runtime_metrics(before, after, 2, 4, [0.5, 0.5], split_attention=False)
     assert fetch["cpu_attention_share"] == 0.0
+
+
+def test_tier_caching_metrics_are_deltas_of_served_admitted_evicted():
+    moved = {b: 0 for b in metrics.BOUNDARIES}
+    before = _snap(moved, {"device": 10, "host": 10, "disk": 0}, {}, served={"device": 1000, "host": 500, "disk": 0},
+                   admitted={"device": 4, "host": 0}, evicted={"device": 0, "host": 0}, hit_rate=0.66)
+    after = _snap({**moved, "disk->host": 800, "host->disk": 160},
+                  {"device": 40, "host": 20, "disk": 10}, {"write_home": 0.5, "select": 0.25},
+                  served={"device": 9000, "host": 1500, "disk": 1000}, admitted={"device": 20, "host": 6},
+                  evicted={"device": 12, "host": 2}, hit_rate=0.78, disk_cache_bypass="O_DIRECT")
+    m = metrics.runtime_metrics(before, after, steps=4, batch=2, step_seconds=[0.5] * 4, split_attention=True)
+    # served: deltas per decoded token (8 tokens); the hit rate is the device's share of the bytes
+    assert m["served_per_token"] == {"device": 1000.0, "host": 125.0, "disk": 125.0}
+    assert m["hit_rate"] == pytest.approx(8000 / 10000) and m["hit_rate_from"] == "served"
+    assert m["device_hit_rate"] == pytest.approx(30 / 50)          # the block-count share, kept
+    assert m["admitted_per_step"] == {"device": 4.0, "host": 1.5}
+    assert m["evicted_per_step"] == {"device": 3.0, "host": 0.5}
+    assert m["disk_cache_bypass"] == "O_DIRECT"
+    assert m["moved_per_token"]["disk->host"] == 100.0 and m["moved_per_token"]["host->disk"] == 20.0
+    assert m["stages_ms"]["write_home"] == pytest.approx(125.0) and m["stages_ms"]["select"] == pytest.approx(62.5)
+    assert m["stages_ms"]["other"] == pytest.approx(500.0 - 187.5)
+    assert metrics.hit_rate(before, after) == (pytest.approx(0.8), "served")
+
+
+def test_tier_caching_metrics_work_on_a_snapshot_without_the_new_fields():
+    before = _snap({"disk->host": 0}, {"device": 0, "host": 0, "disk": 0}, {})
+    after = _snap({"disk->host": 64}, {"device": 3, "host": 1, "disk": 0}, {"select": 0.1, "merge_v2": 0.1})
+    m = metrics.runtime_metrics(before, after, steps=2, batch=1, step_seconds=[0.2, 0.2], split_attention=False)
+    assert m["hit_rate"] == pytest.approx(0.75) and m["hit_rate_from"] == "selected_blocks"   # the fallback
+    assert m["served_per_token"] == {t: 0.0 for t in metrics.TIERS}
+    assert m["admitted_per_step"] == {"device": 0.0, "host": 0.0} == m["evicted_per_step"]
+    assert m["disk_cache_bypass"] is None and m["moved_per_token"]["host->device"] == 0.0
+    assert m["stages_ms"]["merge_v2"] == pytest.approx(50.0)        # a stage we do not know still counts
+    assert m["stages_ms"]["other"] == pytest.approx(100.0)
+    # zeros (a runtime that has the fields but does not fill them yet) fall back the same way
+    zeros = {"served": {t: 0 for t in metrics.TIERS}}
+    assert metrics.hit_rate({**before, **zeros}, {**after, **zeros}) == (pytest.approx(0.75), "selected_blocks")
+    assert metrics.hit_rate(before, before) == (None, None)
 
 
 def test_step_metrics_and_token_differences():
@@ -62,12 +100,15 @@ def test_tokens_are_checked_against_each_systems_reference():
         return {"system": system, "context": 8, "batch": 1, "tokens": tokens}
 
     rows = [r("dense", [[1, 2, 3]]), r("fetch-all", [[1, 2, 3]]), r("kvdrive-exact", [[1, 2, 4]]),
-            r("kvdrive", [[1, 5, 6]]), r("sparse-fetch", [[1, 5, 6]]), r("hf-offload", None)]
+            r("kvdrive", [[1, 5, 6]]), r("sparse-fetch", [[1, 5, 6]]), r("hf-offload", None),
+            r("shadowkv-like", [[1, 5, 6]]), r("hisparse-like", [[1, 5, 7]]), r("kvdrive-host", [[1, 5, 6]])]
     runner.check_tokens(rows)
     checks = {x["system"]: x["tokens_check"] for x in rows}
+    # where a block lies must not change what is attended: the caching designs give kvdrive's tokens
     assert checks == {"dense": "reference", "fetch-all": "= dense", "kvdrive-exact": "MISMATCH vs dense at step 2",
                       "kvdrive": "differs from dense from step 1 (sparse)", "sparse-fetch": "= kvdrive",
-                      "hf-offload": None}
+                      "hf-offload": None, "shadowkv-like": "= kvdrive", "hisparse-like": "MISMATCH vs kvdrive at step 2",
+                      "kvdrive-host": "= kvdrive"}
 
 
 def test_cpu_threads_are_set_inside_and_restored_after():
@@ -106,18 +147,82 @@ def test_systems_are_the_designs_in_the_brief():
     opts = {s.name: s.options(b) for s in systems.systems(list(systems.SYSTEMS))}
     assert opts["dense"] is None and opts["hf-offload"] is None
     assert opts["fetch-all"] == {"device_memory": 0, "host_memory": 200, "token_budget": None,
-                                 "attention": "fetch", "block_size": 16}
-    assert opts["sparse-fetch"] == {**opts["fetch-all"], "token_budget": 64}
+                                 "attention": "fetch", "block_size": 16, "cache_policy": "none"}
+    assert opts["sparse-fetch"] == {"device_memory": 0, "host_memory": 200, "token_budget": 64,
+                                    "attention": "fetch", "block_size": 16, "cache_policy": "none"}
+    # ShadowKV-like: its own device tier keeps the last step's fetched blocks (reuse window 1)
+    assert opts["shadowkv-like"] == {"device_memory": 100, "host_memory": 200, "token_budget": 64,
+                                     "attention": "fetch", "block_size": 16, "cache_policy": "attention",
+                                     "reuse_window": 1}
+    # HiSparse-like: the device budget as an LRU hot buffer
+    assert opts["hisparse-like"] == {"device_memory": 100, "host_memory": 200, "token_budget": 64,
+                                     "attention": "fetch", "block_size": 16, "cache_policy": "lru"}
     assert opts["kvdrive"] == {"device_memory": 100, "host_memory": 200, "token_budget": 64,
-                               "attention": "split", "block_size": 16}
-    assert opts["kvdrive-exact"]["token_budget"] is None
+                               "attention": "split", "block_size": 16, "cache_policy": "attention"}
+    assert opts["kvdrive-host"] == {**opts["kvdrive"], "host_memory": None}    # no disk: all spilled KV in host
+    assert opts["kvdrive-exact"] == {**opts["kvdrive"], "token_budget": None}
     for o in opts.values():
         if o is not None:
             kvdrive_compile.parse_options(o)               # every design is a valid set of options
+    # a sweep's reuse window goes to the attention-aware designs that do not fix their own
+    windowed = presets.Budgets(100, 200, 64, 16, reuse_window=6)
+    assert systems.KVDRIVE.options(windowed)["reuse_window"] == 6
+    assert systems.KVDRIVE_HOST.options(windowed)["reuse_window"] == 6
+    assert systems.SHADOWKV_LIKE.options(windowed)["reuse_window"] == 1
+    assert "reuse_window" not in systems.HISPARSE_LIKE.options(windowed)
+    assert "reuse_window" not in systems.SPARSE_FETCH.options(windowed)
+    assert set(runner.RUN_ORDER) == set(systems.SYSTEMS)
+    assert runner.RUN_ORDER.index("kvdrive") < runner.RUN_ORDER.index("shadowkv-like") < \
+        runner.RUN_ORDER.index("fetch-all")
     assert systems.HF_OFFLOAD.unavailable(torch.device("cpu")).startswith("needs CUDA")
     assert systems.KVDRIVE.unavailable(torch.device("cpu")) is None
     with pytest.raises(ValueError, match="unknown system"):
         systems.systems(["flexgen"])
+
+
+SMOLLM2_LIKE = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                               hidden_size=576)
+
+
+def test_disk_preset_spills_to_disk_at_the_papers_budget_point():
+    preset = presets.preset("disk")
+    (sweep,) = preset.sweeps
+    assert sweep.model == "smollm2-135m" and sweep.points == [(8192, 2)] and min(sweep.batches) >= 2
+    assert sweep.token_budget == 512 == 8192 // 16                         # 6.25 %
+    assert preset.threads == 1 and preset.device == "cpu" and not preset.second_try
+    b = presets.budgets_for(sweep, SMOLLM2_LIKE, torch.float32)
+    kv = presets.kv_bytes(SMOLLM2_LIKE, 8192, 2, torch.float32)
+    assert b.largest_kv == kv == 720 * 2**20
+    assert b.device_memory <= 0.15 * kv and b.host_memory <= 0.35 * kv
+    assert kv - b.device_memory - b.host_memory >= 0.5 * kv                 # the rest spills to disk
+    # the systems it runs: the peers' designs, kvdrive, and kvdrive with the spilled KV all in host
+    assert {"sparse-fetch", "shadowkv-like", "hisparse-like", "kvdrive", "kvdrive-host"} <= set(preset.systems)
+    assert set(preset.systems) <= set(systems.SYSTEMS)
+    # kvdrive-host: the same device budget, no host budget (so nothing on disk)
+    assert systems.KVDRIVE_HOST.options(b)["device_memory"] == systems.KVDRIVE.options(b)["device_memory"]
+    need_host = runner.memory_needs(systems.KVDRIVE_HOST, b, kv, 0, 30, torch.device("cpu"))[1]
+    assert need_host >= kv
+    # every target names systems the preset runs
+    labels = {t.label for t in sweep.targets}
+    assert labels == {"kvdrive hit_rate >= 0.8", "kvdrive (disk->host + host->device) / sparse-fetch's <= 0.3x",
+                      "kvdrive decode_tok_s / shadowkv-like's >= 1.74x", "kvdrive step_ms_median / kvdrive-host's <= 1.3x"}
+    for t in sweep.targets:
+        assert t.system in preset.systems and (t.versus is None or t.versus in preset.systems)
+    with pytest.raises(ValueError, match="op"):
+        presets.Target("kvdrive", ("hit_rate",), ">", 0.8)
+
+
+def test_contexts_batches_and_steps_override_every_sweep():
+    preset = presets.preset("disk")
+    small = runner.with_overrides(preset, steps=2, contexts=[512, 256], batches=[2])
+    (sweep,) = small.sweeps
+    assert sweep.points == [(256, 2), (512, 2)] and sweep.decode_steps == 2
+    assert sweep.targets == preset.sweeps[0].targets and sweep.device_fraction == 0.15
+    assert runner.with_overrides(preset) is preset
+    args = argparse.ArgumentParser()
+    cli.add_arguments(args)
+    parsed = args.parse_args(["--preset", "disk", "--contexts", "1024", "--batches", "2", "4", "--steps", "2"])
+    assert parsed.contexts == [1024] and parsed.batches == [2, 4] and parsed.steps == 2
 
 
 # -- the cost model --------------------------------------------------------------------------------
@@ -179,10 +284,16 @@ def _row(system, status="ok", batch=2, steps=3, **kw):
     row = {"system": system, "context": 256, "batch": batch, "status": status, "note": "" if ran else status,
            "dense_kv_bytes": 1000}
     if ran:
+        compiled = systems.SYSTEMS[system].kvdrive
         row.update({"decode_tok_s": 5.0, "ttft_s": 1.0, "step_ms_median": 400.0, "step_ms_p95": 500.0,
                     "step_cpu_ms_median": 380.0, "kv_bytes": 1000, "disk_bytes": 10, "compile_s": 3.0,
                     "moved_per_token": {b: 1.0 for b in metrics.BOUNDARIES},
                     "peak_bytes": {t: 10 for t in metrics.TIERS}, "device_hit_rate": 0.5,
+                    "hit_rate": 0.5, "hit_rate_late": 0.6, "hit_rate_from": "served" if compiled else None,
+                    "served_per_token": {"device": 500.0, "host": 300.0, "disk": 200.0} if compiled else None,
+                    "admitted_per_step": {"device": 2.0, "host": 1.0} if compiled else None,
+                    "evicted_per_step": {"device": 1.5, "host": 0.0} if compiled else None,
+                    "disk_cache_bypass": "O_DIRECT" if compiled else None,
                     "cpu_attention_share": 0.5, "stages_ms": {s: 1.0 for s in (*metrics.STAGES, "other")},
                     "selected_blocks": {"device": 3, "host": 3, "disk": 0},
                     "tokens": [[1] * (steps + 1)] * batch, "tokens_check": "= dense"})
@@ -209,8 +320,11 @@ def test_a_complete_result_validates_and_prints():
     report.validate(result)
     text = report.text(result)
     for name in ("dense", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive", "needs CUDA", "step CPU ms",
-                 "disk->host /tok", "cpu_attention", "2 CPU cores" if not torch.cuda.is_available() else ""):
+                 "disk->host /tok", "host->disk /tok", "cpu_attention", "write_home", "hit rate", "hit 2nd half",
+                 "served disk /tok", "admitted device /step", "evicted host /step", "O_DIRECT",
+                 "2 CPU cores" if not torch.cuda.is_available() else ""):
         assert name in text
+    assert "targets" not in text                                   # the smoke sweep declares none
     result["projection"] = projection.project(result, ["h100-pcie5-nvme"])
     report.validate(result)
     priced = result["projection"]["measured"]
@@ -226,6 +340,15 @@ def test_a_complete_result_validates_and_prints():
     (lambda r: r["sweeps"][0]["rows"][3]["moved_per_token"].pop("disk->host"), "moved_per_token"),
     (lambda r: r["sweeps"][0]["rows"][4].pop("decode_tok_s"), "decode_tok_s"),
     (lambda r: r["sweeps"][0]["budgets"].pop("host_memory"), "host_memory"),
+    (lambda r: r["sweeps"][0]["rows"][4].update(hit_rate=1.5), "hit_rate must be a share"),
+    (lambda r: r["sweeps"][0]["rows"][4].pop("hit_rate_late"), "hit_rate_late must be a share"),
+    (lambda r: r["sweeps"][0]["rows"][4].update(served_per_token=None), "served_per_token must be a number"),
+    (lambda r: r["sweeps"][0]["rows"][3]["admitted_per_step"].pop("host"), "admitted_per_step"),
+    (lambda r: r["sweeps"][0]["rows"][0].update(evicted_per_step={"device": -1, "host": 0}), "evicted_per_step"),
+    (lambda r: r["sweeps"][0]["rows"][4]["stages_ms"].update(write_home="slow"), "stages_ms"),
+    (lambda r: r["sweeps"][0].update(targets=[{"system": "kvdrive", "label": "x", "op": ">=", "bound": 1,
+                                               "measured": None, "holds": True}]), "holds is null exactly"),
+    (lambda r: r["sweeps"][0].update(targets={}), "targets must be a list"),
     (lambda r: r.pop("meta"), "meta"),
 ])
 def test_validation_names_what_is_wrong(breakage, field):
@@ -234,6 +357,80 @@ def test_validation_names_what_is_wrong(breakage, field):
     with pytest.raises(ValueError, match="expected structure") as e:
         report.validate(result)
     assert field in str(e.value)
+
+
+def test_older_results_are_upgraded_and_validate():
+    result = _result()
+    for r in result["sweeps"][0]["rows"]:
+        for key in report.NEW_ROW_FIELDS:
+            r.pop(key, None)
+    assert any("hit_rate" in p for p in report.problems(result))
+    result["sweeps"] = [report.upgrade_sweep(s) for s in result["sweeps"]]
+    report.validate(result)
+    kv = result["sweeps"][0]["rows"][4]
+    assert kv["hit_rate"] == kv["device_hit_rate"] == 0.5 and kv["served_per_token"] is None and kv["older_run"]
+    assert "hit rate" in report.text(result)
+
+
+DISK_TARGETS = [t.as_dict() for t in presets.DISK_TARGETS]
+
+
+def _disk_rows(**changes):
+    """The disk preset's rows at one point: kvdrive meets every target unless ``changes`` say otherwise."""
+    def moved(fetched):
+        return {"disk->host": fetched / 2, "host->device": fetched / 2, "device->host": 0.0, "host->disk": 0.0}
+
+    rows = {"kvdrive": _row("kvdrive", decode_tok_s=4.0, step_ms_median=500.0, hit_rate=0.85, moved_per_token=moved(200)),
+            "kvdrive-host": _row("kvdrive-host", decode_tok_s=4.4, step_ms_median=450.0, hit_rate=0.85),
+            "shadowkv-like": _row("shadowkv-like", decode_tok_s=2.0, step_ms_median=1000.0),
+            "sparse-fetch": _row("sparse-fetch", decode_tok_s=1.5, moved_per_token=moved(1000)),
+            "hisparse-like": _row("hisparse-like"), "hf-offload": _row("hf-offload", "needs CUDA")}
+    for name, update in changes.items():
+        if update is None:
+            rows[name] = _row(name, "skipped")
+        else:
+            rows[name].update(update)
+    return list(rows.values())
+
+
+def test_targets_are_computed_from_the_rows():
+    evaluated = report.evaluate_targets(DISK_TARGETS, _disk_rows())
+    by = {t["label"]: t for t in evaluated}
+    assert [t["holds"] for t in evaluated] == [True, True, True, True]
+    assert by["kvdrive hit_rate >= 0.8"]["measured"] == pytest.approx(0.85)
+    fetched = by["kvdrive (disk->host + host->device) / sparse-fetch's <= 0.3x"]
+    assert fetched["measured"] == pytest.approx(0.2) and (fetched["value"], fetched["versus_value"]) == (200, 1000)
+    assert by["kvdrive decode_tok_s / shadowkv-like's >= 1.74x"]["measured"] == pytest.approx(2.0)
+    assert by["kvdrive step_ms_median / kvdrive-host's <= 1.3x"]["measured"] == pytest.approx(500 / 450)
+    assert all((t["context"], t["batch"]) == (256, 2) for t in evaluated)
+
+    missed = report.evaluate_targets(DISK_TARGETS, _disk_rows(
+        kvdrive={"hit_rate": 0.6, "decode_tok_s": 3.0, "step_ms_median": 700.0}))
+    assert [t["holds"] for t in missed] == [False, True, False, False]
+    assert missed[2]["measured"] == pytest.approx(1.5) and missed[3]["measured"] == pytest.approx(700 / 450)
+
+    # a baseline that did not run, or a metric a row lacks: not measured, and the note says why
+    partial = report.evaluate_targets(DISK_TARGETS, _disk_rows(**{"shadowkv-like": None},
+                                                               kvdrive={"hit_rate": None, "device_hit_rate": None}))
+    assert [t["holds"] for t in partial] == [None, True, None, True]
+    assert partial[0]["note"] == "kvdrive has no hit_rate" and partial[2]["note"] == "no shadowkv-like row ran"
+    none = report.evaluate_targets(DISK_TARGETS, _disk_rows(kvdrive=None))
+    assert {t["holds"] for t in none} == {None} and none[0]["note"] == "no kvdrive row ran"
+
+
+def test_the_targets_section_prints_and_validates():
+    result = _result()
+    sweep = result["sweeps"][0]
+    sweep["rows"] = _disk_rows(kvdrive={"decode_tok_s": 3.0}, **{"kvdrive-host": None})
+    sweep["targets"] = report.evaluate_targets(DISK_TARGETS, sweep["rows"])
+    report.validate(result)
+    text = report.text(result)
+    section = text[text.index("targets: "):]
+    assert section.startswith("targets: 2 of 4 hold, 1 not measured")
+    assert "kvdrive decode_tok_s / shadowkv-like's >= 1.74x" in section and "1.50x" in section
+    assert "MISSES" in section and "holds" in section and "not measured (no kvdrive-host row ran)" in section
+    assert "85%" in section and "200 B vs 1000 B" in section and "3.00 tok/s vs 2.00 tok/s" in section
+    json.dumps(result)
 
 
 def test_plots_are_written(tmp_path):

@@ -1,6 +1,7 @@
 """The benchmark suite: kvdrive against the peers' designs (dense Hugging Face, its offloaded
-cache, FlexGen-like fetch-all, InfiniGen/ShadowKV-like sparse fetch) at the same budgets, and a
-cost model that projects the counted bytes onto named hardware.
+cache, FlexGen-like fetch-all, InfiniGen-like sparse fetch, ShadowKV-like and HiSparse-like device
+caches of fetched blocks) at the same budgets, with the targets a preset declares, and a cost model
+that projects the counted bytes onto named hardware.
 
     python -m kvdrive_compile.bench --preset cpu
 """

@@ -4,6 +4,7 @@ side at the same budgets; and a cost model's projection to Llama-3.1-8B on named
 
     python -m kvdrive_compile.bench --preset cpu          # under 10 minutes on 2 CPU cores
     python -m kvdrive_compile.bench --preset smoke        # one small point per system (CI)
+    python -m kvdrive_compile.bench --preset disk         # 8K x 2 spilled to disk: the caching designs, targets
     python -m kvdrive_compile.bench --preset gpu          # one H100, under 8 minutes
     python -m kvdrive_compile.bench --preset projection   # the cost model only, no model run
 """
@@ -26,8 +27,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="what to run (default: cpu): " + "; ".join(
                         f"{p.name}: {p.covers}" for p in presets.PRESETS.values()))
     ap.add_argument("--systems", nargs="+", metavar="SYSTEM", choices=list(systems.SYSTEMS),
-                    help=f"a subset of {list(systems.SYSTEMS)} (default: {' '.join(systems.DEFAULT_SYSTEMS)})")
+                    help=f"a subset of {list(systems.SYSTEMS)} (default: the preset's, else "
+                         f"{' '.join(systems.DEFAULT_SYSTEMS)})")
     ap.add_argument("--steps", type=int, help="decode steps timed per point (default: the preset's)")
+    ap.add_argument("--contexts", type=int, nargs="+", metavar="TOKENS",
+                    help="replace every sweep's contexts (the budgets follow the new largest point)")
+    ap.add_argument("--batches", type=int, nargs="+", metavar="N",
+                    help="replace every sweep's batch sizes (the budgets follow the new largest point)")
     ap.add_argument("--threads", type=int, metavar="N",
                     help="CPU threads for torch and numba (default: the preset's; the CPU presets use 1)")
     ap.add_argument("--time-budget", type=float, metavar="SECONDS",
@@ -56,7 +62,7 @@ def _no_run(preset: presets.Preset, from_json: Optional[str]) -> dict:
         with open(from_json) as f:
             earlier = json.load(f)
         return {"meta": {**earlier["meta"], "preset": preset.name, "covers": preset.covers + f" (priced: {from_json})"},
-                "sweeps": earlier["sweeps"]}
+                "sweeps": [report.upgrade_sweep(s) for s in earlier["sweeps"]]}
     return {"meta": {"preset": preset.name, "covers": preset.covers, "machine": runner.machine(),
                      "torch": torch.__version__, "wall_seconds": 0.0,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, "sweeps": []}
@@ -68,7 +74,8 @@ def run_bench(args: argparse.Namespace) -> int:
     os.makedirs(out_dir, exist_ok=True)
     if preset.sweeps:
         result = runner.run(preset, systems.systems(args.systems or preset.systems), steps=args.steps,
-                            time_budget_s=args.time_budget, threads=args.threads)
+                            time_budget_s=args.time_budget, threads=args.threads, contexts=args.contexts,
+                            batches=args.batches)
     else:
         result = _no_run(preset, args.from_json)
     if args.project or preset.project:

@@ -249,6 +249,11 @@ def _priced(hw: Hardware, c: StepCounts, **labels) -> dict:
 
 # -- measured runs, priced ---------------------------------------------------------------------
 
+# the measured systems the byte model describes (it has no cache between steps, and a host budget)
+MODELLED = ("dense", "fetch-all", "sparse-fetch", "kvdrive", "kvdrive-exact")
+SPLIT_SYSTEMS = ("kvdrive", "kvdrive-exact", "kvdrive-host")      # attend host/disk blocks on the CPU
+
+
 def measured_counts(row: dict, geo: Geometry, block_size: int, steps: int) -> Optional[StepCounts]:
     """A measured row's counted bytes per decode step (None for rows that did not run)."""
     if row.get("status") not in ("ok", "over budget") or not row.get("moved_per_token"):
@@ -263,7 +268,7 @@ def measured_counts(row: dict, geo: Geometry, block_size: int, steps: int) -> Op
     sel = row.get("selected_blocks")
     if sel:
         per_step = {t: n / max(1, steps) for t, n in sel.items()}
-        on_cpu = (per_step["host"] + per_step["disk"]) if row["system"] in ("kvdrive", "kvdrive-exact") else 0
+        on_cpu = (per_step["host"] + per_step["disk"]) if row["system"] in SPLIT_SYSTEMS else 0
         c.cpu_attn_bytes, c.cpu_attn_flops = on_cpu * slot, on_cpu * flops_slot
         on_dev = sum(per_step.values()) - on_cpu
         c.device_attn_bytes, c.device_attn_flops = on_dev * slot, on_dev * flops_slot
@@ -297,7 +302,7 @@ def model_check(sweep: dict) -> list[dict]:
     steps = sweep["sweep"]["decode_steps"]
     out = []
     for row in sweep["rows"]:
-        if row.get("status") not in ("ok", "over budget") or row["system"] == "hf-offload":
+        if row.get("status") not in ("ok", "over budget") or row["system"] not in MODELLED:
             continue
         ctx = row["context"] + steps // 2
         c = scenario_counts(row["system"], geo, policy, ctx, row["batch"], b["device_memory"], b["host_memory"])

@@ -7,7 +7,7 @@ from typing import Optional
 
 from tabulate import tabulate
 
-from .metrics import BOUNDARIES, STAGES, TIERS
+from .metrics import BOUNDARIES, CACHING_TIERS, REQUIRED_STAGES, STAGES, TIERS
 from .systems import SYSTEMS
 
 RAN = ("ok", "over budget")                # statuses of rows that carry measurements
@@ -43,27 +43,125 @@ def throughput_table(rows: list[dict]) -> str:
     return tabulate(body, headers=head, disable_numparse=True)
 
 
+def row_hit_rate(r: dict) -> Optional[float]:
+    """A row's hit rate: ``hit_rate`` (served bytes), else an older row's ``device_hit_rate``."""
+    return r.get("hit_rate", r.get("device_hit_rate"))
+
+
 def bytes_table(rows: list[dict]) -> str:
-    head = ["system", "context", "batch", "disk->host /tok", "host->device /tok", "device->host /tok",
-            "device hit", "CPU attn", "peak device", "peak host", "disk"]
+    head = ["system", "context", "batch", *(f"{b} /tok" for b in BOUNDARIES), "hit rate", "CPU attn",
+            "peak device", "peak host", "disk"]
     body = []
     for r in rows:
         moved = r.get("moved_per_token") or {}
         peak = r.get("peak_bytes") or {}
-        body.append([r["system"], r["context"], r["batch"],
-                     *(size(moved.get(b)) for b in ("disk->host", "host->device", "device->host")),
-                     pct(r.get("device_hit_rate")), pct(r.get("cpu_attention_share")),
-                     *(size(peak.get(t)) for t in TIERS)])
+        body.append([r["system"], r["context"], r["batch"], *(size(moved.get(b)) for b in BOUNDARIES),
+                     pct(row_hit_rate(r)), pct(r.get("cpu_attention_share")), *(size(peak.get(t)) for t in TIERS)])
+    return tabulate(body, headers=head, disable_numparse=True)
+
+
+def cache_table(rows: list[dict]) -> str:
+    """Where the selected KV was when each step needed it, and what the caching tiers copied in
+    and dropped (compiled designs only)."""
+    head = ["system", "context", "batch", "hit rate", "hit 2nd half", *(f"served {t} /tok" for t in TIERS),
+            *(f"admitted {t} /step" for t in CACHING_TIERS), *(f"evicted {t} /step" for t in CACHING_TIERS),
+            "disk bypass"]
+    body = []
+    for r in rows:
+        if r.get("served_per_token") is None and r.get("admitted_per_step") is None:
+            continue
+        served, adm, ev = (r.get(k) or {} for k in ("served_per_token", "admitted_per_step", "evicted_per_step"))
+        rate = pct(row_hit_rate(r)) + (" (blocks)" if r.get("hit_rate_from") == "selected_blocks" else "")
+        body.append([r["system"], r["context"], r["batch"], rate, pct(r.get("hit_rate_late")),
+                     *(size(served.get(t)) for t in TIERS), *(num(adm.get(t), ".1f") for t in CACHING_TIERS),
+                     *(num(ev.get(t), ".1f") for t in CACHING_TIERS), r.get("disk_cache_bypass") or "-"])
     return tabulate(body, headers=head, disable_numparse=True)
 
 
 def stages_table(rows: list[dict]) -> str:
     """Per-stage wall time per decode step (ms), kvdrive designs only."""
-    cols = (*STAGES, "other")
+    timed = [r for r in rows if r.get("stages_ms")]
+    extra = [k for r in timed for k in r["stages_ms"] if k not in STAGES and k != "other"]
+    cols = (*STAGES, *dict.fromkeys(extra), "other")
     body = [[r["system"], r["context"], r["batch"], *(num(r["stages_ms"].get(c), ".0f") for c in cols),
-             num(r.get("step_ms_median"), ".0f")]
-            for r in rows if r.get("stages_ms")]
+             num(r.get("step_ms_median"), ".0f")] for r in timed]
     return tabulate(body, headers=["system", "context", "batch", *cols, "step p50"], disable_numparse=True)
+
+
+# -- targets -------------------------------------------------------------------------------------
+
+def metric_value(row: dict, metric: list) -> Optional[float]:
+    """The sum of ``metric``'s row keys (``"a.b"``: ``row["a"]["b"]``); None if one is missing."""
+    total = 0.0
+    for key in metric:
+        value = row
+        for part in key.split(".", 1):
+            value = value.get(part) if isinstance(value, dict) else None
+        if key == "hit_rate" and value is None:
+            value = row_hit_rate(row)
+        if not _is_num(value):
+            return None
+        total += value
+    return total
+
+
+def evaluate_targets(targets: list[dict], rows: list[dict]) -> list[dict]:
+    """Each target (``presets.Target.as_dict()``) at each point where its system ran: the value
+    measured (a ratio when the target names ``versus``), and whether it holds (None: not measured,
+    ``note`` says why)."""
+    ran = {(r["system"], r["context"], r["batch"]): r for r in rows if r.get("status") in RAN}
+    points = list(dict.fromkeys((r["context"], r["batch"]) for r in rows))
+    out = []
+    for t in targets:
+        for context, batch in points or [(None, None)]:
+            mine, theirs = ran.get((t["system"], context, batch)), ran.get((t.get("versus"), context, batch))
+            value = None if mine is None else metric_value(mine, t["metric"])
+            other = None if theirs is None else metric_value(theirs, t["metric"])
+            measured, note = value, ""
+            if mine is None:
+                note = f"no {t['system']} row ran"
+            elif value is None:
+                note = f"{t['system']} has no {' + '.join(t['metric'])}"
+            elif t.get("versus"):
+                if theirs is None:
+                    measured, note = None, f"no {t['versus']} row ran"
+                elif other is None:
+                    measured, note = None, f"{t['versus']} has no {' + '.join(t['metric'])}"
+                elif other == 0:
+                    measured, note = None, f"{t['versus']}'s value is 0"
+                else:
+                    measured = value / other
+            holds = None if measured is None else (measured >= t["bound"] if t["op"] == ">=" else measured <= t["bound"])
+            out.append({**t, "context": context, "batch": batch, "value": value, "versus_value": other,
+                        "measured": measured, "holds": holds, "note": note})
+    return out
+
+
+def _fmt(value: Optional[float], unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "bytes":
+        return size(value)
+    if unit == "share":
+        return pct(value)
+    return f"{value:.2f} {unit}".strip()
+
+
+def targets_table(evaluated: list[dict]) -> str:
+    head = ["target", "point", "measured", "holds", "values", "what it means"]
+    body = []
+    for t in evaluated:
+        ratio = t.get("versus") is not None
+        measured = ("-" if t["measured"] is None else f"{t['measured']:.2f}x" if ratio
+                    else _fmt(t["measured"], t.get("unit", "")))
+        values = _fmt(t["value"], t.get("unit", ""))
+        if ratio:
+            values = f"{values} vs {_fmt(t['versus_value'], t.get('unit', ''))}"
+        holds = {True: "holds", False: "MISSES", None: "not measured"}[t["holds"]]
+        point = "-" if t["context"] is None else f"{t['context']}x{t['batch']}"
+        body.append([t["label"], point, measured, holds + (f" ({t['note']})" if t.get("note") else ""), values,
+                     t.get("means", "")])
+    return tabulate(body, headers=head, disable_numparse=True)
 
 
 def notes(rows: list[dict]) -> list[str]:
@@ -76,10 +174,20 @@ def sweep_text(sweep: dict) -> str:
             f"host budget {size(b['host_memory'])}, token budget {b['token_budget']}, block {b['block_size']}, "
             f"{sweep['sweep']['decode_steps']} decode steps; dense KV of the largest point {size(b['largest_kv'])}")
     parts = [head, "", "throughput and latency", throughput_table(sweep["rows"]), "",
-             "KV bytes moved per decoded token, and KV bytes per tier", bytes_table(sweep["rows"])]
+             "KV bytes moved per decoded token, the device hit rate, and KV bytes per tier", bytes_table(sweep["rows"])]
+    if any(r.get("served_per_token") is not None or r.get("admitted_per_step") is not None for r in sweep["rows"]):
+        parts += ["", "tier caching: the selected KV bytes per decoded token by where each block lay when a step "
+                      "needed it, the device's share of them (hit rate; over the 2nd half of the steps: the warm "
+                      "cache), block copies admitted to and evicted from each caching tier per step",
+                  cache_table(sweep["rows"])]
     if any(r.get("stages_ms") for r in sweep["rows"]):
         parts += ["", "where a decode step goes (ms per step, from the runtime's stage timers)",
                   stages_table(sweep["rows"])]
+    if sweep.get("targets"):
+        held = [t["holds"] for t in sweep["targets"]]
+        parts += ["", f"targets: {held.count(True)} of {len(held)} hold"
+                      + (f", {held.count(None)} not measured" if None in held else ""),
+                  targets_table(sweep["targets"])]
     extra = notes(sweep["rows"])
     if any(r.get("machine_busy") or r.get("measured_twice") for r in sweep["rows"]):
         extra.append("busy: the machine was shared during these steps (CPU time under 80% of wall time, or the "
@@ -136,8 +244,57 @@ def _check_row(p: list, r: dict, where: str, steps: int) -> None:
              and all(isinstance(t, list) and len(t) == steps + 1 for t in tokens), where,
              f"tokens must be [batch][{steps + 1}]")
     if r.get("stages_ms") is not None:
-        _require(p, all(_is_num(r["stages_ms"].get(s)) for s in (*STAGES, "other")), where,
-                 "stages_ms must give every stage and 'other'")
+        _require(p, all(_is_num(r["stages_ms"].get(s)) for s in (*REQUIRED_STAGES, "other"))
+                 and all(_is_num(v) for v in r["stages_ms"].values()), where,
+                 "stages_ms must give every stage and 'other', each a number")
+    for key in ("hit_rate", "hit_rate_late"):
+        _require(p, key in r and (r[key] is None or (_is_num(r[key]) and 0 <= r[key] <= 1)), where,
+                 f"{key} must be a share in [0, 1] or null")
+    # compiled designs count them (zeros from a runtime without the counters); a row of an older
+    # run (``upgrade_sweep``) has null
+    compiled = SYSTEMS[r["system"]].kvdrive and not r.get("older_run") if r.get("system") in SYSTEMS else False
+    for key, parts in (("served_per_token", TIERS), ("admitted_per_step", CACHING_TIERS),
+                       ("evicted_per_step", CACHING_TIERS)):
+        value = r.get(key)
+        ok = key in r and (value is None or (isinstance(value, dict)
+                                             and all(_is_num(value.get(t)) and value[t] >= 0 for t in parts)))
+        what = "null (eager) or " if not compiled else ""
+        _require(p, ok and (value is not None or not compiled), where,
+                 f"{key} must be {what}a number >= 0 for each of {parts}")
+
+
+def _check_targets(p: list, targets, where: str) -> None:
+    if not _require(p, isinstance(targets, list), where, "targets must be a list"):
+        return
+    for k, t in enumerate(targets):
+        at = f"{where}.targets[{k}]"
+        if not _require(p, isinstance(t, dict), at, "must be an object"):
+            continue
+        _require(p, isinstance(t.get("system"), str) and isinstance(t.get("label"), str), at,
+                 "system and label must be strings")
+        _require(p, t.get("op") in (">=", "<=") and _is_num(t.get("bound")), at, "op must be >= or <=, bound a number")
+        _require(p, t.get("holds") in (True, False, None), at, "holds must be true, false or null")
+        _require(p, t.get("measured") is None or _is_num(t["measured"]), at, "measured must be a number or null")
+        _require(p, (t.get("holds") is None) == (t.get("measured") is None), at,
+                 "holds is null exactly when nothing was measured")
+
+
+NEW_ROW_FIELDS = ("hit_rate", "hit_rate_late", "served_per_token", "admitted_per_step", "evicted_per_step")
+
+
+def upgrade_sweep(sweep: dict) -> dict:
+    """A sweep of a results JSON from before the tier-caching fields, with them: the hit rate
+    from the selected blocks' share, the rest null (the runtime did not count them)."""
+    rows = []
+    for r in sweep.get("rows", []):
+        r = dict(r)
+        if r.get("status") in RAN and any(key not in r for key in NEW_ROW_FIELDS):
+            r["older_run"] = True
+            r.setdefault("hit_rate", r.get("device_hit_rate"))
+            for key in NEW_ROW_FIELDS:
+                r.setdefault(key, None)
+        rows.append(r)
+    return {**sweep, "rows": rows}
 
 
 def problems(result: dict) -> list[str]:
@@ -158,6 +315,8 @@ def problems(result: dict) -> list[str]:
             for key in ("device_memory", "host_memory", "token_budget", "block_size"):
                 _require(p, isinstance(b.get(key), int), f"{where}.budgets", f"{key} must be an int")
             steps = (s.get("sweep") or {}).get("decode_steps", 0)
+            if "targets" in s:
+                _check_targets(p, s["targets"], where)
             rows = s.get("rows")
             if _require(p, isinstance(rows, list) and rows, where, "rows must be a non-empty list"):
                 for j, r in enumerate(rows):

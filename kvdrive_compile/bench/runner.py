@@ -25,18 +25,24 @@ import kvdrive_compile
 
 from .. import models
 from ..prompts import passkey_prompt
-from . import metrics
+from . import metrics, report
 from .presets import Budgets, Preset, Sweep, budgets_for, kv_bytes
 from .projection import Geometry
-from .systems import EXACT_SYSTEMS, REFERENCE, System, installed
+from .systems import EXACT_SYSTEMS, REFERENCE, SAME_SELECTION, System, installed
 
 log = logging.getLogger(__name__)
 
 QUESTION_TOKENS = 16            # prompts are cut to length before their last tokens (the question)
 WARMUP_TOKENS = 48
-# kvdrive first among the compiled designs: if the time budget runs out, the slowest baseline
-# (fetch-all) is the one whose rows say so
-RUN_ORDER = ("dense", "hf-offload", "kvdrive", "kvdrive-exact", "sparse-fetch", "fetch-all")
+# kvdrive first among the compiled designs, then what the disk preset's targets compare it with:
+# if the time budget runs out, the slowest baseline (fetch-all) is the one whose rows say so
+RUN_ORDER = ("dense", "hf-offload", "kvdrive", "kvdrive-host", "kvdrive-exact", "shadowkv-like", "sparse-fetch",
+             "hisparse-like", "fetch-all")
+
+
+def run_order(name: str) -> int:
+    """Where ``name`` runs (a system this list does not name runs last)."""
+    return RUN_ORDER.index(name) if name in RUN_ORDER else len(RUN_ORDER)
 
 
 def batch_prompts(tokenizer, context: int, batch: int, seed: int = 0) -> torch.Tensor:
@@ -58,12 +64,14 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def greedy(model, cache, ids: torch.Tensor, steps: int,
-           after_prefill: Optional[Callable[[], None]] = None) -> tuple[torch.Tensor, float, list[tuple]]:
+           after_prefill: Optional[Callable[[], None]] = None,
+           after_step: Optional[Callable[[int], None]] = None) -> tuple[torch.Tensor, float, list[tuple]]:
     """Greedy decode of ``ids: [B, L]``: ``(tokens [B, steps + 1], ttft seconds, per step
     (wall seconds, process CPU seconds))``. The CPU time tells a busy shared machine (wall time
     up, CPU time not) from a slower step.
 
-    ``after_prefill`` runs between the prefill and the first timed step (outside the timing)."""
+    ``after_prefill`` runs between the prefill and the first timed step, ``after_step(i)`` after
+    the ``i``-th (from 1) timed step; both outside the timing."""
     device = ids.device
     torch._dynamo.maybe_mark_dynamic(ids, 1)        # one prefill graph for every prompt length
     t0 = time.perf_counter()
@@ -80,6 +88,8 @@ def greedy(model, cache, ids: torch.Tensor, steps: int,
         _sync(device)
         times.append((time.perf_counter() - t0, time.process_time() - c0))
         out.append(token)
+        if after_step is not None:
+            after_step(len(times))
     return torch.cat(out, dim=1).cpu(), ttft, times
 
 
@@ -116,7 +126,8 @@ def memory_needs(system: System, budgets: Budgets, dense_kv: int, activations: i
     if system.offloaded_cache:
         kv_device, kv_host = 4 * dense_kv // max(1, layers), 2 * dense_kv
     elif system.kvdrive:
-        kv_device, kv_host = budgets.device_memory, budgets.host_memory
+        kv_device = budgets.device_memory if system.own_device_tier else 0
+        kv_host = budgets.host_memory if system.host_tier else dense_kv
     else:
         kv_device, kv_host = 2 * dense_kv, 0
     if device.type == "cpu":
@@ -140,9 +151,9 @@ class SweepRun:
     """One sweep: the model, its prompts and budgets, and the rows of every system."""
 
     def __init__(self, sweep: Sweep, model, tokenizer, device: torch.device, bar: tqdm,
-                 deadline: Optional[float] = None):
+                 deadline: Optional[float] = None, second_try: bool = True):
         self.sweep, self.model, self.tokenizer, self.device, self.bar = sweep, model, tokenizer, device, bar
-        self.deadline = deadline
+        self.deadline, self.second_try = deadline, second_try
         self.best_read = 0.0                         # the fastest weights read seen (GB/s)
         self.dtype = next(model.parameters()).dtype
         self.budgets = budgets_for(sweep, model.config, self.dtype)
@@ -179,8 +190,10 @@ class SweepRun:
 
     def again_if_busy(self, system: System, options: Optional[dict], row: dict) -> dict:
         """A row the shared machine disturbed is measured once more; the quieter of the two stays
-        (every system gets the same second chance)."""
+        (every system gets the same second chance; none when the preset says so)."""
         self.best_read = max(self.best_read, row.get("weights_read_gbs") or 0.0)
+        if not self.second_try or row["status"] not in ("ok", "over budget"):
+            return row
         if self.device.type != "cpu" or not metrics.busy(row, self.best_read):   # a GPU step syncs, CPU idle
             return row
         self.bar.set_postfix_str(f"{self.sweep.model} {system.name} {row['context']}x{row['batch']} again")
@@ -240,14 +253,19 @@ class SweepRun:
         cache = system.new_cache(self.model)
         snapshot = (lambda: kvdrive_compile.stats(options).as_dict()) if options else (lambda: None)
         snaps, held = [], []                           # after the prefill, after the last step
+        middle = []                                    # after half the steps: the warm cache's hit rate
 
         def after_prefill():
             snaps.append(snapshot())
             held.append(cache_bytes(cache, self.device) if options is None else None)
 
+        def after_step(i: int):
+            if options is not None and i == steps // 2 and steps >= 2:
+                middle.append(snapshot())
+
         g0 = kvdrive_compile.counters.graphs
         read_before = weights_read_gbs(self.model, self.device)
-        tokens, ttft, timed = greedy(self.model, cache, self.ids(context, batch), steps, after_prefill)
+        tokens, ttft, timed = greedy(self.model, cache, self.ids(context, batch), steps, after_prefill, after_step)
         times = [wall for wall, _ in timed]
         read_gbs = (read_before + weights_read_gbs(self.model, self.device)) / 2
         recompiles = kvdrive_compile.counters.graphs - g0
@@ -261,6 +279,7 @@ class SweepRun:
         if options is not None:
             values.update(metrics.runtime_metrics(snaps[0], snaps[1], steps, batch, times,
                                                   system.attention == "split"))
+            values["hit_rate_late"] = metrics.hit_rate(middle[0], snaps[1])[0] if middle else None
             values["peak_bytes"] = metrics.tier_bytes(*snaps)
             values["kv_bytes"] = sum(values["peak_bytes"].values())
             if not any(values["selected_blocks"].values()):
@@ -282,9 +301,11 @@ class SweepRun:
         else:
             moved = {b: 0.0 for b in metrics.BOUNDARIES}
             peak = {"device": kv[-1], "host": 0, "disk": 0}
+        hit = 1.0 if not system.offloaded_cache else None
         return {"moved_per_token": moved, "peak_bytes": peak, "kv_bytes": kv[-1],
-                "device_hit_rate": 1.0 if not system.offloaded_cache else None,
-                "cpu_attention_share": 0.0, "stages_ms": None, "selected_blocks": None}
+                "device_hit_rate": hit, "hit_rate": hit, "hit_rate_late": hit, "hit_rate_from": None,
+                "served_per_token": None, "admitted_per_step": None, "evicted_per_step": None,
+                "disk_cache_bypass": None, "cpu_attention_share": 0.0, "stages_ms": None, "selected_blocks": None}
 
     def budget_status(self, system: System, peak: dict) -> tuple[str, str]:
         if peak["device"] > self.budgets.device_memory:
@@ -309,7 +330,7 @@ def check_tokens(rows: list[dict]) -> None:
             r["tokens_check"] = f"no {ref_name} tokens"
             continue
         step = metrics.first_difference(r["tokens"], ref["tokens"])
-        exact = r["system"] in EXACT_SYSTEMS or r["system"] == "sparse-fetch"
+        exact = r["system"] in EXACT_SYSTEMS or r["system"] in SAME_SELECTION
         if step is None:
             r["tokens_check"] = f"= {ref_name}"
         else:
@@ -318,12 +339,12 @@ def check_tokens(rows: list[dict]) -> None:
 
 
 def run_sweep(sweep: Sweep, chosen: list[System], loaded, device: torch.device, dtype: torch.dtype,
-              bar: tqdm, deadline: Optional[float]) -> dict:
+              bar: tqdm, deadline: Optional[float], second_try: bool = True) -> dict:
     model, tokenizer = loaded if loaded is not None else models.load(sweep.model, dtype=dtype)
     model = model.to(device=device, dtype=dtype)
-    run = SweepRun(sweep, model, tokenizer, device, bar, deadline)
+    run = SweepRun(sweep, model, tokenizer, device, bar, deadline, second_try)
     rows: list[dict] = []
-    for system in sorted(chosen, key=lambda s: RUN_ORDER.index(s.name)):
+    for system in sorted(chosen, key=lambda s: run_order(s.name)):
         log.info("%s: %s", sweep.model, system.name)
         rows += run.run(system)
     order = [s.name for s in chosen]
@@ -335,8 +356,9 @@ def run_sweep(sweep: Sweep, chosen: list[System], loaded, device: torch.device, 
     return {"model": sweep.model, "dtype": str(dtype).split(".")[-1], "device": device.type,
             "sweep": {"contexts": list(sweep.contexts), "batches": list(sweep.batches),
                       "decode_steps": sweep.decode_steps, "device_fraction": sweep.device_fraction,
-                      "host_fraction": sweep.host_fraction},
+                      "host_fraction": sweep.host_fraction, "reuse_window": sweep.reuse_window},
             "budgets": run.budgets.as_dict(),
+            "targets": report.evaluate_targets([t.as_dict() for t in sweep.targets], rows),
             "geometry": asdict(Geometry.of(sweep.model, model.config, dtype.itemsize,
                                            sum(p.numel() for p in model.parameters()))),
             "systems": {s.name: s.design for s in chosen},
@@ -356,16 +378,19 @@ def machine() -> dict:
 
 
 def run(preset: Preset, chosen: list[System], loaded: Optional[dict] = None, steps: Optional[int] = None,
-        time_budget_s: Optional[float] = None, threads: Optional[int] = None) -> dict:
+        time_budget_s: Optional[float] = None, threads: Optional[int] = None,
+        contexts: Optional[list[int]] = None, batches: Optional[list[int]] = None) -> dict:
     """Every sweep of ``preset`` for the ``chosen`` systems; ``loaded`` maps a model name to
-    ``(model, tokenizer)`` already loaded (tests)."""
+    ``(model, tokenizer)`` already loaded (tests). ``steps``, ``contexts``, ``batches``: override
+    every sweep's (the budgets follow the new largest point)."""
+    preset = with_overrides(preset, steps, contexts, batches)
     device = torch.device(preset.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"preset {preset.name!r} needs a CUDA GPU and torch.cuda.is_available() is False; "
                            "run --preset cpu on this machine")
     dtype = getattr(torch, preset.dtype)
     with cpu_threads(threads if threads is not None else preset.threads):
-        return _run(preset, chosen, loaded, steps, time_budget_s, device, dtype)
+        return _run(preset, chosen, loaded, time_budget_s, device, dtype)
 
 
 @contextlib.contextmanager
@@ -388,20 +413,20 @@ def cpu_threads(n: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _run(preset: Preset, chosen: list[System], loaded: Optional[dict], steps: Optional[int],
-         time_budget_s: Optional[float], device: torch.device, dtype: torch.dtype) -> dict:
+def _run(preset: Preset, chosen: list[System], loaded: Optional[dict], time_budget_s: Optional[float],
+         device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
     t0 = time.perf_counter()
     budget = time_budget_s if time_budget_s is not None else preset.time_budget_s
     deadline = None if budget is None else t0 + budget
-    sweeps = [s if steps is None else _with_steps(s, steps) for s in preset.sweeps]
+    sweeps = list(preset.sweeps)
     total = sum(len(s.points) for s in sweeps) * len(chosen)
     out = []
     with tqdm(total=total, desc=f"bench {preset.name}", unit="point", dynamic_ncols=True) as bar:
         for i, sweep in enumerate(sweeps):
             out.append(run_sweep(sweep, chosen, (loaded or {}).get(sweep.model), device, dtype, bar,
-                                 _share(deadline, sweeps[i:])))
+                                 _share(deadline, sweeps[i:]), preset.second_try))
     return {"meta": {"preset": preset.name, "covers": preset.covers, "machine": machine(),
                      "torch": torch.__version__, "transformers": transformers.__version__,
                      "time_budget_s": budget, "wall_seconds": time.perf_counter() - t0,
@@ -419,5 +444,19 @@ def _share(deadline: Optional[float], sweeps: list[Sweep]) -> Optional[float]:
     return now + max(0.0, deadline - now) * points[0] / sum(points)
 
 
-def _with_steps(sweep: Sweep, steps: int) -> Sweep:
-    return replace(sweep, decode_steps=steps)
+def with_overrides(preset: Preset, steps: Optional[int] = None, contexts: Optional[list[int]] = None,
+                   batches: Optional[list[int]] = None) -> Preset:
+    """``preset`` with every sweep's decode steps, contexts or batches replaced (None: kept); a
+    replaced grid runs every point (``leave_out`` dropped) and its budgets follow its largest point."""
+    if steps is None and not contexts and not batches:
+        return preset
+    changes: dict = {}
+    if steps is not None:
+        changes["decode_steps"] = steps
+    if contexts:
+        changes["contexts"] = tuple(sorted(set(contexts)))
+    if batches:
+        changes["batches"] = tuple(sorted(set(batches)))
+    if contexts or batches:
+        changes["leave_out"] = ()
+    return replace(preset, sweeps=tuple(replace(s, **changes) for s in preset.sweeps))

@@ -1,6 +1,7 @@
 """The systems compared: dense Hugging Face, Hugging Face's offloaded cache, and the kvdrive
-runtime in three designs (FlexGen-like fetch-all, InfiniGen/ShadowKV-like sparse fetch, and
-kvdrive's own split attention), all at the same budgets."""
+runtime in the peers' designs (FlexGen-like fetch-all, InfiniGen-like sparse fetch, ShadowKV-like
+and HiSparse-like device caches of fetched blocks) and kvdrive's own (attention-aware device tier,
+split attention), all at the same budgets."""
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,11 @@ from .presets import Budgets
 class System:
     """name: the row label. design: one line on what it does. kvdrive: compiled with the kvdrive
     backend (else eager Hugging Face). attention / sparse: the kvdrive options it differs by;
-    own_device_tier: keeps KV on the device tier (else ``device_memory=0``, all KV on host/disk).
-    offloaded_cache: Hugging Face's offloaded ``DynamicCache`` (needs CUDA streams)."""
+    own_device_tier: keeps KV on the device tier (else ``device_memory=0``, all KV on host/disk);
+    host_tier: the sweep's host budget (else ``host_memory=None``: all spilled KV in host memory,
+    no disk). cache_policy: what the tiers keep between steps; reuse_window: fixed by the design
+    (None: the sweep's, else the runtime's default). offloaded_cache: Hugging Face's offloaded
+    ``DynamicCache`` (needs CUDA streams)."""
 
     name: str
     design: str
@@ -28,16 +32,24 @@ class System:
     attention: str = "split"
     sparse: bool = False
     own_device_tier: bool = False
+    host_tier: bool = True
+    cache_policy: str = "attention"
+    reuse_window: Optional[int] = None
     offloaded_cache: bool = False
 
     def options(self, budgets: Budgets) -> Optional[dict]:
         """The ``options=`` of ``torch.compile(..., backend="kvdrive")``; None when not compiled."""
         if not self.kvdrive:
             return None
-        return {"device_memory": budgets.device_memory if self.own_device_tier else 0,
-                "host_memory": budgets.host_memory,
-                "token_budget": budgets.token_budget if self.sparse else None,
-                "attention": self.attention, "block_size": budgets.block_size}
+        options = {"device_memory": budgets.device_memory if self.own_device_tier else 0,
+                   "host_memory": budgets.host_memory if self.host_tier else None,
+                   "token_budget": budgets.token_budget if self.sparse else None,
+                   "attention": self.attention, "block_size": budgets.block_size,
+                   "cache_policy": self.cache_policy}
+        reuse = self.reuse_window if self.reuse_window is not None else budgets.reuse_window
+        if reuse is not None and self.cache_policy == "attention":
+            options["reuse_window"] = reuse
+        return options
 
     def unavailable(self, device: torch.device) -> Optional[str]:
         """Why this system cannot run on ``device`` (None: it can)."""
@@ -53,21 +65,34 @@ DENSE = System("dense", "Hugging Face, default DynamicCache, all KV on the devic
 HF_OFFLOAD = System("hf-offload", "Hugging Face DynamicCache(offloading=True): all KV on host, each layer "
                     "prefetched to the device and offloaded back every step", offloaded_cache=True)
 FETCH_ALL = System("fetch-all", "FlexGen-like: all KV on host (disk beyond), every block copied to the "
-                   "device each step, exact", kvdrive=True, attention="fetch")
-SPARSE_FETCH = System("sparse-fetch", "InfiniGen/ShadowKV-like: kvdrive's block selection, all KV on host, "
-                      "the selected blocks copied to the device each step", kvdrive=True, attention="fetch",
-                      sparse=True)
-KVDRIVE = System("kvdrive", "kvdrive: device tier + host + disk, selected blocks attended where they lie "
-                 "(CPU for host/disk), merged", kvdrive=True, sparse=True, own_device_tier=True)
+                   "device each step, nothing kept between steps, exact", kvdrive=True, attention="fetch",
+                   cache_policy="none")
+SPARSE_FETCH = System("sparse-fetch", "InfiniGen-like: kvdrive's block selection, all KV on host (disk "
+                      "beyond), the selected blocks copied to the device each step, nothing kept between "
+                      "steps", kvdrive=True, attention="fetch", sparse=True, cache_policy="none")
+SHADOWKV_LIKE = System("shadowkv-like", "ShadowKV-like: kvdrive's block selection, all KV homed on host (disk "
+                       "beyond), the previous step's fetched blocks reused on the device (reuse window 1), "
+                       "misses fetched", kvdrive=True, attention="fetch", sparse=True, own_device_tier=True,
+                       cache_policy="attention", reuse_window=1)
+HISPARSE_LIKE = System("hisparse-like", "HiSparse-like: kvdrive's block selection, the device budget an LRU "
+                       "hot buffer of selected blocks (every miss admitted), misses fetched", kvdrive=True,
+                       attention="fetch", sparse=True, own_device_tier=True, cache_policy="lru")
+KVDRIVE = System("kvdrive", "kvdrive: device tier + host + disk, blocks selected within the reuse window kept "
+                 "on the device, the rest attended where they lie (CPU for host/disk), merged", kvdrive=True,
+                 sparse=True, own_device_tier=True)
+KVDRIVE_HOST = System("kvdrive-host", "kvdrive with host_memory=None: the same device tier, all spilled KV in "
+                      "host memory (no disk)", kvdrive=True, sparse=True, own_device_tier=True, host_tier=False)
 KVDRIVE_EXACT = System("kvdrive-exact", "kvdrive with token_budget=None (exact), same tiers",
                        kvdrive=True, own_device_tier=True)
 
-SYSTEMS = {s.name: s for s in (DENSE, HF_OFFLOAD, FETCH_ALL, SPARSE_FETCH, KVDRIVE, KVDRIVE_EXACT)}
+SYSTEMS = {s.name: s for s in (DENSE, HF_OFFLOAD, FETCH_ALL, SPARSE_FETCH, SHADOWKV_LIKE, HISPARSE_LIKE, KVDRIVE,
+                               KVDRIVE_HOST, KVDRIVE_EXACT)}
 DEFAULT_SYSTEMS = ("dense", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive")
-# where a system's tokens are checked against: exact systems against dense, sparse-fetch against
-# kvdrive (the same selection)
+# where a system's tokens are checked against: exact systems against dense, the designs that share
+# kvdrive's selection against kvdrive (where a block lies must not change what is attended)
+SAME_SELECTION = ("sparse-fetch", "shadowkv-like", "hisparse-like", "kvdrive-host")
 REFERENCE = {"hf-offload": "dense", "fetch-all": "dense", "kvdrive-exact": "dense", "kvdrive": "dense",
-             "sparse-fetch": "kvdrive"}
+             **{name: "kvdrive" for name in SAME_SELECTION}}
 EXACT_SYSTEMS = ("dense", "hf-offload", "fetch-all", "kvdrive-exact")
 
 
