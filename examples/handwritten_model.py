@@ -105,7 +105,7 @@ def main() -> None:
     ids = torch.randint(0, model.cfg.vocab, (2, 300))
     eager = greedy(model.forward, model, ids, 20)
     compiled = torch.compile(model.forward, backend="kvdrive",
-                             options={"device_memory": "32KiB", "host_memory": "32KiB", "token_budget": None})
+                             options={"device_memory": "160KiB", "host_memory": "48KiB", "token_budget": None})
     ours = greedy(compiled, model, ids, 20)
     print("eager:  ", eager[0].tolist())
     print("kvdrive:", ours[0].tolist())

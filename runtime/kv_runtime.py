@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -31,7 +32,8 @@ from .planner import Plan, TierPart, tier_part
 from .selection import EXACT, SelectionPolicy, block_scores, scored, select_scored, window_blocks
 from .standins import StandIns
 from .stats import RuntimeStats, TierStats
-from .tiers import IO_THREAD_PREFIX, BlockPool, DiskFile, KVDiskError, Tier, TierBudget, slot_bytes
+from .disk import IO_THREAD_PREFIX, DiskFile, KVDiskError
+from .tiers import BlockPool, Tier, TierBudget, slot_bytes
 from ..kernels.cpu_attention import cpu_partial_attention
 from ..kernels.merge import merge_partials
 from ..kernels.paged_attention import paged_attention
@@ -162,6 +164,12 @@ class KVRuntime:
             session.plans.clear()
             session.closed = True
             del self.sessions[session_id]
+            # an empty pool gives its reserved bytes back: a tier's budget is shared by the pools
+            # of every shape, and the next model may have another head_dim or dtype
+            for key, pool in list(self.pools.items()):
+                if pool.used == 0:
+                    pool.close()
+                    del self.pools[key]
             self.standins.forget(session_id)
             self.sessions_closed += 1
 
@@ -203,7 +211,8 @@ class KVRuntime:
         f = session.disk_files.get(key)
         if f is None:
             name = f"session{kv.session_id}-{str(kv.dtype).split('.')[-1]}-d{kv.head_dim}.kv"
-            f = DiskFile(self.disk_dir(), name, kv.dtype, self.block_size, kv.head_dim, self.submit_io)
+            f = DiskFile(self.disk_dir(), name, kv.dtype, self.block_size, kv.head_dim, self.submit_io,
+                         queue_depth=self.io_threads)
             session.disk_files[key] = f
             self.disk_bypass = getattr(f, "cache_bypass", "")
         return f
@@ -293,7 +302,7 @@ class KVRuntime:
         if len(slots) > n_host * rows:
             self._pool(Tier.HOST, kv).release(slots[n_host * rows:])
         self.host_homes += n_host * rows
-        host_ids, disk_ids = ids[:n_host], ids[n_host:]
+        host_ids, disk_ids = ids[:n_host], sorted(ids[n_host:])     # on disk in token order: reads coalesce
         sb = slot_bytes(self.block_size, kv.head_dim, kv.dtype)
         if host_ids:
             k = torch.stack([data(i)[0] for i in host_ids])                  # [n, rows, bs, D]
@@ -307,9 +316,8 @@ class KVRuntime:
             disk = self._disk(kv)
             for i in disk_ids:
                 k, v = data(i)
-                slots = _disk_alloc(disk, kv.layer, rows)
-                writer = getattr(disk, "write_async", disk.write)
-                writer(slots, k, v)
+                slots = disk.alloc(kv.layer, rows)
+                disk.write_async(slots, k, v)                 # off the critical path; a failure is raised later
                 kv.home[:, i], kv.home_slot[:, i] = int(Tier.DISK), slots
             self.moved["device->host"] += len(disk_ids) * rows * sb
             self.moved["host->disk"] += len(disk_ids) * rows * sb
@@ -341,6 +349,11 @@ class KVRuntime:
             return slots
         self._drop_copies(kv, required - len(slots))
         slots += self._alloc_upto(Tier.DEVICE, kv, n - len(slots))
+        if len(slots) < required:                  # generations whose cache is garbage not yet collected
+            gc.collect()
+            self.sweep()
+            self._drop_copies(kv, required - len(slots))
+            slots += self._alloc_upto(Tier.DEVICE, kv, n - len(slots))
         if len(slots) < required:
             self._pool(Tier.DEVICE, kv).release(slots)
             raise self._budget_error(kv)
@@ -354,7 +367,9 @@ class KVRuntime:
             f"device_memory={self.budgets[Tier.DEVICE].limit} bytes cannot hold the blocks each attention layer "
             f"keeps on the device (sink, local window, open block: {kv.pinned_front + kv.pinned_back} blocks x "
             f"{kv.rows} rows x {sb} bytes = {per_layer} bytes per layer; layer {kv.layer} of at least {sites}). "
-            f"Pass device_memory >= {per_layer * sites} bytes (more, so blocks attention reuses can stay), "
+            + (f"{len(self.sessions) - 1} other generation(s) sharing this runtime hold theirs too. "
+               if len(self.sessions) > 1 else "")
+            + f"Pass device_memory >= {per_layer * sites} bytes (more, so blocks attention reuses can stay), "
             "device_memory=0 (no device tier: attend everything where it lies), or None (no limit)")
 
     def _drop_copies(self, kv: LayerKV, n: int) -> None:
@@ -639,8 +654,7 @@ class KVRuntime:
         needed = torch.unique(part.slots[part.valid])                        # sorted
         disk = self._disk(plan.layer)
         plan.disk_slots = needed
-        reader = getattr(disk, "read_async", None)
-        plan.disk_read = reader(needed.tolist()) if reader else self.submit_io(disk.read, needed.tolist())
+        plan.disk_read = disk.read_async(needed.tolist())            # adjacent slots coalesced, several in flight
         self.moved["disk->host"] += needed.numel() * disk.slot_bytes
 
     def host_attention(self, plan: Plan, q: torch.Tensor, step: StepMask, scale: float):
@@ -770,7 +784,7 @@ class KVRuntime:
                         tiers[name].resident_bytes += n * sb
                 bypass.update(getattr(f, "cache_bypass", "") for f in session.disk_files.values())
             disk = tiers["disk"]
-            disk.reserved_bytes = sum(f.capacity * f.slot_bytes for s in self.sessions.values()
+            disk.reserved_bytes = sum(f.capacity * f.stride for s in self.sessions.values()
                                       for f in s.disk_files.values())
             total = sum(self.served.values())
             return RuntimeStats(tiers=tiers, moved_bytes=dict(self.moved), selected_blocks=dict(self.selected_blocks),
@@ -779,14 +793,6 @@ class KVRuntime:
                                 served=dict(self.served), hit_rate=self.served["device"] / total if total else 0.0,
                                 admitted=dict(self.admitted), evicted=dict(self.evicted),
                                 disk_cache_bypass=", ".join(sorted(b for b in bypass if b)) or self.disk_bypass)
-
-
-def _disk_alloc(disk: DiskFile, layer: int, rows: int) -> list[int]:
-    """One slot per row of a new block of ``layer`` (the file lays each row's blocks together)."""
-    import inspect
-    if "rows" in inspect.signature(disk.alloc).parameters:
-        return disk.alloc(layer, rows)
-    return disk.alloc(rows, layer)                      # TEMP: until runtime/disk.py lands
 
 
 def _on(step: StepMask, device: str) -> StepMask:

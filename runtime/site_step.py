@@ -36,6 +36,9 @@ def open_step(rt: KVRuntime, past_k: torch.Tensor, sites: int = 1) -> Session:
             return rt.open_session(sites)
         session = rt.session(key.session_id)
         session.sites = max(session.sites, sites)
+        for f in session.disk_files.values():      # a background home write that failed: say so now
+            if f.error is not None:
+                raise f.error
         for pid in list(session.plans):         # left by a step that did not finish
             end_plan(rt, session, pid)
         return session

@@ -100,7 +100,7 @@ def test_attention_spellings_are_rewritten_and_exact(variant):
     steps = [torch.randn(2, 40, 32)] + [torch.randn(2, 1, 32) for _ in range(5)]
     step = make_step(variant)
     ref = run_steps(step, steps, w)
-    compiled = torch.compile(step, backend="kvdrive", options={"device_memory": 4096, "host_memory": 4096})
+    compiled = torch.compile(step, backend="kvdrive", options={"device_memory": "128KiB", "host_memory": 4096})
     with torch.no_grad():
         out = run_steps(compiled, steps, w)
     c = kvdrive_compile.counters
@@ -149,7 +149,7 @@ def test_handwritten_example_model_token_identical():
     ids = torch.randint(0, model.cfg.vocab, (2, 150))
     eager = handwritten_model.greedy(model.forward, model, ids, 16)
     compiled = torch.compile(model.forward, backend="kvdrive",
-                             options={"device_memory": "16KiB", "host_memory": "16KiB"})
+                             options={"device_memory": "160KiB", "host_memory": "48KiB"})
     assert torch.equal(handwritten_model.greedy(compiled, model, ids, 16), eager)
     assert kvdrive_compile.counters.sites_rewritten == 3 * kvdrive_compile.counters.graphs
     moved = kvdrive_compile.stats().moved_bytes

@@ -116,7 +116,7 @@ def test_budget_larger_than_context_is_token_identical():
     model = build("llama")
     ids = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     ref, out = greedy_both(model, ids, 10, token_budget=4096, dense_layers=0,
-                           device_memory="8KiB", host_memory="8KiB")
+                           device_memory="64KiB", host_memory="8KiB")
     assert torch.equal(ref, out)
 
 
@@ -124,7 +124,7 @@ def test_sparse_budget_runs_end_to_end_and_attends_less():
     model = build("llama")
     ids = torch.randint(3, 128, (1, 300), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     _, out = greedy_both(model, ids, 6, token_budget=64, dense_layers=0, local_window=16,
-                         device_memory="16KiB", host_memory="16KiB")
+                         device_memory="48KiB", host_memory="16KiB")
     assert out.shape[1] == 306
     st = kvdrive_compile.stats()
     assert sum(st.selected_blocks.values()) > 0

@@ -58,7 +58,7 @@ def test_left_padded_batch_of_four(smollm2):
     texts = [passkey_prompt(tok, n, seed=s)[0] for n, s in [(400, 1), (250, 2), (330, 3), (120, 4)]]
     batch = tok(texts, return_tensors="pt", padding=True)
     ref, out = greedy_both(model, batch.input_ids, 12, attention_mask=batch.attention_mask,
-                           device_memory="4MiB", host_memory="4MiB")
+                           device_memory="24MiB", host_memory="8MiB")
     assert torch.equal(ref, out)
 
 
@@ -104,7 +104,7 @@ def test_cache_holds_no_kv_and_disk_files_go(smollm2, tmp_path):
     model, tok = smollm2
     ids = prompt_ids(tok, 800)
     eager = model.forward
-    options = dict(THREE_TIERS, device_memory="2MiB", host_memory="4MiB", disk_dir=str(tmp_path))
+    options = dict(THREE_TIERS, device_memory="6MiB", host_memory="4MiB", disk_dir=str(tmp_path))
     model.forward = torch.compile(eager, backend="kvdrive", options=options)
     try:
         cache = DynamicCache(config=model.config)

@@ -11,7 +11,7 @@ import kvdrive_compile
 from exactness import assert_budgets_respected, open_sessions
 
 # tiny budgets: every step of one thread evicts blocks, the other thread's too
-OPTIONS = dict(device_memory="4KiB", host_memory="8KiB", block_size=4, token_budget=None)
+OPTIONS = dict(device_memory="4KiB", host_memory="8KiB", block_size=4, token_budget=None, sink_tokens=0, local_window=0)
 
 
 def llama(seed):
