@@ -130,7 +130,7 @@ def prefetch(plan: Tensor) -> Tensor:
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
     with rt.timed("prefetch", sid):
-        rt.prefetch(site_step.plan_of(rt, sid, pid))
+        site_step.prefetch(rt, site_step.plan_of(rt, sid, pid))
     return plan.clone()
 
 
@@ -148,7 +148,7 @@ def cpu_partial_attention(plan: Tensor, q: Tensor, mask: Optional[Tensor], scale
     rt = get_runtime(rid)
     with rt.timed("cpu_attention", sid):
         p = site_step.plan_of(rt, sid, pid)
-        out, lse = rt.host_attention(p, q, site_step.step_mask(p, mask, is_causal), scale)
+        out, lse = site_step.host_attention(rt, p, q, site_step.step_mask(p, mask, is_causal), scale)
     return out.contiguous(), lse.contiguous()                  # the strides the fake impl gives
 
 
@@ -170,7 +170,7 @@ def sparse_attention(plan: Tensor, q: Tensor, k_new: Tensor, v_new: Tensor, mask
     rt = get_runtime(rid)
     with rt.timed("device_attention", sid):
         p = site_step.plan_of(rt, sid, pid)
-        out, lse = rt.device_attention(p, q, k_new, v_new, site_step.step_mask(p, mask, is_causal), scale)
+        out, lse = site_step.device_attention(rt, p, q, k_new, v_new, site_step.step_mask(p, mask, is_causal), scale)
     return out.contiguous(), lse.contiguous()
 
 

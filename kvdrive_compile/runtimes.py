@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from .options import KVDriveOptions, parse_options
+from .runtime import site_step
 from .runtime.kv_runtime import KVRuntime
 from .runtime.selection import SelectionPolicy  # noqa: F401  (the registry's type)
 from .runtime.site_step import OUTSIDE_READ
@@ -87,7 +88,7 @@ def materialize_standin(t: torch.Tensor) -> torch.Tensor:
     """The real K or V ``[B, Hkv, S, D]`` behind a stand-in ``t`` (on the layer's device): the
     tokens it stands for, gathered from the tiers."""
     rt, key, kv, (first, n) = _placed(t)
-    k, v = rt.read_window(kv, first, first + n)
+    k, v = site_step.read_window(rt, kv, first, first + n)
     return k if key.kind == "k" else v
 
 

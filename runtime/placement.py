@@ -1,5 +1,12 @@
-"""Which block copies a caching tier (the device, or host memory for disk-homed blocks) keeps
-between decode steps: the policy, apart from the mechanics of moving bytes (``kv_runtime``).
+"""Where KV blocks go: their homes, the copies the device (and host memory, for disk-homed
+blocks) keeps between decode steps, and the moves between them.
+
+Every completed block has one *home*: the device when the device tier has no budget (nothing
+ever moves then), else host memory while the host budget has room, else disk; it is written
+there once, when it completes (in the background, for disk). The device tier and host memory
+hold *copies*: dropping one costs nothing. The open block, the sink blocks and the local window
+are pinned on the device. A prefill's blocks are placed by the scores of its last queries: the
+best on the device up to the layer's share, the best homes in host memory.
 
 Consecutive decode steps select largely the same blocks, so a tier that keeps what attention
 keeps using serves most of a step without moving anything. Per layer and step, given what the
@@ -15,14 +22,33 @@ step selected and each block's score (its estimated attention mass, from the sel
   selected this step (vLLM's / SGLang's HiSparse hot buffer).
 - ``"none"``: nothing is kept between steps: unpinned copies are dropped, nothing admitted.
 
-Everything here works on flat numpy arrays over a layer's (row, block) entries, so the rules
-can be tested on hand-made selection sequences.
+``choose`` works on flat numpy arrays over a layer's (row, block) entries, so the rules can be
+tested on hand-made selection sequences; the functions below it do the moves it decides.
 """
 from __future__ import annotations
 
+import gc
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
+import torch
+
+from .layer_kv import NONE, Fresh, LayerKV
+from .selection import SelectionPolicy, block_scores, scored
+from .tiers import Tier, slot_bytes
+
+if TYPE_CHECKING:
+    from .kv_runtime import KVRuntime
+    from .site_step import Plan
+
+# queries of a prefill's last tokens that score its blocks for their first placement
+WARM_QUERIES = 16
+
+
+class KVBudgetError(ValueError):
+    """A byte budget cannot hold what a step must keep in place."""
 
 CACHE_POLICIES = ("attention", "lru", "none")
 # Decode steps of selection history a block is kept cached for (benchmarks/RESULTS.md, "reuse
@@ -86,3 +112,373 @@ def warm_order(score: np.ndarray, recency: np.ndarray) -> np.ndarray:
 
 def _empty() -> np.ndarray:
     return np.zeros(0, np.int64)
+
+
+# -- the moves ------------------------------------------------------------------------------
+
+def _device_share(rt: KVRuntime, kv: LayerKV) -> int:
+    """Device slots this layer may keep (its share of the device budget)."""
+    limit = rt.budgets[Tier.DEVICE].limit or 0
+    sites = rt.sessions[kv.session_id].sites
+    return limit // slot_bytes(rt.block_size, kv.head_dim, kv.dtype) // max(1, sites)
+
+
+def _host_share(rt: KVRuntime, kv: LayerKV) -> int:
+    """Host slots this layer may use for copies of disk-homed blocks: the host budget
+    homes leave free, shared by the layers."""
+    limit = rt.budgets[Tier.HOST].limit
+    if limit is None or rt.device_home:
+        return 0
+    sb = slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
+    sites = rt.sessions[kv.session_id].sites
+    return max(0, limit // sb - rt.host_homes) // max(1, sites)
+
+
+def append(rt: KVRuntime, kv: LayerKV, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Append ``k, v: [B, Hkv, n, D]`` at the end of the layer's KV. With a device cache, new
+    blocks are placed by the step's plan (``place_fresh``), which scores them with the
+    step's queries; else here."""
+    with rt.lock:
+        place_fresh(rt, kv)
+        n = k.shape[2]
+        bs = rt.block_size
+        k = k.reshape(kv.rows, n, kv.head_dim)                        # [rows, n, D]
+        v = v.reshape(kv.rows, n, kv.head_dim)
+        pos, done = kv.length, 0
+        kv.summaries.update(pos, k)
+        if n and pos % bs:                             # fill the open block where it lies
+            done = min(n, bs - pos % bs)
+            _write_tokens(rt, kv, pos // bs, pos % bs, k[:, :done], v[:, :done])
+        kv.length = pos + n
+        if done and (pos + done) % bs == 0:
+            _completed(rt, kv, pos // bs)
+        if done < n:
+            rest_k, rest_v = k[:, done:], v[:, done:]
+            count = -(-(n - done) // bs)
+            pad = count * bs - (n - done)
+            if pad:
+                rest_k = torch.nn.functional.pad(rest_k, (0, 0, 0, pad))
+                rest_v = torch.nn.functional.pad(rest_v, (0, 0, 0, pad))
+            # [rows, count*bs, D] -> [count, rows, bs, D]
+            shape = (kv.rows, count, bs, kv.head_dim)
+            kv.fresh = Fresh((pos + done) // bs, rest_k.reshape(shape).transpose(0, 1),
+                             rest_v.reshape(shape).transpose(0, 1))
+            kv.grow(kv.num_blocks)
+            if not rt.device_cache:                 # no copies to choose: placed by recency now
+                place_fresh(rt, kv)
+
+
+def place_fresh(rt: KVRuntime, kv: LayerKV, scores: Optional[np.ndarray] = None) -> None:
+    """Place the blocks the last append made (scores ``[rows, count]`` rank them; None: recency)."""
+    fresh, kv.fresh = kv.fresh, None
+    if fresh is not None:
+        _place(rt, kv, fresh, scores)
+
+
+def _completed(rt: KVRuntime, kv: LayerKV, idx: int) -> None:
+    """Block ``idx`` was just filled: write it home if it has none yet (an open block lives
+    only on the device)."""
+    if (kv.home[:, idx] >= 0).all():
+        return
+    pool = rt._pool(Tier.DEVICE, kv)
+    index = torch.tensor(kv.dev[:, idx].tolist(), device=pool.device)
+    k, v = pool.k.index_select(0, index), pool.v.index_select(0, index)
+    _write_homes(rt, kv, [idx], lambda i: (k, v))
+
+
+def _write_tokens(rt: KVRuntime, kv: LayerKV, idx: int, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """k, v: ``[rows, t, D]`` into block ``idx`` at token ``offset``, in every copy and its home."""
+    t = k.shape[1]
+    for tier, slots in ((Tier.DEVICE, kv.dev[:, idx]), (Tier.HOST, kv.host[:, idx])):
+        if (slots >= 0).any():
+            pool = rt._pool(tier, kv)
+            index = torch.tensor(slots.tolist(), device=pool.device)
+            pool.k[index, offset:offset + t] = k.to(pool.device)
+            pool.v[index, offset:offset + t] = v.to(pool.device)
+    if (kv.home[:, idx] == Tier.DISK).any():
+        disk = rt._disk(kv)
+        for row, slot in enumerate(kv.home_slot[:, idx].tolist()):
+            disk.write_tokens(slot, offset, k[row], v[row])
+
+
+def drop_before(rt: KVRuntime, kv: LayerKV, position: int) -> None:
+    """Free the blocks that hold only positions before ``position`` (outside a window)."""
+    with rt.lock:
+        first = position // rt.block_size
+        if kv.first < first:
+            place_fresh(rt, kv)
+            drop = np.zeros(kv.num_blocks, np.bool_)
+            drop[kv.first:first] = True
+            free(rt, kv, drop)
+            kv.first = first
+
+
+def _place(rt: KVRuntime, kv: LayerKV, fresh: Fresh, scores: Optional[np.ndarray]) -> None:
+    """Give new blocks their homes and device copies. scores ``[rows, count]`` (None:
+    recency alone): the best-scored go up first."""
+    count, rows = fresh.k.shape[0], kv.rows
+    ids = np.arange(fresh.first, fresh.first + count)
+    kv.grow(ids[-1] + 1)
+    kv.changed()
+    if rt.device_home:
+        slots = _device_slots(rt, kv, rows * count)
+        _write_copies(rt, Tier.DEVICE, kv, np.repeat(np.arange(rows), count), np.tile(ids, rows), slots,
+                           fresh.k.transpose(0, 1).reshape(-1, *fresh.k.shape[2:]),
+                           fresh.v.transpose(0, 1).reshape(-1, *fresh.v.shape[2:]), home=True)
+        return
+    score = np.zeros((rows, count), np.float32) if scores is None else scores
+    open_id = kv.open_block()
+    homed = [i for i in ids if i != open_id or not rt.device_cache]
+    # homes, per logical block: the best-scored (by their best row) get host memory
+    order = sorted(homed, key=lambda i: (-float(score[:, i - fresh.first].max()), -i))
+    _write_homes(rt, kv, order, lambda i: (fresh.k[i - fresh.first], fresh.v[i - fresh.first]))
+    if not rt.device_cache:
+        return
+    pinned = kv.pinned_blocks()[ids]
+    must = np.zeros((rows, count), np.bool_)
+    must[:, pinned] = True
+    chosen = np.flatnonzero(must.reshape(-1))                    # pinned first: they must fit
+    if rt.cache_policy != "none":                      # then the best of the rest, up to the share
+        room = _device_share(rt, kv) - int((kv.dev >= 0).sum()) - chosen.size
+        flat = warm_order(score.reshape(-1), np.tile(ids, rows))
+        chosen = np.concatenate([chosen, flat[~must.reshape(-1)[flat]][:max(0, room)]])
+    slots = _device_slots(rt, kv, chosen.size, required=int(must.sum()))
+    r, j = np.divmod(chosen[:len(slots)], count)
+    _write_copies(rt, Tier.DEVICE, kv, r, ids[j], slots, fresh.k[j, r], fresh.v[j, r])
+    rt.admitted["device"] += len(slots)
+
+
+def _write_homes(rt: KVRuntime, kv: LayerKV, ids: list[int], data) -> None:
+    """Write blocks ``ids`` (all rows) to their homes: host memory while it has room, then
+    disk (in the background). data(i) -> k, v ``[rows, bs, D]``."""
+    if not ids:
+        return
+    t0 = time.perf_counter()
+    rows = kv.rows
+    slots = rt._alloc_upto(Tier.HOST, kv, rows * len(ids))
+    n_host = len(slots) // rows
+    if len(slots) > n_host * rows:
+        rt._pool(Tier.HOST, kv).release(slots[n_host * rows:])
+    rt.host_homes += n_host * rows
+    host_ids, disk_ids = ids[:n_host], sorted(ids[n_host:])     # on disk in token order: reads coalesce
+    sb = slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
+    if host_ids:
+        k = torch.stack([data(i)[0] for i in host_ids])                  # [n, rows, bs, D]
+        v = torch.stack([data(i)[1] for i in host_ids])
+        r = np.tile(np.arange(rows), n_host)
+        b = np.repeat(np.array(host_ids), rows)
+        _write_copies(rt, Tier.HOST, kv, r, b, slots[:n_host * rows], k.reshape(-1, *k.shape[2:]),
+                           v.reshape(-1, *v.shape[2:]), home=True)
+        rt.moved["device->host"] += n_host * rows * sb
+    if disk_ids:
+        disk = rt._disk(kv)
+        for i in disk_ids:
+            k, v = data(i)
+            slots = disk.alloc(kv.layer, rows)
+            disk.write_async(slots, k, v)                 # off the critical path; a failure is raised later
+            kv.home[:, i], kv.home_slot[:, i] = int(Tier.DISK), slots
+        rt.moved["device->host"] += len(disk_ids) * rows * sb
+        rt.moved["host->disk"] += len(disk_ids) * rows * sb
+    kv.changed()
+    rt.stage_seconds["write_home"] += time.perf_counter() - t0
+
+
+def _write_copies(rt: KVRuntime, tier: Tier, kv: LayerKV, rows: np.ndarray, blocks: np.ndarray, slots: list[int],
+                  k: torch.Tensor, v: torch.Tensor, home: bool = False) -> None:
+    """Entries (rows[i], blocks[i]) get ``slots[i]`` of a memory tier holding k[i], v[i] ``[bs, D]``."""
+    if not len(slots):
+        return
+    pool = rt._pool(tier, kv)
+    index = torch.tensor(slots, device=pool.device)
+    pool.k.index_copy_(0, index, k.to(pool.device))
+    pool.v.index_copy_(0, index, v.to(pool.device))
+    target = kv.dev if tier == Tier.DEVICE else kv.host
+    target[rows, blocks] = slots
+    if home:
+        kv.home[rows, blocks] = int(tier)
+        kv.home_slot[rows, blocks] = slots
+    kv.changed()
+
+
+def _device_slots(rt: KVRuntime, kv: LayerKV, n: int, required: Optional[int] = None) -> list[int]:
+    """``n`` device slots, at least ``required`` (default all) of them: making room by
+    dropping unpinned copies where the budget is full; a clear error if it cannot."""
+    required = n if required is None else required
+    slots = rt._alloc_upto(Tier.DEVICE, kv, n)
+    if len(slots) >= required or rt.device_home:
+        return slots
+    _drop_copies(rt, kv, required - len(slots))
+    slots += rt._alloc_upto(Tier.DEVICE, kv, n - len(slots))
+    if len(slots) < required:                  # generations whose cache is garbage not yet collected
+        gc.collect()
+        rt.sweep()
+        _drop_copies(rt, kv, required - len(slots))
+        slots += rt._alloc_upto(Tier.DEVICE, kv, n - len(slots))
+    if len(slots) < required:
+        rt._pool(Tier.DEVICE, kv).release(slots)
+        raise _budget_error(rt, kv)
+    return slots
+
+
+def _budget_error(rt: KVRuntime, kv: LayerKV) -> KVBudgetError:
+    sb = slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
+    per_layer = (kv.pinned_front + kv.pinned_back) * kv.rows * sb
+    sites = rt.sessions[kv.session_id].sites
+    return KVBudgetError(
+        f"device_memory={rt.budgets[Tier.DEVICE].limit} bytes cannot hold the blocks each attention layer "
+        f"keeps on the device (sink, local window, open block: {kv.pinned_front + kv.pinned_back} blocks x "
+        f"{kv.rows} rows x {sb} bytes = {per_layer} bytes per layer; layer {kv.layer} of at least {sites}). "
+        + (f"{len(rt.sessions) - 1} other generation(s) sharing this runtime hold theirs too. "
+           if len(rt.sessions) > 1 else "")
+        + f"Pass device_memory >= {per_layer * sites} bytes (more, so blocks attention reuses can stay), "
+        "device_memory=0 (no device tier: attend everything where it lies), or None (no limit)")
+
+
+def _drop_copies(rt: KVRuntime, kv: LayerKV, n: int) -> None:
+    """Drop ``n`` unpinned device copies to make room: this layer's lowest-scored first,
+    then other layers' (any session's)."""
+    layers = [kv] + [other for s in rt.sessions.values() for other in s.layers.values() if other is not kv]
+    for layer in layers:
+        if n <= 0:
+            return
+        nb = layer.num_blocks
+        pinned = layer.pinned_blocks()[None, :] | (layer.pins[:, :nb] > 0)
+        cand = np.flatnonzero(((layer.dev[:, :nb] >= 0) & ~pinned).reshape(-1))
+        sc, ls = layer.score[:, :nb].reshape(-1)[cand], layer.last_selected[:, :nb].reshape(-1)[cand]
+        victims = cand[np.lexsort((ls, sc))][:n]
+        _evict(rt, layer, Tier.DEVICE, victims)
+        n -= victims.size
+
+
+def _evict(rt: KVRuntime, kv: LayerKV, tier: Tier, flat: np.ndarray) -> None:
+    """Drop the copies of flat (row, block) entries from ``tier`` (their homes keep the bytes)."""
+    if not flat.size:
+        return
+    nb = kv.num_blocks
+    r, b = np.divmod(flat, nb)
+    copies = kv.dev if tier == Tier.DEVICE else kv.host
+    assert not (kv.home[r, b] == tier).any(), "a home is never evicted"
+    rt._pool(tier, kv).release(copies[r, b].tolist())
+    copies[r, b] = NONE
+    rt.evicted[tier.name.lower()] += flat.size
+    kv.changed()
+
+
+def free(rt: KVRuntime, kv: LayerKV, blocks: np.ndarray) -> None:
+    """Free every copy and home of the logical blocks where ``blocks`` (bool ``[nb]``) is set."""
+    nb = min(kv.num_blocks, kv.home.shape[1])
+    blocks = blocks[:nb]
+    if not blocks.any():
+        return
+    sel = np.zeros(kv.home.shape, np.bool_)
+    sel[:, :nb] = blocks[None, :]
+    dev = sel & (kv.dev >= 0)
+    if dev.any():
+        rt._pool(Tier.DEVICE, kv).release(kv.dev[dev].tolist())
+    host = sel & (kv.host >= 0)
+    if host.any():
+        rt._pool(Tier.HOST, kv).release(kv.host[host].tolist())
+        rt.host_homes -= int((host & (kv.home == Tier.HOST)).sum())
+    disk = sel & (kv.home == Tier.DISK)
+    if disk.any() and kv.session_id in rt.sessions:
+        files = rt.sessions[kv.session_id].disk_files
+        f = files.get((kv.dtype, kv.head_dim))
+        if f is not None:
+            f.release(kv.home_slot[disk].tolist())
+    for arr in (kv.dev, kv.host, kv.home_slot):
+        arr[sel] = NONE
+    kv.home[sel] = NONE
+    kv.changed()
+
+
+def warm_scores(rt: KVRuntime, kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, scale: float) -> Optional[np.ndarray]:
+    """Scores of the fresh blocks from the queries of the step's last tokens (None when the
+    layer does not rank blocks, or there is no device cache to place them in)."""
+    fresh = kv.fresh
+    if fresh is None or not rt.device_cache or not scored(kv, policy):
+        return None
+    ids = torch.arange(fresh.first, fresh.first + fresh.k.shape[0])
+    return block_scores(kv, policy, q[:, :, -WARM_QUERIES:], ids, scale).numpy()
+
+
+def count_served(rt: KVRuntime, kv: LayerKV, selected: torch.Tensor) -> None:
+    tier, _ = kv.where()
+    lay = np.take_along_axis(tier, selected.numpy(), axis=1)
+    sb = slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
+    for t in Tier:
+        rt.served[t.name.lower()] += int((lay == int(t)).sum()) * sb
+
+
+def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan, scores: Optional[torch.Tensor], window: torch.Tensor) -> None:
+    """The cache policy's moves at this step: drop victims, copy admitted misses up (from
+    host now; from disk when the plan's read lands), remember what was selected."""
+    nb = kv.num_blocks
+    kv.step += 1
+    if scores is not None:
+        kv.score[:, window.numpy()] = scores.numpy()
+    selected = np.zeros((kv.rows, nb), np.bool_)
+    np.put_along_axis(selected, plan.selected.numpy(), True, axis=1)
+    tier, _ = kv.where()
+    pinned = kv.pinned_blocks()[None, :] | (kv.pins[:, :nb] > 0)
+    if rt.device_cache:
+        e = Entries(cached=(kv.dev[:, :nb] >= 0).reshape(-1), pinned=pinned.reshape(-1),
+                    last_selected=kv.last_selected[:, :nb].reshape(-1), score=kv.score[:, :nb].reshape(-1),
+                    selected=selected.reshape(-1), eligible=(tier >= 0).reshape(-1))
+        room = _device_share(rt, kv) - int(e.cached.sum())
+        admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, plan.fetch)
+        _evict(rt, kv, Tier.DEVICE, evict)
+        _admit(rt, kv, plan, Tier.DEVICE, admit, tier.reshape(-1))
+    if rt.budgets[Tier.HOST].limit is not None:
+        tier, _ = kv.where()
+        on_disk = tier == Tier.DISK
+        for _, r, b, _ in plan.fills:                 # on their way to the device already
+            on_disk[r, b] = False
+        copy = (kv.host[:, :nb] >= 0) & (kv.home[:, :nb] == Tier.DISK)
+        e = Entries(cached=copy.reshape(-1), pinned=(kv.pins[:, :nb] > 0).reshape(-1),
+                    last_selected=kv.last_selected[:, :nb].reshape(-1), score=kv.score[:, :nb].reshape(-1),
+                    selected=(selected & (on_disk | copy)).reshape(-1), eligible=on_disk.reshape(-1))
+        room = _host_share(rt, kv) - int(copy.sum())
+        admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, False)
+        _evict(rt, kv, Tier.HOST, evict)
+        _admit(rt, kv, plan, Tier.HOST, admit, tier.reshape(-1))
+    kv.last_selected[:, :nb][selected] = kv.step
+
+
+def _admit(rt: KVRuntime, kv: LayerKV, plan: Plan, tier: Tier, flat: np.ndarray, lies: np.ndarray) -> None:
+    """Copy admitted entries up to ``tier``: at once from a memory tier above disk; from
+    disk once the plan's read lands (``_fill_from_disk``)."""
+    if not flat.size:
+        return
+    slots = rt._alloc_upto(tier, kv, flat.size)
+    flat = flat[:len(slots)]
+    if not len(slots):
+        return
+    nb = kv.num_blocks
+    r, b = np.divmod(flat, nb)
+    slots = np.asarray(slots)
+    from_disk = lies[flat] == Tier.DISK
+    if (~from_disk).any():                            # host -> device, now: attended there this step
+        src = rt._pool(Tier.HOST, kv)
+        index = torch.from_numpy(kv.host[r[~from_disk], b[~from_disk]])
+        _write_copies(rt, tier, kv, r[~from_disk], b[~from_disk], slots[~from_disk].tolist(),
+                           src.k.index_select(0, index), src.v.index_select(0, index))
+        rt.moved["host->device"] += int((~from_disk).sum()) * src.slot_bytes
+    if from_disk.any():
+        plan.fills.append((tier, r[from_disk], b[from_disk], slots[from_disk]))
+        # reserved now, held by no entry until filled: pinned so no one takes them
+        kv.pins[r[from_disk], b[from_disk]] += 1
+    rt.admitted[tier.name.lower()] += len(slots)
+
+
+def fill_from_disk(rt: KVRuntime, plan: Plan, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Copy admitted disk blocks from the plan's staged read (k, v ``[n, bs, D]`` by
+    ``plan.disk_slots``) into their new slots."""
+    kv = plan.layer
+    with rt.lock:
+        fills, plan.fills = plan.fills, []
+        for tier, r, b, slots in fills:
+            kv.pins[r, b] -= 1
+            at = torch.searchsorted(plan.disk_slots, torch.from_numpy(kv.home_slot[r, b]))
+            _write_copies(rt, tier, kv, r, b, slots.tolist(), k[at], v[at])
+            if tier == Tier.DEVICE:
+                rt.moved["host->device"] += len(slots) * slot_bytes(rt.block_size, kv.head_dim, kv.dtype)

@@ -1,20 +1,30 @@
-"""One step of one attention site, as the custom ops run it: open, append, select, prefetch,
-attend on each side, merge. Each returns what the next stage needs, so the graph can carry
-the order as data.
+"""One step of one attention site, as the custom ops run it (the only module they call):
+open, append, select (plan: which blocks, where each lies, the cache policy's moves),
+prefetch, attend on each side, merge. Each returns what the next stage needs, so the graph
+can carry the order as data. Plan once on the host, run the attention from it (FlashInfer's
+split).
 """
 from __future__ import annotations
 
 import itertools
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
-from .block_attention import StepMask, to_bias
-from .kv_runtime import KVRuntime, Plan, Session
-from .layer_kv import LayerKV
-from .selection import EXACT, SelectionPolicy
+from . import placement
+from .block_attention import StepMask, attend, attend_gathered, attend_part, empty_partial, gather_part, to_bias
+from .kv_runtime import KVRuntime, Session
+from .layer_kv import LayerKV, TierPart, tier_part
+from .selection import EXACT, SelectionPolicy, select_scored, window_blocks
 from .standins import StandInKey, is_standin_like, token_span
+from .tiers import Tier
+from ..kernels.cpu_attention import cpu_partial_attention
 from ..kernels.merge import merge_partials
+from ..kernels.paged_attention import paged_attention
 
 _plan_ids = itertools.count(1)
 
@@ -23,6 +33,38 @@ OUTSIDE_READ = (
     "the compiled graph (beam search reorders the cache, and cropping or editing it does the "
     "same); kvdrive keeps the KV in its runtime and cannot follow such changes. Use greedy or "
     "sampling decoding (num_beams=1), and do not edit the cache between steps.")
+
+
+@dataclass
+class Plan:
+    """What one site attends this step.
+
+    selected: int64 ``[rows, n]`` logical block ids, ascending (the explicit selection the
+    runtime moves and reuses blocks by). fresh_only: every attended token is among the step's
+    new tokens (a prefill), attended from where they are. fetch: host and disk blocks are
+    copied to the device and attended there, instead of on the CPU.
+    """
+
+    layer: LayerKV
+    window: tuple[int, int]
+    selected: torch.Tensor
+    fresh_only: bool
+    fetch: bool = False
+    parts: dict[Tier, Optional[TierPart]] = field(default_factory=dict)
+    disk_read: Optional[Future] = None
+    disk_slots: Optional[torch.Tensor] = None
+    pinned: tuple = ()                     # (rows, blocks) of device/host entries held in place until the merge
+    fills: list = field(default_factory=list)   # admitted disk blocks: (tier, rows, blocks, slots), filled when read
+    staged: Optional[tuple] = None         # the disk read once landed: k, v and its TierPart
+
+    @property
+    def tokens_attended(self) -> int:
+        return self.selected.shape[1] * self.layer.block_size
+
+    def part(self, tier: Tier) -> Optional[TierPart]:
+        if tier not in self.parts:
+            self.parts[tier] = tier_part(self.layer, self.selected, tier)
+        return self.parts[tier]
 
 
 def open_step(rt: KVRuntime, past_k: torch.Tensor, sites: int = 1) -> Session:
@@ -90,10 +132,10 @@ def append(rt: KVRuntime, session: Session, layer: int, past_k: torch.Tensor, pa
     if p != pv:
         raise RuntimeError(f"layer {layer}: keys and values of the cache disagree. {OUTSIDE_READ}")
     if p is None:                                                     # real KV: import it
-        rt.append(kv, past_k.to(k_new.dtype), past_v.to(v_new.dtype))
+        placement.append(rt, kv, past_k.to(k_new.dtype), past_v.to(v_new.dtype))
         p = past_k.shape[-2]
-    rt.drop_before(kv, kv.length - p)
-    rt.append(kv, k_new, v_new)
+    placement.drop_before(rt, kv, kv.length - p)
+    placement.append(rt, kv, k_new, v_new)
     total = p + k_new.shape[2]
     k_out = rt.standins.make(StandInKey(session.id, layer, "k"), k_new, total, kv.length - total)
     v_out = rt.standins.make(StandInKey(session.id, layer, "v"), v_new, total, kv.length - total)
@@ -104,7 +146,7 @@ def select(rt: KVRuntime, session: Session, layer: int, past_len: int, new_len: 
            q: torch.Tensor, policy: SelectionPolicy = EXACT, scale: float = 1.0) -> int:
     """Plan what the site attends this step (q: ``[B, Hq, Q, D]``, scale: the softmax scale);
     returns the plan id."""
-    plan = rt.plan(session.layers[layer], past_len, new_len, q, policy, scale)
+    plan = plan_step(rt, session.layers[layer], past_len, new_len, q, policy, scale)
     pid = next(_plan_ids)
     session.plans[pid] = plan
     return pid
@@ -114,7 +156,7 @@ def end_plan(rt: KVRuntime, session: Session, plan_id: int) -> None:
     """Forget a plan once merged; its blocks may move again."""
     plan = session.plans.pop(plan_id, None)
     if plan is not None:
-        rt.unpin(plan)
+        unpin(rt, plan)
 
 
 def plan_of(rt: KVRuntime, session_id: int, plan_id: int) -> Plan:
@@ -137,3 +179,183 @@ def step_mask(plan: Plan, mask: Optional[torch.Tensor], is_causal: bool) -> Step
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
     out, _ = merge_partials([o for o, _ in parts], [l for _, l in parts])
     return out.to(dtype)
+
+
+def plan_step(rt: KVRuntime, kv: LayerKV, past_len: int, new_len: int, q: torch.Tensor,
+         policy: SelectionPolicy = EXACT, scale: float = 1.0) -> Plan:
+    """Select what the site attends in the window ``[length - past - new, length)``, and
+    move copies as the cache policy says."""
+    start, end = kv.length - past_len - new_len, kv.length
+    bs = rt.block_size
+    with rt.lock:
+        kv.pinned_front = -(-policy.sink_tokens // bs) if policy.sink_tokens else 0
+        kv.pinned_back = -(-policy.local_window // bs) + 1
+        placement.place_fresh(rt, kv, placement.warm_scores(rt, kv, policy, q, scale))
+        if past_len == 0:
+            selected = window_blocks(kv, start, end).expand(kv.rows, -1)
+            return Plan(kv, (start, end), selected, fresh_only=True)
+        selected, scores = select_scored(kv, policy, q, start, end, scale)
+        plan = Plan(kv, (start, end), selected, fresh_only=False, fetch=policy.attention == "fetch")
+        placement.count_served(rt, kv, selected)
+        if not rt.device_home:
+            placement.cache_step(rt, kv, plan, scores, window_blocks(kv, start, end))
+        for tier in Tier:
+            part = plan.part(tier)
+            rt.selected_blocks[tier.name.lower()] += 0 if part is None else int(part.valid.sum())
+        _pin(rt, plan)
+        return plan
+
+
+def _pin(rt: KVRuntime, plan: Plan) -> None:
+    """Keep the plan's device and host blocks where they are until its merge: another
+    thread's step sharing this runtime may not evict them and reuse their slots while
+    this step's attention reads them outside the lock."""
+    kv = plan.layer
+    rows, cols = [], []
+    for tier in (Tier.DEVICE, Tier.HOST):
+        part = plan.part(tier)
+        if part is not None:
+            r, c = torch.nonzero(part.valid, as_tuple=True)
+            rows.append(r.numpy())
+            cols.append(part.ids[r, c].numpy())
+    if rows:
+        r, c = np.concatenate(rows), np.concatenate(cols)
+        np.add.at(kv.pins, (r, c), 1)
+        plan.pinned = (r, c)
+
+
+def unpin(rt: KVRuntime, plan: Plan) -> None:
+    """The plan is done (merged, or its step failed): its blocks may move again."""
+    with rt.lock:
+        kv = plan.layer
+        if plan.pinned:
+            np.subtract.at(kv.pins, plan.pinned, 1)
+            plan.pinned = ()
+        for _, r, b, slots in plan.fills:            # a read that never landed: give the slots back
+            kv.pins[r, b] -= 1
+        for tier, _, _, slots in plan.fills:
+            rt._pool(tier, kv).release(slots.tolist())
+        plan.fills = []
+
+
+def prefetch(rt: KVRuntime, plan: Plan) -> None:
+    """Start reading the plan's disk blocks into host memory, one request per run of slots."""
+    part = None if plan.fresh_only else plan.part(Tier.DISK)
+    if part is None:
+        return
+    needed = torch.unique(part.slots[part.valid])                        # sorted
+    disk = rt._disk(plan.layer)
+    plan.disk_slots = needed
+    plan.disk_read = disk.read_async(needed.tolist())            # adjacent slots coalesced, several in flight
+    rt.moved["disk->host"] += needed.numel() * disk.slot_bytes
+
+
+def host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepMask, scale: float):
+    """Host- and disk-resident blocks, on the CPU. q: ``[B, Hq, Q, D]``; returns fp32 (out, lse)."""
+    kv = plan.layer
+    if plan.fetch:
+        return empty_partial(q)                   # everything is attended on the device
+    parts = []
+    host = None if plan.fresh_only else plan.part(Tier.HOST)
+    if host is not None:
+        pool = rt._pool(Tier.HOST, kv)
+        parts.append(attend_part(q.cpu(), pool.k, pool.v, host, kv, _on(step, "cpu"), scale,
+                                 cpu_partial_attention))
+    if plan.disk_read is not None:
+        k, v, staged = _staged_disk(rt, plan)
+        parts.append(attend_part(q.cpu(), k, v, staged, kv, _on(step, "cpu"), scale, cpu_partial_attention))
+    if not parts:
+        return empty_partial(q)
+    out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
+    return out.to(q.device), lse.to(q.device)
+
+
+def device_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                     step: StepMask, scale: float):
+    """Device-resident blocks (or, on a prefill, this step's new tokens as they are)."""
+    if plan.fresh_only:                        # the window is exactly the new tokens
+        bias = None if step.bias is None else step.bias[..., : k_new.shape[2]]
+        return attend(q, k_new, v_new, scale, bias, step.is_causal)
+    if plan.fetch:
+        return _fetch_attention(rt, plan, q, step, scale)
+    part = plan.part(Tier.DEVICE)
+    if part is None:
+        return empty_partial(q)
+    pool = rt._pool(Tier.DEVICE, plan.layer)
+    return attend_part(q, pool.k, pool.v, part, plan.layer, step, scale, paged_attention)
+
+
+def _staged_disk(rt: KVRuntime, plan: Plan):
+    """The plan's disk blocks once read: staging k, v ``[n, bs, D]`` and their TierPart."""
+    if plan.staged is None:
+        t0 = time.perf_counter()
+        k, v = plan.disk_read.result()
+        waited = time.perf_counter() - t0
+        rt.stage_seconds["io_wait"] += waited
+        # the stage that waited (its own time counts the rest)
+        rt.stage_seconds["device_attention" if plan.fetch else "cpu_attention"] -= waited
+        if plan.fills:
+            placement.fill_from_disk(rt, plan, k, v)
+        disk = plan.part(Tier.DISK)
+        index = torch.where(disk.valid, torch.searchsorted(plan.disk_slots, disk.slots), 0)
+        plan.staged = (k, v, TierPart(disk.ids, index, disk.valid))
+    return plan.staged
+
+
+def _fetch_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepMask, scale: float):
+    """Copy every selected block to the device and attend there (the baselines' design)."""
+    kv = plan.layer
+    pieces = []
+    for tier in Tier:
+        part = plan.part(tier)
+        if part is None:
+            continue
+        if tier == Tier.DISK:
+            k_pool, v_pool, part = _staged_disk(rt, plan)
+        else:
+            pool = rt._pool(tier, kv)
+            k_pool, v_pool = pool.k, pool.v
+        k, v, pos = gather_part(k_pool, v_pool, part, kv)
+        if tier != Tier.DEVICE:
+            rt.moved["host->device"] += 2 * int(part.valid.sum()) * rt.block_size * kv.head_dim * k.element_size()
+        pieces.append((k.to(q.device), v.to(q.device), pos.to(q.device)))
+    if not pieces:
+        return empty_partial(q)
+    k, v, pos = (torch.cat(x, dim=d) for x, d in zip(zip(*pieces), (2, 2, 1)))
+    return attend_gathered(q, k, v, pos, kv, step, scale)
+
+
+def read_window(rt: KVRuntime, kv: LayerKV, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token of positions ``[start, end)`` of a layer, gathered from whatever tier
+    each block lies on: k, v ``[B, Hkv, end - start, D]`` on the layer's device."""
+    with rt.lock:
+        placement.place_fresh(rt, kv)
+        if start < kv.first * rt.block_size or end > kv.length:
+            raise RuntimeError(f"layer {kv.layer}: tokens [{start}, {end}) are not all held "
+                               f"(held: [{kv.first * rt.block_size}, {kv.length}))")
+        blocks = window_blocks(kv, start, end)
+        first, bs, d = int(blocks[0]) if len(blocks) else 0, rt.block_size, kv.head_dim
+        k_out = torch.zeros((kv.rows, len(blocks), bs, d), dtype=kv.dtype, device=kv.device)
+        v_out = torch.zeros_like(k_out)
+        for tier in Tier:
+            part = tier_part(kv, blocks.expand(kv.rows, -1), tier) if len(blocks) else None
+            if part is None:
+                continue
+            rows, cols = torch.nonzero(part.valid, as_tuple=True)
+            slots = part.slots[rows, cols]
+            if tier == Tier.DISK:
+                k, v = rt._disk(kv).read(slots.tolist())
+            else:
+                pool = rt._pool(tier, kv)
+                k, v = pool.k[slots.to(pool.device)], pool.v[slots.to(pool.device)]
+            at = (rows.to(kv.device), (part.ids[rows, cols] - first).to(kv.device))
+            k_out[at], v_out[at] = k.to(kv.device), v.to(kv.device)
+        offset = start - first * bs
+        shape = (kv.batch, kv.kv_heads, end - start, d)
+        return tuple(t.reshape(kv.rows, -1, d)[:, offset:offset + end - start].reshape(shape)
+                     for t in (k_out, v_out))
+
+
+def _on(step: StepMask, device: str) -> StepMask:
+    bias = None if step.bias is None else step.bias.to(device)
+    return StepMask(step.start, step.end, bias, step.is_causal)

@@ -17,7 +17,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import kvdrive_compile
 from exactness import compiled_copy_forward, greedy_both, open_sessions
-from kvdrive_compile.runtime import disk
+from kvdrive_compile.runtime import disk, placement, site_step
 from kvdrive_compile.runtime.block_attention import StepMask
 from kvdrive_compile.runtime.kv_runtime import KVRuntime
 from kvdrive_compile.runtime.tiers import KVDiskError, KVIntegrityError, Tier
@@ -38,16 +38,16 @@ def disk_runtime(disk_dir, layers=2, tokens=48):
     session = rt.open_session()
     for layer in range(layers):
         k, v = torch.randn(1, 2, tokens, D), torch.randn(1, 2, tokens, D)
-        rt.append(rt.layer(session, layer, k, False), k, v)
+        placement.append(rt, rt.layer(session, layer, k, False), k, v)
     return rt, session, (k, v)
 
 
 def attend_disk(rt, kv, q):
     """One exact decode-step attention over the layer's (all on disk) KV, through the runtime's
     plan, prefetch (the I/O threads) and host attention. q: ``[1, Hq, 1, D]``."""
-    plan = rt.plan(kv, kv.length - 1, 1, q)
-    rt.prefetch(plan)
-    return rt.host_attention(plan, q, StepMask(plan.window[0], plan.window[1], None, False), 0.25)
+    plan = site_step.plan_step(rt, kv, kv.length - 1, 1, q)
+    site_step.prefetch(rt, plan)
+    return site_step.host_attention(rt, plan, q, StepMask(plan.window[0], plan.window[1], None, False), 0.25)
 
 
 def slot_of(kv, block, row=0):
@@ -115,7 +115,7 @@ def test_truncated_file_is_caught(tmp_path):
         f.read(row0)
     # a later block extends the file again: the cut bytes now read as zeros, not short
     k = torch.randn(1, 2, 16, D)
-    rt.append(kv, k, k)
+    placement.append(rt, kv, k, k)
     assert os.fstat(f.fd).st_size > f.offset(row0[3])
     with pytest.raises(KVIntegrityError, match="layer 0"):
         attend_disk(rt, kv, torch.randn(1, 4, 1, D))
@@ -131,9 +131,9 @@ def test_token_writes_into_a_disk_block_keep_its_checksum(tmp_path):
     (f,) = session.disk_files.values()
     for _ in range(14):
         k, v = torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D)
-        rt.append(kv, k, v)
+        placement.append(rt, kv, k, v)
         k_all, v_all = torch.cat([k_all, k], 2), torch.cat([v_all, v], 2)
-    rt.place_fresh(kv)
+    placement.place_fresh(rt, kv)
     assert set(kv.where()[0].reshape(-1).tolist()) == {Tier.DISK}
     q = torch.randn(1, 4, 1, D)
     out, _ = attend_disk(rt, kv, q)
@@ -143,7 +143,7 @@ def test_token_writes_into_a_disk_block_keep_its_checksum(tmp_path):
     open_slot = slot_of(kv, 2, row=1)
     flip_bit(f, open_slot, byte=f.slot_bytes - 1)                # the open block's last V byte
     with pytest.raises(KVIntegrityError, match=names(f.path, open_slot, 0)):
-        rt.append(kv, torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D))
+        placement.append(rt, kv, torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D))
     rt.close()
 
 
@@ -183,7 +183,7 @@ def test_disk_dir_removed_says_so(tmp_path):
     s = rt.open_session()
     k = torch.randn(1, 2, 20, D)
     with pytest.raises(KVDiskError, match=rf"disk_dir '{re.escape(str(gone))}' is gone.*options=\{{'disk_dir'"):
-        rt.append(rt.layer(s, 0, k, False), k, k)
+        placement.append(rt, rt.layer(s, 0, k, False), k, k)
     rt.close()
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvdrive_compile.runtime import site_step
-from kvdrive_compile.runtime.kv_runtime import KVBudgetError, KVRuntime
-from kvdrive_compile.runtime.placement import Entries, choose
+from kvdrive_compile.runtime import placement, site_step
+from kvdrive_compile.runtime.kv_runtime import KVRuntime
+from kvdrive_compile.runtime.placement import Entries, KVBudgetError, choose
 from kvdrive_compile.runtime.selection import SelectionPolicy
 from kvdrive_compile.runtime.tiers import Tier
 
@@ -111,9 +111,9 @@ def reference(q, k, v, scale):
 def step(rt, session, layer, q, past, n, k_new, v_new, policy):
     pid = site_step.select(rt, session, layer, past, n, q, policy, 0.25)
     plan = session.plans[pid]
-    rt.prefetch(plan)
+    site_step.prefetch(rt, plan)
     mask = site_step.step_mask(plan, None, n > 1)
-    parts = [rt.device_attention(plan, q, k_new, v_new, mask, 0.25), rt.host_attention(plan, q, mask, 0.25)]
+    parts = [site_step.device_attention(rt, plan, q, k_new, v_new, mask, 0.25), site_step.host_attention(rt, plan, q, mask, 0.25)]
     site_step.end_plan(rt, session, pid)
     return site_step.merge(parts, torch.float32), plan
 
@@ -158,7 +158,7 @@ def test_tiers_and_policies_give_the_selected_answer(tmp_path, cache_policy, att
             k_new, v_new = (torch.randn(batch, hkv, n, d, generator=gen) for _ in range(2))
             kv = rt.layer(session, layer, k_new, False)
             past = kv.length
-            rt.append(kv, k_new, v_new)
+            placement.append(rt, kv, k_new, v_new)
             k_all, v_all = full.get(layer, (k_new[:, :, :0], v_new[:, :, :0]))
             k_all, v_all = torch.cat([k_all, k_new], 2), torch.cat([v_all, v_new], 2)
             full[layer] = (k_all, v_all)
@@ -194,7 +194,7 @@ def test_a_device_budget_below_the_pinned_blocks_says_the_minimum():
     session = rt.open_session(sites=3)
     k = torch.randn(1, 2, 100, 16)
     kv = rt.layer(session, 0, k, False)
-    rt.append(kv, k, k)
+    placement.append(rt, kv, k, k)
     with pytest.raises(KVBudgetError, match=r"Pass device_memory >= \d+ bytes"):
         site_step.select(rt, session, 0, 0, 100, torch.randn(1, 4, 100, 16), POLICY, 0.25)
     rt.close()
@@ -214,7 +214,7 @@ def test_prefill_places_the_best_scored_blocks_on_the_device():
     for b in hot:                                     # keys aligned with the last queries: high scores
         k[0, 0, b * bs:(b + 1) * bs] = q[0, 0, -1] * 3
     kv = rt.layer(session, 0, k, False)
-    rt.append(kv, k, k)
+    placement.append(rt, kv, k, k)
     policy = SelectionPolicy(token_budget=64, sink_tokens=16, local_window=16, dense_layers=0)
     site_step.select(rt, session, 0, 0, 20 * bs, q, policy, 0.25)
     on_device = set(np.flatnonzero(kv.dev[0, :20] >= 0).tolist())

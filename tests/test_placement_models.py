@@ -23,11 +23,12 @@ def generate(model, ids, new_tokens, attention_mask=None, **options):
     return out
 
 
-def policies_agree(model, ids, new_tokens, sparse: dict, tiers: dict, attention_mask=None) -> dict:
+def policies_agree(model, ids, new_tokens, sparse: dict, tiers: dict, attention_mask=None,
+                   policies=("attention", "lru", "none")) -> dict:
     """Tokens of the all-device run and of each policy under ``tiers``; asserts they agree."""
     ref = generate(model, ids, new_tokens, attention_mask, **sparse)            # no budgets: all on the device
     stats = {}
-    for policy in ("attention", "lru", "none"):
+    for policy in policies:
         out = generate(model, ids, new_tokens, attention_mask, **sparse, **tiers, cache_policy=policy)
         assert torch.equal(ref, out), (policy, ref[:, -new_tokens:].tolist(), out[:, -new_tokens:].tolist())
         st = kvdrive_compile.stats({**sparse, **tiers, "cache_policy": policy})
@@ -63,9 +64,10 @@ def test_random_gqa_model_ragged_batch_of_three():
 @pytest.mark.slow
 def test_smollm2_policies_agree(smollm2):
     model, tok = smollm2
-    text, _ = passkey_prompt(tok, 1500)
+    text, _ = passkey_prompt(tok, 1200)
     ids = tok(text, return_tensors="pt").input_ids
     sparse = dict(token_budget=256, block_size=16)
-    # ~46 KiB of KV per token: ~70 MiB in all; 30 layers pin 6 blocks x 3 rows x 8 KiB = 4.2 MiB
+    # ~46 KiB of KV per token: ~55 MiB in all; 30 layers pin 6 blocks x 3 rows x 8 KiB = 4.2 MiB.
+    # lru is checked on the random model above (each policy here costs a compile of SmolLM2)
     tiers = dict(device_memory="8MiB", host_memory="16MiB")
-    policies_agree(model, ids, 16, sparse, tiers)
+    policies_agree(model, ids, 12, sparse, tiers, policies=("attention", "none"))

@@ -6,7 +6,7 @@ import stat
 import pytest
 import torch
 
-from kvdrive_compile.runtime import site_step
+from kvdrive_compile.runtime import placement, site_step
 from kvdrive_compile.runtime.kv_runtime import KVRuntime
 from kvdrive_compile.runtime.selection import SelectionPolicy
 from kvdrive_compile.runtime.tiers import Tier
@@ -28,10 +28,10 @@ def reference(q, k, v, scale, bias=None):
 def attend(rt, session, layer, q, past, new, k_new, v_new, mask=None, causal=False, policy=EXACT_SMALL):
     pid = site_step.select(rt, session, layer, past, new, q, policy)
     plan = session.plans[pid]
-    rt.prefetch(plan)
+    site_step.prefetch(rt, plan)
     step = site_step.step_mask(plan, mask, causal)
-    parts = [rt.device_attention(plan, q, k_new, v_new, step, 0.125),
-             rt.host_attention(plan, q, step, 0.125)]
+    parts = [site_step.device_attention(rt, plan, q, k_new, v_new, step, 0.125),
+             site_step.host_attention(rt, plan, q, step, 0.125)]
     site_step.end_plan(rt, session, pid)                      # as the merge op does: unpins its blocks
     return site_step.merge(parts, torch.float32), plan
 
@@ -56,7 +56,7 @@ def test_three_tiers_exact(tmp_path, dtype, batch, hkv, g, d):
         v_new = torch.randn(batch, hkv, n, d, dtype=dtype)
         kv = rt.layer(session, 0, k_new, keeps_last=False)
         past = kv.length
-        rt.append(kv, k_new, v_new)
+        placement.append(rt, kv, k_new, v_new)
         k_all, v_all = torch.cat([k_all, k_new], 2), torch.cat([v_all, v_new], 2)
         q = torch.randn(batch, hkv * g, n, d, dtype=dtype)
         mask = torch.rand(batch, 1, n, past + n) > 0.2
@@ -84,7 +84,7 @@ def test_sessions_do_not_see_each_other():
             k, v = torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)
             kv = rt.layer(s, 0, k, False)
             past = kv.length
-            rt.append(kv, k, v)
+            placement.append(rt, kv, k, v)
             ks, vs = data.get(s.id, (k[:, :, :0], v[:, :, :0]))
             data[s.id] = (torch.cat([ks, k], 2), torch.cat([vs, v], 2))
             q = torch.randn(1, 4, n, 16)
@@ -110,7 +110,7 @@ def test_released_sessions_leave_nothing_alive(device_memory):
         for layer in range(2):
             k = torch.randn(1, 2, 40, 16)
             kv = rt.layer(s, layer, k, False)
-            rt.append(kv, k, torch.randn_like(k))
+            placement.append(rt, kv, k, torch.randn_like(k))
             refs += [weakref.ref(kv), weakref.ref(kv.summaries)]
         rt.release(s.id)
         del s, kv
@@ -126,17 +126,17 @@ def test_prefill_is_causal_and_sliding_window_drops_blocks():
     window = 10
     k, v = torch.randn(1, 1, 23, 8), torch.randn(1, 1, 23, 8)
     kv = rt.layer(s, 0, k, keeps_last=True)
-    rt.append(kv, k, v)
+    placement.append(rt, kv, k, v)
     q = torch.randn(1, 2, 23, 8)
     out, _ = attend(rt, s, 0, q, 0, 23, k, v, causal=True)
     causal = torch.full((23, 23), float("-inf")).triu(1)
     torch.testing.assert_close(out.double(), reference(q, k, v, 0.125, causal), atol=1e-5, rtol=1e-5)
     # the model keeps only the last window-1 tokens; the next step attends them and the new one
     k1, v1 = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
-    rt.drop_before(kv, kv.length - (window - 1))
+    placement.drop_before(rt, kv, kv.length - (window - 1))
     assert kv.first == (23 - (window - 1)) // 4
     assert (kv.where()[0][:, :kv.first] == -1).all()
-    rt.append(kv, k1, v1)
+    placement.append(rt, kv, k1, v1)
     q1 = torch.randn(1, 2, 1, 8)
     out, _ = attend(rt, s, 0, q1, window - 1, 1, k1, v1)
     kw = torch.cat([k[:, :, -(window - 1):], k1], 2)
@@ -150,8 +150,8 @@ def test_disk_files_are_private_and_removed(tmp_path):
     s = rt.open_session()
     k = torch.randn(1, 2, 50, 16)
     kv = rt.layer(s, 0, k, False)
-    rt.append(kv, k, k)
-    rt.place_fresh(kv)
+    placement.append(rt, kv, k, k)
+    placement.place_fresh(rt, kv)
     assert (kv.where()[0] == Tier.DISK).all()
     assert list(tmp_path.iterdir()) == []                  # unlinked at creation: only the fd holds it
     (f,) = s.disk_files.values()
@@ -174,7 +174,7 @@ def test_budget_zero_device_still_exact():
     s = rt.open_session()
     k, v = torch.randn(2, 2, 33, 16), torch.randn(2, 2, 33, 16)
     kv = rt.layer(s, 0, k, False)
-    rt.append(kv, k, v)
+    placement.append(rt, kv, k, v)
     assert rt.budgets[Tier.DEVICE].peak == 0
     q = torch.randn(2, 4, 1, 16)
     out, _ = attend(rt, s, 0, q, 32, 1, k[:, :, -1:], v[:, :, -1:])
@@ -251,13 +251,13 @@ def test_a_cropped_cache_is_refused_not_taken_for_a_window():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_tier_split_matches_a_stable_sort_by_tier(seed):
-    """planner.tier_part (one numba pass) against the torch reference: per row the selected
+    """layer_kv.tier_part (one numba pass) against the torch reference: per row the selected
     blocks of the tier first, in their order, then the others as padding (valid False, slot 0),
     cut to the longest row; None where no row has one. Each row's blocks lie on their own tiers;
     dropped blocks (tier -1) belong to none."""
     from types import SimpleNamespace
 
-    from kvdrive_compile.runtime.planner import tier_part
+    from kvdrive_compile.runtime.layer_kv import tier_part
 
     gen = torch.Generator().manual_seed(seed)
     rows, nblocks, n = 5, 40, 12

@@ -5,6 +5,7 @@ import torch
 
 import kvdrive_compile
 from exactness import greedy_both
+from kvdrive_compile.runtime import placement
 from kvdrive_compile.runtime.kv_runtime import KVRuntime
 from kvdrive_compile.runtime.selection import SelectionPolicy, select_blocks
 from test_hf_models import DEVICE, build
@@ -20,7 +21,7 @@ def layer_with_constant_blocks(batch, hkv, d, nblocks, layer=5, seed=0):
     rt = KVRuntime(block_size=BS)
     s = rt.open_session()
     kv = rt.layer(s, layer, k, keeps_last=False)
-    rt.append(kv, k, torch.randn_like(k))
+    placement.append(rt, kv, k, torch.randn_like(k))
     return rt, kv, per_block[:, :, :, 0]                                   # [B, Hkv, nb, D]
 
 
@@ -81,7 +82,7 @@ def test_prob_aggregation_keeps_the_block_one_head_points_at(summary):
     k = block_keys[:, :, :, None].expand(1, 1, nb, BS, d).reshape(1, 1, nb * BS, d).contiguous()
     rt = KVRuntime(block_size=BS)
     kv = rt.layer(rt.open_session(), 5, k, keeps_last=False)
-    rt.append(kv, k, torch.randn_like(k))
+    placement.append(rt, kv, k, torch.randn_like(k))
     q = torch.zeros(1, 2, 1, d)
     q[0, 0, 0, 1:] = block_keys[0, 0, 7, 1:]                     # head 0: block 7 (below head 1)
     q[0, 1, 0] = shared * 10                                     # head 1: all blocks alike, and high

@@ -11,7 +11,8 @@ import kvdrive_compile
 from exactness import assert_budgets_respected, open_sessions
 
 # tiny budgets: every step of one thread evicts blocks, the other thread's too
-OPTIONS = dict(device_memory="4KiB", host_memory="8KiB", block_size=4, token_budget=None, sink_tokens=0, local_window=0)
+# two generations at once pin 4 KiB each (2 layers x 4 rows x one 512-byte open block)
+OPTIONS = dict(device_memory="12KiB", host_memory="8KiB", block_size=4, token_budget=None, sink_tokens=0, local_window=0)
 
 
 def llama(seed):
