@@ -170,7 +170,7 @@ class KVRuntime:
 
     # -- stores: memory pools and disk files ------------------------------------------------
 
-    def _pool(self, tier: Tier, kv: LayerKV) -> BlockPool:
+    def pool(self, tier: Tier, kv: LayerKV) -> BlockPool:
         device = torch.device("cpu") if tier == Tier.HOST else kv.device
         key = (tier, device, kv.dtype, kv.head_dim)
         pool = self.pools.get(key)
@@ -191,7 +191,7 @@ class KVRuntime:
                 "an existing writable directory with room")
         return directory
 
-    def _disk(self, kv: LayerKV) -> DiskFile:
+    def disk(self, kv: LayerKV) -> DiskFile:
         session = self.sessions[kv.session_id]
         key = (kv.dtype, kv.head_dim)
         f = session.disk_files.get(key)
@@ -213,9 +213,9 @@ class KVRuntime:
                 self.io_pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix=IO_THREAD_PREFIX)
                 return self.io_pool.submit(fn, *args)
 
-    def _alloc_upto(self, tier: Tier, kv: LayerKV, n: int) -> list[int]:
+    def alloc_upto(self, tier: Tier, kv: LayerKV, n: int) -> list[int]:
         """Up to ``n`` slots of a memory tier, as many as its budget has room for."""
-        pool = self._pool(tier, kv)
+        pool = self.pool(tier, kv)
         got = pool.alloc(n) if n else []
         if got is not None:
             return got

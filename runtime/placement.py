@@ -180,7 +180,7 @@ def _completed(rt: KVRuntime, kv: LayerKV, idx: int) -> None:
     only on the device)."""
     if (kv.home[:, idx] >= 0).all():
         return
-    pool = rt._pool(Tier.DEVICE, kv)
+    pool = rt.pool(Tier.DEVICE, kv)
     index = torch.tensor(kv.dev[:, idx].tolist(), device=pool.device)
     k, v = pool.k.index_select(0, index), pool.v.index_select(0, index)
     _write_homes(rt, kv, [idx], lambda i: (k, v))
@@ -191,12 +191,12 @@ def _write_tokens(rt: KVRuntime, kv: LayerKV, idx: int, offset: int, k: torch.Te
     t = k.shape[1]
     for tier, slots in ((Tier.DEVICE, kv.dev[:, idx]), (Tier.HOST, kv.host[:, idx])):
         if (slots >= 0).any():
-            pool = rt._pool(tier, kv)
+            pool = rt.pool(tier, kv)
             index = torch.tensor(slots.tolist(), device=pool.device)
             pool.k[index, offset:offset + t] = k.to(pool.device)
             pool.v[index, offset:offset + t] = v.to(pool.device)
     if (kv.home[:, idx] == Tier.DISK).any():
-        disk = rt._disk(kv)
+        disk = rt.disk(kv)
         for row, slot in enumerate(kv.home_slot[:, idx].tolist()):
             disk.write_tokens(slot, offset, k[row], v[row])
 
@@ -223,8 +223,8 @@ def _place(rt: KVRuntime, kv: LayerKV, fresh: Fresh, scores: Optional[np.ndarray
     if rt.device_home:
         slots = _device_slots(rt, kv, rows * count)
         _write_copies(rt, Tier.DEVICE, kv, np.repeat(np.arange(rows), count), np.tile(ids, rows), slots,
-                           fresh.k.transpose(0, 1).reshape(-1, *fresh.k.shape[2:]),
-                           fresh.v.transpose(0, 1).reshape(-1, *fresh.v.shape[2:]), home=True)
+                      fresh.k.transpose(0, 1).reshape(-1, *fresh.k.shape[2:]),
+                      fresh.v.transpose(0, 1).reshape(-1, *fresh.v.shape[2:]), home=True)
         return
     score = np.zeros((rows, count), np.float32) if scores is None else scores
     open_id = kv.open_block()
@@ -255,10 +255,10 @@ def _write_homes(rt: KVRuntime, kv: LayerKV, ids: list[int], data) -> None:
         return
     t0 = time.perf_counter()
     rows = kv.rows
-    slots = rt._alloc_upto(Tier.HOST, kv, rows * len(ids))
+    slots = rt.alloc_upto(Tier.HOST, kv, rows * len(ids))
     n_host = len(slots) // rows
     if len(slots) > n_host * rows:
-        rt._pool(Tier.HOST, kv).release(slots[n_host * rows:])
+        rt.pool(Tier.HOST, kv).release(slots[n_host * rows:])
     rt.host_homes += n_host * rows
     host_ids, disk_ids = ids[:n_host], sorted(ids[n_host:])     # on disk in token order: reads coalesce
     sb = slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
@@ -271,7 +271,7 @@ def _write_homes(rt: KVRuntime, kv: LayerKV, ids: list[int], data) -> None:
                            v.reshape(-1, *v.shape[2:]), home=True)
         rt.moved["device->host"] += n_host * rows * sb
     if disk_ids:
-        disk = rt._disk(kv)
+        disk = rt.disk(kv)
         for i in disk_ids:
             k, v = data(i)
             slots = disk.alloc(kv.layer, rows)
@@ -288,7 +288,7 @@ def _write_copies(rt: KVRuntime, tier: Tier, kv: LayerKV, rows: np.ndarray, bloc
     """Entries (rows[i], blocks[i]) get ``slots[i]`` of a memory tier holding k[i], v[i] ``[bs, D]``."""
     if not len(slots):
         return
-    pool = rt._pool(tier, kv)
+    pool = rt.pool(tier, kv)
     index = torch.tensor(slots, device=pool.device)
     pool.k.index_copy_(0, index, k.to(pool.device))
     pool.v.index_copy_(0, index, v.to(pool.device))
@@ -304,18 +304,18 @@ def _device_slots(rt: KVRuntime, kv: LayerKV, n: int, required: Optional[int] = 
     """``n`` device slots, at least ``required`` (default all) of them: making room by
     dropping unpinned copies where the budget is full; a clear error if it cannot."""
     required = n if required is None else required
-    slots = rt._alloc_upto(Tier.DEVICE, kv, n)
+    slots = rt.alloc_upto(Tier.DEVICE, kv, n)
     if len(slots) >= required or rt.device_home:
         return slots
     _drop_copies(rt, kv, required - len(slots))
-    slots += rt._alloc_upto(Tier.DEVICE, kv, n - len(slots))
+    slots += rt.alloc_upto(Tier.DEVICE, kv, n - len(slots))
     if len(slots) < required:                  # generations whose cache is garbage not yet collected
         gc.collect()
         rt.sweep()
         _drop_copies(rt, kv, required - len(slots))
-        slots += rt._alloc_upto(Tier.DEVICE, kv, n - len(slots))
+        slots += rt.alloc_upto(Tier.DEVICE, kv, n - len(slots))
     if len(slots) < required:
-        rt._pool(Tier.DEVICE, kv).release(slots)
+        rt.pool(Tier.DEVICE, kv).release(slots)
         raise _budget_error(rt, kv)
     return slots
 
@@ -358,7 +358,7 @@ def _evict(rt: KVRuntime, kv: LayerKV, tier: Tier, flat: np.ndarray) -> None:
     r, b = np.divmod(flat, nb)
     copies = kv.dev if tier == Tier.DEVICE else kv.host
     assert not (kv.home[r, b] == tier).any(), "a home is never evicted"
-    rt._pool(tier, kv).release(copies[r, b].tolist())
+    rt.pool(tier, kv).release(copies[r, b].tolist())
     copies[r, b] = NONE
     rt.evicted[tier.name.lower()] += flat.size
     kv.changed()
@@ -374,10 +374,10 @@ def free(rt: KVRuntime, kv: LayerKV, blocks: np.ndarray) -> None:
     sel[:, :nb] = blocks[None, :]
     dev = sel & (kv.dev >= 0)
     if dev.any():
-        rt._pool(Tier.DEVICE, kv).release(kv.dev[dev].tolist())
+        rt.pool(Tier.DEVICE, kv).release(kv.dev[dev].tolist())
     host = sel & (kv.host >= 0)
     if host.any():
-        rt._pool(Tier.HOST, kv).release(kv.host[host].tolist())
+        rt.pool(Tier.HOST, kv).release(kv.host[host].tolist())
         rt.host_homes -= int((host & (kv.home == Tier.HOST)).sum())
     disk = sel & (kv.home == Tier.DISK)
     if disk.any() and kv.session_id in rt.sessions:
@@ -449,7 +449,7 @@ def _admit(rt: KVRuntime, kv: LayerKV, plan: Plan, tier: Tier, flat: np.ndarray,
     disk once the plan's read lands (``_fill_from_disk``)."""
     if not flat.size:
         return
-    slots = rt._alloc_upto(tier, kv, flat.size)
+    slots = rt.alloc_upto(tier, kv, flat.size)
     flat = flat[:len(slots)]
     if not len(slots):
         return
@@ -458,7 +458,7 @@ def _admit(rt: KVRuntime, kv: LayerKV, plan: Plan, tier: Tier, flat: np.ndarray,
     slots = np.asarray(slots)
     from_disk = lies[flat] == Tier.DISK
     if (~from_disk).any():                            # host -> device, now: attended there this step
-        src = rt._pool(Tier.HOST, kv)
+        src = rt.pool(Tier.HOST, kv)
         index = torch.from_numpy(kv.host[r[~from_disk], b[~from_disk]])
         _write_copies(rt, tier, kv, r[~from_disk], b[~from_disk], slots[~from_disk].tolist(),
                            src.k.index_select(0, index), src.v.index_select(0, index))

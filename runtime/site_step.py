@@ -234,7 +234,7 @@ def unpin(rt: KVRuntime, plan: Plan) -> None:
         for _, r, b, slots in plan.fills:            # a read that never landed: give the slots back
             kv.pins[r, b] -= 1
         for tier, _, _, slots in plan.fills:
-            rt._pool(tier, kv).release(slots.tolist())
+            rt.pool(tier, kv).release(slots.tolist())
         plan.fills = []
 
 
@@ -244,7 +244,7 @@ def prefetch(rt: KVRuntime, plan: Plan) -> None:
     if part is None:
         return
     needed = torch.unique(part.slots[part.valid])                        # sorted
-    disk = rt._disk(plan.layer)
+    disk = rt.disk(plan.layer)
     plan.disk_slots = needed
     plan.disk_read = disk.read_async(needed.tolist())            # adjacent slots coalesced, several in flight
     rt.moved["disk->host"] += needed.numel() * disk.slot_bytes
@@ -258,7 +258,7 @@ def host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepMask, s
     parts = []
     host = None if plan.fresh_only else plan.part(Tier.HOST)
     if host is not None:
-        pool = rt._pool(Tier.HOST, kv)
+        pool = rt.pool(Tier.HOST, kv)
         parts.append(attend_part(q.cpu(), pool.k, pool.v, host, kv, _on(step, "cpu"), scale,
                                  cpu_partial_attention))
     if plan.disk_read is not None:
@@ -281,7 +281,7 @@ def device_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, k_new: torch.Te
     part = plan.part(Tier.DEVICE)
     if part is None:
         return empty_partial(q)
-    pool = rt._pool(Tier.DEVICE, plan.layer)
+    pool = rt.pool(Tier.DEVICE, plan.layer)
     return attend_part(q, pool.k, pool.v, part, plan.layer, step, scale, paged_attention)
 
 
@@ -313,7 +313,7 @@ def _fetch_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepMask,
         if tier == Tier.DISK:
             k_pool, v_pool, part = _staged_disk(rt, plan)
         else:
-            pool = rt._pool(tier, kv)
+            pool = rt.pool(tier, kv)
             k_pool, v_pool = pool.k, pool.v
         k, v, pos = gather_part(k_pool, v_pool, part, kv)
         if tier != Tier.DEVICE:
@@ -344,9 +344,9 @@ def read_window(rt: KVRuntime, kv: LayerKV, start: int, end: int) -> tuple[torch
             rows, cols = torch.nonzero(part.valid, as_tuple=True)
             slots = part.slots[rows, cols]
             if tier == Tier.DISK:
-                k, v = rt._disk(kv).read(slots.tolist())
+                k, v = rt.disk(kv).read(slots.tolist())
             else:
-                pool = rt._pool(tier, kv)
+                pool = rt.pool(tier, kv)
                 k, v = pool.k[slots.to(pool.device)], pool.v[slots.to(pool.device)]
             at = (rows.to(kv.device), (part.ids[rows, cols] - first).to(kv.device))
             k_out[at], v_out[at] = k.to(kv.device), v.to(kv.device)

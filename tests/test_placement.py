@@ -126,10 +126,38 @@ def check_counters(rt):
             nb = kv.num_blocks
             assert (kv.pins[:, :nb] == 0).all()
             held = (kv.dev[:, :nb] >= 0).sum()
-            assert held <= rt._pool(Tier.DEVICE, kv).used if rt.device_cache else True
+            assert held <= rt.pool(Tier.DEVICE, kv).used if rt.device_cache else True
             # every completed block has exactly one home
             done = kv.length // kv.block_size
             assert (kv.home[:, kv.first:done] >= 0).all()
+
+
+def assert_copies_equal(rt, kv):
+    """Every completed block reads the same bytes from each place it lies: its device copy, its
+    host copy (or host home) and its home on disk."""
+    done = kv.length // kv.block_size
+    rows, blocks = np.nonzero(kv.home[:, kv.first:done] >= 0)
+    blocks = blocks + kv.first
+    if not rows.size:
+        return
+    home_k = torch.empty((rows.size, kv.block_size, kv.head_dim))
+    home_v = torch.empty_like(home_k)
+    on_disk = kv.home[rows, blocks] == Tier.DISK
+    if on_disk.any():
+        k, v = rt.disk(kv).read(kv.home_slot[rows[on_disk], blocks[on_disk]].tolist())
+        home_k[torch.from_numpy(on_disk)], home_v[torch.from_numpy(on_disk)] = k, v
+    for tier, slots in ((Tier.HOST, kv.host), (Tier.DEVICE, kv.dev)):
+        held = slots[rows, blocks] >= 0
+        if not held.any():
+            continue
+        pool = rt.pool(tier, kv)
+        at = torch.from_numpy(slots[rows[held], blocks[held]])
+        if tier == Tier.HOST:                          # host homes are the reference where there is no disk home
+            fill = torch.from_numpy(held & ~on_disk)
+            home_k[fill], home_v[fill] = pool.k[torch.from_numpy(slots[rows, blocks][held & ~on_disk])], \
+                pool.v[torch.from_numpy(slots[rows, blocks][held & ~on_disk])]
+        mask = torch.from_numpy(held)
+        assert torch.equal(pool.k[at], home_k[mask]) and torch.equal(pool.v[at], home_v[mask]), tier
 
 
 @pytest.mark.parametrize("cache_policy", ["attention", "lru", "none"])
@@ -179,6 +207,7 @@ def test_tiers_and_policies_give_the_selected_answer(tmp_path, cache_policy, att
             ref = (torch.softmax(s, -1) @ va.view(batch, hkv, 1, -1, d).double()).reshape(batch, hkv * g, 1, d)
             torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
             check_counters(rt)
+            assert_copies_equal(rt, kv)
     st = rt.stats()
     assert sum(st.served.values()) > 0
     for kv in session.layers.values():

@@ -40,8 +40,8 @@ def test_long_prompt_three_tiers_token_identical(smollm2):
         del cache
     finally:
         model.forward = eager
-    ref, out = greedy_both(model, ids, 32, **THREE_TIERS)
-    assert torch.equal(ref, out), (ref[0, -32:].tolist(), out[0, -32:].tolist())
+    ref, out = greedy_both(model, ids, 20, **THREE_TIERS)
+    assert torch.equal(ref, out), (ref[0, -20:].tolist(), out[0, -20:].tolist())
     st = kvdrive_compile.stats()
     assert st.moved_bytes["device->host"] > 0 and st.moved_bytes["host->disk"] > 0
     assert st.moved_bytes["disk->host"] > 0
