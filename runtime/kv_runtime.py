@@ -45,6 +45,7 @@ class Session:
     disk_files: dict[tuple, DiskFile] = field(default_factory=dict)
     plans: dict[int, Plan] = field(default_factory=dict)
     sites: int = 1                     # attention layers of the model (the graph says; at least)
+    typical_demand: int = 0            # entries a ranked layer selects per step (for layers not seen yet)
     closed: bool = False
 
 

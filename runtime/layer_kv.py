@@ -61,6 +61,7 @@ class LayerKV:
     step: int = 0                                  # decode steps planned so far
     pinned_front: int = 1                          # sink blocks kept on the device
     pinned_back: int = 5                           # local-window blocks (and the open one) kept there
+    demand: int = 0                                # (row, block) entries a decode step selects
     summaries: Optional[BlockSummaries] = None
     fresh: Optional[Fresh] = None
     home: np.ndarray = field(default=None, repr=False)

@@ -117,10 +117,16 @@ def _empty() -> np.ndarray:
 # -- the moves ------------------------------------------------------------------------------
 
 def _device_share(rt: KVRuntime, kv: LayerKV) -> int:
-    """Device slots this layer may keep (its share of the device budget)."""
-    limit = rt.budgets[Tier.DEVICE].limit or 0
-    sites = rt.sessions[kv.session_id].sites
-    return limit // slot_bytes(rt.block_size, kv.head_dim, kv.dtype) // max(1, sites)
+    """Device slots this layer may keep: its share of the device budget, in proportion to what
+    its steps select (a layer attended exactly selects every block, a ranked one its budget);
+    layers not seen yet are counted as ranked ones."""
+    slots = (rt.budgets[Tier.DEVICE].limit or 0) // slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
+    session = rt.sessions[kv.session_id]
+    known = [layer.demand for layer in session.layers.values()]
+    total = sum(known) + max(0, session.sites - len(known)) * session.typical_demand
+    if not kv.demand or not total:
+        return slots // max(1, session.sites)
+    return slots * kv.demand // total
 
 
 def _host_share(rt: KVRuntime, kv: LayerKV) -> int:

@@ -19,7 +19,7 @@ from . import placement
 from .block_attention import StepMask, attend, attend_gathered, attend_part, empty_partial, gather_part, to_bias
 from .kv_runtime import KVRuntime, Session
 from .layer_kv import LayerKV, TierPart, tier_part
-from .selection import EXACT, SelectionPolicy, select_scored, window_blocks
+from .selection import EXACT, SelectionPolicy, scored, select_scored, window_blocks
 from .standins import StandInKey, is_standin_like, token_span
 from .tiers import Tier
 from ..kernels.cpu_attention import cpu_partial_attention
@@ -190,6 +190,7 @@ def plan_step(rt: KVRuntime, kv: LayerKV, past_len: int, new_len: int, q: torch.
     with rt.lock:
         kv.pinned_front = -(-policy.sink_tokens // bs) if policy.sink_tokens else 0
         kv.pinned_back = -(-policy.local_window // bs) + 1
+        _expect_demand(rt, kv, policy)
         placement.place_fresh(rt, kv, placement.warm_scores(rt, kv, policy, q, scale))
         if past_len == 0:
             selected = window_blocks(kv, start, end).expand(kv.rows, -1)
@@ -204,6 +205,17 @@ def plan_step(rt: KVRuntime, kv: LayerKV, past_len: int, new_len: int, q: torch.
             rt.selected_blocks[tier.name.lower()] += 0 if part is None else int(part.valid.sum())
         _pin(rt, plan)
         return plan
+
+
+def _expect_demand(rt: KVRuntime, kv: LayerKV, policy: SelectionPolicy) -> None:
+    """How many (row, block) entries the layer's decode steps select (its share of the device
+    cache follows it): every block of a layer that is not ranked, the budget's of one that is."""
+    nb = kv.num_blocks - kv.first
+    budget = policy.budget_tokens(kv.length)
+    ranked = None if budget is None else min(nb, max(1, budget // kv.block_size))
+    kv.demand = kv.rows * (ranked if ranked is not None and scored(kv, policy) else nb)
+    session = rt.sessions[kv.session_id]
+    session.typical_demand = kv.rows * (nb if ranked is None else ranked)
 
 
 def _pin(rt: KVRuntime, plan: Plan) -> None:

@@ -116,6 +116,7 @@ def test_truncated_file_is_caught(tmp_path):
     # a later block extends the file again: the cut bytes now read as zeros, not short
     k = torch.randn(1, 2, 16, D)
     placement.append(rt, kv, k, k)
+    f.flush()                                                     # its home write is in the background
     assert os.fstat(f.fd).st_size > f.offset(row0[3])
     with pytest.raises(KVIntegrityError, match="layer 0"):
         attend_disk(rt, kv, torch.randn(1, 4, 1, D))

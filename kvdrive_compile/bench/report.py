@@ -338,7 +338,14 @@ def validate(result: dict) -> None:
 def write_json(result: dict, path: str) -> None:
     validate(result)
     with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump(result, f, indent=1, default=_plain)
+
+
+def _plain(value):
+    """numpy scalars (a bool from a numpy comparison, a float64) as the Python values JSON knows."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 # -- plots -------------------------------------------------------------------------------------
