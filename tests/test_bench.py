@@ -491,7 +491,10 @@ def test_smoke_preset_end_to_end(smollm2, tmp_path):
     assert up["fetch-all"] > up["sparse-fetch"] > 0
     assert rows["kvdrive"]["moved_per_token"]["host->device"] == 0
     assert rows["kvdrive"]["peak_bytes"]["device"] <= sweep["budgets"]["device_memory"]
-    assert rows["kvdrive"]["peak_bytes"]["disk"] > 0 and 0 < rows["kvdrive"]["cpu_attention_share"] < 1
+    # KV spilled to disk; the device cache served part of the selection (at this small point,
+    # where the device holds 45 % of the KV, it may serve all of it: then nothing runs on the CPU)
+    assert rows["kvdrive"]["peak_bytes"]["disk"] > 0 and rows["kvdrive"]["hit_rate"] > 0
+    assert 0 <= rows["kvdrive"]["cpu_attention_share"] < 1
     assert rows["dense"]["status"] == "over budget"
     result["projection"] = projection.project(result, ["h100-pcie5-nvme"])
     report.write_json(result, str(tmp_path / "results.json"))
