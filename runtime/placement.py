@@ -51,8 +51,9 @@ class KVBudgetError(ValueError):
     """A byte budget cannot hold what a step must keep in place."""
 
 CACHE_POLICIES = ("attention", "lru", "none")
-# Decode steps of selection history a block is kept cached for (benchmarks/RESULTS.md, "reuse
-# window": on the disk preset 4 kept the device hit rate within a point of 8 at half the churn)
+# Decode steps of selection history a block is kept cached for. 4: the published measurements
+# (95-100 % of a step's selection was selected in one of the last 5 steps); a sweep on the disk
+# preset is benchmarks/reuse_window.py (benchmarks/RESULTS.md)
 DEFAULT_REUSE_WINDOW = 4
 
 
