@@ -50,6 +50,7 @@ WARM_QUERIES = 16
 class KVBudgetError(ValueError):
     """A byte budget cannot hold what a step must keep in place."""
 
+
 CACHE_POLICIES = ("attention", "lru", "none")
 # Decode steps of selection history a block is kept cached for. 4: the published measurements
 # (95-100 % of a step's selection was selected in one of the last 5 steps); a sweep on the disk
