@@ -201,7 +201,7 @@ class KVRuntime:
             f = DiskFile(self.disk_dir(), name, kv.dtype, self.block_size, kv.head_dim, self.submit_io,
                          queue_depth=self.io_threads)
             session.disk_files[key] = f
-            self.disk_bypass = getattr(f, "cache_bypass", "")
+            self.disk_bypass = f.cache_bypass
         return f
 
     def submit_io(self, fn, *args) -> Future:
@@ -216,14 +216,7 @@ class KVRuntime:
 
     def alloc_upto(self, tier: Tier, kv: LayerKV, n: int) -> list[int]:
         """Up to ``n`` slots of a memory tier, as many as its budget has room for."""
-        pool = self.pool(tier, kv)
-        got = pool.alloc(n) if n else []
-        if got is not None:
-            return got
-        room = pool.budget.room()
-        fit = len(pool.free) + (0 if room is None else room // pool.slot_bytes)
-        got = pool.alloc(min(n, fit)) if fit > 0 else None
-        return got or []
+        return self.pool(tier, kv).alloc_upto(n)
 
     # -- stats -----------------------------------------------------------------------------
 
@@ -247,7 +240,7 @@ class KVRuntime:
                         n = int(held.sum())
                         tiers[name].resident_blocks += n
                         tiers[name].resident_bytes += n * sb
-                bypass.update(getattr(f, "cache_bypass", "") for f in session.disk_files.values())
+                bypass.update(f.cache_bypass for f in session.disk_files.values())
             disk = tiers["disk"]
             disk.reserved_bytes = sum(f.capacity * f.stride for s in self.sessions.values()
                                       for f in s.disk_files.values())

@@ -71,7 +71,7 @@ class LayerKV:
     last_selected: np.ndarray = field(default=None, repr=False)
     score: np.ndarray = field(default=None, repr=False)
     pins: np.ndarray = field(default=None, repr=False)
-    _table: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
+    _table: Optional[tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.summaries is None:
@@ -128,20 +128,21 @@ class LayerKV:
         return None if self.length % self.block_size == 0 else self.length // self.block_size
 
     def where(self) -> tuple[np.ndarray, np.ndarray]:
-        """Where attention reads each (row, block): tier ``[rows, nb]`` (-1: not held) and slot."""
-        n = self.num_blocks
-        dev, host, home = self.dev[:, :n], self.host[:, :n], self.home[:, :n]
-        tier = np.where(dev >= 0, int(Tier.DEVICE),
-                        np.where(host >= 0, int(Tier.HOST), np.where(home == Tier.DISK, int(Tier.DISK), NONE)))
-        slot = np.where(dev >= 0, dev, np.where(host >= 0, host, self.home_slot[:, :n]))
-        return tier.astype(np.int64), slot
+        """Where attention reads each (row, block): tier ``[rows, nb]`` int64 (-1: not held) and
+        slot, its fastest copy; kept until the blocks change (read-only)."""
+        if self._table is None:
+            n = self.num_blocks
+            dev, host, home = self.dev[:, :n], self.host[:, :n], self.home[:, :n]
+            tier = np.where(dev >= 0, int(Tier.DEVICE),
+                            np.where(host >= 0, int(Tier.HOST), np.where(home == Tier.DISK, int(Tier.DISK), NONE)))
+            slot = np.where(dev >= 0, dev, np.where(host >= 0, host, self.home_slot[:, :n]))
+            self._table = (tier.astype(np.int64), np.ascontiguousarray(slot))
+        return self._table
 
     def table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(tier [rows, nblocks], slot [rows, nblocks])`` int64 by logical block id (tier -1: not held)."""
-        if self._table is None:
-            tier, slot = self.where()
-            self._table = (torch.from_numpy(np.ascontiguousarray(tier)), torch.from_numpy(np.ascontiguousarray(slot)))
-        return self._table
+        """``where()`` as int64 tensors ``(tier [rows, nblocks], slot [rows, nblocks])``."""
+        tier, slot = self.where()
+        return torch.from_numpy(tier), torch.from_numpy(slot)
 
     def changed(self) -> None:
         """Blocks were added, moved or dropped: the cached table is stale."""

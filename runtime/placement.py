@@ -277,7 +277,7 @@ def _write_homes(rt: KVRuntime, kv: LayerKV, ids: list[int], data) -> None:
         r = np.tile(np.arange(rows), n_host)
         b = np.repeat(np.array(host_ids), rows)
         _write_copies(rt, Tier.HOST, kv, r, b, slots[:n_host * rows], k.reshape(-1, *k.shape[2:]),
-                           v.reshape(-1, *v.shape[2:]), home=True)
+                      v.reshape(-1, *v.shape[2:]), home=True)
         rt.moved["device->host"] += n_host * rows * sb
     if disk_ids:
         disk = rt.disk(kv)
@@ -407,6 +407,8 @@ def warm_scores(rt: KVRuntime, kv: LayerKV, policy: SelectionPolicy, q: torch.Te
     if fresh is None or not rt.device_cache or not scored(kv, policy):
         return None
     ids = torch.arange(fresh.first, fresh.first + fresh.k.shape[0])
+    if kv.pinned_blocks()[ids.numpy()].all():         # a decode step's new block: pinned, no choice to make
+        return None
     return block_scores(kv, policy, q[:, :, -WARM_QUERIES:], ids, scale).numpy()
 
 
@@ -437,7 +439,7 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan, scores: Optional[torch.Te
         admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, plan.fetch)
         _evict(rt, kv, Tier.DEVICE, evict)
         _admit(rt, kv, plan, Tier.DEVICE, admit, tier.reshape(-1))
-    if rt.budgets[Tier.HOST].limit is not None:
+    if rt.budgets[Tier.HOST].limit is not None and (kv.home[:, :nb] == Tier.DISK).any():
         tier, _ = kv.where()
         on_disk = tier == Tier.DISK
         for _, r, b, _ in plan.fills:                 # on their way to the device already
@@ -470,12 +472,10 @@ def _admit(rt: KVRuntime, kv: LayerKV, plan: Plan, tier: Tier, flat: np.ndarray,
         src = rt.pool(Tier.HOST, kv)
         index = torch.from_numpy(kv.host[r[~from_disk], b[~from_disk]])
         _write_copies(rt, tier, kv, r[~from_disk], b[~from_disk], slots[~from_disk].tolist(),
-                           src.k.index_select(0, index), src.v.index_select(0, index))
+                      src.k.index_select(0, index), src.v.index_select(0, index))
         rt.moved["host->device"] += int((~from_disk).sum()) * src.slot_bytes
-    if from_disk.any():
+    if from_disk.any():               # the slots are reserved now and linked to their entries once filled
         plan.fills.append((tier, r[from_disk], b[from_disk], slots[from_disk]))
-        # reserved now, held by no entry until filled: pinned so no one takes them
-        kv.pins[r[from_disk], b[from_disk]] += 1
     rt.admitted[tier.name.lower()] += len(slots)
 
 
@@ -486,7 +486,6 @@ def fill_from_disk(rt: KVRuntime, plan: Plan, k: torch.Tensor, v: torch.Tensor) 
     with rt.lock:
         fills, plan.fills = plan.fills, []
         for tier, r, b, slots in fills:
-            kv.pins[r, b] -= 1
             at = torch.searchsorted(plan.disk_slots, torch.from_numpy(kv.home_slot[r, b]))
             _write_copies(rt, tier, kv, r, b, slots.tolist(), k[at], v[at])
             if tier == Tier.DEVICE:

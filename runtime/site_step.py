@@ -182,7 +182,7 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) ->
 
 
 def plan_step(rt: KVRuntime, kv: LayerKV, past_len: int, new_len: int, q: torch.Tensor,
-         policy: SelectionPolicy = EXACT, scale: float = 1.0) -> Plan:
+              policy: SelectionPolicy = EXACT, scale: float = 1.0) -> Plan:
     """Select what the site attends in the window ``[length - past - new, length)``, and
     move copies as the cache policy says."""
     start, end = kv.length - past_len - new_len, kv.length
@@ -243,9 +243,7 @@ def unpin(rt: KVRuntime, plan: Plan) -> None:
         if plan.pinned:
             np.subtract.at(kv.pins, plan.pinned, 1)
             plan.pinned = ()
-        for _, r, b, slots in plan.fills:            # a read that never landed: give the slots back
-            kv.pins[r, b] -= 1
-        for tier, _, _, slots in plan.fills:
+        for tier, _, _, slots in plan.fills:         # a read that never landed: give the slots back
             rt.pool(tier, kv).release(slots.tolist())
         plan.fills = []
 

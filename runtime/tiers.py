@@ -114,6 +114,14 @@ class BlockPool:
         del self.free[-n:]
         return out
 
+    def alloc_upto(self, n: int) -> list[int]:
+        """Up to ``n`` free slots: as many as the budget has room for."""
+        if n <= 0:
+            return []
+        room = self.budget.room()
+        fit = n if room is None else min(n, len(self.free) + room // self.slot_bytes)
+        return (self.alloc(fit) or []) if fit > 0 else []
+
     def release(self, slots: list[int]) -> None:
         self.free.extend(slots)
 
