@@ -2,6 +2,7 @@
 
     kvdrive eval --preset smoke        offline long-context accuracy (kvdrive_compile.eval)
     kvdrive bench --preset cpu         throughput and bytes moved vs the peers' designs (kvdrive_compile.bench)
+    kvdrive trace summary steps.json   where a traced run's steps spent their time (kvdrive_compile.trace_cli)
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import logging
 from typing import Optional
 
+from . import trace_cli
 from .bench import cli as bench_cli
 from .eval import cli as eval_cli
 
@@ -20,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     eval_cli.add_parser(commands)
     bench_cli.add_parser(commands)
+    trace_cli.add_parser(commands)
     return ap
 
 
