@@ -3,7 +3,8 @@
 Layout under ``dump_dir``::
 
     graph000/01.find_attention_sites.before.py   ... one pair per pass
-    graph000/summary.txt                          sites found / rewritten / skipped, bindings
+    graph000/summary.txt                          sites found / rewritten / skipped, bindings,
+                                                  the schedule (where each layer's reads are issued)
     graph000/summary.json                         the same, for tools
 
 The graphs also go to ``torch._logging.trace_structured`` for TORCH_TRACE / tlparse users.
@@ -75,6 +76,7 @@ def summarize(ctx: "PassContext") -> dict:
             for s in ctx.sites
         ],
         "materialized": ctx.materialized,
+        "schedule": ctx.schedule,
     }
 
 
@@ -89,4 +91,17 @@ def render_summary(data: dict) -> str:
         out += ("\ncached KV read outside a rewritten site, gathered from the runtime each step (exact, slower):\n"
                 + tabulate([[k, ", ".join(v)] for k, v in data["materialized"].items()], headers=["cache input", "read by"])
                 + "\n")
-    return out
+    return out + render_schedule(data.get("schedule") or {})
+
+
+def render_schedule(schedule: dict) -> str:
+    """The schedule pass's per-layer table: what each layer's ahead-read waits for, how many
+    layers of attention run between its issue and the layer's select, and the positions (node
+    index in graph order) of its stages: host start < device start < merge."""
+    if not schedule.get("layers"):
+        return ""
+    rows = [[r["layer"], r["ahead_after"], r["layers_ahead"], r["ahead"], r["select"], r["prefetch"],
+             f"{r['host_start']} < {r['device_start']} < {r['merge']}"] for r in schedule["layers"]]
+    return (f"\nschedule (prefetch_depth={schedule['depth']}): {schedule['moved']} nodes moved\n"
+            + tabulate(rows, headers=["layer", "ahead issued after", "layers ahead", "ahead", "select",
+                                      "prefetch", "host < device < merge"]) + "\n")

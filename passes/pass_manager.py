@@ -22,6 +22,8 @@ class PassContext:
     graph_index: the n-th graph compiled.
     layer_ids: a site's layer number by its module path, shared by all graphs of a runtime so
     that the prefill and decode graphs name a layer alike.
+    prefetch_depth: how many layers ahead the schedule pass issues a layer's disk reads (0: when
+    the layer starts); schedule: what that pass decided (see passes/schedule.py).
     """
 
     runtime_id: int
@@ -34,6 +36,8 @@ class PassContext:
     materialized: dict[str, list[str]] = field(default_factory=dict)   # cache input -> its readers
     is_standin: Callable[[Any], bool] = lambda t: False                # the runtime made this tensor
     pass_seconds: dict[str, float] = field(default_factory=dict)
+    prefetch_depth: int = 0
+    schedule: dict = field(default_factory=dict)
 
     @property
     def rewritten(self) -> list[AttentionSite]:
