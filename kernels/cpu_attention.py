@@ -524,3 +524,23 @@ def warm_up() -> None:
         table = torch.tensor([[[0] * 8 + [1] * 8]], dtype=torch.int32)    # 16 blocks: split path
         lens = torch.full_like(table, 16)
         cpu_partial_attention(torch.zeros(1, 1, 64), pool, pool, table, lens, 1.0)
+
+
+def concurrent_launch_safe() -> bool:
+    """Whether two threads may run the kernel at once: numba's TBB and OpenMP threading
+    layers take parallel launches from several threads; its fallback, "workqueue", does not
+    (it aborts the process on a concurrent launch)."""
+    import numba
+
+    layer = numba.config.THREADING_LAYER
+    if layer == "workqueue":
+        return False
+    if layer in ("tbb", "omp"):
+        return True
+    for pool in ("tbbpool", "omppool"):                 # "default", "safe", "threadsafe": the first that loads
+        try:
+            __import__(f"numba.np.ufunc.{pool}")
+            return True
+        except ImportError:
+            continue
+    return False

@@ -22,6 +22,7 @@ from .passes.find_attention import FindAttentionSites
 from .passes.guard_standins import GuardStandIns
 from .passes.pass_manager import PassContext, PassManager
 from .passes.rewrite_attention import RewriteAttention
+from .passes.schedule import ScheduleSites
 from .passes.sites import AttentionSite
 from .passes.verify import VerifyGraph
 from .runtimes import is_standin, policy_for, runtime_for
@@ -52,7 +53,7 @@ _layer_ids: dict[int, dict[str, int]] = {}           # runtime id -> module path
 
 
 def default_passes() -> list:
-    return [FindAttentionSites(), BindKVCache(), RewriteAttention(), GuardStandIns(), VerifyGraph()]
+    return [FindAttentionSites(), BindKVCache(), RewriteAttention(), GuardStandIns(), ScheduleSites(), VerifyGraph()]
 
 
 def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
@@ -69,7 +70,7 @@ def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
         log.info("kvdrive ignores mode=%r", mode)
     rid = runtime_for(opts)
     ctx = PassContext(runtime_id=rid, policy_id=policy_for(opts), graph_index=next(_graph_ids),
-                      layer_ids=_layer_ids.setdefault(rid, {}),
+                      layer_ids=_layer_ids.setdefault(rid, {}), prefetch_depth=opts.prefetch_depth,
                       dump_dir=opts.dump_dir, example_inputs=list(example_inputs), is_standin=is_standin)
     PassManager(default_passes()).run(gm, ctx)
     _report_skips(ctx)

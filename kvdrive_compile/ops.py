@@ -4,11 +4,15 @@ One decode step of one attention site::
 
     step = open_step(past_k0, k_new0, rt, sites)   # once per graph: which session
     k_si, v_si, ticket = append(step, past_k, past_v, k_new, v_new)
+    ahead = prefetch_ahead(step, after, layer)     # start reading what the layer's last step selected
     plan = select(ticket, q, scale, policy)        # what to attend, where it lies
-    plan = prefetch(plan)                          # start disk -> host reads
-    out_h, lse_h = cpu_partial_attention(plan, q, mask)     # host + disk blocks, on the CPU
-    out_d, lse_d = sparse_attention(plan, q, k_new, v_new, mask)  # device blocks
-    out = merge(plan, q, out_d, lse_d, out_h, lse_h)
+    plan = prefetch(plan, ahead)                   # start the rest of the disk -> host reads
+    host = host_attention(plan, q, mask)           # host + disk blocks: started on the CPU worker
+    out_d, lse_d = sparse_attention(plan, q, k_new, v_new, mask)  # device blocks, meanwhile
+    out = merge(host, q, out_d, lse_d)             # waits for the CPU part, merges
+
+The scheduling pass (passes/schedule.py) moves ``prefetch_ahead`` up to ``prefetch_depth``
+layers ahead (``after``: the node it must follow).
 
 Handles (``step``, ``ticket``, ``plan``) are small int64 CPU tensors: the order of the stages
 is carried by data, so none is dead code. Tensor shapes: q ``[B, Hq, Q, D]``; k_new, v_new
@@ -63,7 +67,7 @@ def append(step: Tensor, past_k: Tensor, past_v: Tensor, k_new: Tensor, v_new: T
     """
     rid, sid = step.tolist()
     rt = get_runtime(rid)
-    with rt.timed("append", sid):
+    with rt.timed("append", sid, layer):
         k_si, v_si, past = site_step.append(rt, rt.session(sid), layer, past_k, past_v, k_new, v_new, keeps_last)
     return k_si, v_si, _handle(rid, sid, layer, past, k_new.shape[2])
 
@@ -114,7 +118,7 @@ def select(ticket: Tensor, q: Tensor, scale: float, policy_id: int) -> Tensor:
     policy's settings). Returns a plan ``[runtime, session, plan]``."""
     rid, sid, layer, past, new = ticket.tolist()
     rt = get_runtime(rid)
-    with rt.timed("select", sid):
+    with rt.timed("select", sid, layer):
         pid = site_step.select(rt, rt.session(sid), layer, past, new, q, get_policy(policy_id), scale)
     return _handle(rid, sid, pid)
 
@@ -124,42 +128,61 @@ def _(ticket, q, scale, policy_id):
     return _fake_handle(3)
 
 
+@torch.library.custom_op("kvdrive::prefetch_ahead", mutates_args=())
+def prefetch_ahead(step: Tensor, after: Tensor, layer: int) -> Tensor:
+    """Start reading (disk -> host) what ``layer``'s last decode step selected, before its
+    step asks. after: a handle this must follow (carries the order the scheduler chose).
+    Returns ``[runtime, session, layer]``."""
+    rid, sid = step.tolist()[:2]
+    rt = get_runtime(rid)
+    with rt.timed("prefetch", sid, layer, event="prefetch_ahead"):
+        site_step.prefetch_ahead(rt, rt.session(sid), layer)
+    return _handle(rid, sid, layer)
+
+
+@prefetch_ahead.register_fake
+def _(step, after, layer):
+    return _fake_handle(3)
+
+
 @torch.library.custom_op("kvdrive::prefetch", mutates_args=())
-def prefetch(plan: Tensor) -> Tensor:
-    """Start moving what the plan needs (disk -> host reads) on the I/O threads."""
+def prefetch(plan: Tensor, ahead: Tensor) -> Tensor:
+    """Start the disk -> host reads the plan needs on the I/O threads, taking what the
+    layer's ``prefetch_ahead`` read already."""
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
-    with rt.timed("prefetch", sid):
-        site_step.prefetch(rt, site_step.plan_of(rt, sid, pid))
+    p = site_step.plan_of(rt, sid, pid)
+    with rt.timed("prefetch", sid, p.layer.layer):
+        site_step.prefetch(rt, p)
     return plan.clone()
 
 
 @prefetch.register_fake
-def _(plan):
+def _(plan, ahead):
     return _fake_handle(3)
 
 
-@torch.library.custom_op("kvdrive::cpu_partial_attention", mutates_args=())
-def cpu_partial_attention(plan: Tensor, q: Tensor, mask: Optional[Tensor], scale: float,
-                          is_causal: bool) -> tuple[Tensor, Tensor]:
-    """Attention over the plan's host- and disk-resident blocks, computed on the CPU where
-    they lie. mask: bool (True = attend) or additive, broadcastable to ``[B, Hq, Q, P + n]``."""
+@torch.library.custom_op("kvdrive::host_attention", mutates_args=())
+def host_attention(plan: Tensor, q: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool) -> Tensor:
+    """Start attention over the plan's host- and disk-resident blocks on the CPU worker, where
+    they lie (the merge waits for it). mask: bool (True = attend) or additive, broadcastable to
+    ``[B, Hq, Q, P + n]``. Returns the plan."""
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
-    with rt.timed("cpu_attention", sid):
-        p = site_step.plan_of(rt, sid, pid)
-        out, lse = site_step.host_attention(rt, p, q, site_step.step_mask(p, mask, is_causal), scale)
-    return out.contiguous(), lse.contiguous()                  # the strides the fake impl gives
+    p = site_step.plan_of(rt, sid, pid)
+    with rt.timed("cpu_attention", sid, p.layer.layer, event="cpu_start"):
+        site_step.start_host_attention(rt, p, q, site_step.step_mask(p, mask, is_causal), scale)
+    return plan.clone()
+
+
+@host_attention.register_fake
+def _(plan, q, mask, scale, is_causal):
+    return _fake_handle(3)
 
 
 def _fake_partial(q: Tensor) -> tuple[Tensor, Tensor]:
     b, h, n, d = q.shape
     return q.new_empty((b, h, n, d), dtype=torch.float32), q.new_empty((b, h, n), dtype=torch.float32)
-
-
-@cpu_partial_attention.register_fake
-def _(plan, q, mask, scale, is_causal):
-    return _fake_partial(q)
 
 
 @torch.library.custom_op("kvdrive::sparse_attention", mutates_args=())
@@ -168,8 +191,8 @@ def sparse_attention(plan: Tensor, q: Tensor, k_new: Tensor, v_new: Tensor, mask
     """Attention over the plan's device-resident blocks (on a prefill: the new tokens)."""
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
-    with rt.timed("device_attention", sid):
-        p = site_step.plan_of(rt, sid, pid)
+    p = site_step.plan_of(rt, sid, pid)
+    with rt.timed("device_attention", sid, p.layer.layer):
         out, lse = site_step.device_attention(rt, p, q, k_new, v_new, site_step.step_mask(p, mask, is_causal), scale)
     return out.contiguous(), lse.contiguous()
 
@@ -180,18 +203,21 @@ def _(plan, q, k_new, v_new, mask, scale, is_causal):
 
 
 @torch.library.custom_op("kvdrive::merge", mutates_args=())
-def merge(plan: Tensor, q: Tensor, out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
-    """Log-sum-exp merge of the two partial results: the attention output ``[B, Hq, Q, D]``
-    in q's dtype. Ends the plan."""
+def merge(plan: Tensor, q: Tensor, out_d: Tensor, lse_d: Tensor) -> Tensor:
+    """Wait for the plan's CPU part, then log-sum-exp merge it with the device part: the
+    attention output ``[B, Hq, Q, D]`` in q's dtype. Ends the plan."""
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
-    with rt.timed("merge", sid):
+    p = site_step.plan_of(rt, sid, pid)
+    with rt.timed("cpu_attention", sid, p.layer.layer, event="cpu_wait"):
+        host = site_step.finish_host_attention(rt, p, q)
+    with rt.timed("merge", sid, p.layer.layer):
         site_step.end_plan(rt, rt.session(sid), pid)
-        return site_step.merge([(out_a, lse_a), (out_b, lse_b)], q.dtype).contiguous()
+        return site_step.merge([(out_d, lse_d), host], q.dtype).contiguous()
 
 
 @merge.register_fake
-def _(plan, q, out_a, lse_a, out_b, lse_b):
+def _(plan, q, out_d, lse_d):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -199,8 +225,9 @@ OPS = {
     "open_step": torch.ops.kvdrive.open_step.default,
     "append": torch.ops.kvdrive.append.default,
     "select": torch.ops.kvdrive.select.default,
+    "prefetch_ahead": torch.ops.kvdrive.prefetch_ahead.default,
     "prefetch": torch.ops.kvdrive.prefetch.default,
-    "cpu_partial_attention": torch.ops.kvdrive.cpu_partial_attention.default,
+    "host_attention": torch.ops.kvdrive.host_attention.default,
     "sparse_attention": torch.ops.kvdrive.sparse_attention.default,
     "merge": torch.ops.kvdrive.merge.default,
     "materialize": torch.ops.kvdrive.materialize.default,

@@ -11,6 +11,9 @@ from typing import Any, Optional, Union
 from .runtime.placement import CACHE_POLICIES, DEFAULT_REUSE_WINDOW
 from .runtime.selection import SelectionPolicy
 
+# layers ahead at which ahead-of-need disk reads are issued (the scheduling pass places them)
+DEFAULT_PREFETCH_DEPTH = 2
+
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
           "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4,
           "tib": 1 << 40}
@@ -49,7 +52,9 @@ class KVDriveOptions:
     directory). dump_dir: where pass-inspection dumps go (default: $KVDRIVE_DUMP_DIR, else none).
     cache_policy: what the device (and host) tier keeps between decode steps, ``CACHE_POLICIES``;
     reuse_window: decode steps of selection history a block is kept cached for
-    (``runtime/placement.py``).
+    (``runtime/placement.py``). prefetch_depth: layers ahead at which a layer's ahead-of-need
+    disk reads start (the scheduling pass places them; 0: when the layer starts). trace: a
+    Chrome-trace JSON file the runtime writes its timeline to (default: $KVDRIVE_TRACE, else none).
     """
 
     block_size: int = 16
@@ -59,12 +64,14 @@ class KVDriveOptions:
     dump_dir: Optional[str] = None
     cache_policy: str = "attention"
     reuse_window: int = DEFAULT_REUSE_WINDOW
+    prefetch_depth: int = DEFAULT_PREFETCH_DEPTH
+    trace: Optional[str] = None
     policy: SelectionPolicy = SelectionPolicy()
 
     def runtime_key(self) -> tuple:
         """Compiled functions with equal runtime options share one runtime (and its budgets)."""
         return (self.block_size, self.device_memory, self.host_memory, self.disk_dir, self.cache_policy,
-                self.reuse_window)
+                self.reuse_window, self.trace)
 
 
 def valid_keys() -> list[str]:
@@ -119,8 +126,8 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
     reuse = options.get("reuse_window", DEFAULT_REUSE_WINDOW)
     if isinstance(reuse, bool) or not isinstance(reuse, int) or reuse < 1:
         raise ValueError(f"reuse_window={reuse!r}: must be an int >= 1 (decode steps of selection history)")
-    for name in ("sink_tokens", "local_window", "dense_layers"):
-        value = options.get(name, getattr(SelectionPolicy, name))
+    for name in ("sink_tokens", "local_window", "dense_layers", "prefetch_depth"):
+        value = options.get(name, getattr(SelectionPolicy, name, DEFAULT_PREFETCH_DEPTH))
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r}: must be an int >= 0")
     disk_dir = options.get("disk_dir")
@@ -131,6 +138,13 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
         dump_dir = os.path.abspath(os.path.expanduser(str(dump_dir)))
         os.makedirs(dump_dir, exist_ok=True)
         _check_dir(dump_dir, "dump_dir")
+    trace = options.get("trace", os.environ.get("KVDRIVE_TRACE") or None)
+    if trace is not None:
+        if not isinstance(trace, (str, os.PathLike)):
+            raise TypeError(f"trace={trace!r}: pass the path of the JSON file to write, or None")
+        trace = os.path.abspath(os.path.expanduser(str(trace)))
+        if not os.path.isdir(os.path.dirname(trace)):
+            raise ValueError(f"trace {trace!r}: its directory does not exist; create it or pass another path")
     policy_keys = [f.name for f in fields(SelectionPolicy)]
     return KVDriveOptions(
         block_size=block_size,
@@ -140,5 +154,7 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
         dump_dir=dump_dir,
         cache_policy=options.get("cache_policy", "attention"),
         reuse_window=reuse,
+        prefetch_depth=options.get("prefetch_depth", DEFAULT_PREFETCH_DEPTH),
+        trace=trace,
         policy=SelectionPolicy(**{k: options[k] for k in policy_keys if k in options}),
     )

@@ -32,7 +32,7 @@ def runtime_for(options: KVDriveOptions) -> int:
             rid = next(_ids)
             _by_id[rid] = KVRuntime(options.block_size, options.device_memory, options.host_memory,
                                     options.disk_dir, cache_policy=options.cache_policy,
-                                    reuse_window=options.reuse_window)
+                                    reuse_window=options.reuse_window, trace=options.trace)
             _by_key[key] = rid
         _last[:] = [rid]
         return rid

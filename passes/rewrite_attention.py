@@ -4,10 +4,11 @@
 
     step           = open_step(past_k, k_new of the first site, runtime_id, sites)  # once per graph
     k_si, v_si, t  = append(step, past_k, past_v, k_new, v_new, layer)    # right after the cats
-    plan           = prefetch(select(t, q, scale, policy))
-    out_h, lse_h   = cpu_partial_attention(plan, q, mask, scale, causal)
+    ahead          = prefetch_ahead(step, step, layer)    # the scheduling pass may move it earlier
+    plan           = prefetch(select(t, q, scale, policy), ahead)
+    host           = host_attention(plan, q, mask, scale, causal)          # started on the CPU worker
     out_d, lse_d   = sparse_attention(plan, q, k_new, v_new, mask, scale, causal)
-    out            = merge(plan, q, out_d, lse_d, out_h, lse_h)            # replaces the site
+    out            = merge(host, q, out_d, lse_d)                          # replaces the site
 
 The cats' other users (the cache write-back among the graph's outputs) get the stand-ins;
 the original attention and cats are left without users and removed (only they: in-place
@@ -91,7 +92,7 @@ class RewriteAttention(GraphPass):
             kb.cat.replace_all_uses_with(k_si, delete_user_cb=lambda u: u not in chain)
             vb.cat.replace_all_uses_with(v_si, delete_user_cb=lambda u: u not in chain)
             with graph.inserting_before(site.node):
-                out = self._attention(b, site, ticket)
+                out = self._attention(b, site, ticket, step)
             site.node.replace_all_uses_with(out)
             site.rewritten = True
             dead |= set(site.chain) | {kb.cat, vb.cat}
@@ -102,15 +103,16 @@ class RewriteAttention(GraphPass):
                 graph.erase_node(node)
         gm.recompile()
 
-    def _attention(self, b: _Builder, site: AttentionSite, ticket: torch.fx.Node) -> torch.fx.Node:
+    def _attention(self, b: _Builder, site: AttentionSite, ticket: torch.fx.Node, step: torch.fx.Node) -> torch.fx.Node:
         q, scale, bias = self._scaled_query_and_bias(b, site)
+        ahead = b.call(_op("prefetch_ahead"), step, step, b.layer, name="ahead")
         selection = b.call(_op("select"), ticket, q, scale, self.policy_id, name="selection")
-        plan = b.call(_op("prefetch"), selection, name="plan")
-        host = b.call(_op("cpu_partial_attention"), plan, q, bias, scale, site.is_causal, name="host_part")
+        plan = b.call(_op("prefetch"), selection, ahead, name="plan")
+        host = b.call(_op("host_attention"), plan, q, bias, scale, site.is_causal, name="host_part")
         dev = b.call(_op("sparse_attention"), plan, q, site.k_bind.new, site.v_bind.new, bias, scale,
                      site.is_causal, name="device_part")
-        out = b.call(_op("merge"), plan, q, b.item(dev, 0, "device_out"), b.item(dev, 1, "device_lse"),
-                     b.item(host, 0, "host_out"), b.item(host, 1, "host_lse"), name="attention")
+        out = b.call(_op("merge"), host, q, b.item(dev, 0, "device_out"), b.item(dev, 1, "device_lse"),
+                     name="attention")
         if site.out_3d:                                                  # the bmm form: [B*Hq, Q, D]
             out = b.call(torch.flatten, out, 0, 1, name="attention_3d")
         return out

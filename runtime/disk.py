@@ -26,6 +26,7 @@ import itertools
 import os
 import tempfile
 import threading
+import time
 from concurrent.futures import Future
 from typing import Callable, Optional, Sequence
 
@@ -252,6 +253,8 @@ class DiskFile:
         self.slot_bytes = 2 * self.half                     # the payload of a slot: K then V
         self.submit = submit
         self.queue_depth = max(1, queue_depth)
+        # on_request(kind, t0, t1, bytes) after each request ("disk_read"/"disk_write"): the timeline
+        self.on_request: Optional[Callable[[str, float, float, int], None]] = None
         try:
             self.fd = open_unlinked(directory, name)
         except OSError as e:
@@ -437,6 +440,7 @@ class DiskFile:
         result of ``op`` (or raises its exception). ``inline``: the calling thread runs the first
         job and helps with the rest (a synchronous call)."""
         taken, errors = itertools.count(), []
+        kind = "disk_read" if do_chunk == self._read_chunk else "disk_write"
         left = [min(self.queue_depth, len(chunks))]
         guard = threading.Lock()
 
@@ -446,10 +450,14 @@ class DiskFile:
                     i = next(taken)
                     if i >= len(chunks):
                         break
+                    t0 = time.perf_counter()
                     try:
                         do_chunk(*chunks[i])
                     except BaseException as e:
                         errors.append(e)
+                    finally:
+                        if self.on_request is not None:
+                            self.on_request(kind, t0, time.perf_counter(), len(chunks[i][1]) * self.stride)
             finally:
                 with guard:
                     left[0] -= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -19,21 +20,28 @@ import numpy as np
 import torch
 
 from . import placement
+from ..kernels.cpu_attention import concurrent_launch_safe
 from .disk import IO_THREAD_PREFIX, DiskFile, KVDiskError
 from .layer_kv import LayerKV
 from .placement import CACHE_POLICIES, DEFAULT_REUSE_WINDOW
 from .standins import StandIns
 from .stats import RuntimeStats, TierStats
 from .tiers import BlockPool, Tier, TierBudget, slot_bytes
+from .trace import tracer_for
 
 if TYPE_CHECKING:
     from .site_step import Plan
 
 log = logging.getLogger(__name__)
 
-# wall time per stage of the scheduled graph (CUDA work is asynchronous: device stages are
-# counted where they block)
+# wall time per stage of the scheduled graph on the calling thread: the step's critical path
+# (CUDA work is asynchronous: device stages are counted where they block). ``cpu_attention``
+# is the time the merge waited for the CPU part (all of it when it ran inline).
 STAGES = ("append", "select", "prefetch", "io_wait", "cpu_attention", "device_attention", "merge", "write_home")
+# time spent off the critical path, on the CPU-attention worker (its own io_wait included in
+# cpu_attention there) and the I/O threads: overlapped with the stages above
+BACKGROUND = ("cpu_attention", "io_wait", "disk_read", "disk_write")
+CPU_WORKER_PREFIX = "kvdrive-cpu-attention"
 
 
 @dataclass
@@ -45,6 +53,8 @@ class Session:
     disk_files: dict[tuple, DiskFile] = field(default_factory=dict)
     plans: dict[int, Plan] = field(default_factory=dict)
     sites: int = 1                     # attention layers of the model (the graph says; at least)
+    step: int = 0                      # the runtime's number of this session's current step (forward call)
+    phase: str = "prefill"             # this step's: "prefill" (no cached KV before it) or "decode"
     typical_demand: int = 0            # entries a ranked layer selects per step (for layers not seen yet)
     closed: bool = False
 
@@ -56,7 +66,8 @@ class KVRuntime:
     def __init__(self, block_size: int = 16, device_memory: Optional[int] = None,
                  host_memory: Optional[int] = None, disk_dir: Optional[str] = None,
                  io_threads: int = 4, cache_policy: str = "attention",
-                 reuse_window: int = DEFAULT_REUSE_WINDOW):
+                 reuse_window: int = DEFAULT_REUSE_WINDOW, trace: Optional[str] = None,
+                 async_cpu: Optional[bool] = None):
         if cache_policy not in CACHE_POLICIES:
             raise ValueError(f"cache_policy {cache_policy!r}: choose one of {list(CACHE_POLICIES)}")
         self.block_size = block_size
@@ -70,6 +81,11 @@ class KVRuntime:
         self.sessions: dict[int, Session] = {}
         self.io_threads = io_threads
         self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix=IO_THREAD_PREFIX)
+        # the CPU part of a step's attention runs here while the calling thread goes on to the
+        # device part (the numba kernel releases the GIL); None: inline
+        self.async_cpu = concurrent_launch_safe() if async_cpu is None else async_cpu
+        self.cpu_worker: Optional[ThreadPoolExecutor] = None
+        self.tracer = tracer_for(trace)
         self._io_lock = threading.Lock()
         self.lock = threading.RLock()
         self._ids = itertools.count(1)
@@ -81,15 +97,23 @@ class KVRuntime:
         self.admitted = {"device": 0, "host": 0}
         self.evicted = {"device": 0, "host": 0}
         self.stage_seconds = {s: 0.0 for s in STAGES}
+        self.background_seconds = {s: 0.0 for s in BACKGROUND}
+        # disk misses of decode steps by whether an ahead-of-need read had them: "landed" (read
+        # before the step asked), "in_flight" (asked while being read), "missed"; "unused": blocks
+        # read ahead that the step did not select (bandwidth spent on a wrong prediction)
+        self.prefetch = {"landed": 0, "in_flight": 0, "missed": 0, "unused": 0}
+        self._stat_lock = threading.Lock()
         self.sessions_closed = 0
         self.steps = 0
         self.standins = StandIns(self.release, self.lock)
         atexit.register(self.close)
 
     @contextlib.contextmanager
-    def timed(self, stage: str, session_id: Optional[int] = None):
-        """Time a stage; if it fails, release the session's KV (blocks, files, plans) before
-        the error leaves, so a failed generation holds nothing after its error."""
+    def timed(self, stage: str, session_id: Optional[int] = None, layer: Optional[int] = None,
+              event: Optional[str] = None):
+        """Time a stage (and put it on the timeline, as ``event`` if given); if it fails, release
+        the session's KV (blocks, files, plans) before the error leaves, so a failed generation
+        holds nothing after its error."""
         t0 = time.perf_counter()
         try:
             yield
@@ -98,7 +122,44 @@ class KVRuntime:
                 self.release(session_id)
             raise
         finally:
-            self.stage_seconds[stage] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.add_seconds(stage, t1 - t0)
+            if self.tracer.enabled:
+                self.trace(event or stage, t0, t1, session_id, layer)
+
+    def add_seconds(self, stage: str, seconds: float, background: bool = False) -> None:
+        """Count ``seconds`` of ``stage``: on the critical path, or in the background (the
+        CPU-attention worker, the I/O threads)."""
+        with self._stat_lock:
+            counters = self.background_seconds if background else self.stage_seconds
+            counters[stage] = counters.get(stage, 0.0) + seconds
+
+    def trace(self, name: str, t0: float, t1: float, session_id: Optional[int] = None,
+              layer: Optional[int] = None, **args) -> None:
+        """One event on the timeline, on the calling thread, tagged with its session's step."""
+        session = self.sessions.get(session_id) if session_id is not None else None
+        if session is not None:
+            args.update(session=session_id, step=session.step, phase=session.phase)
+        if layer is not None:
+            args["layer"] = layer
+        self.tracer.complete(name, t0, t1, **args)
+
+    def _on_disk_request(self, session_id: int, kind: str, t0: float, t1: float, nbytes: int) -> None:
+        self.add_seconds(kind, t1 - t0, background=True)
+        if self.tracer.enabled:
+            self.trace(kind, t0, t1, session_id, bytes=nbytes)
+
+    def submit_cpu(self, fn, *args) -> Future:
+        """``fn(*args)`` on the CPU-attention worker (one thread: a step's CPU parts run in
+        layer order while the calling thread goes on)."""
+        with self._io_lock:
+            if self.cpu_worker is None:
+                self.cpu_worker = ThreadPoolExecutor(1, thread_name_prefix=CPU_WORKER_PREFIX)
+            try:
+                return self.cpu_worker.submit(fn, *args)
+            except RuntimeError:                          # shut down: replace it
+                self.cpu_worker = ThreadPoolExecutor(1, thread_name_prefix=CPU_WORKER_PREFIX)
+                return self.cpu_worker.submit(fn, *args)
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -148,6 +209,10 @@ class KVRuntime:
                 placement.free(self, kv, np.ones(kv.num_blocks, np.bool_))
             for f in session.disk_files.values():
                 f.close()
+            for plan in session.plans.values():       # slots a pending fill would write are given back
+                for tier, _, _, slots in plan.fills:
+                    self.pool(tier, plan.layer).release(slots.tolist())
+                plan.fills = []
             session.plans.clear()
             session.closed = True
             del self.sessions[session_id]
@@ -168,6 +233,7 @@ class KVRuntime:
             for pool in self.pools.values():
                 pool.close()
             self.pools.clear()
+        self.tracer.flush()
 
     # -- stores: memory pools and disk files ------------------------------------------------
 
@@ -201,6 +267,7 @@ class KVRuntime:
             f = DiskFile(self.disk_dir(), name, kv.dtype, self.block_size, kv.head_dim, self.submit_io,
                          queue_depth=self.io_threads)
             session.disk_files[key] = f
+            f.on_request = functools.partial(self._on_disk_request, session.id)
             self.disk_bypass = f.cache_bypass
         return f
 

@@ -64,6 +64,7 @@ class LayerKV:
     demand: int = 0                                # (row, block) entries a decode step selects
     summaries: Optional[BlockSummaries] = None
     fresh: Optional[Fresh] = None
+    ahead: Optional[object] = None                 # site_step.Ahead: disk blocks read before the step asked
     home: np.ndarray = field(default=None, repr=False)
     home_slot: np.ndarray = field(default=None, repr=False)
     dev: np.ndarray = field(default=None, repr=False)

@@ -469,11 +469,15 @@ def _admit(rt: KVRuntime, kv: LayerKV, plan: Plan, tier: Tier, flat: np.ndarray,
     slots = np.asarray(slots)
     from_disk = lies[flat] == Tier.DISK
     if (~from_disk).any():                            # host -> device, now: attended there this step
+        t0 = time.perf_counter()
         src = rt.pool(Tier.HOST, kv)
         index = torch.from_numpy(kv.host[r[~from_disk], b[~from_disk]])
         _write_copies(rt, tier, kv, r[~from_disk], b[~from_disk], slots[~from_disk].tolist(),
                       src.k.index_select(0, index), src.v.index_select(0, index))
-        rt.moved["host->device"] += int((~from_disk).sum()) * src.slot_bytes
+        nbytes = int((~from_disk).sum()) * src.slot_bytes
+        rt.moved["host->device"] += nbytes
+        if rt.tracer.enabled:
+            rt.trace("host_to_device", t0, time.perf_counter(), kv.session_id, kv.layer, bytes=nbytes)
     if from_disk.any():               # the slots are reserved now and linked to their entries once filled
         plan.fills.append((tier, r[from_disk], b[from_disk], slots[from_disk]))
     rt.admitted[tier.name.lower()] += len(slots)
@@ -486,7 +490,11 @@ def fill_from_disk(rt: KVRuntime, plan: Plan, k: torch.Tensor, v: torch.Tensor) 
     with rt.lock:
         fills, plan.fills = plan.fills, []
         for tier, r, b, slots in fills:
+            t0 = time.perf_counter()
             at = torch.searchsorted(plan.disk_slots, torch.from_numpy(kv.home_slot[r, b]))
             _write_copies(rt, tier, kv, r, b, slots.tolist(), k[at], v[at])
             if tier == Tier.DEVICE:
-                rt.moved["host->device"] += len(slots) * slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
+                nbytes = len(slots) * slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
+                rt.moved["host->device"] += nbytes
+                if rt.tracer.enabled:
+                    rt.trace("host_to_device", t0, time.perf_counter(), kv.session_id, kv.layer, bytes=nbytes)

@@ -7,6 +7,7 @@ split).
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch
 
 from . import placement
 from .block_attention import StepMask, attend, attend_gathered, attend_part, empty_partial, gather_part, to_bias
-from .kv_runtime import KVRuntime, Session
+from .kv_runtime import CPU_WORKER_PREFIX, KVRuntime, Session
 from .layer_kv import LayerKV, TierPart, tier_part
 from .selection import EXACT, SelectionPolicy, scored, select_scored, window_blocks
 from .standins import StandInKey, is_standin_like, token_span
@@ -27,6 +28,7 @@ from ..kernels.merge import merge_partials
 from ..kernels.paged_attention import paged_attention
 
 _plan_ids = itertools.count(1)
+AHEAD_STEPS = 1             # an ahead-of-need read takes the blocks selected in the layer's last steps
 
 OUTSIDE_READ = (
     "the KV cache handed to the compiled model holds values that were read or rewritten outside "
@@ -51,8 +53,9 @@ class Plan:
     fresh_only: bool
     fetch: bool = False
     parts: dict[Tier, Optional[TierPart]] = field(default_factory=dict)
-    disk_read: Optional[Future] = None
-    disk_slots: Optional[torch.Tensor] = None
+    disk_reads: list = field(default_factory=list)   # (sorted slots, future of their k, v), as started
+    disk_slots: Optional[torch.Tensor] = None        # every disk slot the plan reads, sorted (once staged)
+    host_part: Optional[Future] = None               # the CPU part, running on the worker
     pinned: tuple = ()                     # (rows, blocks) of device/host entries held in place until the merge
     fills: list = field(default_factory=list)   # admitted disk blocks: (tier, rows, blocks, slots), filled when read
     staged: Optional[tuple] = None         # the disk read once landed: k, v and its TierPart
@@ -67,6 +70,17 @@ class Plan:
         return self.parts[tier]
 
 
+@dataclass
+class Ahead:
+    """A read started before a layer's step asked for it (``prefetch_ahead``): ``slots`` sorted,
+    and the (row, block) each held when read; a slot reused since is not taken from it."""
+
+    slots: torch.Tensor
+    rows: np.ndarray
+    blocks: np.ndarray
+    read: Future
+
+
 def open_step(rt: KVRuntime, past_k: torch.Tensor, sites: int = 1) -> Session:
     """The session this forward call belongs to, from the first site's past keys. sites: the
     graph's attention sites (a model split into several graphs has at least that many)."""
@@ -75,9 +89,12 @@ def open_step(rt: KVRuntime, past_k: torch.Tensor, sites: int = 1) -> Session:
         rt.steps += 1
         if key is None:
             rt.sweep()
-            return rt.open_session(sites)
+            session = rt.open_session(sites)
+            session.step = rt.steps
+            return session
         session = rt.session(key.session_id)
         session.sites = max(session.sites, sites)
+        session.step, session.phase = rt.steps, "decode"
         for f in session.disk_files.values():      # a background home write that failed: say so now
             if f.error is not None:
                 raise f.error
@@ -197,6 +214,7 @@ def plan_step(rt: KVRuntime, kv: LayerKV, past_len: int, new_len: int, q: torch.
             return Plan(kv, (start, end), selected, fresh_only=True)
         selected, scores = select_scored(kv, policy, q, start, end, scale)
         plan = Plan(kv, (start, end), selected, fresh_only=False, fetch=policy.attention == "fetch")
+        t0 = time.perf_counter()                  # the rest: the cache policy's moves (timeline: "plan")
         placement.count_served(rt, kv, selected)
         if not rt.device_home:
             placement.cache_step(rt, kv, plan, scores, window_blocks(kv, start, end))
@@ -204,6 +222,8 @@ def plan_step(rt: KVRuntime, kv: LayerKV, past_len: int, new_len: int, q: torch.
             part = plan.part(tier)
             rt.selected_blocks[tier.name.lower()] += 0 if part is None else int(part.valid.sum())
         _pin(rt, plan)
+        if rt.tracer.enabled:
+            rt.trace("plan", t0, time.perf_counter(), kv.session_id, kv.layer)
         return plan
 
 
@@ -248,36 +268,122 @@ def unpin(rt: KVRuntime, plan: Plan) -> None:
         plan.fills = []
 
 
+def prefetch_ahead(rt: KVRuntime, session: Session, layer: int) -> None:
+    """Start reading, before the layer's step asks, the disk blocks its last decode step
+    selected that are cached nowhere (consecutive steps select largely the same blocks). A
+    wrong guess costs bandwidth, never correctness: the step's own selection decides what
+    is attended, and takes from this read only the blocks it selected."""
+    kv = session.layers.get(layer)
+    if kv is None or session.phase != "decode" or kv.step == 0 or rt.device_home:
+        return
+    with rt.lock:
+        first, nb = kv.first, kv.num_blocks
+        want = ((kv.last_selected[:, first:nb] >= kv.step - AHEAD_STEPS + 1) & (kv.home[:, first:nb] == Tier.DISK)
+                & (kv.dev[:, first:nb] < 0) & (kv.host[:, first:nb] < 0))
+        rows, cols = np.nonzero(want)
+        if not rows.size:
+            return
+        blocks = cols + first
+        slots = kv.home_slot[rows, blocks]
+        order = np.argsort(slots, kind="stable")
+        disk = rt.disk(kv)
+        ahead = Ahead(torch.from_numpy(slots[order]), rows[order], blocks[order], disk.read_async(slots[order].tolist()))
+        rt.moved["disk->host"] += rows.size * disk.slot_bytes
+        _drop_ahead(rt, kv)
+        kv.ahead = ahead
+
+
+def _drop_ahead(rt: KVRuntime, kv: LayerKV, used: int = 0) -> None:
+    if kv.ahead is not None:
+        rt.prefetch["unused"] += len(kv.ahead.rows) - used
+        kv.ahead = None
+
+
 def prefetch(rt: KVRuntime, plan: Plan) -> None:
-    """Start reading the plan's disk blocks into host memory, one request per run of slots."""
+    """Start reading the plan's disk blocks into host memory, one request per run of slots,
+    except those an ahead-of-need read (``prefetch_ahead``) has or is bringing."""
+    kv = plan.layer
     part = None if plan.fresh_only else plan.part(Tier.DISK)
     if part is None:
+        with rt.lock:
+            _drop_ahead(rt, kv)
         return
-    needed = torch.unique(part.slots[part.valid])                        # sorted
-    disk = rt.disk(plan.layer)
-    plan.disk_slots = needed
-    plan.disk_read = disk.read_async(needed.tolist())            # adjacent slots coalesced, several in flight
-    rt.moved["disk->host"] += needed.numel() * disk.slot_bytes
+    rows, cols = torch.nonzero(part.valid, as_tuple=True)
+    slots, blocks = part.slots[rows, cols], part.ids[rows, cols]
+    needed = torch.ones(len(slots), dtype=torch.bool)
+    with rt.lock:
+        ahead, used = kv.ahead, 0
+        if ahead is not None and len(ahead.rows):
+            at = torch.searchsorted(ahead.slots, slots).clamp_(max=len(ahead.rows) - 1)
+            hit = ((ahead.slots[at] == slots) & (torch.from_numpy(ahead.rows)[at] == rows)
+                   & (torch.from_numpy(ahead.blocks)[at] == blocks))
+            took = torch.unique(at[hit])
+            used = len(took)
+            if used:
+                landed = ahead.read.done()
+                rt.prefetch["landed" if landed else "in_flight"] += int(hit.sum())
+                plan.disk_reads.append((ahead.slots, ahead.read, took))
+            needed = ~hit
+        _drop_ahead(rt, kv, used)
+        rt.prefetch["missed"] += int(needed.sum())
+    need = torch.unique(slots[needed])                        # sorted
+    if len(need):
+        disk = rt.disk(kv)
+        plan.disk_reads.append((need, disk.read_async(need.tolist()), None))   # adjacent slots coalesced
+        rt.moved["disk->host"] += need.numel() * disk.slot_bytes
+
+
+def start_host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepMask, scale: float) -> None:
+    """Start the CPU part (``host_attention``) on the worker, so the caller goes on to the
+    device part; ``finish_host_attention`` awaits it. Inline where the worker cannot run it
+    safely, or where there is nothing to attend on the CPU."""
+    if plan.fetch or plan.fresh_only or (plan.part(Tier.HOST) is None and not plan.disk_reads):
+        return                                    # nothing on the CPU
+    q_host = q.to("cpu", non_blocking=True)
+    mask = _on(step, "cpu")
+    if rt.async_cpu:
+        plan.host_part = rt.submit_cpu(_timed_host_attention, rt, plan, q_host, mask, scale)
+    else:
+        plan.host_part = Future()
+        plan.host_part.set_result(host_attention(rt, plan, q_host, mask, scale))
+
+
+def finish_host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor):
+    """The CPU part's fp32 (out, lse) on q's device (empty if there was none): waits for it."""
+    if plan.host_part is None:
+        return empty_partial(q)
+    out, lse = plan.host_part.result()
+    return out.to(q.device), lse.to(q.device)
+
+
+def _timed_host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepMask, scale: float):
+    t0 = time.perf_counter()
+    try:
+        return host_attention(rt, plan, q, step, scale)
+    finally:
+        t1 = time.perf_counter()
+        rt.add_seconds("cpu_attention", t1 - t0, background=True)
+        if rt.tracer.enabled:
+            rt.trace("cpu_attention", t0, t1, plan.layer.session_id, plan.layer.layer)
 
 
 def host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepMask, scale: float):
-    """Host- and disk-resident blocks, on the CPU. q: ``[B, Hq, Q, D]``; returns fp32 (out, lse)."""
+    """Host- and disk-resident blocks, on the CPU. q: ``[B, Hq, Q, D]`` and step on the CPU;
+    returns fp32 (out, lse) on the CPU."""
     kv = plan.layer
-    if plan.fetch:
-        return empty_partial(q)                   # everything is attended on the device
+    if plan.fetch or plan.fresh_only:
+        return empty_partial(q)                   # attended on the device
     parts = []
-    host = None if plan.fresh_only else plan.part(Tier.HOST)
+    host = plan.part(Tier.HOST)
     if host is not None:
         pool = rt.pool(Tier.HOST, kv)
-        parts.append(attend_part(q.cpu(), pool.k, pool.v, host, kv, _on(step, "cpu"), scale,
-                                 cpu_partial_attention))
-    if plan.disk_read is not None:
+        parts.append(attend_part(q, pool.k, pool.v, host, kv, step, scale, cpu_partial_attention))
+    if plan.disk_reads:
         k, v, staged = _staged_disk(rt, plan)
-        parts.append(attend_part(q.cpu(), k, v, staged, kv, _on(step, "cpu"), scale, cpu_partial_attention))
+        parts.append(attend_part(q, k, v, staged, kv, step, scale, cpu_partial_attention))
     if not parts:
         return empty_partial(q)
-    out, lse = merge_partials([p[0] for p in parts], [p[1] for p in parts])
-    return out.to(q.device), lse.to(q.device)
+    return merge_partials([p[0] for p in parts], [p[1] for p in parts])
 
 
 def device_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -299,11 +405,20 @@ def _staged_disk(rt: KVRuntime, plan: Plan):
     """The plan's disk blocks once read: staging k, v ``[n, bs, D]`` and their TierPart."""
     if plan.staged is None:
         t0 = time.perf_counter()
-        k, v = plan.disk_read.result()
-        waited = time.perf_counter() - t0
-        rt.stage_seconds["io_wait"] += waited
-        # the stage that waited (its own time counts the rest)
-        rt.stage_seconds["device_attention" if plan.fetch else "cpu_attention"] -= waited
+        pieces = []
+        for slots, read, take in plan.disk_reads:
+            k, v = read.result()
+            pieces.append((slots, k, v) if take is None else (slots[take], k[take], v[take]))
+        t1 = time.perf_counter()
+        background = threading.current_thread().name.startswith(CPU_WORKER_PREFIX)
+        # the stage that waited counts the rest of its time
+        rt.add_seconds("io_wait", t1 - t0, background)
+        rt.add_seconds("device_attention" if plan.fetch else "cpu_attention", t0 - t1, background)
+        if rt.tracer.enabled:
+            rt.trace("io_wait", t0, t1, plan.layer.session_id, plan.layer.layer)
+        slots, k, v = (torch.cat(x) for x in zip(*pieces)) if len(pieces) > 1 else pieces[0]
+        order = torch.argsort(slots)
+        plan.disk_slots, k, v = slots[order], k[order], v[order]
         if plan.fills:
             placement.fill_from_disk(rt, plan, k, v)
         disk = plan.part(Tier.DISK)

@@ -33,7 +33,8 @@ CATEGORY = "kvdrive"
 DISK_READ = "disk_read"
 HOST_TO_DEVICE = "host_to_device"
 IO_WAIT = "io_wait"
-WAITING = frozenset((DISK_READ, HOST_TO_DEVICE, IO_WAIT))   # not compute: moving bytes or waiting
+# not compute: moving bytes, or a thread waiting for another's work (the merge for the CPU part)
+WAITING = frozenset((DISK_READ, HOST_TO_DEVICE, IO_WAIT, "disk_write", "cpu_wait"))
 SLOWEST_STAGE_TARGET = 1.2      # the target for a decode step's wall / its slowest stage
 
 _NULL_SPAN = contextlib.nullcontext()

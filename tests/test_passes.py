@@ -174,13 +174,16 @@ def test_opcheck_site_ops():
     k_si, v_si, ticket = ops.append(step, past, past, k, v, 0, False)
     assert k_si.shape == (1, 2, 5, 8) and k_si.untyped_storage().nbytes() <= 4
     torch.library.opcheck(ops.select, (ticket, q, 1.0, 0), test_utils=utils)
-    plan = ops.prefetch(ops.select(ticket, q, 1.0, 0))
-    torch.library.opcheck(ops.prefetch, (plan,), test_utils=utils)
-    torch.library.opcheck(ops.cpu_partial_attention, (plan, q, None, 0.3, True), test_utils=utils)
+    torch.library.opcheck(ops.prefetch_ahead, (step, step, 0), test_utils=utils)
+    ahead = ops.prefetch_ahead(step, step, 0)
+    plan = ops.prefetch(ops.select(ticket, q, 1.0, 0), ahead)
+    torch.library.opcheck(ops.prefetch, (plan, ahead), test_utils=utils)
+    torch.library.opcheck(ops.host_attention, (plan, q, None, 0.3, True), test_utils=utils)
     torch.library.opcheck(ops.sparse_attention, (plan, q, k, v, None, 0.3, True), test_utils=utils)
     out_d, lse_d = ops.sparse_attention(plan, q, k, v, None, 0.3, True)
-    out_h, lse_h = ops.cpu_partial_attention(plan, q, None, 0.3, True)
-    torch.library.opcheck(ops.merge, (plan, q, out_d, lse_d, out_h, lse_h), test_utils=utils)
-    out = ops.merge(plan, q, out_d, lse_d, out_h, lse_h)
+    torch.library.opcheck(ops.merge, (ops.host_attention(plan, q, None, 0.3, True), q, out_d, lse_d),
+                          test_utils=("test_faketensor",))
+    plan = ops.prefetch(ops.select(ticket, q, 1.0, 0), ahead)          # the merge above ended that plan
+    out = ops.merge(ops.host_attention(plan, q, None, 0.3, True), q, out_d, lse_d)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
     torch.testing.assert_close(out, ref)

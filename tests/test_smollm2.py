@@ -165,6 +165,7 @@ def test_dumps_name_every_attention_site(smollm2, tmp_path):
         for i in range(30):
             assert f"model.layers.{i}.self_attn" in summary
         after = (g / "03.rewrite_attention.after.py").read_text()
-        for op in ("open_step", "append", "select", "prefetch", "cpu_partial_attention", "sparse_attention", "merge"):
+        for op in ("open_step", "append", "prefetch_ahead", "select", "prefetch", "host_attention",
+                   "sparse_attention", "merge"):
             assert f"kvdrive.{op}" in after
         assert "_C._nn.scaled_dot_product_attention(" not in after
