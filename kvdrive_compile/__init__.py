@@ -6,7 +6,8 @@
 """
 from .backend import compile, counters, kvdrive_backend
 from .options import KVDriveOptions, parse_options, parse_size
-from .runtimes import all_stats, collect, materialize, release_all, stats
+from .runtimes import all_stats, collect, flush_traces, materialize, release_all, stats
 
 __all__ = ["compile", "kvdrive_backend", "counters", "KVDriveOptions", "parse_options", "parse_size",
-           "stats", "all_stats", "release_all", "collect", "materialize"]
+           "stats", "all_stats", "release_all", "collect", "materialize",
+           "flush_traces"]

@@ -150,6 +150,16 @@ def release_all() -> None:
             rt.release(sid)
 
 
+def flush_traces() -> list[str]:
+    """Write every runtime's timeline now (``trace`` option); returns the files written."""
+    written = []
+    for rt in runtimes():
+        if rt.tracer.enabled:
+            rt.tracer.flush()
+            written.append(rt.tracer.path)
+    return written
+
+
 def collect() -> int:
     """Release the sessions whose cache objects are gone; returns how many remain open."""
     for rt in runtimes():

@@ -312,7 +312,11 @@ class KVRuntime:
             disk.reserved_bytes = sum(f.capacity * f.stride for s in self.sessions.values()
                                       for f in s.disk_files.values())
             total = sum(self.served.values())
-            return RuntimeStats(tiers=tiers, moved_bytes=dict(self.moved), selected_blocks=dict(self.selected_blocks),
+            p = self.prefetch
+            asked = p["landed"] + p["in_flight"] + p["missed"]
+            return RuntimeStats(background_seconds=dict(self.background_seconds), prefetch=dict(p),
+                                prefetch_hit_rate=(p["landed"] + p["in_flight"]) / asked if asked else 0.0,
+                                tiers=tiers, moved_bytes=dict(self.moved), selected_blocks=dict(self.selected_blocks),
                                 stage_seconds=dict(self.stage_seconds), sessions_open=len(self.sessions),
                                 sessions_closed=self.sessions_closed, steps=self.steps,
                                 served=dict(self.served), hit_rate=self.served["device"] / total if total else 0.0,

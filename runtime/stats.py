@@ -27,7 +27,10 @@ class RuntimeStats:
     admitted: dict[str, int] = field(default_factory=dict)  # block copies made, per caching tier
     evicted: dict[str, int] = field(default_factory=dict)   # block copies dropped, per caching tier
     disk_cache_bypass: str = ""                             # how disk I/O avoids the page cache
-    stage_seconds: dict[str, float] = field(default_factory=dict)     # wall time per graph stage
+    stage_seconds: dict[str, float] = field(default_factory=dict)     # wall time per graph stage (critical path)
+    background_seconds: dict[str, float] = field(default_factory=dict)  # CPU worker and I/O threads' time
+    prefetch: dict[str, int] = field(default_factory=dict)  # decode disk misses: landed / in_flight / missed; unused
+    prefetch_hit_rate: float = 0.0                          # share of disk misses read ahead of need
     sessions_open: int = 0
     sessions_closed: int = 0
     steps: int = 0

@@ -46,6 +46,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="with --preset projection: also price the counted bytes of an earlier run's JSON")
     ap.add_argument("--out", metavar="DIR", help="results folder (default: results/bench/<preset>)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument("--trace", action="store_true",
+                    help="each kvdrive system writes its timeline to <out>/traces/<model>-<system>.json, and the "
+                         "report gets a pipeline table from them (the pipeline preset always does)")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -75,7 +78,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if preset.sweeps:
         result = runner.run(preset, systems.systems(args.systems or preset.systems), steps=args.steps,
                             time_budget_s=args.time_budget, threads=args.threads, contexts=args.contexts,
-                            batches=args.batches)
+                            batches=args.batches,
+                            trace_dir=os.path.join(out_dir, "traces") if args.trace or preset.trace else None)
     else:
         result = _no_run(preset, args.from_json)
     if args.project or preset.project:

@@ -6,6 +6,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..runtime import trace as timeline
+
 BOUNDARIES = ("disk->host", "host->device", "device->host", "host->disk")
 TIERS = ("device", "host", "disk")
 CACHING_TIERS = ("device", "host")       # the tiers ``admitted`` and ``evicted`` count copies into/out of
@@ -76,6 +78,8 @@ def runtime_metrics(before: dict, after: dict, steps: int, batch: int, step_seco
     served = _delta_of(after, before, "served", TIERS)
     admitted = _delta_of(after, before, "admitted", CACHING_TIERS)
     evicted = _delta_of(after, before, "evicted", CACHING_TIERS)
+    ahead = _delta_of(after, before, "prefetch", ("landed", "in_flight", "missed"))
+    asked = sum(ahead.values())
     stages = delta(_field(after, "stage_seconds"), _field(before, "stage_seconds"))
     # a stage this list does not know yet still counts (and is not part of "other")
     names = list(STAGES) + [k for k in stages if k not in STAGES and k != "other"]
@@ -90,7 +94,17 @@ def runtime_metrics(before: dict, after: dict, steps: int, batch: int, step_seco
             "disk_cache_bypass": after.get("disk_cache_bypass") or None,
             "cpu_attention_share": (cpu if split_attention else 0.0) if total else None,
             "selected_blocks": selected,
+            "prefetch_hit_rate": (ahead["landed"] + ahead["in_flight"]) / asked if asked else None,
             "stages_ms": per_step}
+
+
+def pipeline(trace_path: str) -> dict:
+    """From a system's timeline (the ``trace`` option): its decode steps' wall time and how much
+    ran at once (``kvdrive trace summary``'s overlap figures)."""
+    events, _ = timeline.load(trace_path)
+    summary = timeline.summarize(events)
+    return {"trace": trace_path, "decode_steps": summary["decode"]["steps"],
+            "decode_wall_ms_p50": summary["decode"]["wall_ms_p50"], **summary["overlap"]}
 
 
 def tier_bytes(*snapshots: dict) -> dict:

@@ -88,6 +88,22 @@ def stages_table(rows: list[dict]) -> str:
     return tabulate(body, headers=["system", "context", "batch", *cols, "step p50"], disable_numparse=True)
 
 
+def pipeline_table(rows: list[dict]) -> str:
+    """From each kvdrive system's timeline: how much of a decode step ran at once."""
+    body = []
+    for r in rows:
+        p = r.get("pipeline")
+        if not p:
+            continue
+        body.append([r["system"], r["context"], r["batch"], p.get("decode_steps"), num(p.get("decode_wall_ms_p50"), ".0f"),
+                     num(p.get("stage_sum_over_wall")), num(p.get("wall_over_slowest_stage")),
+                     pct(p.get("disk_read_hidden")), num(p.get("disk_read_ms"), ".0f"),
+                     pct(p.get("host_to_device_hidden")), pct(r.get("prefetch_hit_rate"))])
+    return tabulate(body, headers=["system", "context", "batch", "decode steps", "step ms p50", "stage time / wall",
+                                   "wall / slowest stage", "disk read hidden", "disk read ms", "copy hidden",
+                                   "disk misses read ahead"], disable_numparse=True)
+
+
 # -- targets -------------------------------------------------------------------------------------
 
 def metric_value(row: dict, metric: list) -> Optional[float]:
@@ -183,6 +199,9 @@ def sweep_text(sweep: dict) -> str:
     if any(r.get("stages_ms") for r in sweep["rows"]):
         parts += ["", "where a decode step goes (ms per step, from the runtime's stage timers)",
                   stages_table(sweep["rows"])]
+    if any(r.get("pipeline") for r in sweep["rows"]):
+        parts += ["", "the pipeline, from each system's timeline (all its decode steps, warm-up included; "
+                      "`kvdrive trace summary` on the file gives the rest)", pipeline_table(sweep["rows"])]
     if sweep.get("targets"):
         held = [t["holds"] for t in sweep["targets"]]
         parts += ["", f"targets: {held.count(True)} of {len(held)} hold"

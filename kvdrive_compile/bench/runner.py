@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import platform
 import time
 from dataclasses import asdict, replace
@@ -151,9 +152,11 @@ class SweepRun:
     """One sweep: the model, its prompts and budgets, and the rows of every system."""
 
     def __init__(self, sweep: Sweep, model, tokenizer, device: torch.device, bar: tqdm,
-                 deadline: Optional[float] = None, second_try: bool = True):
+                 deadline: Optional[float] = None, second_try: bool = True, trace_dir: Optional[str] = None):
         self.sweep, self.model, self.tokenizer, self.device, self.bar = sweep, model, tokenizer, device, bar
-        self.deadline, self.second_try = deadline, second_try
+        self.deadline, self.second_try, self.trace_dir = deadline, second_try, trace_dir
+        if trace_dir is not None:
+            os.makedirs(trace_dir, exist_ok=True)
         self.best_read = 0.0                         # the fastest weights read seen (GB/s)
         self.dtype = next(model.parameters()).dtype
         self.budgets = budgets_for(sweep, model.config, self.dtype)
@@ -173,7 +176,10 @@ class SweepRun:
             self.bar.update(len(self.sweep.points))
             return [self.row(system, c, b, why.split(" (")[0], why) for c, b in self.sweep.points]
         rows = []
-        with installed(self.model, system, self.budgets) as options:
+        trace = None if self.trace_dir is None else os.path.join(self.trace_dir, f"{self.sweep.model}-{system.name}.json")
+        if trace is not None and os.path.exists(trace):
+            os.remove(trace)                         # a file from an earlier run would be taken as taken
+        with installed(self.model, system, self.budgets, trace) as options:
             try:
                 compile_s, graphs = self.warm_up(system)
             except Exception as e:                    # its rows say so; the other systems still run
@@ -186,6 +192,10 @@ class SweepRun:
                 rows.append(self.point(system, options, context, batch, compile_s, graphs))
                 self.bar.update()
             rows = [self.again_if_busy(system, options, r) for r in rows]
+        if trace is not None and os.path.exists(trace):      # written when the system's runtime was let go
+            pipeline = metrics.pipeline(trace)
+            for r in rows:
+                r["pipeline"] = pipeline
         return rows
 
     def again_if_busy(self, system: System, options: Optional[dict], row: dict) -> dict:
@@ -339,10 +349,10 @@ def check_tokens(rows: list[dict]) -> None:
 
 
 def run_sweep(sweep: Sweep, chosen: list[System], loaded, device: torch.device, dtype: torch.dtype,
-              bar: tqdm, deadline: Optional[float], second_try: bool = True) -> dict:
+              bar: tqdm, deadline: Optional[float], second_try: bool = True, trace_dir: Optional[str] = None) -> dict:
     model, tokenizer = loaded if loaded is not None else models.load(sweep.model, dtype=dtype)
     model = model.to(device=device, dtype=dtype)
-    run = SweepRun(sweep, model, tokenizer, device, bar, deadline, second_try)
+    run = SweepRun(sweep, model, tokenizer, device, bar, deadline, second_try, trace_dir)
     rows: list[dict] = []
     for system in sorted(chosen, key=lambda s: run_order(s.name)):
         log.info("%s: %s", sweep.model, system.name)
@@ -379,10 +389,12 @@ def machine() -> dict:
 
 def run(preset: Preset, chosen: list[System], loaded: Optional[dict] = None, steps: Optional[int] = None,
         time_budget_s: Optional[float] = None, threads: Optional[int] = None,
-        contexts: Optional[list[int]] = None, batches: Optional[list[int]] = None) -> dict:
+        contexts: Optional[list[int]] = None, batches: Optional[list[int]] = None,
+        trace_dir: Optional[str] = None) -> dict:
     """Every sweep of ``preset`` for the ``chosen`` systems; ``loaded`` maps a model name to
     ``(model, tokenizer)`` already loaded (tests). ``steps``, ``contexts``, ``batches``: override
-    every sweep's (the budgets follow the new largest point)."""
+    every sweep's (the budgets follow the new largest point). ``trace_dir``: each kvdrive system
+    writes its timeline there (``<model>-<system>.json``) and its rows get the trace's summary."""
     preset = with_overrides(preset, steps, contexts, batches)
     device = torch.device(preset.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -390,7 +402,7 @@ def run(preset: Preset, chosen: list[System], loaded: Optional[dict] = None, ste
                            "run --preset cpu on this machine")
     dtype = getattr(torch, preset.dtype)
     with cpu_threads(threads if threads is not None else preset.threads):
-        return _run(preset, chosen, loaded, time_budget_s, device, dtype)
+        return _run(preset, chosen, loaded, time_budget_s, device, dtype, trace_dir)
 
 
 @contextlib.contextmanager
@@ -414,7 +426,7 @@ def cpu_threads(n: Optional[int]) -> Iterator[None]:
 
 
 def _run(preset: Preset, chosen: list[System], loaded: Optional[dict], time_budget_s: Optional[float],
-         device: torch.device, dtype: torch.dtype) -> dict:
+         device: torch.device, dtype: torch.dtype, trace_dir: Optional[str] = None) -> dict:
     import transformers
 
     t0 = time.perf_counter()
@@ -426,7 +438,7 @@ def _run(preset: Preset, chosen: list[System], loaded: Optional[dict], time_budg
     with tqdm(total=total, desc=f"bench {preset.name}", unit="point", dynamic_ncols=True) as bar:
         for i, sweep in enumerate(sweeps):
             out.append(run_sweep(sweep, chosen, (loaded or {}).get(sweep.model), device, dtype, bar,
-                                 _share(deadline, sweeps[i:]), preset.second_try))
+                                 _share(deadline, sweeps[i:]), preset.second_try, trace_dir))
     return {"meta": {"preset": preset.name, "covers": preset.covers, "machine": machine(),
                      "torch": torch.__version__, "transformers": transformers.__version__,
                      "time_budget_s": budget, "wall_seconds": time.perf_counter() - t0,

@@ -105,13 +105,16 @@ def systems(names: Optional[list[str]] = None) -> list[System]:
 
 
 @contextlib.contextmanager
-def installed(model, system: System, budgets: Budgets) -> Iterator[Optional[dict]]:
-    """``model.forward`` as the system runs it inside the block (compiled for kvdrive designs);
-    the eager forward, a fresh Dynamo and no open KV sessions after."""
+def installed(model, system: System, budgets: Budgets, trace: Optional[str] = None) -> Iterator[Optional[dict]]:
+    """``model.forward`` as the system runs it inside the block (compiled for kvdrive designs,
+    writing its timeline to ``trace`` if given); the eager forward, a fresh Dynamo and no open KV
+    sessions after."""
     options = system.options(budgets)
     if options is None:
         yield None
         return
+    if trace is not None:
+        options["trace"] = trace
     eager = model.forward
     model.forward = torch.compile(eager, backend="kvdrive", options=options)
     try:
@@ -120,3 +123,4 @@ def installed(model, system: System, budgets: Budgets) -> Iterator[Optional[dict
         model.forward = eager
         torch._dynamo.reset()
         kvdrive_compile.release_all()
+        kvdrive_compile.flush_traces()

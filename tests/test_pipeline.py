@@ -1,0 +1,166 @@
+"""The overlapped decode step: the CPU part runs on a worker while the device part runs, disk
+reads start layers ahead of need, the scheduling pass orders the ops, and the timeline shows it."""
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvdrive_compile
+from kvdrive_compile.runtime import placement, site_step
+from kvdrive_compile.runtime import trace as timeline
+from kvdrive_compile.runtime.kv_runtime import KVRuntime
+from kvdrive_compile.runtime.selection import SelectionPolicy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import handwritten_model as hm  # noqa: E402
+
+SPARSE = {"token_budget": 64, "sink_tokens": 0, "local_window": 16, "dense_layers": 0}
+TIERS = {"device_memory": "96KiB", "host_memory": "64KiB"}     # about a third of the KV on each tier
+
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The example's hand-written model, a batch of 2 prompts, and its greedy tokens with all KV
+    on the device at the sparse budget (the reference every placement must give)."""
+    torch.manual_seed(0)
+    model = hm.TinyLM(hm.TinyConfig()).eval()
+    ids = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(1))
+    return model, ids, generate(model, ids, STEPS, **SPARSE)
+
+
+@torch.no_grad()
+def generate(model, ids, steps, **options):
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="kvdrive", options=options)
+    out = hm.greedy(compiled, model, ids, steps)
+    kvdrive_compile.release_all()
+    return out
+
+
+def test_host_and_device_parts_run_concurrently(monkeypatch):
+    """A deliberately slow CPU kernel and a slow device kernel (0.3 s each): the layer's step
+    takes about the longer of the two, not their sum."""
+    slow = 0.3
+
+    def slowed(kernel):
+        def run(*args, **kwargs):
+            time.sleep(slow)
+            return kernel(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(site_step, "cpu_partial_attention", slowed(site_step.cpu_partial_attention))
+    monkeypatch.setattr(site_step, "paged_attention", slowed(site_step.paged_attention))
+    rt = KVRuntime(block_size=16, device_memory=48 << 10, host_memory=None, async_cpu=True)
+    policy = SelectionPolicy(token_budget=None, sink_tokens=0, local_window=0)
+    session = rt.open_session()
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 2, 400, 32, generator=g), torch.randn(1, 2, 400, 32, generator=g)
+    kv = rt.layer(session, 0, k, keeps_last=False)
+    placement.append(rt, kv, k, v)
+    site_step.end_plan(rt, session, site_step.select(rt, session, 0, 0, 400, torch.randn(1, 4, 400, 32), policy))
+    k1, v1 = torch.randn(1, 2, 1, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g)
+    placement.append(rt, kv, k1, v1)
+    q = torch.randn(1, 4, 1, 32, generator=g)
+    pid = site_step.select(rt, session, 0, 400, 1, q, policy)
+    plan = session.plans[pid]
+    assert plan.part(site_step.Tier.HOST) is not None and plan.part(site_step.Tier.DEVICE) is not None
+    site_step.prefetch(rt, plan)
+    mask = site_step.step_mask(plan, None, False)
+    t0 = time.perf_counter()
+    site_step.start_host_attention(rt, plan, q, mask, 1.0)
+    device = site_step.device_attention(rt, plan, q, k1, v1, mask, 1.0)
+    host = site_step.finish_host_attention(rt, plan, q)
+    wall = time.perf_counter() - t0
+    out = site_step.merge([device, host], torch.float32)
+    site_step.end_plan(rt, session, pid)
+    assert wall < 2 * slow - 0.1, f"the two parts did not overlap: {wall:.3f} s for two {slow} s parts"
+    kk, vv = torch.cat([k, k1], 2).repeat_interleave(2, 1), torch.cat([v, v1], 2).repeat_interleave(2, 1)
+    ref = torch.softmax(q @ kk.transpose(-1, -2), -1) @ vv
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert rt.background_seconds["cpu_attention"] >= slow
+    rt.close()
+
+
+def test_scheduled_graph_and_ahead_reads_give_the_same_tokens(tiny, monkeypatch):
+    """prefetch_depth 0 (no lookahead) and 3, and the graph without the scheduling pass: the
+    same greedy tokens as all KV on the device, at the same token budget; reads issued ahead
+    were taken by the steps."""
+    model, ids, ref = tiny
+    for depth in (0, 3):
+        out = generate(model, ids, STEPS, **SPARSE, **TIERS, prefetch_depth=depth)
+        assert torch.equal(ref, out), depth
+    st = kvdrive_compile.stats({**SPARSE, **TIERS, "prefetch_depth": 3})
+    assert st.prefetch["landed"] + st.prefetch["in_flight"] > 0, st.prefetch
+    assert 0 < st.prefetch_hit_rate <= 1
+    from kvdrive_compile import backend
+    from kvdrive_compile.passes.schedule import ScheduleSites
+    unscheduled = [p for p in backend.default_passes() if not isinstance(p, ScheduleSites)]
+    monkeypatch.setattr(backend, "default_passes", lambda: unscheduled)
+    assert torch.equal(ref, generate(model, ids, STEPS, **SPARSE, **TIERS, cache_policy="lru"))
+
+
+def test_timeline_of_a_generation(tiny, tmp_path):
+    """The trace option writes Chrome Trace Event Format: complete events of every stage with
+    step, phase and layer, one tid per thread, and decode steps where work of different threads
+    overlaps."""
+    model, ids, ref = tiny
+    path = tmp_path / "steps.json"
+    assert torch.equal(ref, generate(model, ids, STEPS, **SPARSE, **TIERS, trace=str(path)))
+    assert str(path) in kvdrive_compile.flush_traces()
+    data = json.loads(path.read_text())
+    events = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    names = {e["tid"]: e["args"]["name"] for e in data["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+    for e in events:
+        assert e["cat"] == "kvdrive" and e["dur"] >= 0 and e["ts"] >= 0 and isinstance(e["pid"], int)
+    stages = {e["name"] for e in events}
+    for stage in ("append", "select", "plan", "prefetch_ahead", "prefetch", "cpu_start", "cpu_attention",
+                  "device_attention", "cpu_wait", "merge", "disk_read", "disk_write", "io_wait"):
+        assert stage in stages, (stage, stages)
+    assert any(n.startswith("kvdrive-io") for n in names.values())
+    assert any(n.startswith("kvdrive-cpu-attention") for n in names.values())
+    for e in events:
+        if e["name"] in ("select", "cpu_attention", "device_attention", "merge"):
+            assert {"step", "phase", "layer"} <= set(e["args"]), e
+    decode = [e for e in events if e["args"].get("phase") == "decode"]
+    overlapping = 0
+    by_step = {}
+    for e in decode:
+        by_step.setdefault(e["args"]["step"], []).append(e)
+    for evs in by_step.values():
+        evs.sort(key=lambda e: e["ts"])
+        overlapping += any(a["tid"] != b["tid"] and b["ts"] < a["ts"] + a["dur"]
+                           for i, a in enumerate(evs) for b in evs[i + 1:])
+    assert overlapping >= len(by_step) // 2, (overlapping, len(by_step))
+    summary = timeline.summarize(events)
+    assert summary["decode"]["steps"] == len(by_step) and summary["overlap"]["stage_sum_over_wall"] > 0
+    from kvdrive_compile import cli
+    assert cli.main(["trace", "summary", str(path)]) == 0
+
+
+def test_a_failed_cpu_part_fails_the_step_and_frees_the_session(tiny, monkeypatch):
+    """An error in the CPU part (on the worker) is raised at the merge, the generation's KV is
+    released, and the next generation is exact."""
+    model, ids, ref = tiny
+    calls = {"n": 0}
+    real = site_step.host_attention
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("injected CPU-part failure")
+        return real(*args)
+
+    monkeypatch.setattr(site_step, "host_attention", failing)
+    with pytest.raises(OSError, match="injected"):
+        generate(model, ids, STEPS, **SPARSE, **TIERS)
+    assert kvdrive_compile.collect() == 0
+    monkeypatch.setattr(site_step, "host_attention", real)
+    assert torch.equal(ref, generate(model, ids, STEPS, **SPARSE, **TIERS))
+    assert threading.active_count() < 40
