@@ -12,7 +12,7 @@ from .runtime.placement import CACHE_POLICIES, DEFAULT_REUSE_WINDOW
 from .runtime.selection import SelectionPolicy
 
 # layers ahead at which ahead-of-need disk reads are issued (the scheduling pass places them)
-DEFAULT_PREFETCH_DEPTH = 2
+DEFAULT_PREFETCH_DEPTH = 0
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
           "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4,
@@ -53,8 +53,10 @@ class KVDriveOptions:
     cache_policy: what the device (and host) tier keeps between decode steps, ``CACHE_POLICIES``;
     reuse_window: decode steps of selection history a block is kept cached for
     (``runtime/placement.py``). prefetch_depth: layers ahead at which a layer's ahead-of-need
-    disk reads start (the scheduling pass places them; 0: when the layer starts). trace: a
+    disk reads start (the scheduling pass places them; 0: no ahead-of-need reads). trace: a
     Chrome-trace JSON file the runtime writes its timeline to (default: $KVDRIVE_TRACE, else none).
+    cpu_worker: run the CPU part of each step's attention on a worker thread, overlapped with the
+    device part (None: where the device part runs on a GPU; True; False).
     """
 
     block_size: int = 16
@@ -65,13 +67,14 @@ class KVDriveOptions:
     cache_policy: str = "attention"
     reuse_window: int = DEFAULT_REUSE_WINDOW
     prefetch_depth: int = DEFAULT_PREFETCH_DEPTH
+    cpu_worker: Optional[bool] = None
     trace: Optional[str] = None
     policy: SelectionPolicy = SelectionPolicy()
 
     def runtime_key(self) -> tuple:
         """Compiled functions with equal runtime options share one runtime (and its budgets)."""
         return (self.block_size, self.device_memory, self.host_memory, self.disk_dir, self.cache_policy,
-                self.reuse_window, self.trace)
+                self.reuse_window, self.trace, self.prefetch_depth > 0, self.cpu_worker)
 
 
 def valid_keys() -> list[str]:
@@ -138,6 +141,9 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
         dump_dir = os.path.abspath(os.path.expanduser(str(dump_dir)))
         os.makedirs(dump_dir, exist_ok=True)
         _check_dir(dump_dir, "dump_dir")
+    cpu_worker = options.get("cpu_worker")
+    if cpu_worker not in (None, True, False):
+        raise ValueError(f"cpu_worker={cpu_worker!r}: pass True, False or None (None: on a GPU only)")
     trace = options.get("trace", os.environ.get("KVDRIVE_TRACE") or None)
     if trace is not None:
         if not isinstance(trace, (str, os.PathLike)):
@@ -155,6 +161,7 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
         cache_policy=options.get("cache_policy", "attention"),
         reuse_window=reuse,
         prefetch_depth=options.get("prefetch_depth", DEFAULT_PREFETCH_DEPTH),
+        cpu_worker=cpu_worker,
         trace=trace,
         policy=SelectionPolicy(**{k: options[k] for k in policy_keys if k in options}),
     )

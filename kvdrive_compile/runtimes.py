@@ -32,7 +32,8 @@ def runtime_for(options: KVDriveOptions) -> int:
             rid = next(_ids)
             _by_id[rid] = KVRuntime(options.block_size, options.device_memory, options.host_memory,
                                     options.disk_dir, cache_policy=options.cache_policy,
-                                    reuse_window=options.reuse_window, trace=options.trace)
+                                    reuse_window=options.reuse_window, trace=options.trace,
+                                    ahead_reads=options.prefetch_depth > 0, async_cpu=options.cpu_worker)
             _by_key[key] = rid
         _last[:] = [rid]
         return rid

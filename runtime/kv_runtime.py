@@ -67,7 +67,7 @@ class KVRuntime:
                  host_memory: Optional[int] = None, disk_dir: Optional[str] = None,
                  io_threads: int = 4, cache_policy: str = "attention",
                  reuse_window: int = DEFAULT_REUSE_WINDOW, trace: Optional[str] = None,
-                 async_cpu: Optional[bool] = None):
+                 async_cpu: Optional[bool] = None, ahead_reads: bool = True):
         if cache_policy not in CACHE_POLICIES:
             raise ValueError(f"cache_policy {cache_policy!r}: choose one of {list(CACHE_POLICIES)}")
         self.block_size = block_size
@@ -81,9 +81,13 @@ class KVRuntime:
         self.sessions: dict[int, Session] = {}
         self.io_threads = io_threads
         self.io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix=IO_THREAD_PREFIX)
-        # the CPU part of a step's attention runs here while the calling thread goes on to the
-        # device part (the numba kernel releases the GIL); None: inline
-        self.async_cpu = concurrent_launch_safe() if async_cpu is None else async_cpu
+        # the CPU part of a step's attention runs on a worker while the calling thread goes on to
+        # the device part (the numba kernel releases the GIL). None: where the device part runs on
+        # a GPU (on a CPU-only machine both parts compete for the same cores: measured 1.3x slower
+        # per step on the disk preset, README); True: always; False: never. Never where numba's
+        # threading layer cannot take two launches at once.
+        self.async_cpu = async_cpu if concurrent_launch_safe() else False
+        self.ahead_reads = ahead_reads                      # prefetch_ahead reads (prefetch_depth > 0)
         self.cpu_worker: Optional[ThreadPoolExecutor] = None
         self.tracer = tracer_for(trace)
         self._io_lock = threading.Lock()

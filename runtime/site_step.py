@@ -274,7 +274,7 @@ def prefetch_ahead(rt: KVRuntime, session: Session, layer: int) -> None:
     wrong guess costs bandwidth, never correctness: the step's own selection decides what
     is attended, and takes from this read only the blocks it selected."""
     kv = session.layers.get(layer)
-    if kv is None or session.phase != "decode" or kv.step == 0 or rt.device_home:
+    if kv is None or session.phase != "decode" or kv.step == 0 or rt.device_home or not rt.ahead_reads:
         return
     with rt.lock:
         first, nb = kv.first, kv.num_blocks
@@ -341,7 +341,7 @@ def start_host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepM
         return                                    # nothing on the CPU
     q_host = q.to("cpu", non_blocking=True)
     mask = _on(step, "cpu")
-    if rt.async_cpu:
+    if rt.async_cpu or (rt.async_cpu is None and q.device.type != "cpu"):
         plan.host_part = rt.submit_cpu(_timed_host_attention, rt, plan, q_host, mask, scale)
     else:
         plan.host_part = Future()

@@ -205,7 +205,8 @@ def test_disk_preset_spills_to_disk_at_the_papers_budget_point():
     # every target names systems the preset runs
     labels = {t.label for t in sweep.targets}
     assert labels == {"kvdrive hit_rate >= 0.8", "kvdrive (disk->host + host->device) / sparse-fetch's <= 0.3x",
-                      "kvdrive decode_tok_s / shadowkv-like's >= 1.74x", "kvdrive step_ms_median / kvdrive-host's <= 1.3x"}
+                      "kvdrive decode_tok_s / shadowkv-like's >= 1.74x", "kvdrive step_ms_median / kvdrive-host's <= 1.3x",
+                      "kvdrive wall_over_slowest_stage <= 1.2", "kvdrive disk_read_hidden >= 0.5"}
     for t in sweep.targets:
         assert t.system in preset.systems and (t.versus is None or t.versus in preset.systems)
     with pytest.raises(ValueError, match="op"):
@@ -396,7 +397,8 @@ def _disk_rows(**changes):
 def test_targets_are_computed_from_the_rows():
     evaluated = report.evaluate_targets(DISK_TARGETS, _disk_rows())
     by = {t["label"]: t for t in evaluated}
-    assert [t["holds"] for t in evaluated] == [True, True, True, True]
+    # the last two come from a timeline (a row's "pipeline"): these rows have none
+    assert [t["holds"] for t in evaluated] == [True, True, True, True, None, None]
     assert by["kvdrive hit_rate >= 0.8"]["measured"] == pytest.approx(0.85)
     fetched = by["kvdrive (disk->host + host->device) / sparse-fetch's <= 0.3x"]
     assert fetched["measured"] == pytest.approx(0.2) and (fetched["value"], fetched["versus_value"]) == (200, 1000)
@@ -406,13 +408,13 @@ def test_targets_are_computed_from_the_rows():
 
     missed = report.evaluate_targets(DISK_TARGETS, _disk_rows(
         kvdrive={"hit_rate": 0.6, "decode_tok_s": 3.0, "step_ms_median": 700.0}))
-    assert [t["holds"] for t in missed] == [False, True, False, False]
+    assert [t["holds"] for t in missed] == [False, True, False, False, None, None]
     assert missed[2]["measured"] == pytest.approx(1.5) and missed[3]["measured"] == pytest.approx(700 / 450)
 
     # a baseline that did not run, or a metric a row lacks: not measured, and the note says why
     partial = report.evaluate_targets(DISK_TARGETS, _disk_rows(**{"shadowkv-like": None},
                                                                kvdrive={"hit_rate": None, "device_hit_rate": None}))
-    assert [t["holds"] for t in partial] == [None, True, None, True]
+    assert [t["holds"] for t in partial] == [None, True, None, True, None, None]
     assert partial[0]["note"] == "kvdrive has no hit_rate" and partial[2]["note"] == "no shadowkv-like row ran"
     none = report.evaluate_targets(DISK_TARGETS, _disk_rows(kvdrive=None))
     assert {t["holds"] for t in none} == {None} and none[0]["note"] == "no kvdrive row ran"
@@ -426,7 +428,7 @@ def test_the_targets_section_prints_and_validates():
     report.validate(result)
     text = report.text(result)
     section = text[text.index("targets: "):]
-    assert section.startswith("targets: 2 of 4 hold, 1 not measured")
+    assert section.startswith("targets: 2 of 6 hold, 3 not measured")
     assert "kvdrive decode_tok_s / shadowkv-like's >= 1.74x" in section and "1.50x" in section
     assert "MISSES" in section and "holds" in section and "not measured (no kvdrive-host row ran)" in section
     assert "85%" in section and "200 B vs 1000 B" in section and "3.00 tok/s vs 2.00 tok/s" in section

@@ -2,7 +2,6 @@
 reads start layers ahead of need, the scheduling pass orders the ops, and the timeline shows it."""
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -93,10 +92,10 @@ def test_scheduled_graph_and_ahead_reads_give_the_same_tokens(tiny, monkeypatch)
     same greedy tokens as all KV on the device, at the same token budget; reads issued ahead
     were taken by the steps."""
     model, ids, ref = tiny
-    for depth in (0, 3):
-        out = generate(model, ids, STEPS, **SPARSE, **TIERS, prefetch_depth=depth)
+    for depth, worker in ((0, False), (3, True)):
+        out = generate(model, ids, STEPS, **SPARSE, **TIERS, prefetch_depth=depth, cpu_worker=worker)
         assert torch.equal(ref, out), depth
-    st = kvdrive_compile.stats({**SPARSE, **TIERS, "prefetch_depth": 3})
+    st = kvdrive_compile.stats({**SPARSE, **TIERS, "prefetch_depth": 3, "cpu_worker": True})
     assert st.prefetch["landed"] + st.prefetch["in_flight"] > 0, st.prefetch
     assert 0 < st.prefetch_hit_rate <= 1
     from kvdrive_compile import backend
@@ -112,7 +111,7 @@ def test_timeline_of_a_generation(tiny, tmp_path):
     overlaps."""
     model, ids, ref = tiny
     path = tmp_path / "steps.json"
-    assert torch.equal(ref, generate(model, ids, STEPS, **SPARSE, **TIERS, trace=str(path)))
+    assert torch.equal(ref, generate(model, ids, STEPS, **SPARSE, **TIERS, trace=str(path), cpu_worker=True))
     assert str(path) in kvdrive_compile.flush_traces()
     data = json.loads(path.read_text())
     events = [e for e in data["traceEvents"] if e["ph"] == "X"]
@@ -159,8 +158,52 @@ def test_a_failed_cpu_part_fails_the_step_and_frees_the_session(tiny, monkeypatc
 
     monkeypatch.setattr(site_step, "host_attention", failing)
     with pytest.raises(OSError, match="injected"):
-        generate(model, ids, STEPS, **SPARSE, **TIERS)
+        generate(model, ids, STEPS, **SPARSE, **TIERS, cpu_worker=True)
     assert kvdrive_compile.collect() == 0
     monkeypatch.setattr(site_step, "host_attention", real)
     assert torch.equal(ref, generate(model, ids, STEPS, **SPARSE, **TIERS))
-    assert threading.active_count() < 40
+
+
+def test_ahead_reads_are_taken_only_for_the_blocks_they_hold(tmp_path):
+    """Every disk block read ahead is taken by the step that selects it (no byte read twice);
+    an entry whose slot no longer holds the block it was read for (a slot reused) is read again,
+    never attended; the answer is exact throughout."""
+    torch.manual_seed(3)
+    d, rows = 32, 2
+    block = 16 * d * 2 * 4 * rows
+    rt = KVRuntime(block_size=16, device_memory=8 * block, host_memory=2 * block, disk_dir=str(tmp_path),
+                   cache_policy="none")
+    policy = SelectionPolicy(token_budget=None, sink_tokens=0, local_window=0)
+    session = rt.open_session()
+    k_all, v_all = torch.zeros(1, rows, 0, d), torch.zeros(1, rows, 0, d)
+    for i, n in enumerate([200, 1, 1, 1, 1]):
+        session.phase = "prefill" if i == 0 else "decode"
+        k, v = torch.randn(1, rows, n, d), torch.randn(1, rows, n, d)
+        kv = rt.layer(session, 0, k, keeps_last=False)
+        site_step.prefetch_ahead(rt, session, 0)
+        if i == 3:                                   # as if a slot had been given to another block since
+            kv.ahead.rows[::2] = (kv.ahead.rows[::2] + 1) % rows
+        before = dict(rt.prefetch)
+        past = kv.length
+        placement.append(rt, kv, k, v)
+        k_all, v_all = torch.cat([k_all, k], 2), torch.cat([v_all, v], 2)
+        q = torch.randn(1, 4, n, d)
+        pid = site_step.select(rt, session, 0, past, n, q, policy)
+        plan = session.plans[pid]
+        site_step.prefetch(rt, plan)
+        mask = site_step.step_mask(plan, None, n > 1)
+        site_step.start_host_attention(rt, plan, q, mask, 0.125)
+        device = site_step.device_attention(rt, plan, q, k, v, mask, 0.125)
+        out = site_step.merge([device, site_step.finish_host_attention(rt, plan, q)], torch.float32)
+        site_step.end_plan(rt, session, pid)
+        kk, vv = k_all.repeat_interleave(2, 1), v_all.repeat_interleave(2, 1)
+        s = q @ kk.transpose(-1, -2) * 0.125
+        if n > 1:
+            s = s + torch.full((n, past + n), float("-inf")).triu(past + 1)
+        torch.testing.assert_close(out, torch.softmax(s, -1) @ vv, atol=1e-5, rtol=1e-5)
+        got = {k: rt.prefetch[k] - before[k] for k in before}
+        if i in (2, 4):                              # every disk miss was read ahead (exact: all selected)
+            assert got["missed"] == 0 and got["landed"] + got["in_flight"] > 0 and got["unused"] == 0, got
+        if i == 3:                                   # the tampered half is read again, not taken
+            assert got["missed"] > 0 and got["landed"] + got["in_flight"] > 0, got
+    rt.close()
