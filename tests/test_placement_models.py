@@ -84,7 +84,7 @@ def test_smollm2_policies_agree(smollm2, monkeypatch):
     ids = tok(text, return_tensors="pt").input_ids
     sparse = dict(token_budget=128, block_size=16)
     # ~46 KiB of KV per token: ~32 MiB in all; 30 layers pin 6 blocks x 3 rows x 8 KiB = 4.2 MiB.
-    # lru is checked on the random model above (each policy here costs a compile of SmolLM2)
+    # lru and none are checked on the random model above (each policy here costs a compile of
+    # SmolLM2); the scheduled graph and the unscheduled one give the all-device tokens
     tiers = dict(device_memory="6MiB", host_memory="8MiB")
-    # the scheduled graphs (prefetch_depth 2, the default) and the unscheduled one give the same tokens
-    policies_agree(model, ids, 10, sparse, tiers, policies=("attention", "none"), monkeypatch=monkeypatch)
+    policies_agree(model, ids, 10, sparse, tiers, policies=("attention",), monkeypatch=monkeypatch)
