@@ -1,6 +1,6 @@
 """One step of one attention site, as the custom ops run it (the only module they call):
-open, append, select (plan: which blocks, where each lies, the cache policy's moves),
-prefetch, attend on each side, merge. Each returns what the next stage needs, so the graph
+open, append, ahead-of-need reads, select (plan: which blocks, where each lies, the cache
+policy's moves), prefetch, attend on each side (the CPU part inline or on the worker), merge. Each returns what the next stage needs, so the graph
 can carry the order as data. Plan once on the host, run the attention from it (FlashInfer's
 split).
 """

@@ -14,19 +14,6 @@ if not _has_cuda:
 
 sys.path.insert(0, os.path.dirname(__file__))          # tests/exactness.py
 
-# one CPU thread per test process when pytest-xdist runs one process per core (``make test``):
-# with each process's torch and numba using every core (and kvdrive's CPU-attention worker
-# running numba next to torch) the cores are oversubscribed several times over and OpenMP's
-# spinning threads steal them from each other. numba's pool is started first (importing the
-# kernels does it): starting it resets OpenMP's thread count.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    import numba
-
-    import kvdrive_compile.kernels.cpu_attention  # noqa: F401  (starts numba's pool)
-
-    numba.set_num_threads(1)
-    torch.set_num_threads(1)
-
 import pytest  # noqa: E402
 
 
