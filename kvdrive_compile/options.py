@@ -129,8 +129,9 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
     reuse = options.get("reuse_window", DEFAULT_REUSE_WINDOW)
     if isinstance(reuse, bool) or not isinstance(reuse, int) or reuse < 1:
         raise ValueError(f"reuse_window={reuse!r}: must be an int >= 1 (decode steps of selection history)")
-    for name in ("sink_tokens", "local_window", "dense_layers", "prefetch_depth"):
-        value = options.get(name, getattr(SelectionPolicy, name, DEFAULT_PREFETCH_DEPTH))
+    counts = {name: getattr(SelectionPolicy, name) for name in ("sink_tokens", "local_window", "dense_layers")}
+    for name, default in {**counts, "prefetch_depth": DEFAULT_PREFETCH_DEPTH}.items():
+        value = options.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r}: must be an int >= 0")
     disk_dir = options.get("disk_dir")

@@ -474,13 +474,17 @@ def _admit(rt: KVRuntime, kv: LayerKV, plan: Plan, tier: Tier, flat: np.ndarray,
         index = torch.from_numpy(kv.host[r[~from_disk], b[~from_disk]])
         _write_copies(rt, tier, kv, r[~from_disk], b[~from_disk], slots[~from_disk].tolist(),
                       src.k.index_select(0, index), src.v.index_select(0, index))
-        nbytes = int((~from_disk).sum()) * src.slot_bytes
-        rt.moved["host->device"] += nbytes
-        if rt.tracer.enabled:
-            rt.trace("host_to_device", t0, time.perf_counter(), kv.session_id, kv.layer, bytes=nbytes)
+        _copied_up(rt, kv, t0, int((~from_disk).sum()) * src.slot_bytes)
     if from_disk.any():               # the slots are reserved now and linked to their entries once filled
         plan.fills.append((tier, r[from_disk], b[from_disk], slots[from_disk]))
     rt.admitted[tier.name.lower()] += len(slots)
+
+
+def _copied_up(rt: KVRuntime, kv: LayerKV, t0: float, nbytes: int) -> None:
+    """Count a host->device copy that began at ``t0`` (and put it on the timeline)."""
+    rt.moved["host->device"] += nbytes
+    if rt.tracer.enabled:
+        rt.trace("host_to_device", t0, time.perf_counter(), kv.session_id, kv.layer, bytes=nbytes)
 
 
 def fill_from_disk(rt: KVRuntime, plan: Plan, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -494,7 +498,4 @@ def fill_from_disk(rt: KVRuntime, plan: Plan, k: torch.Tensor, v: torch.Tensor) 
             at = torch.searchsorted(plan.disk_slots, torch.from_numpy(kv.home_slot[r, b]))
             _write_copies(rt, tier, kv, r, b, slots.tolist(), k[at], v[at])
             if tier == Tier.DEVICE:
-                nbytes = len(slots) * slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
-                rt.moved["host->device"] += nbytes
-                if rt.tracer.enabled:
-                    rt.trace("host_to_device", t0, time.perf_counter(), kv.session_id, kv.layer, bytes=nbytes)
+                _copied_up(rt, kv, t0, len(slots) * slot_bytes(rt.block_size, kv.head_dim, kv.dtype))

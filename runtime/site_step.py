@@ -339,7 +339,7 @@ def start_host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepM
     safely, or where there is nothing to attend on the CPU."""
     if plan.fetch or plan.fresh_only or (plan.part(Tier.HOST) is None and not plan.disk_reads):
         return                                    # nothing on the CPU
-    q_host = q.to("cpu", non_blocking=True)
+    q_host = q.cpu()        # blocking: a non_blocking copy could still be in flight when the kernel reads it
     mask = _on(step, "cpu")
     if rt.async_cpu or (rt.async_cpu is None and q.device.type != "cpu"):
         plan.host_part = rt.submit_cpu(_timed_host_attention, rt, plan, q_host, mask, scale)

@@ -178,7 +178,7 @@ class SweepRun:
         rows = []
         trace = None if self.trace_dir is None else os.path.join(self.trace_dir, f"{self.sweep.model}-{system.name}.json")
         if trace is not None and os.path.exists(trace):
-            os.remove(trace)                         # a file from an earlier run would be taken as taken
+            os.remove(trace)                         # else a run that writes none would report the old one
         with installed(self.model, system, self.budgets, trace) as options:
             try:
                 compile_s, graphs = self.warm_up(system)
