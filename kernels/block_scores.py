@@ -7,8 +7,9 @@ of byte ``j``). For each query row the score of a block is the log-sum-exp over 
 ``scale * q . k^`` with ``k^ = kmin + code * (kmax - kmin) / 3``: the block's estimated log
 attention mass. Computed as ``q . kmin + sum_c (q_c * step_c) * code_c``, so no dequantized key
 is ever materialized; one pass over the packed codes, which are read once for all query rows
-of a KV head. Single-threaded on purpose: it runs inside the decode step next to torch, and
-starting numba's thread pool there changes torch's thread count (and with it Dynamo's guards).
+of a KV head. The (row, block) pairs are split over numba's threads (its pool is started at
+import, keeping torch's thread count: ``numba_math.start_thread_pool``); the select stage of a
+CPU decode step was mostly this kernel, single-threaded.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ import math
 
 import numpy as np
 import torch
-from numba import njit
+from numba import get_num_threads, njit, prange
 
 from .launch_utils import multiprocessors, next_pow2
-from .numba_math import exp_f32, wide_vectors
+from .numba_math import exp_f32, start_thread_pool, wide_vectors
 from .triton_launcher import launcher_for
 
 __all__ = ["qkeys_log_mass", "qkeys_log_mass_or_bound", "qkeys_log_mass_torch", "qkeys_log_mass_triton", "pack_codes", "unpack_codes",
@@ -28,6 +29,10 @@ __all__ = ["qkeys_log_mass", "qkeys_log_mass_or_bound", "qkeys_log_mass_torch", 
 CODE_BITS = 2
 LEVELS = (1 << CODE_BITS) - 1          # codes 0..3
 _PER_BYTE = 8 // CODE_BITS
+# (row, block) pairs below which a thread is not worth starting: ~1 us of work each
+_MIN_BLOCKS_PER_CHUNK = 64
+
+start_thread_pool()
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -45,17 +50,18 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 
 
 @njit(nogil=True, cache=True, fastmath=True)
-def _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, out):
-    """One block at a time: decode its codes once into ``codes [bs, Dp]`` (channels in the
-    order 0, 4, 8, .., 1, 5, .., which decodes with unit strides; q is put in that order once
-    per KV head and the block's step once per block), score every (query
-    row, token) pair with four tokens per pass over the channels (vectorized over channels,
-    four independent sums), then a two-pass log-sum-exp over the block's tokens per row.
-    A block not ``quantized`` (the open one) gets Quest's bound
+def _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out, first, last):
+    """Blocks ``first .. last - 1`` of the flattened (row, listed block) range, one block at a
+    time: decode its codes once into ``codes [bs, Dp]`` (channels in the order 0, 4, 8, .., 1,
+    5, .., which decodes with unit strides; q is put in that order once per row and the block's
+    step once per block), score every (query row, token) pair with four tokens per pass over
+    the channels (vectorized over channels, four independent sums), then a two-pass log-sum-exp
+    over the block's tokens per row. A block not ``quantized`` (the open one) gets Quest's bound
     ``scale * sum_c max(q_c kmin_c, q_c kmax_c) + log_count`` instead."""
     wide_vectors()
-    rows, nrows_q, d = q.shape
+    nrows_q, d = q.shape[1], q.shape[2]
     bs, d4 = packed.shape[2], packed.shape[3]
+    n = ids.shape[0]
     dp = 4 * d4
     w = np.zeros((nrows_q, dp), np.float32)                  # scale * q_c * step_c (0 on padding), codes' order
     base = np.zeros(nrows_q, np.float32)                     # scale * q . kmin
@@ -64,58 +70,74 @@ def _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, out):
     step = np.zeros(dp, np.float32)                          # scale * (kmax - kmin) / 3, codes' order
     s = np.empty(bs, np.float32)
     bs4 = bs - bs % 4
-    for r in range(rows):
-        for g in range(nrows_q):
-            for i in range(4):
-                for b in range(d4):
-                    c = 4 * b + i
-                    qp[g, i * d4 + b] = q[r, g, c] if c < d else np.float32(0.0)
-        for j in range(ids.shape[0]):
-            blk = ids[j]
-            if not quantized[j]:
-                for g in range(nrows_q):
-                    acc = np.float32(0.0)
-                    for c in range(d):
-                        acc += max(q[r, g, c] * kmin[r, blk, c], q[r, g, c] * kmax[r, blk, c])
-                    out[r, g, j] = acc * scale + log_count[j]
-                continue
-            for t in range(bs):                  # channel 4b + i is column i * d4 + b: unit strides
+    r_done = -1
+    for item in range(first, last):
+        r, j = item // n, item % n
+        if r != r_done:
+            r_done = r
+            for g in range(nrows_q):
                 for i in range(4):
                     for b in range(d4):
-                        codes[t, i * d4 + b] = (packed[r, blk, t, b] >> (2 * i)) & 3
-            for i in range(4):
-                for b in range(d4):
-                    c = 4 * b + i
-                    step[i * d4 + b] = (kmax[r, blk, c] - kmin[r, blk, c]) * (scale / LEVELS) if c < d else np.float32(0.0)
+                        c = 4 * b + i
+                        qp[g, i * d4 + b] = q[r, g, c] if c < d else np.float32(0.0)
+        blk = ids[j]
+        if not quantized[j]:
             for g in range(nrows_q):
                 acc = np.float32(0.0)
                 for c in range(d):
-                    acc += q[r, g, c] * kmin[r, blk, c]
-                base[g] = acc * scale
+                    acc += max(q[r, g, c] * kmin[r, blk, c], q[r, g, c] * kmax[r, blk, c])
+                out[r, g, j] = acc * scale + log_count[j]
+            continue
+        for t in range(bs):                  # channel 4b + i is column i * d4 + b: unit strides
+            for i in range(4):
+                for b in range(d4):
+                    codes[t, i * d4 + b] = (packed[r, blk, t, b] >> (2 * i)) & 3
+        for i in range(4):
+            for b in range(d4):
+                c = 4 * b + i
+                step[i * d4 + b] = (kmax[r, blk, c] - kmin[r, blk, c]) * (scale / LEVELS) if c < d else np.float32(0.0)
+        for g in range(nrows_q):
+            acc = np.float32(0.0)
+            for c in range(d):
+                acc += q[r, g, c] * kmin[r, blk, c]
+            base[g] = acc * scale
+            for c in range(dp):
+                w[g, c] = qp[g, c] * step[c]
+        for g in range(nrows_q):
+            for t in range(0, bs4, 4):
+                s0 = s1 = s2 = s3 = np.float32(0.0)
                 for c in range(dp):
-                    w[g, c] = qp[g, c] * step[c]
-            for g in range(nrows_q):
-                for t in range(0, bs4, 4):
-                    s0 = s1 = s2 = s3 = np.float32(0.0)
-                    for c in range(dp):
-                        x = w[g, c]
-                        s0 += x * codes[t, c]
-                        s1 += x * codes[t + 1, c]
-                        s2 += x * codes[t + 2, c]
-                        s3 += x * codes[t + 3, c]
-                    s[t], s[t + 1], s[t + 2], s[t + 3] = s0, s1, s2, s3
-                for t in range(bs4, bs):
-                    s0 = np.float32(0.0)
-                    for c in range(dp):
-                        s0 += w[g, c] * codes[t, c]
-                    s[t] = s0
-                mx = s[0]
-                for t in range(1, bs):
-                    mx = max(mx, s[t])
-                total = np.float32(0.0)
-                for t in range(bs):
-                    total += exp_f32(s[t] - mx)
-                out[r, g, j] = base[g] + mx + math.log(total)
+                    x = w[g, c]
+                    s0 += x * codes[t, c]
+                    s1 += x * codes[t + 1, c]
+                    s2 += x * codes[t + 2, c]
+                    s3 += x * codes[t + 3, c]
+                s[t], s[t + 1], s[t + 2], s[t + 3] = s0, s1, s2, s3
+            for t in range(bs4, bs):
+                s0 = np.float32(0.0)
+                for c in range(dp):
+                    s0 += w[g, c] * codes[t, c]
+                s[t] = s0
+            mx = s[0]
+            for t in range(1, bs):
+                mx = max(mx, s[t])
+            total = np.float32(0.0)
+            for t in range(bs):
+                total += exp_f32(s[t] - mx)
+            out[r, g, j] = base[g] + mx + math.log(total)
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, out, chunks):
+    """Every (row, listed block) pair, cut into ``chunks`` equal contiguous ranges, one per
+    thread of numba's pool (``chunks``: its thread count, passed in so that the function stays
+    cacheable); a range may span rows, so a batch of one sequence with few KV heads still
+    splits evenly."""
+    total = q.shape[0] * ids.shape[0]
+    chunks = max(1, min(chunks, total // _MIN_BLOCKS_PER_CHUNK))
+    for c in prange(chunks):
+        _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out,
+                       c * total // chunks, (c + 1) * total // chunks)
 
 
 def qkeys_log_mass(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,
@@ -154,7 +176,7 @@ def _scores(packed, kmin, kmax, q, ids, quantized: np.ndarray, log_count: np.nda
     if ids.numel() and rows and nq:
         _log_mass(packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
                   q.float().contiguous().numpy(), ids.long().contiguous().numpy(), quantized, log_count,
-                  np.float32(scale), out.numpy())
+                  np.float32(scale), out.numpy(), get_num_threads())
     return out
 
 

@@ -36,7 +36,7 @@ from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.extending import intrinsic
 
-from .numba_math import FASTMATH as _FASTMATH, exp_f32, wide_vectors as _wide_vectors
+from .numba_math import FASTMATH as _FASTMATH, exp_f32, start_thread_pool, wide_vectors as _wide_vectors
 from .paged_layout import POISON_ENV, check_paged_args
 
 __all__ = ["cpu_partial_attention", "warm_up", "POISON_ENV"]
@@ -425,21 +425,7 @@ def _merge_items(first, part_out, part_lse, out, lse):
             lse[bh, r] = m + np.log(total)
 
 
-# -- numba's thread pool and torch's thread count --
-
-def _start_thread_pool() -> None:
-    """Start numba's thread pool now, keeping torch's thread count. Starting the pool (numba's
-    OpenMP layer, the default here) resets OpenMP's thread count, which is torch's; a count
-    that changes after a ``torch.compile`` fails Dynamo's global-state guard, and every graph
-    compiled before recompiles (the next ``generate`` re-traced its prefill: ~20 s for
-    SmolLM2). Started at import, before anything is compiled."""
-    before = torch.get_num_threads()
-    get_num_threads()                       # launches the pool
-    if torch.get_num_threads() != before:
-        torch.set_num_threads(before)
-
-
-_start_thread_pool()
+start_thread_pool()
 
 
 # -- public wrapper --

@@ -10,11 +10,12 @@ inline these helpers are compiled again.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from llvmlite import ir
-from numba import njit, types
+from numba import get_num_threads, njit, types
 from numba.extending import intrinsic
 
-__all__ = ["exp_f32", "FASTMATH", "wide_vectors"]
+__all__ = ["exp_f32", "FASTMATH", "start_thread_pool", "wide_vectors"]
 
 # LLVM fast-math flags for the kernels: no "ninf"/"nnan", because -inf marks empty rows
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -72,3 +73,16 @@ def wide_vectors(typingctx):
         return context.get_dummy_value()
 
     return types.void(), codegen
+
+
+def start_thread_pool() -> None:
+    """Start numba's thread pool now, keeping torch's thread count (the kernels that use the pool
+    call this at import). Starting the pool (numba's OpenMP layer, the default here) resets
+    OpenMP's thread count, which is torch's; a count that changes after a ``torch.compile``
+    fails Dynamo's global-state guard, and every graph compiled before recompiles (the next
+    ``generate`` re-traced its prefill: ~20 s for SmolLM2). Started at import, before anything
+    is compiled."""
+    before = torch.get_num_threads()
+    get_num_threads()                       # launches the pool
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)

@@ -2,11 +2,13 @@
 random codes and ranges."""
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 from triton_compile import compile_for_h100
 
 from kvdrive_compile.kernels.block_scores import (
+    _log_mass,
     pack_codes,
     qkeys_log_mass,
     qkeys_log_mass_or_bound,
@@ -96,6 +98,24 @@ print("compiled")
 @needs_triton
 def test_triton_kernel_compiles_for_h100():
     compile_for_h100(COMPILE_FOR_H100)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 5])
+def test_qkeys_split_over_threads_matches_float64(chunks):
+    """The (row, block) pairs cut into ``chunks`` ranges (numba's threads), ranges that start and
+    end inside a row included, the open block's bound among them: the same scores as one range."""
+    codes, packed, kmin, kmax, q, ids = case(3, 3, 64, 16, cap=150, seed=5)
+    scale = 64 ** -0.5
+    quantized = torch.ones(ids.numel(), dtype=torch.bool)
+    quantized[7] = False
+    log_count = torch.full((ids.numel(),), 2.0)
+    out = torch.empty(3, 3, ids.numel())
+    _log_mass(packed.numpy(), kmin.numpy(), kmax.numpy(), q.numpy(), ids.numpy(), quantized.numpy(),
+              log_count.numpy(), np.float32(scale), out.numpy(), chunks)
+    want = qkeys_log_mass_or_bound(packed, kmin, kmax, q, ids, quantized, log_count, scale)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(out[:, :, quantized].double(), reference(codes, kmin, kmax, q, ids[quantized], scale),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_no_blocks_and_bad_shapes():
