@@ -193,7 +193,15 @@ def step_mask(plan: Plan, mask: Optional[torch.Tensor], is_causal: bool) -> Step
     return StepMask(start, end, bias, is_causal)
 
 
-def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
+def merge(parts: list[Optional[tuple[torch.Tensor, torch.Tensor]]], dtype: torch.dtype) -> torch.Tensor:
+    """The attention output in ``dtype`` from fp32 partial results (out, lse); None: a part that
+    attended nothing. One part is its own merge (a CPU decode step with every block on the
+    device tier: most steps): the same values ``merge_partials`` gives, its rows that attended
+    nothing 0, without its stacking."""
+    parts = [p for p in parts if p is not None]
+    if len(parts) == 1:
+        out, lse = parts[0]
+        return torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, out).to(dtype)
     out, _ = merge_partials([o for o, _ in parts], [l for _, l in parts])
     return out.to(dtype)
 
@@ -349,9 +357,9 @@ def start_host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepM
 
 
 def finish_host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor):
-    """The CPU part's fp32 (out, lse) on q's device (empty if there was none): waits for it."""
+    """The CPU part's fp32 (out, lse) on q's device (None if there was none): waits for it."""
     if plan.host_part is None:
-        return empty_partial(q)
+        return None
     out, lse = plan.host_part.result()
     return out.to(q.device), lse.to(q.device)
 
