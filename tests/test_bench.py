@@ -1,5 +1,6 @@
-"""The benchmark suite: metrics, report and JSON structure, the cost model, the CLI (fast, no
-model); and the smoke preset end to end on SmolLM2 (slow)."""
+"""The benchmark suite: metrics, report and JSON structure, the cost model, the CLI, the gpu-8b
+preset's models, prompts and prefill chunks (fast); and the smoke presets end to end on SmolLM2
+and on tiny Llama-3.1 / Qwen3 shapes (slow)."""
 import argparse
 import copy
 import json
@@ -9,9 +10,13 @@ import pytest
 import torch
 
 import kvdrive_compile
+from transformers import DynamicCache, StaticCache
+
+from kvdrive_compile import models
 from kvdrive_compile.bench import cli, metrics, presets, projection, report, runner, systems
 
 GIB = 2**30
+TINY_LLAMA = models.random_config("llama3.1-tiny-random")
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -145,7 +150,10 @@ def test_kv_bytes_keeps_sliding_windows_and_budgets_follow_the_largest_point():
 def test_systems_are_the_designs_in_the_brief():
     b = presets.Budgets(device_memory=100, host_memory=200, token_budget=64, block_size=16)
     opts = {s.name: s.options(b) for s in systems.systems(list(systems.SYSTEMS))}
-    assert opts["dense"] is None and opts["hf-offload"] is None
+    assert opts["dense"] is None and opts["hf-offload"] is None and opts["dense-compiled"] is None
+    assert isinstance(systems.DENSE_COMPILED.new_cache(SimpleNamespace(config=TINY_LLAMA), 64), StaticCache)
+    assert isinstance(systems.DENSE.new_cache(SimpleNamespace(config=TINY_LLAMA), 64), DynamicCache)
+    assert "dense-compiled" in systems.EXACT_SYSTEMS and systems.REFERENCE["dense-compiled"] == "dense"
     assert opts["fetch-all"] == {"device_memory": 0, "host_memory": 200, "token_budget": None,
                                  "attention": "fetch", "block_size": 16, "cache_policy": "none"}
     assert opts["sparse-fetch"] == {"device_memory": 0, "host_memory": 200, "token_budget": 64,
@@ -213,6 +221,14 @@ def test_disk_preset_spills_to_disk_at_the_papers_budget_point():
         presets.Target("kvdrive", ("hit_rate",), ">", 0.8)
 
 
+def test_the_pipeline_preset_compares_kvdrive_with_the_faster_dense():
+    preset = presets.preset("pipeline")
+    assert preset.systems == ("dense", "dense-compiled", "kvdrive")
+    (throughput,) = [t for t in preset.sweeps[0].targets if t.metric == ("decode_tok_s",)]
+    assert throughput.versus == ("dense", "dense-compiled")
+    assert throughput.label == "kvdrive decode_tok_s / best of (dense, dense-compiled)'s >= 1.5x"
+
+
 def test_contexts_batches_and_steps_override_every_sweep():
     preset = presets.preset("disk")
     small = runner.with_overrides(preset, steps=2, contexts=[512, 256], batches=[2])
@@ -224,6 +240,116 @@ def test_contexts_batches_and_steps_override_every_sweep():
     cli.add_arguments(args)
     parsed = args.parse_args(["--preset", "disk", "--contexts", "1024", "--batches", "2", "4", "--steps", "2"])
     assert parsed.contexts == [1024] and parsed.batches == [2, 4] and parsed.steps == 2
+
+
+# -- the gpu-8b preset: models from configs, random prompts, chunked prefill -------------------------
+
+def test_random_models_have_the_published_shapes():
+    llama, qwen = models.random_config("llama3.1-8b-random"), models.random_config("qwen3-8b-random")
+    assert (llama.num_hidden_layers, llama.hidden_size, llama.intermediate_size, llama.num_attention_heads,
+            llama.num_key_value_heads, llama.head_dim, llama.vocab_size) == (32, 4096, 14336, 32, 8, 128, 128256)
+    assert llama.rope_parameters["rope_type"] == "llama3" and llama.rope_parameters["rope_theta"] == 500000.0
+    assert (qwen.model_type, qwen.num_hidden_layers, qwen.intermediate_size, qwen.vocab_size) == \
+        ("qwen3", 36, 12288, 151936)
+    with torch.device("meta"):                          # sizes only: no memory, no init
+        params = {n: sum(p.numel() for p in models.random_model(n, torch.bfloat16, "meta").parameters())
+                  for n in ("llama3.1-8b-random", "qwen3-8b-random")}
+    assert params["llama3.1-8b-random"] == 8_030_261_248 and 8.1e9 < params["qwen3-8b-random"] < 8.3e9
+    assert presets.kv_bytes(llama, 131072, 1, torch.bfloat16) == 16 * GIB         # 128 KiB a token
+    model, tokenizer = models.load_any("qwen3-tiny-random")
+    assert tokenizer is None and type(model).__name__ == "Qwen3ForCausalLM" and not model.training
+    assert model.model.layers[0].self_attn.q_norm is not None                    # Qwen3's q/k norms
+    with pytest.raises(ValueError, match="random-weight"):
+        models.load_any("llama-9b")
+
+
+def test_gpu_8b_preset_fits_one_h200_machine_and_checks_the_issues_targets():
+    preset = presets.preset("gpu-8b")
+    assert preset.device == "cuda" and preset.dtype == "bfloat16" and preset.time_budget_s <= 480
+    assert set(preset.systems) == {"dense", "dense-compiled", "hf-offload", "fetch-all", "sparse-fetch",
+                                   "shadowkv-like", "hisparse-like", "kvdrive"}
+    ram, disk = 128 * GIB, 64 * GIB
+    for sweep in preset.sweeps:
+        config = models.random_config(sweep.model)
+        assert sweep.budget_per_point and sweep.points == [(32768, 4), (65536, 8)]
+        for context, batch in sweep.points:
+            kv = presets.kv_bytes(config, context, batch, torch.bfloat16)
+            b = presets.budgets_for(sweep, config, torch.bfloat16, (context, batch))
+            assert b.device_memory <= 0.25 * kv and 0 < kv - b.host_memory <= 0.6 * disk     # spills to disk
+            assert kv <= 0.8 * ram                                      # hf-offload keeps all KV in RAM
+        for context, batch in sweep.leave_out:                           # left out for memory, or for time
+            kv = presets.kv_bytes(config, context, batch, torch.bfloat16)
+            assert kv > 0.8 * ram or (context, batch) not in ((32768, 4), (65536, 8))
+        for t in sweep.targets:
+            assert t.from_point == (65536, 8) and t.system in preset.systems and t.versus in (None, *preset.systems)
+    smoke = presets.preset("gpu-8b-smoke")
+    assert smoke.device == "cpu" and smoke.threads == 1
+    assert [models.RANDOM_MODELS[s.model].family for s in smoke.sweeps] == ["llama", "qwen3"]
+    assert set(smoke.systems) <= set(preset.systems)
+
+
+def test_prompts_without_a_tokenizer_are_seeded_random_ids():
+    ids = runner.batch_prompts(None, 64, 3, seed=5, vocab_size=100)
+    assert ids.shape == (3, 64) and ids.dtype == torch.long and 0 <= int(ids.min()) and int(ids.max()) < 100
+    assert torch.equal(ids, runner.random_prompts(100, 64, 3, seed=5))
+    assert not torch.equal(ids, runner.random_prompts(100, 64, 3, seed=6))
+
+
+def test_prefill_goes_in_chunks_where_one_call_would_not_fit():
+    per_token = 100_000
+    assert runner.prefill_chunk(4096, 4, per_token, room=2 * 4 * 4096 * per_token) == 4096      # fits: one call
+    # a chunk also holds its mask over the context: 10,000 tokens of the batch fit, 9K per sequence
+    chunked = 2 * 8 * 10_000 * (per_token + runner.MASK_BYTES * 65536)
+    assert runner.prefill_chunk(65536, 8, per_token, room=chunked) == 9216
+    assert runner.prefill_bytes(per_token, 65536, 8, 9216) == 8 * 9216 * (per_token + 4 * 65536)
+    assert runner.prefill_bytes(per_token, 65536, 8, 65536) == 8 * 65536 * per_token              # causal, no mask
+    assert runner.prefill_chunk(512, 2, per_token, room=1e12, limit=512) == 256                   # the sweep's cap
+    assert runner.prefill_chunk(512, 2, per_token, room=0) == 16                                  # at least a step
+    config = models.random_config("llama3.1-8b-random")
+    assert runner.activation_bytes(config, torch.bfloat16) == (8 * 4096 + 3 * 14336) * 2
+    # eager caches briefly hold a layer twice; a static cache is allocated once, at full length
+    b = presets.Budgets(100, 200, 64, 16)
+    assert runner.kv_placement(systems.DENSE, b, 3200, 32) == (3400, 0)
+    assert runner.kv_placement(systems.DENSE_COMPILED, b, 3200, 32) == (3200, 0)
+
+
+def test_a_chunked_prefill_gives_the_one_call_logits():
+    model, _ = models.load_any("llama3.1-tiny-random")
+    ids = runner.random_prompts(model.config.vocab_size, 96, 2)
+    whole = runner.prefill(model, systems.DENSE.new_cache(model, 96), ids)
+    chunked = runner.prefill(model, systems.DENSE.new_cache(model, 96), ids, chunk=32)
+    static = runner.prefill(model, systems.DENSE_COMPILED.new_cache(model, 100), ids, chunk=48)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(static, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_the_time_budget_skips_what_would_end_after_it():
+    import time
+
+    from tqdm import tqdm
+
+    model, _ = models.load_any("llama3.1-tiny-random")
+    sweep = presets.gpu_8b_smoke_sweep("llama3.1-tiny-random")
+    run = runner.SweepRun(sweep, model, None, torch.device("cpu"), tqdm(disable=True), time.perf_counter() + 100)
+    assert run.too_late(systems.KVDRIVE, 512, 4) is None                       # nothing measured yet
+    run.last_point["kvdrive"], run.warm_up_s["kvdrive"] = (10.0, 256, 2), 30.0
+    assert run.too_late(systems.KVDRIVE, 256, 2) is None                       # 10 s + a 30 s warm-up
+    late = run.too_late(systems.KVDRIVE, 512, 4)                               # 10 s x 2 x 2^2 + 30 s
+    assert late.startswith("skipped: would end after the preset's time budget (~110 s")
+    run.deadline = time.perf_counter() - 1
+    assert run.too_late(systems.DENSE, 512, 2) == "skipped: the preset's time budget was spent"
+    assert run.ids(512, 2).shape == (2, 512) and run.budgets_at(512, 2).device_memory == 2**20
+
+
+def test_a_gpu_preset_says_what_is_missing(tmp_path):
+    assert runner.missing_dependencies(("json", "kvdrive_no_such_module")) == \
+        ["kvdrive_no_such_module (ModuleNotFoundError: No module named 'kvdrive_no_such_module')"]
+    if not torch.cuda.is_available():
+        with pytest.raises(runner.CannotRun, match="--preset gpu-8b-smoke"):
+            runner.check_gpu_machine("gpu-8b")
+        args = argparse.ArgumentParser()
+        cli.add_arguments(args)
+        assert cli.run_bench(args.parse_args(["--preset", "gpu-8b", "--out", str(tmp_path)])) == 2
 
 
 # -- the cost model --------------------------------------------------------------------------------
@@ -420,6 +546,29 @@ def test_targets_are_computed_from_the_rows():
     assert {t["holds"] for t in none} == {None} and none[0]["note"] == "no kvdrive row ran"
 
 
+def test_a_target_versus_several_systems_takes_the_strongest_at_its_points():
+    best = presets.Target("kvdrive", ("decode_tok_s",), ">=", 1.5, versus=("dense", "dense-compiled"),
+                          unit="tok/s", from_point=(256, 2)).as_dict()
+    rows = [_row("dense", decode_tok_s=4.0), _row("dense-compiled", decode_tok_s=5.0),
+            _row("kvdrive", decode_tok_s=8.0), _row("kvdrive", batch=1, decode_tok_s=1.0)]   # batch 1: not checked
+    (t,) = report.evaluate_targets([best], rows)
+    assert (t["batch"], t["versus_system"], t["versus_value"], t["holds"]) == (2, "dense-compiled", 5.0, True)
+    assert t["measured"] == pytest.approx(1.6)
+    assert "8.00 tok/s vs 5.00 tok/s (dense-compiled)" in report.targets_table([t])
+    # the faster one did not run: the other is the one; neither: not measured, and why
+    (alone,) = report.evaluate_targets([best], [r for r in rows if r["system"] != "dense-compiled"])
+    assert alone["versus_system"] == "dense" and alone["measured"] == pytest.approx(2.0)
+    (none,) = report.evaluate_targets([best], [_row("kvdrive", decode_tok_s=8.0)])
+    assert none["holds"] is None and none["note"] == "no dense or dense-compiled row ran"
+    # for <=, the strongest is the smallest
+    fastest = {**best, "metric": ["step_ms_median"], "op": "<=", "bound": 1.0}
+    (ms,) = report.evaluate_targets([fastest], [_row("dense", step_ms_median=300.0),
+                                               _row("dense-compiled", step_ms_median=200.0), _row("kvdrive")])
+    assert ms["versus_system"] == "dense-compiled" and ms["measured"] == pytest.approx(2.0) and ms["holds"] is False
+    (far,) = report.evaluate_targets([{**best, "from_point": [65536, 8]}], rows)
+    assert far["holds"] is None and far["note"] == "the sweep has no point at >= 65536x8"
+
+
 def test_the_targets_section_prints_and_validates():
     result = _result()
     sweep = result["sweeps"][0]
@@ -502,3 +651,29 @@ def test_smoke_preset_end_to_end(smollm2, tmp_path):
     report.write_json(result, str(tmp_path / "results.json"))
     assert len(report.plot_sweep(sweep, str(tmp_path))) == 2
     assert "sparse-fetch" in report.text(result)
+
+
+@pytest.mark.slow
+def test_gpu_8b_smoke_preset_end_to_end(tmp_path):
+    """The gpu-8b code path on tiny Llama-3.1 and Qwen3 shapes: random weights and prompts, per
+    point budgets, a chunked prefill, dense-compiled on a static cache (~1-2 min on 2 cores)."""
+    preset = presets.PRESETS["gpu-8b-smoke"]
+    result = runner.run(preset, systems.systems(preset.systems))
+    report.validate(result)
+    assert [s["model"] for s in result["sweeps"]] == ["llama3.1-tiny-random", "qwen3-tiny-random"]
+    for sweep, declared in zip(result["sweeps"], preset.sweeps):
+        rows = {r["system"]: r for r in sweep["rows"]}
+        assert set(rows) == set(declared.systems or preset.systems)
+        for name, row in rows.items():
+            if name == "hf-offload":
+                assert row["status"] == "needs CUDA"
+                continue
+            assert row["status"] in report.RAN, (sweep["model"], name, row["note"])
+            assert row["recompiles"] == 0 and row["prefill_chunk"] == 256, (sweep["model"], name)
+            if name in systems.EXACT_SYSTEMS:                   # fp32: exact designs give dense's tokens
+                assert row["tokens"] == rows["dense"]["tokens"], (sweep["model"], name)
+        assert rows["kvdrive"]["peak_bytes"]["disk"] > 0 and rows["kvdrive"]["hit_rate"] > 0
+        assert rows["kvdrive"]["peak_bytes"]["device"] <= rows["kvdrive"]["device_budget"]
+        assert "dense-compiled" not in rows or rows["dense-compiled"]["compile_s"] > 0
+    assert "dense-compiled" in report.text(result)
+    report.write_json(result, str(tmp_path / "results.json"))

@@ -6,6 +6,8 @@ side at the same budgets; and a cost model's projection to Llama-3.1-8B on named
     python -m kvdrive_compile.bench --preset smoke        # one small point per system (CI)
     python -m kvdrive_compile.bench --preset disk         # 8K x 2 spilled to disk: the caching designs, targets
     python -m kvdrive_compile.bench --preset gpu          # one H100, under 8 minutes
+    python -m kvdrive_compile.bench --preset gpu-8b       # Llama-3.1-8B/Qwen3-8B shapes on one H200, ~8 minutes
+    python -m kvdrive_compile.bench --preset gpu-8b-smoke # the same code path on the CPU, tiny shapes
     python -m kvdrive_compile.bench --preset projection   # the cost model only, no model run
 """
 from __future__ import annotations
@@ -14,7 +16,9 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -24,8 +28,8 @@ from . import presets, projection, report, runner, systems
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--preset", default="cpu", choices=sorted(presets.PRESETS),
-                    help="what to run (default: cpu): " + "; ".join(
-                        f"{p.name}: {p.covers}" for p in presets.PRESETS.values()))
+                    help="what to run (default: cpu): " + "; ".join(         # argparse %-formats help
+                        f"{p.name}: {p.covers}" for p in presets.PRESETS.values()).replace("%", "%%"))
     ap.add_argument("--systems", nargs="+", metavar="SYSTEM", choices=list(systems.SYSTEMS),
                     help=f"a subset of {list(systems.SYSTEMS)} (default: the preset's, else "
                          f"{' '.join(systems.DEFAULT_SYSTEMS)})")
@@ -73,13 +77,19 @@ def _no_run(preset: presets.Preset, from_json: Optional[str]) -> dict:
 
 def run_bench(args: argparse.Namespace) -> int:
     preset = presets.preset(args.preset)
+    if args.systems:                                  # the choice runs on every sweep
+        preset = replace(preset, sweeps=tuple(replace(s, systems=None) for s in preset.sweeps))
     out_dir = args.out or os.path.join("results", "bench", preset.name)
     os.makedirs(out_dir, exist_ok=True)
     if preset.sweeps:
-        result = runner.run(preset, systems.systems(args.systems or preset.systems), steps=args.steps,
-                            time_budget_s=args.time_budget, threads=args.threads, contexts=args.contexts,
-                            batches=args.batches,
-                            trace_dir=os.path.join(out_dir, "traces") if args.trace or preset.trace else None)
+        try:
+            result = runner.run(preset, systems.systems(args.systems or preset.systems), steps=args.steps,
+                                time_budget_s=args.time_budget, threads=args.threads, contexts=args.contexts,
+                                batches=args.batches,
+                                trace_dir=os.path.join(out_dir, "traces") if args.trace or preset.trace else None)
+        except runner.CannotRun as e:
+            print(f"bench: {e}", file=sys.stderr)
+            return 2
     else:
         result = _no_run(preset, args.from_json)
     if args.project or preset.project:

@@ -49,14 +49,18 @@ def row_hit_rate(r: dict) -> Optional[float]:
 
 
 def bytes_table(rows: list[dict]) -> str:
+    """KV bytes moved per decoded token, the hit rate, KV per tier, and (on a GPU) the device's
+    peak allocated memory over the point: weights, KV and activations."""
+    gpu = any(r.get("gpu_peak_bytes") is not None for r in rows)
     head = ["system", "context", "batch", *(f"{b} /tok" for b in BOUNDARIES), "hit rate", "CPU attn",
-            "peak device", "peak host", "disk"]
+            "peak device", "peak host", "disk", *(["GPU peak"] if gpu else [])]
     body = []
     for r in rows:
         moved = r.get("moved_per_token") or {}
         peak = r.get("peak_bytes") or {}
         body.append([r["system"], r["context"], r["batch"], *(size(moved.get(b)) for b in BOUNDARIES),
-                     pct(row_hit_rate(r)), pct(r.get("cpu_attention_share")), *(size(peak.get(t)) for t in TIERS)])
+                     pct(row_hit_rate(r)), pct(r.get("cpu_attention_share")), *(size(peak.get(t)) for t in TIERS),
+                     *([size(r.get("gpu_peak_bytes"))] if gpu else [])])
     return tabulate(body, headers=head, disable_numparse=True)
 
 
@@ -121,35 +125,65 @@ def metric_value(row: dict, metric: list) -> Optional[float]:
     return total
 
 
+def _versus_names(versus) -> list[str]:
+    """A target's ``versus`` as a list of system names (empty: none)."""
+    if not versus:
+        return []
+    return [versus] if isinstance(versus, str) else list(versus)
+
+
+def strongest(t: dict, ran: dict, context: int, batch: int) -> tuple[Optional[str], Optional[float], str]:
+    """Of the target's ``versus`` systems that ran at a point and have its metric, the one it is
+    hardest to beat (the largest value for ``>=``, the smallest for ``<=``): ``(name, value, note)``,
+    the note saying why there is none."""
+    names = _versus_names(t.get("versus"))
+    found = {n: metric_value(ran[(n, context, batch)], t["metric"]) for n in names if (n, context, batch) in ran}
+    values = {n: v for n, v in found.items() if v is not None}
+    if not values:
+        what = " or ".join(names)
+        return None, None, (f"no {what} row ran" if not found else f"{what} has no {' + '.join(t['metric'])}")
+    pick = max if t["op"] == ">=" else min
+    name = pick(values, key=values.get)
+    return name, values[name], ""
+
+
+def applies(t: dict, context: Optional[int], batch: Optional[int]) -> bool:
+    """Whether a target is checked at a point (its ``from_point`` on: that context and batch or more)."""
+    start = t.get("from_point")
+    return not start or context is None or (context >= start[0] and batch >= start[1])
+
+
 def evaluate_targets(targets: list[dict], rows: list[dict]) -> list[dict]:
-    """Each target (``presets.Target.as_dict()``) at each point where its system ran: the value
-    measured (a ratio when the target names ``versus``), and whether it holds (None: not measured,
-    ``note`` says why)."""
+    """Each target (``presets.Target.as_dict()``) at each point it applies to where its system
+    ran: the value measured (a ratio when the target names ``versus``: against the strongest of
+    them, named in ``versus_system``), and whether it holds (None: not measured, ``note`` says why)."""
     ran = {(r["system"], r["context"], r["batch"]): r for r in rows if r.get("status") in RAN}
     points = list(dict.fromkeys((r["context"], r["batch"]) for r in rows))
     out = []
     for t in targets:
-        for context, batch in points or [(None, None)]:
-            mine, theirs = ran.get((t["system"], context, batch)), ran.get((t.get("versus"), context, batch))
+        mine_points = [p for p in points if applies(t, *p)]
+        for context, batch in mine_points or [(None, None)]:
+            mine = ran.get((t["system"], context, batch))
             value = None if mine is None else metric_value(mine, t["metric"])
-            other = None if theirs is None else metric_value(theirs, t["metric"])
-            measured, note = value, ""
-            if mine is None:
+            versus, other, measured, note = None, None, value, ""
+            if not mine_points and points:
+                start = t["from_point"]
+                note = f"the sweep has no point at >= {start[0]}x{start[1]}"
+            elif mine is None:
                 note = f"no {t['system']} row ran"
             elif value is None:
                 note = f"{t['system']} has no {' + '.join(t['metric'])}"
             elif t.get("versus"):
-                if theirs is None:
-                    measured, note = None, f"no {t['versus']} row ran"
-                elif other is None:
-                    measured, note = None, f"{t['versus']} has no {' + '.join(t['metric'])}"
+                versus, other, note = strongest(t, ran, context, batch)
+                if versus is None:
+                    measured = None
                 elif other == 0:
-                    measured, note = None, f"{t['versus']}'s value is 0"
+                    measured, note = None, f"{versus}'s value is 0"
                 else:
                     measured = value / other
             holds = None if measured is None else (measured >= t["bound"] if t["op"] == ">=" else measured <= t["bound"])
             out.append({**t, "context": context, "batch": batch, "value": value, "versus_value": other,
-                        "measured": measured, "holds": holds, "note": note})
+                        "versus_system": versus, "measured": measured, "holds": holds, "note": note})
     return out
 
 
@@ -173,6 +207,8 @@ def targets_table(evaluated: list[dict]) -> str:
         values = _fmt(t["value"], t.get("unit", ""))
         if ratio:
             values = f"{values} vs {_fmt(t['versus_value'], t.get('unit', ''))}"
+            if len(_versus_names(t["versus"])) > 1 and t.get("versus_system"):
+                values += f" ({t['versus_system']})"
         holds = {True: "holds", False: "MISSES", None: "not measured"}[t["holds"]]
         point = "-" if t["context"] is None else f"{t['context']}x{t['batch']}"
         body.append([t["label"], point, measured, holds + (f" ({t['note']})" if t.get("note") else ""), values,
@@ -185,10 +221,23 @@ def notes(rows: list[dict]) -> list[str]:
 
 
 def sweep_text(sweep: dict) -> str:
-    b = sweep["budgets"]
-    head = (f"== {sweep['model']} ({sweep['dtype']}, {sweep['device']}): device budget {size(b['device_memory'])}, "
-            f"host budget {size(b['host_memory'])}, token budget {b['token_budget']}, block {b['block_size']}, "
-            f"{sweep['sweep']['decode_steps']} decode steps; dense KV of the largest point {size(b['largest_kv'])}")
+    b, s = sweep["budgets"], sweep["sweep"]
+    if s.get("budget_per_point"):
+        budgets = (f"device budget {100 * s['device_fraction']:.0f} % and host budget "
+                   f"{100 * s['host_fraction']:.0f} % of each point's dense KV (at the largest, "
+                   f"{size(b['device_memory'])} and {size(b['host_memory'])})")
+    else:
+        budgets = f"device budget {size(b['device_memory'])}, host budget {size(b['host_memory'])}"
+    head = (f"== {sweep['model']} ({sweep['dtype']}, {sweep['device']}): {budgets}, token budget {b['token_budget']}, "
+            f"block {b['block_size']}, {s['decode_steps']} decode steps; dense KV of the largest point "
+            f"{size(b['largest_kv'])}")
+    chunked: dict = {}
+    for r in sweep["rows"]:
+        if r.get("prefill_chunk"):
+            chunked.setdefault((r["context"], r["batch"], r["prefill_chunk"]), []).append(r["system"])
+    if chunked:
+        head += "\nprefilled in chunks (tokens per sequence and call): " + "; ".join(
+            f"{c}x{n} in {chunk} ({', '.join(names)})" for (c, n, chunk), names in chunked.items())
     parts = [head, "", "throughput and latency", throughput_table(sweep["rows"]), "",
              "KV bytes moved per decoded token, the device hit rate, and KV bytes per tier", bytes_table(sweep["rows"])]
     if any(r.get("served_per_token") is not None or r.get("admitted_per_step") is not None for r in sweep["rows"]):
@@ -253,6 +302,8 @@ def _check_row(p: list, r: dict, where: str, steps: int) -> None:
         return
     for key in ("decode_tok_s", "ttft_s", "step_ms_median", "step_ms_p95", "kv_bytes", "disk_bytes"):
         _require(p, _is_num(r.get(key)) and r[key] >= 0, where, f"{key} must be a number >= 0")
+    _require(p, r.get("gpu_peak_bytes") is None or (_is_num(r["gpu_peak_bytes"]) and r["gpu_peak_bytes"] > 0), where,
+             "gpu_peak_bytes must be a number > 0 (a CUDA run) or null")
     moved, peak = r.get("moved_per_token"), r.get("peak_bytes")
     _require(p, isinstance(moved, dict) and all(_is_num(moved.get(b)) for b in BOUNDARIES), where,
              f"moved_per_token must give a number for each of {BOUNDARIES}")

@@ -1,7 +1,7 @@
-"""The systems compared: dense Hugging Face, Hugging Face's offloaded cache, and the kvdrive
-runtime in the peers' designs (FlexGen-like fetch-all, InfiniGen-like sparse fetch, ShadowKV-like
-and HiSparse-like device caches of fetched blocks) and kvdrive's own (attention-aware device tier,
-split attention), all at the same budgets."""
+"""The systems compared: dense Hugging Face (eager, and compiled by Inductor on a static cache),
+Hugging Face's offloaded cache, and the kvdrive runtime in the peers' designs (FlexGen-like
+fetch-all, InfiniGen-like sparse fetch, ShadowKV-like and HiSparse-like device caches of fetched
+blocks) and kvdrive's own (attention-aware device tier, split attention), all at the same budgets."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 import kvdrive_compile
 
@@ -24,7 +24,9 @@ class System:
     host_tier: the sweep's host budget (else ``host_memory=None``: all spilled KV in host memory,
     no disk). cache_policy: what the tiers keep between steps; reuse_window: fixed by the design
     (None: the sweep's, else the runtime's default). offloaded_cache: Hugging Face's offloaded
-    ``DynamicCache`` (needs CUDA streams)."""
+    ``DynamicCache`` (needs CUDA streams). static_compiled: Hugging Face compiled by Inductor on a
+    ``StaticCache``, the way transformers' ``generate`` runs ``cache_implementation="static"``:
+    the prefill eager, each decode step the compiled forward (``COMPILE_MODES``)."""
 
     name: str
     design: str
@@ -36,6 +38,7 @@ class System:
     cache_policy: str = "attention"
     reuse_window: Optional[int] = None
     offloaded_cache: bool = False
+    static_compiled: bool = False
 
     def options(self, budgets: Budgets) -> Optional[dict]:
         """The ``options=`` of ``torch.compile(..., backend="kvdrive")``; None when not compiled."""
@@ -57,11 +60,18 @@ class System:
             return "needs CUDA (its prefetch and offload run on CUDA streams)"
         return None
 
-    def new_cache(self, model) -> DynamicCache:
+    def new_cache(self, model, max_tokens: int):
+        """An empty cache for one greedy decode of at most ``max_tokens`` tokens per sequence
+        (prompt and decoded): a ``StaticCache`` of that length, else a ``DynamicCache``."""
+        if self.static_compiled:
+            return StaticCache(config=model.config, max_cache_len=max_tokens)
         return DynamicCache(config=model.config, offloading=self.offloaded_cache)
 
 
 DENSE = System("dense", "Hugging Face, default DynamicCache, all KV on the device")
+DENSE_COMPILED = System("dense-compiled", "Hugging Face compiled by Inductor (torch.compile fullgraph, "
+                        "\"reduce-overhead\" on CUDA) on a StaticCache of the prompt + decode length, all KV on "
+                        "the device; the prefill eager, as transformers' generate does", static_compiled=True)
 HF_OFFLOAD = System("hf-offload", "Hugging Face DynamicCache(offloading=True): all KV on host, each layer "
                     "prefetched to the device and offloaded back every step", offloaded_cache=True)
 FETCH_ALL = System("fetch-all", "FlexGen-like: all KV on host (disk beyond), every block copied to the "
@@ -85,15 +95,18 @@ KVDRIVE_HOST = System("kvdrive-host", "kvdrive with host_memory=None: the same d
 KVDRIVE_EXACT = System("kvdrive-exact", "kvdrive with token_budget=None (exact), same tiers",
                        kvdrive=True, own_device_tier=True)
 
-SYSTEMS = {s.name: s for s in (DENSE, HF_OFFLOAD, FETCH_ALL, SPARSE_FETCH, SHADOWKV_LIKE, HISPARSE_LIKE, KVDRIVE,
-                               KVDRIVE_HOST, KVDRIVE_EXACT)}
+SYSTEMS = {s.name: s for s in (DENSE, DENSE_COMPILED, HF_OFFLOAD, FETCH_ALL, SPARSE_FETCH, SHADOWKV_LIKE,
+                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_HOST, KVDRIVE_EXACT)}
 DEFAULT_SYSTEMS = ("dense", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive")
 # where a system's tokens are checked against: exact systems against dense, the designs that share
 # kvdrive's selection against kvdrive (where a block lies must not change what is attended)
 SAME_SELECTION = ("sparse-fetch", "shadowkv-like", "hisparse-like", "kvdrive-host")
-REFERENCE = {"hf-offload": "dense", "fetch-all": "dense", "kvdrive-exact": "dense", "kvdrive": "dense",
-             **{name: "kvdrive" for name in SAME_SELECTION}}
-EXACT_SYSTEMS = ("dense", "hf-offload", "fetch-all", "kvdrive-exact")
+REFERENCE = {"hf-offload": "dense", "dense-compiled": "dense", "fetch-all": "dense", "kvdrive-exact": "dense",
+             "kvdrive": "dense", **{name: "kvdrive" for name in SAME_SELECTION}}
+EXACT_SYSTEMS = ("dense", "dense-compiled", "hf-offload", "fetch-all", "kvdrive-exact")
+# torch.compile's mode for the static-cache decode step: CUDA graphs (transformers' CompileConfig
+# default) where there is a GPU; they do not apply on the CPU
+COMPILE_MODES = {"cuda": "reduce-overhead", "cpu": "default"}
 
 
 def systems(names: Optional[list[str]] = None) -> list[System]:
@@ -107,9 +120,14 @@ def systems(names: Optional[list[str]] = None) -> list[System]:
 @contextlib.contextmanager
 def installed(model, system: System, budgets: Budgets, trace: Optional[str] = None) -> Iterator[Optional[dict]]:
     """``model.forward`` as the system runs it inside the block (compiled for kvdrive designs,
-    writing its timeline to ``trace`` if given); the eager forward, a fresh Dynamo and no open KV
-    sessions after."""
+    writing its timeline to ``trace`` if given; decode steps compiled by Inductor for a static
+    cache); the eager forward, a fresh Dynamo and no open KV sessions after. Yields the kvdrive
+    options (None for Hugging Face systems)."""
     options = system.options(budgets)
+    if system.static_compiled:
+        with static_decode_compiled(model):
+            yield None
+        return
     if options is None:
         yield None
         return
@@ -124,3 +142,25 @@ def installed(model, system: System, budgets: Budgets, trace: Optional[str] = No
         torch._dynamo.reset()
         kvdrive_compile.release_all()
         kvdrive_compile.flush_traces()
+
+
+@contextlib.contextmanager
+def static_decode_compiled(model) -> Iterator[None]:
+    """``model.forward`` split as transformers' ``generate`` runs a static cache: a call of one
+    new token per sequence (a decode step) goes to ``torch.compile(forward, fullgraph=True)``,
+    a longer one (a prefill, or a chunk of one) to the eager forward, whose varying lengths
+    would otherwise each compile. The eager forward and a fresh Dynamo after."""
+    eager = model.forward
+    device = next(model.parameters()).device.type
+    compiled = torch.compile(eager, mode=COMPILE_MODES.get(device, "default"), fullgraph=True)
+
+    def forward(input_ids: torch.Tensor, *args, **kwargs):
+        step = compiled if input_ids.shape[1] == 1 else eager              # input_ids: [B, L]
+        return step(input_ids, *args, **kwargs)
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        model.forward = eager
+        torch._dynamo.reset()
