@@ -220,7 +220,9 @@ def plan_step(rt: KVRuntime, kv: LayerKV, past_len: int, new_len: int, q: torch.
         if past_len == 0:
             selected = window_blocks(kv, start, end).expand(kv.rows, -1)
             return Plan(kv, (start, end), selected, fresh_only=True)
-        selected, scores = select_scored(kv, policy, q, start, end, scale)
+        # the token budget is a decode step's: a step that brings several tokens (a prompt fed
+        # in chunks, a conversation continued on its cache) attends every token, as a prefill does
+        selected, scores = select_scored(kv, policy if new_len == 1 else EXACT, q, start, end, scale)
         plan = Plan(kv, (start, end), selected, fresh_only=False, fetch=policy.attention == "fetch")
         t0 = time.perf_counter()                  # the rest: the cache policy's moves (timeline: "plan")
         placement.count_served(rt, kv, selected)

@@ -99,3 +99,30 @@ def test_numba_pool_does_not_make_the_next_generate_recompile(tmp_path):
     done = subprocess.run([sys.executable, "-c", FRESH_PROCESS], capture_output=True, text=True, timeout=600,
                           cwd=tmp_path)
     assert done.returncode == 0 and "no recompile 1" in done.stdout, done.stderr[-3000:]
+
+
+@torch.no_grad()
+def test_prompt_in_chunks_attends_every_token_under_a_budget():
+    """A token budget is a decode step's: a step that brings several tokens (the rest of a
+    prompt fed in chunks, a conversation continued on its cache) attends every token, so its
+    logits are eager's over the whole prompt; the next one-token step attends the budget."""
+    cfg = tf.LlamaConfig(**{**SMALL, "num_hidden_layers": 3}, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval().to(DEVICE)
+    ids = torch.randint(3, 128, (2, 150), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    want = model(ids).logits[:, -1]
+    options = dict(token_budget=16, block_size=4, sink_tokens=0, local_window=4, dense_layers=0)
+    model.forward = torch.compile(model.forward, backend="kvdrive", options=options)
+    try:
+        cache = tf.DynamicCache(config=cfg)
+        model(ids[:, :60], past_key_values=cache)
+        got = model(ids[:, 60:], past_key_values=cache).logits[:, -1]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        stats = kvdrive_compile.stats(options)
+        before = stats.selected_blocks["device"] + stats.selected_blocks["host"] + stats.selected_blocks["disk"]
+        model(got.argmax(-1, keepdim=True), past_key_values=cache)
+        stats = kvdrive_compile.stats(options)
+        after = stats.selected_blocks["device"] + stats.selected_blocks["host"] + stats.selected_blocks["disk"]
+        assert after - before == 3 * 2 * 2 * 4, (before, after)     # layers x rows x the budget's 4 blocks
+    finally:
+        kvdrive_compile.release_all()
