@@ -222,11 +222,17 @@ def test_disk_preset_spills_to_disk_at_the_papers_budget_point():
 
 
 def test_the_pipeline_preset_compares_kvdrive_with_the_faster_dense():
+    """Both kvdrive rows (its default options, and tiered with disk) against the faster of dense
+    eager and dense compiled; the default row runs with no tier limits, as a user's first try does."""
     preset = presets.preset("pipeline")
-    assert preset.systems == ("dense", "dense-compiled", "kvdrive")
-    (throughput,) = [t for t in preset.sweeps[0].targets if t.metric == ("decode_tok_s",)]
-    assert throughput.versus == ("dense", "dense-compiled")
-    assert throughput.label == "kvdrive decode_tok_s / best of (dense, dense-compiled)'s >= 1.5x"
+    throughput = {t.system: t for t in preset.sweeps[0].targets if t.metric == ("decode_tok_s",)}
+    assert set(throughput) == {"kvdrive-default", "kvdrive"} and set(throughput) <= set(preset.systems)
+    assert all(t.versus == ("dense", "dense-compiled") for t in throughput.values())
+    assert {"dense", "dense-compiled"} <= set(preset.systems)
+    assert throughput["kvdrive"].label == "kvdrive decode_tok_s / best of (dense, dense-compiled)'s >= 1.5x"
+    budgets = presets.Budgets(device_memory=1 << 20, host_memory=1 << 20, token_budget=1024, block_size=16)
+    assert systems.SYSTEMS["kvdrive-default"].options(budgets) == {"token_budget": 1024, "block_size": 16}
+    assert systems.SYSTEMS["kvdrive"].options(budgets)["device_memory"] == 1 << 20
 
 
 def test_contexts_batches_and_steps_override_every_sweep():

@@ -26,7 +26,9 @@ class System:
     (None: the sweep's, else the runtime's default). offloaded_cache: Hugging Face's offloaded
     ``DynamicCache`` (needs CUDA streams). static_compiled: Hugging Face compiled by Inductor on a
     ``StaticCache``, the way transformers' ``generate`` runs ``cache_implementation="static"``:
-    the prefill eager, each decode step the compiled forward (``COMPILE_MODES``)."""
+    the prefill eager, each decode step the compiled forward (``COMPILE_MODES``). budgets: the
+    sweep's device and host budgets (else kvdrive's defaults: no limit, every block on the
+    device tier, what a user gets with no options)."""
 
     name: str
     design: str
@@ -39,11 +41,14 @@ class System:
     reuse_window: Optional[int] = None
     offloaded_cache: bool = False
     static_compiled: bool = False
+    budgets: bool = True
 
     def options(self, budgets: Budgets) -> Optional[dict]:
         """The ``options=`` of ``torch.compile(..., backend="kvdrive")``; None when not compiled."""
         if not self.kvdrive:
             return None
+        if not self.budgets:
+            return {"token_budget": budgets.token_budget if self.sparse else None, "block_size": budgets.block_size}
         options = {"device_memory": budgets.device_memory if self.own_device_tier else 0,
                    "host_memory": budgets.host_memory if self.host_tier else None,
                    "token_budget": budgets.token_budget if self.sparse else None,
@@ -90,17 +95,20 @@ HISPARSE_LIKE = System("hisparse-like", "HiSparse-like: kvdrive's block selectio
 KVDRIVE = System("kvdrive", "kvdrive: device tier + host + disk, blocks selected within the reuse window kept "
                  "on the device, the rest attended where they lie (CPU for host/disk), merged", kvdrive=True,
                  sparse=True, own_device_tier=True)
+KVDRIVE_DEFAULT = System("kvdrive-default", "kvdrive with its default options (the sweep's token budget): no "
+                         "device or host limit, every block on the device tier", kvdrive=True, sparse=True,
+                         budgets=False)
 KVDRIVE_HOST = System("kvdrive-host", "kvdrive with host_memory=None: the same device tier, all spilled KV in "
                       "host memory (no disk)", kvdrive=True, sparse=True, own_device_tier=True, host_tier=False)
 KVDRIVE_EXACT = System("kvdrive-exact", "kvdrive with token_budget=None (exact), same tiers",
                        kvdrive=True, own_device_tier=True)
 
 SYSTEMS = {s.name: s for s in (DENSE, DENSE_COMPILED, HF_OFFLOAD, FETCH_ALL, SPARSE_FETCH, SHADOWKV_LIKE,
-                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_HOST, KVDRIVE_EXACT)}
+                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_DEFAULT, KVDRIVE_HOST, KVDRIVE_EXACT)}
 DEFAULT_SYSTEMS = ("dense", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive")
 # where a system's tokens are checked against: exact systems against dense, the designs that share
 # kvdrive's selection against kvdrive (where a block lies must not change what is attended)
-SAME_SELECTION = ("sparse-fetch", "shadowkv-like", "hisparse-like", "kvdrive-host")
+SAME_SELECTION = ("sparse-fetch", "shadowkv-like", "hisparse-like", "kvdrive-host", "kvdrive-default")
 REFERENCE = {"hf-offload": "dense", "dense-compiled": "dense", "fetch-all": "dense", "kvdrive-exact": "dense",
              "kvdrive": "dense", **{name: "kvdrive" for name in SAME_SELECTION}}
 EXACT_SYSTEMS = ("dense", "dense-compiled", "hf-offload", "fetch-all", "kvdrive-exact")
