@@ -253,9 +253,10 @@ def test_merge_pools_samples_of_several_runs(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_preset_end_to_end(smollm2, tmp_path):
-    # one sample per task keeps this near 2 minutes on 2 busy cores; one thread, because
-    # waiting threads spin when the cores are shared
-    config = replace(PRESETS["smoke"], samples=1, out=str(tmp_path), threads=1)
+    # one sample per task at 1K tokens (the preset's 2K is the CLI's: this test checks the code
+    # path, the accuracy numbers come from the harness's runs) keeps this near a minute on 2 busy
+    # cores; one thread, because waiting threads spin when the cores are shared
+    config = replace(PRESETS["smoke"], runs=[("smollm2-135m", [1024])], samples=1, out=str(tmp_path), threads=1)
     results = runner.run(config, loaded={"smollm2-135m": smollm2})
     written = report.write(results, tmp_path)
     saved = json.loads(Path(written["json"][0]).read_text())
@@ -265,6 +266,6 @@ def test_smoke_preset_end_to_end(smollm2, tmp_path):
     assert len(run["records"]) == runner.units(config)
     table = (tmp_path / "table_smollm2-135m.md").read_text()
     assert "kvdrive@512" in table and "passkey" in table
-    assert (tmp_path / "smollm2-135m_2048.png").stat().st_size > 10_000
+    assert (tmp_path / "smollm2-135m_1024.png").stat().st_size > 10_000
     summary = report.summarize(run)
-    assert summary["dense"]["avg"] > 0, summary        # dense retrieves the needle at 2K
+    assert summary["dense"]["avg"] > 0, summary        # dense retrieves the needle at 1K
