@@ -2,10 +2,12 @@
 entry point, so ``torch.compile(fn, backend="kvdrive", options={...})`` finds it)."""
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import operator
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -19,7 +21,7 @@ from .options import parse_options
 from .passes import fx_match as m
 from .passes.bind_kv_cache import BindKVCache
 from .passes.find_attention import FindAttentionSites
-from .passes.guard_standins import GuardStandIns
+from .passes.guard_standins import GuardStandIns, is_kvdrive_op
 from .passes.pass_manager import PassContext, PassManager
 from .passes.rewrite_attention import RewriteAttention
 from .passes.schedule import ScheduleSites
@@ -33,7 +35,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class Counters:
     """What the backend did, for tests and users: graphs compiled, sites found/rewritten/skipped,
-    and traces Dynamo was asked to redo with dynamic input sizes (``dynamic_retraces``)."""
+    traces Dynamo was asked to redo with dynamic input sizes (``dynamic_retraces``), graphs
+    Inductor compiled (``inductor_graphs``, ``compile_rest="inductor"``) and those it could not,
+    which run eagerly (``inductor_fallbacks``, with the reason in ``fallback_reasons``);
+    ``inductor_seconds``: time in Inductor, attempts Dynamo restarted included."""
 
     graphs: int = 0
     sites_found: int = 0
@@ -42,6 +47,10 @@ class Counters:
     skip_reasons: list[str] = field(default_factory=list)
     compile_seconds: float = 0.0
     dynamic_retraces: int = 0
+    inductor_graphs: int = 0
+    inductor_fallbacks: int = 0
+    fallback_reasons: list[str] = field(default_factory=list)
+    inductor_seconds: float = 0.0
 
     def reset(self) -> None:
         self.__init__()
@@ -58,7 +67,8 @@ def default_passes() -> list:
 
 def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
                     options: Optional[dict] = None, mode: Optional[str] = None) -> Callable:
-    """Rewrite the attention of a Dynamo graph to keep its KV in the kvdrive runtime.
+    """Rewrite the attention of a Dynamo graph to keep its KV in the kvdrive runtime; return the
+    rewritten graph (``compile_rest="eager"``) or Inductor's compilation of it (``"inductor"``).
 
     mode: accepted for Hugging Face, which passes one (e.g. "reduce-overhead"); kvdrive has no
     modes and ignores it.
@@ -73,13 +83,14 @@ def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
                       layer_ids=_layer_ids.setdefault(rid, {}), prefetch_depth=opts.prefetch_depth,
                       dump_dir=opts.dump_dir, example_inputs=list(example_inputs), is_standin=is_standin)
     PassManager(default_passes()).run(gm, ctx)
-    _report_skips(ctx)
+    compiled = compile_rest(gm, example_inputs, opts.compile_rest, ctx.graph_index)
+    _report_skips(ctx)                 # after Inductor: a restart it asks for compiles this graph again
     counters.graphs += 1
     counters.sites_found += len(ctx.sites)
     counters.sites_rewritten += len(ctx.rewritten)
     counters.sites_skipped += len(ctx.skipped)
     counters.compile_seconds += time.perf_counter() - t0
-    return gm
+    return compiled
 
 
 def compile(model: torch.nn.Module, *, dynamic: Optional[bool] = None, **options: Any) -> torch.nn.Module:
@@ -93,6 +104,100 @@ def compile(model: torch.nn.Module, *, dynamic: Optional[bool] = None, **options
     parse_options(options)
     model.forward = torch.compile(model.forward, backend="kvdrive", options=options, dynamic=dynamic)
     return model
+
+
+# -- the rest of the model: Inductor ---------------------------------------------------------------
+
+def compile_rest(gm: torch.fx.GraphModule, example_inputs: list[Any], how: str, graph_index: int) -> Callable:
+    """The callable that runs the rewritten graph: ``gm`` itself (``how="eager"``), or Inductor's
+    compilation of it, the ``kvdrive::`` ops staying opaque fallback calls. Their ordered effect
+    (ops.py) makes AOTAutograd thread a token through them, so Inductor runs each exactly once per
+    call and in the order the schedule pass gave them. A graph Inductor fails on runs eagerly,
+    with one WARNING and a count in ``counters``: slower, never a wrong answer or a crash."""
+    if how == "eager":
+        return gm
+    t0 = time.perf_counter()
+    try:
+        compiled = _inductor(gm, example_inputs)
+    except (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame):
+        raise                          # Dynamo's control flow (e.g. Inductor asks to trace again), not a failure
+    except Exception as e:             # noqa: BLE001 (any failure: the eager graph is exact)
+        reason = f"{type(e).__name__}: {_first_line(e)}"
+        counters.inductor_fallbacks += 1
+        counters.fallback_reasons.append(f"graph {graph_index}: {reason}")
+        log.warning("kvdrive: graph %d: Inductor could not compile the rest of the model (%s); this graph runs "
+                    "eagerly instead (exact, slower). Pass options={'compile_rest': 'eager'} to skip the attempt.",
+                    graph_index, reason)
+        return gm
+    finally:
+        counters.inductor_seconds += time.perf_counter() - t0
+    counters.inductor_graphs += 1
+    log.info("kvdrive: graph %d: the rest of the model compiled by Inductor in %.1f s", graph_index,
+             time.perf_counter() - t0)
+    if not any(is_kvdrive_op(n) for n in gm.graph.nodes):
+        return compiled
+    return _without_alias_check(compiled)
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an error's message (Inductor's errors run to many lines), at most 300 characters."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else "no message"
+
+
+def _inductor(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    """Inductor's compilation of a copy of ``gm`` (``compile_fx`` may change the module it is
+    given; the fallback needs the graph as the passes left it). The copy shares parameters and
+    node metadata (Dynamo's fake values); only the nodes are new."""
+    from torch._inductor.compile_fx import compile_fx
+
+    copied = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    copied.meta.update(gm.meta)           # dynamo_compile_id, the flat parameter names Inductor reads
+    return compile_fx(copied, example_inputs)
+
+
+class _AliasCheckOff:
+    """A context in which AOTAutograd's first-call check of custom ops' aliasing
+    (``torch._functorch.config.check_custom_op_aliasing``) is off, shared by every thread: off
+    while any such context is open, restored to what it was when the last one closes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = 0
+        self._saved = True
+
+    def __enter__(self) -> None:
+        config = torch._functorch.config
+        with self._lock:
+            if self._open == 0:
+                self._saved = config.check_custom_op_aliasing
+                config.check_custom_op_aliasing = False
+            self._open += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._lock:
+            self._open -= 1
+            if self._open == 0:
+                torch._functorch.config.check_custom_op_aliasing = self._saved
+
+
+_ALIAS_CHECK_OFF = _AliasCheckOff()
+
+
+def _without_alias_check(compiled: Callable) -> Callable:
+    """``compiled``, called with AOTAutograd's custom-op aliasing check off. The check runs a
+    compiled graph's first call under a dispatch mode that gives up (NotImplemented) on any tensor
+    subclass, and a decode step hands kvdrive's ops stand-ins (``StandIn``, runtime/standins.py):
+    the call would fail. AOTAutograd runs the check at the first call that finds the setting on,
+    so every call turns it off, not only the first (a lock and two assignments per call).
+    kvdrive's ops never return an alias of an input (a stand-in gets a new base each step,
+    ``materialize`` a copy)."""
+
+    def run(*args: Any) -> Any:
+        with _ALIAS_CHECK_OFF:
+            return compiled(*args)
+
+    return run
 
 
 # -- sites left as they were ---------------------------------------------------------------------

@@ -100,10 +100,12 @@ def _(standin, start):
 def materialize(cached: Tensor) -> Tensor:
     """The real K or V ``[B, Hkv, S, D]`` that a stand-in stands for, gathered from the
     runtime's tiers (slow, exact): for graph code that reads cache values and is not an
-    attention site kvdrive rewrites. A tensor that is not a stand-in comes back as a copy."""
+    attention site kvdrive rewrites. A tensor that is not a stand-in comes back as a copy.
+    Contiguous, as the fake impl says: the tiers' window can be a view into a longer buffer, and
+    Inductor checks a fallback op's output strides against its fake impl's."""
     if not is_standin_like(cached):
-        return cached.clone()
-    return materialize_standin(cached)
+        return cached.clone(memory_format=torch.contiguous_format)
+    return materialize_standin(cached).contiguous()
 
 
 @materialize.register_fake
@@ -233,3 +235,21 @@ OPS = {
     "materialize": torch.ops.kvdrive.materialize.default,
     "standin_tail": torch.ops.kvdrive.standin_tail.default,
 }
+
+
+def _register_effects() -> None:
+    """Give every kvdrive op an ORDERED effect. Each changes (or reads) the runtime's state —
+    sessions, blocks, plans, the CPU worker — in the order the schedule pass chose, and a handle
+    that only carries order (``prefetch_ahead``'s ``after``) or the host part started before the
+    device part is not something a compiler sees as a dependency. Under AOTAutograd (Inductor,
+    ``compile_rest="inductor"``) an effectful op is threaded on one effect token, so none is
+    dropped as dead code, merged with an equal call, or reordered among the others: each runs
+    exactly once per call, in the graph's order. Run eagerly, a graph runs them in order anyway."""
+    from torch._library.effects import EffectType
+
+    for op in (open_step, append, standin_tail, materialize, select, prefetch_ahead, prefetch,
+               host_attention, sparse_attention, merge):
+        op.register_effect(EffectType.ORDERED)
+
+
+_register_effects()

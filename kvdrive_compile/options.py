@@ -13,6 +13,13 @@ from .runtime.selection import SelectionPolicy
 
 # layers ahead at which ahead-of-need disk reads are issued (the scheduling pass places them)
 DEFAULT_PREFETCH_DEPTH = 0
+# what runs the rewritten graph's ops that are not kvdrive's (see KVDriveOptions.compile_rest).
+# Eager by default, by measurement on this project's 2-core CPU (benchmarks/compile_rest.py,
+# SmolLM2-135M at 512 tokens): Inductor made a decode step 1.05-1.07x faster (paired steps),
+# 0.9x under load, and costs ~2 more minutes of compiling per prefill + decode pair in every
+# process (torch 2.13 does not cache graphs with effectful ops).
+COMPILE_REST = ("inductor", "eager")
+DEFAULT_COMPILE_REST = "eager"
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
           "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4,
@@ -57,6 +64,11 @@ class KVDriveOptions:
     Chrome-trace JSON file the runtime writes its timeline to (default: $KVDRIVE_TRACE, else none).
     cpu_worker: run the CPU part of each step's attention on a worker thread, overlapped with the
     device part (None: where the device part runs on a GPU; True; False).
+    compile_rest: what runs the rest of each rewritten graph (every op that is not a ``kvdrive::``
+    op: projections, norms, MLPs, the LM head): ``"inductor"`` compiles it with Inductor,
+    the ``kvdrive::`` ops staying opaque calls in their scheduled order (a graph Inductor cannot
+    compile runs eagerly, with one warning); ``"eager"`` (the default) runs the graph op by op in
+    PyTorch. Not part of the runtime key: graphs compiled either way share a runtime.
     """
 
     block_size: int = 16
@@ -69,6 +81,7 @@ class KVDriveOptions:
     prefetch_depth: int = DEFAULT_PREFETCH_DEPTH
     cpu_worker: Optional[bool] = None
     trace: Optional[str] = None
+    compile_rest: str = DEFAULT_COMPILE_REST
     policy: SelectionPolicy = SelectionPolicy()
 
     def runtime_key(self) -> tuple:
@@ -124,6 +137,10 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
                           ("score_aggregation", ("max", "prob")), ("attention", ("split", "fetch"))):
         if options.get(name, allowed[0]) not in allowed:
             raise ValueError(f"{name}={options[name]!r}: choose one of {list(allowed)}")
+    compile_rest = options.get("compile_rest", DEFAULT_COMPILE_REST)
+    if not isinstance(compile_rest, str) or compile_rest not in COMPILE_REST:
+        raise ValueError(f"compile_rest={compile_rest!r}: choose one of {list(COMPILE_REST)} (\"inductor\" compiles "
+                         "the model's other ops with Inductor; \"eager\" runs them op by op)")
     if options.get("cache_policy", "attention") not in CACHE_POLICIES:
         raise ValueError(f"cache_policy={options['cache_policy']!r}: choose one of {list(CACHE_POLICIES)}")
     reuse = options.get("reuse_window", DEFAULT_REUSE_WINDOW)
@@ -164,5 +181,6 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
         prefetch_depth=options.get("prefetch_depth", DEFAULT_PREFETCH_DEPTH),
         cpu_worker=cpu_worker,
         trace=trace,
+        compile_rest=compile_rest,
         policy=SelectionPolicy(**{k: options[k] for k in policy_keys if k in options}),
     )

@@ -110,3 +110,16 @@ def test_errors_surface_at_compile_time(options, match):
 def test_mode_is_accepted():
     f = torch.compile(lambda x: x * 2, backend="kvdrive", mode="reduce-overhead")
     assert torch.equal(f(torch.ones(2)), torch.full((2,), 2.0))
+
+
+@pytest.mark.parametrize("value", ["Inductor", "aot_eager", "", None, True, 1])
+def test_compile_rest_accepts_only_inductor_or_eager(value):
+    with pytest.raises(ValueError, match=r"compile_rest=.*choose one of \['inductor', 'eager'\]"):
+        parse_options({"compile_rest": value})
+
+
+def test_compile_rest_is_not_part_of_the_runtime_key():
+    """Graphs compiled with and without Inductor share one runtime (and its budgets)."""
+    inductor, eager = parse_options({"compile_rest": "inductor"}), parse_options({"compile_rest": "eager"})
+    assert (inductor.compile_rest, eager.compile_rest, parse_options(None).compile_rest) == ("inductor", "eager", "eager")
+    assert inductor.runtime_key() == eager.runtime_key()
