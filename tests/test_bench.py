@@ -638,13 +638,12 @@ def test_smoke_preset_end_to_end(smollm2, tmp_path):
         if name != "hf-offload":
             assert row["status"] in report.RAN, row["note"]
             assert row["recompiles"] == 0, name                   # the warm-up compiled every graph
-    # exact designs give dense's tokens; sparse-fetch gives kvdrive's (the same selection)
+    # sparse-fetch gives kvdrive's tokens (the same selection); fetch-all and dense-compiled are
+    # checked against dense in gpu-8b-smoke, kvdrive with token_budget=None in test_smollm2
     dense = rows["dense"]["tokens"]
-    assert rows["fetch-all"]["tokens"] == dense and rows["fetch-all"]["tokens_check"] == "= dense"
     assert rows["sparse-fetch"]["tokens"] == rows["kvdrive"]["tokens"]
-    # bytes: fetch designs bring KV up every step, kvdrive attends it where it lies
-    up = {name: rows[name]["moved_per_token"]["host->device"] for name in ("fetch-all", "sparse-fetch")}
-    assert up["fetch-all"] > up["sparse-fetch"] > 0
+    # bytes: a fetch design brings KV up every step, kvdrive attends it where it lies
+    assert rows["sparse-fetch"]["moved_per_token"]["host->device"] > 0
     assert rows["kvdrive"]["moved_per_token"]["host->device"] == 0
     assert rows["kvdrive"]["peak_bytes"]["device"] <= sweep["budgets"]["device_memory"]
     # KV spilled to disk; the device cache served part of the selection (at this small point,

@@ -206,10 +206,10 @@ PRESETS = {p.name: p for p in (
     # the device budget is 45 % of the KV here: at 256 tokens the blocks the runtime pins on the
     # device (sink, local window, open block: 6 of 16 per row and layer) are 37.5 % of it
     Preset("smoke", "CI: SmolLM2-135M, one 256-token point at batch 2, 4 decode steps, one CPU thread, the "
-                    "default systems (kvdrive-exact and dense-compiled run in gpu-8b-smoke)",
+                    "default systems but fetch-all (it and dense-compiled run in gpu-8b-smoke)",
            (Sweep("smollm2-135m", (256,), (2,), token_budget=96, decode_steps=4, device_fraction=0.45,
                   host_fraction=0.3),),
-           systems=("dense", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive"), threads=1),
+           systems=("dense", "hf-offload", "sparse-fetch", "kvdrive"), threads=1),
     Preset("cpu", "SmolLM2-135M fp32 at 1K and 2K tokens x batch 1 and 4, 8 decode steps, one CPU thread "
                   "(a CPU-sized slice of the GPU sweep; the device tier is host memory here)",
            (Sweep("smollm2-135m", (1 * K, 2 * K), (1, 4), token_budget=256),),
