@@ -317,6 +317,8 @@ def test_prefill_goes_in_chunks_where_one_call_would_not_fit():
     b = presets.Budgets(100, 200, 64, 16)
     assert runner.kv_placement(systems.DENSE, b, 3200, 32) == (3400, 0)
     assert runner.kv_placement(systems.DENSE_COMPILED, b, 3200, 32) == (3200, 0)
+    assert runner.kv_placement(systems.KVDRIVE_DEFAULT, b, 3200, 32) == (3200, 0)            # no tier limits
+    assert runner.kv_placement(systems.KVDRIVE, b, 3200, 32) == (100, 200)
 
 
 def test_a_chunked_prefill_gives_the_one_call_logits():

@@ -172,6 +172,8 @@ def kv_placement(system: System, budgets: Budgets, dense_kv: int, layers: int) -
     layer = dense_kv // max(1, layers)
     if system.offloaded_cache:
         return 4 * layer, 2 * dense_kv
+    if system.kvdrive and not system.budgets:        # kvdrive's defaults: every block on the device tier
+        return dense_kv, 0
     if system.kvdrive:
         return (budgets.device_memory if system.own_device_tier else 0,
                 budgets.host_memory if system.host_tier else dense_kv)
