@@ -20,6 +20,9 @@ def merge_partials(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -
     """
     if len(outs) != len(lses) or not outs:
         raise ValueError(f"merge_partials needs matching, non-empty lists (got {len(outs)} outs, {len(lses)} lses)")
+    if len(outs) == 1:           # its own merge (most CPU decode steps): the same values, no stacking
+        lse = lses[0].float()
+        return torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, outs[0].float()), lse
     lse_all = torch.stack([l.float() for l in lses])                   # [P, ...]
     # an all-empty row has m = -inf: clamped to the lowest float, its weights stay exp(-inf) = 0
     m = lse_all.amax(dim=0).clamp_min(torch.finfo(torch.float32).min)

@@ -195,13 +195,8 @@ def step_mask(plan: Plan, mask: Optional[torch.Tensor], is_causal: bool) -> Step
 
 def merge(parts: list[Optional[tuple[torch.Tensor, torch.Tensor]]], dtype: torch.dtype) -> torch.Tensor:
     """The attention output in ``dtype`` from fp32 partial results (out, lse); None: a part that
-    attended nothing. One part is its own merge (a CPU decode step with every block on the
-    device tier: most steps): the same values ``merge_partials`` gives, its rows that attended
-    nothing 0, without its stacking."""
+    attended nothing (a CPU decode step with every block on the device tier has one part)."""
     parts = [p for p in parts if p is not None]
-    if len(parts) == 1:
-        out, lse = parts[0]
-        return torch.where(torch.isneginf(lse).unsqueeze(-1), 0.0, out).to(dtype)
     out, _ = merge_partials([o for o, _ in parts], [l for _, l in parts])
     return out.to(dtype)
 

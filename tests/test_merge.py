@@ -70,3 +70,17 @@ def test_merge_rows_empty_in_some_parts_only():
 def test_merge_rejects_mismatched_lists():
     with pytest.raises(ValueError, match="matching"):
         merge_partials([torch.zeros(1, 2)], [])
+
+
+def test_one_part_is_its_own_merge():
+    """One part comes back as the general merge gives it next to an empty part, bit for bit: its
+    out and lse, 0 where a row attended nothing (the kernels may leave anything there)."""
+    gen = torch.Generator().manual_seed(7)
+    out = torch.randn(3, 5, 8, generator=gen)
+    lse = torch.randn(3, 5, generator=gen) * 20
+    lse[1, 2] = float("-inf")
+    out[1, 2] = float("nan")
+    one = merge_partials([out], [lse])
+    two = merge_partials([out, torch.zeros_like(out)], [lse, torch.full_like(lse, float("-inf"))])
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert torch.equal(one[0][1, 2], torch.zeros(8))
