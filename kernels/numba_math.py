@@ -2,7 +2,8 @@
 libm call unless Intel's SVML is installed).
 
 Used by kernels/cpu_attention.py and kernels/block_scores.py (and ``wide_vectors``, a hint to
-LLVM, by both). numba's on-disk cache keys a
+LLVM, by both; and ``start_thread_pool``, which both parallel kernels call at import: what they
+share about numba's threads lives here too). numba's on-disk cache keys a
 compiled function on its own file only: after editing this module, delete the ``.nbi``/``.nbc``
 files in ``kernels/__pycache__`` (or set a fresh ``NUMBA_CACHE_DIR``) so that the kernels that
 inline these helpers are compiled again.
