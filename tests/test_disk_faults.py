@@ -39,6 +39,8 @@ def disk_runtime(disk_dir, layers=2, tokens=48):
     for layer in range(layers):
         k, v = torch.randn(1, 2, tokens, D), torch.randn(1, 2, tokens, D)
         placement.append(rt, rt.layer(session, layer, k, False), k, v)
+    for f in session.disk_files.values():
+        f.flush()                  # the home writes run in the background: tamper after them
     return rt, session, (k, v)
 
 

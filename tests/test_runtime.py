@@ -156,6 +156,7 @@ def test_disk_files_are_private_and_removed(tmp_path):
     assert list(tmp_path.iterdir()) == []                  # unlinked at creation: only the fd holds it
     (f,) = s.disk_files.values()
     assert stat.S_IMODE(os.fstat(f.fd).st_mode) == 0o600
+    f.flush()                                              # the blocks' writes are asynchronous
     assert os.fstat(f.fd).st_size >= 50 * 2 * 16 * 4 * 2
     q = torch.randn(1, 2, 1, 16)
     out, _ = attend(rt, s, 0, q, 49, 1, k[:, :, -1:], k[:, :, -1:])
