@@ -13,12 +13,12 @@ pytestmark = pytest.mark.slow
 
 def test_gemma3_past_its_window_token_identical():
     model, tok = models.load("gemma3-270m")
-    text, _ = passkey_prompt(tok, 1200)
+    text, _ = passkey_prompt(tok, 720)
     ids = tok(text, return_tensors="pt").input_ids
-    assert ids.shape[1] >= 1200 > model.config.sliding_window
-    # fp32 KV: 18 layers x 1 KV head x 256 x 4 B x 2 = 36 KiB per token
-    ref, out = greedy_both(model, ids, 16, device_memory="6MiB", host_memory="12MiB")
-    assert torch.equal(ref, out), (ref[0, -16:].tolist(), out[0, -16:].tolist())
+    assert ids.shape[1] >= 720 > model.config.sliding_window
+    # fp32 KV: 18 layers x 1 KV head x 256 x 4 B x 2 = 36 KiB per token, ~26 MiB in all
+    ref, out = greedy_both(model, ids, 10, device_memory="6MiB", host_memory="8MiB")
+    assert torch.equal(ref, out), (ref[0, -10:].tolist(), out[0, -10:].tolist())
     c = kvdrive_compile.counters
     assert c.sites_skipped == 0 and c.sites_rewritten == 18 * c.graphs, c
     st = kvdrive_compile.stats()

@@ -188,9 +188,10 @@ def gpu_8b_sweep(model: str) -> Sweep:
 # what the gpu-8b-smoke preset runs: each code path gpu-8b takes once, in about a minute on 2 cores.
 # Every compiled system costs a compile (Dynamo traces the model: ~6 s a graph on this machine,
 # three graphs with a chunked prefill; Inductor ~25-45 s), so the designs that differ from
-# kvdrive only by its options (sparse-fetch, shadowkv-like, hisparse-like: the smoke and disk
-# presets run them) are one --systems away, and Qwen3 runs the reference and kvdrive only
-GPU8B_SMOKE_SYSTEMS = ("dense", "dense-compiled", "hf-offload", "fetch-all", "kvdrive")
+# kvdrive only by its options (shadowkv-like, hisparse-like: the disk preset runs them) are one
+# --systems away but sparse-fetch (kvdrive's selection, fetched: the same tokens), and Qwen3 runs
+# the reference and kvdrive only
+GPU8B_SMOKE_SYSTEMS = ("dense", "dense-compiled", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive")
 
 
 def gpu_8b_smoke_sweep(model: str, systems: Optional[tuple[str, ...]] = None) -> Sweep:
@@ -205,11 +206,11 @@ def gpu_8b_smoke_sweep(model: str, systems: Optional[tuple[str, ...]] = None) ->
 PRESETS = {p.name: p for p in (
     # the device budget is 45 % of the KV here: at 256 tokens the blocks the runtime pins on the
     # device (sink, local window, open block: 6 of 16 per row and layer) are 37.5 % of it
-    Preset("smoke", "CI: SmolLM2-135M, one 256-token point at batch 2, 4 decode steps, one CPU thread, the "
-                    "default systems but fetch-all (it and dense-compiled run in gpu-8b-smoke)",
+    Preset("smoke", "CI: SmolLM2-135M, one 256-token point at batch 2, 4 decode steps, one CPU thread: dense, "
+                    "hf-offload and kvdrive (the other designs run in gpu-8b-smoke)",
            (Sweep("smollm2-135m", (256,), (2,), token_budget=96, decode_steps=4, device_fraction=0.45,
                   host_fraction=0.3),),
-           systems=("dense", "hf-offload", "sparse-fetch", "kvdrive"), threads=1),
+           systems=("dense", "hf-offload", "kvdrive"), threads=1),
     Preset("cpu", "SmolLM2-135M fp32 at 1K and 2K tokens x batch 1 and 4, 8 decode steps, one CPU thread "
                   "(a CPU-sized slice of the GPU sweep; the device tier is host memory here)",
            (Sweep("smollm2-135m", (1 * K, 2 * K), (1, 4), token_budget=256),),
@@ -266,8 +267,8 @@ PRESETS = {p.name: p for p in (
            systems=GPU8B_SYSTEMS, device="cuda", dtype="bfloat16", time_budget_s=420),
     Preset("gpu-8b-smoke", "the gpu-8b code path on the CPU: tiny Llama-3.1 and Qwen3 shapes (4 layers, hidden 256, "
                            "random fp32 weights), one 512-token point at batch 2 prefilled in two chunks, 3 decode "
-                           "steps, one CPU thread; dense, dense-compiled, hf-offload, fetch-all and kvdrive on "
-                           "Llama, dense and kvdrive on Qwen3 (--systems: any gpu-8b system on both)",
+                           "steps, one CPU thread; dense, dense-compiled, hf-offload, fetch-all, sparse-fetch and "
+                           "kvdrive on Llama, dense and kvdrive on Qwen3 (--systems: any gpu-8b system on both)",
            (gpu_8b_smoke_sweep("llama3.1-tiny-random"), gpu_8b_smoke_sweep("qwen3-tiny-random", ("dense", "kvdrive"))),
            systems=GPU8B_SMOKE_SYSTEMS, threads=1, second_try=False),
     Preset("projection", "no model run: the cost model's estimates for Llama-3.1-8B on named hardware",
