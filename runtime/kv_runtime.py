@@ -100,6 +100,7 @@ class KVRuntime:
         self.served = {"device": 0, "host": 0, "disk": 0}
         self.admitted = {"device": 0, "host": 0}
         self.evicted = {"device": 0, "host": 0}
+        self.admission = None                               # placement.AdmissionModel, at the first decode step
         self.stage_seconds = {s: 0.0 for s in STAGES}
         self.background_seconds = {s: 0.0 for s in BACKGROUND}
         # disk misses of decode steps by whether an ahead-of-need read had them: "landed" (read
@@ -150,6 +151,8 @@ class KVRuntime:
 
     def _on_disk_request(self, session_id: int, kind: str, t0: float, t1: float, nbytes: int) -> None:
         self.add_seconds(kind, t1 - t0, background=True)
+        if kind == "disk_read" and self.admission is not None:
+            self.admission.measured("disk_read", nbytes, t1 - t0)
         if self.tracer.enabled:
             self.trace(kind, t0, t1, session_id, bytes=nbytes)
 
@@ -325,4 +328,5 @@ class KVRuntime:
                                 sessions_closed=self.sessions_closed, steps=self.steps,
                                 served=dict(self.served), hit_rate=self.served["device"] / total if total else 0.0,
                                 admitted=dict(self.admitted), evicted=dict(self.evicted),
+                                admission=self.admission.summary() if self.admission is not None else {},
                                 disk_cache_bypass=", ".join(sorted(b for b in bypass if b)) or self.disk_bypass)

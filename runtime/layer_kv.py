@@ -43,8 +43,9 @@ class LayerKV:
     Per (row, block), numpy ``[rows, capacity]``: ``home`` tier (-1: none yet, or dropped) and
     ``home_slot``; ``dev`` and ``host`` copy slots (-1: no copy; a host-homed block's host
     slot is its home slot); ``last_selected`` (the layer's decode step that last selected
-    it, -1: never); ``score`` (its estimated attention mass at that step); ``pins`` (live
-    plans reading it: it may not move).
+    it, -1: never); ``repeat`` (that selection was a repeat: it had been selected within the
+    reuse window before); ``score`` (its estimated attention mass at that step); ``pins``
+    (live plans reading it: it may not move).
     """
 
     session_id: int
@@ -70,6 +71,7 @@ class LayerKV:
     dev: np.ndarray = field(default=None, repr=False)
     host: np.ndarray = field(default=None, repr=False)
     last_selected: np.ndarray = field(default=None, repr=False)
+    repeat: np.ndarray = field(default=None, repr=False)
     score: np.ndarray = field(default=None, repr=False)
     pins: np.ndarray = field(default=None, repr=False)
     _table: Optional[tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False)
@@ -84,7 +86,8 @@ class LayerKV:
         n = 0 if old is None else old.shape[1]
         r = self.rows
         fills = {"home": (NONE, np.int8), "home_slot": (NONE, np.int64), "dev": (NONE, np.int64),
-                 "host": (NONE, np.int64), "last_selected": (NONE, np.int64), "score": (0.0, np.float32),
+                 "host": (NONE, np.int64), "last_selected": (NONE, np.int64), "repeat": (0, np.bool_),
+                 "score": (0.0, np.float32),
                  "pins": (0, np.int32)}
         for name, (fill, dtype) in fills.items():
             new = np.full((r, cap), fill, dtype)

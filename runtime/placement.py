@@ -13,11 +13,13 @@ keeps using serves most of a step without moving anything. Per layer and step, g
 step selected and each block's score (its estimated attention mass, from the selection):
 
 - ``"attention"`` (default): a block selected in any of the last ``reuse_window`` steps stays
-  cached. A miss (selected, not cached) is *admitted* when it was also selected earlier within
-  the window (its second selection: it will likely be selected again), or always when the step
-  copies its misses anyway (``attention="fetch"``); the best-scored misses first. Room comes
-  from free quota, then from victims: cached, unpinned blocks outside the window, lowest score
-  at this step first, ties broken by least recently selected.
+  cached. A miss (selected, not cached) is *admitted* when the admission model says its
+  expected reuse pays for the copy (``AdmissionModel``: measured copy, CPU-attention, device-
+  attention and disk-read throughputs, and the measured chance that a block selected again
+  within the window, or for the first time, is selected at the next step), or always when the
+  step copies its misses anyway (``attention="fetch"``); the best-scored misses first. Room
+  comes from free quota, then from victims: cached, unpinned blocks outside the window, lowest
+  score at this step first, ties broken by least recently selected.
 - ``"lru"``: every miss is admitted; victims are the least recently selected blocks not
   selected this step (vLLM's / SGLang's HiSparse hot buffer).
 - ``"none"``: nothing is kept between steps: unpinned copies are dropped, nothing admitted.
@@ -28,6 +30,7 @@ tested on hand-made selection sequences; the functions below it do the moves it 
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -77,13 +80,15 @@ class Entries:
     eligible: np.ndarray
 
 
-def choose(policy: str, window: int, step: int, e: Entries, room: int, admit_all: bool
-           ) -> tuple[np.ndarray, np.ndarray]:
+def choose(policy: str, window: int, step: int, e: Entries, room: int, admit_all: bool,
+           worth: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """(admit, evict): flat indices of entries to copy in and to drop at ``step``.
 
     room: entries the layer may still add before reaching its share of the tier (negative when
     it is over its share: then victims go even without admissions). admit_all: every miss is a
-    candidate (the step copies its misses to the device anyway).
+    candidate (the step copies its misses to the device anyway). worth (``"attention"``): the
+    entries whose copy the admission model finds worth making; None: the misses selected
+    earlier within the window (their second selection).
     """
     misses = e.selected & ~e.cached & e.eligible
     if policy == "none":
@@ -94,7 +99,7 @@ def choose(policy: str, window: int, step: int, e: Entries, room: int, admit_all
         victims = victims[np.lexsort((e.score[victims], e.last_selected[victims]))]     # oldest first
     elif policy == "attention":
         recent = e.last_selected > step - window                   # selected within the window before now
-        candidates = np.flatnonzero(misses if admit_all else misses & recent)
+        candidates = np.flatnonzero(misses if admit_all else misses & (recent if worth is None else worth))
         kept = e.selected | recent | e.pinned
         victims = np.flatnonzero(e.cached & ~kept)
         victims = victims[np.lexsort((e.last_selected[victims], e.score[victims]))]     # lowest score first
@@ -104,6 +109,119 @@ def choose(policy: str, window: int, step: int, e: Entries, room: int, admit_all
     admit = candidates[:max(0, min(candidates.size, room + victims.size))]
     evict = victims[:max(0, min(victims.size, admit.size - room))]
     return admit, evict
+
+
+# -- admission: copy a miss up when its expected reuse pays for the copy ---------------------------
+
+@dataclass
+class Rate:
+    """A throughput measured as the run goes: bytes over seconds, starting from a prior that
+    counts as ``seconds`` of observation (so the first few, noisy measurements move it little)."""
+
+    nbytes: float
+    seconds: float
+
+    @classmethod
+    def prior(cls, gb_per_s: float, seconds: float = 2e-3) -> "Rate":
+        return cls(gb_per_s * 1e9 * seconds, seconds)
+
+    def add(self, nbytes: float, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            self.nbytes += nbytes
+            self.seconds += seconds
+
+    @property
+    def seconds_per_byte(self) -> float:
+        return self.seconds / self.nbytes
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.nbytes / self.seconds / 1e9
+
+
+# Priors (GB/s) until the run has measured its own: a GPU behind PCIe 4 with pinned host
+# buffers (copies ~20, HBM attention ~1000, the numba CPU kernel ~8 on a few cores, an NVMe
+# ~2), and a CPU-only machine where the "device" is host memory (copies are memcpy, both
+# attention sides run on the CPU)
+PRIORS = {"cuda": {"copy_up": 20.0, "device_attention": 1000.0, "cpu_attention": 8.0, "disk_read": 2.0},
+          "cpu": {"copy_up": 8.0, "device_attention": 6.0, "cpu_attention": 6.0, "disk_read": 2.0}}
+# the chance a block selected at a step is selected at the next one, before measurements: a
+# repeat (selected before within the window) 0.8, a first selection 0.4 (published: 55-87 %
+# of a step's selection was selected the step before); worth REUSE_PRIOR_N observations
+REUSE_PRIOR = {"repeat": 0.8, "first": 0.4}
+REUSE_PRIOR_N = 200
+
+
+class AdmissionModel:
+    """Whether copying a miss to the device pays, from named, measured inputs:
+
+    - ``copy_up``: host->device copy throughput (the admissions' copies);
+    - ``cpu_attention`` / ``device_attention``: bytes of KV the CPU part / the device part attends
+      per second (on CUDA the device part is asynchronous and keeps its prior);
+    - ``disk_read``: bytes per second of one disk request;
+    - ``reuse["repeat"]`` / ``reuse["first"]``: the measured chance that a block selected at a
+      step is selected at the next, for a selection that was a repeat (the block had been
+      selected within the reuse window before) or a first one.
+
+    The rule, per class c of a miss's selection history and the tier t where it lies: admit iff
+    ``uses(c) * saved(t) >= copy``, with ``uses(c) = p_c + p_c^2 + ... + p_c^W`` (the
+    selections it can expect while the window keeps it), ``saved(host) = cpu - device`` (the
+    seconds per byte a selection attended in place costs more than on the device),
+    ``saved(disk) = saved(host) + disk_read`` (and its read), ``copy = copy_up`` (seconds per
+    byte). The decision is per class and tier, so a step's misses of one kind are all admitted
+    or none; room and the best scores decide which of them fit (``choose``).
+    """
+
+    def __init__(self, device_type: str, window: int):
+        priors = PRIORS["cuda" if device_type == "cuda" else "cpu"]
+        self.device_type, self.window = device_type, window
+        self.rates = {name: Rate.prior(gbps) for name, gbps in priors.items()}
+        self.reuse_seen = {c: float(REUSE_PRIOR_N) for c in REUSE_PRIOR}
+        self.reuse_hits = {c: p * REUSE_PRIOR_N for c, p in REUSE_PRIOR.items()}
+        self.lock = threading.Lock()
+
+    def measures(self, name: str) -> bool:
+        """On CUDA the device part's time is a launch's, not the work's: it keeps its prior."""
+        return not (name == "device_attention" and self.device_type == "cuda")
+
+    def measured(self, name: str, nbytes: float, seconds: float) -> None:
+        if self.measures(name):
+            with self.lock:
+                self.rates[name].add(nbytes, seconds)
+
+    def observe_reuse(self, kind: str, seen: int, again: int) -> None:
+        with self.lock:
+            self.reuse_seen[kind] += seen
+            self.reuse_hits[kind] += again
+
+    def reuse(self, kind: str) -> float:
+        return self.reuse_hits[kind] / self.reuse_seen[kind]
+
+    def uses(self, kind: str) -> float:
+        p = min(self.reuse(kind), 0.999)
+        return p * (1 - p ** self.window) / (1 - p)
+
+    def admits(self) -> dict[tuple[str, Tier], bool]:
+        """(history class, tier where the miss lies) -> admit it."""
+        r = {name: rate.seconds_per_byte for name, rate in self.rates.items()}
+        saved = {Tier.HOST: max(0.0, r["cpu_attention"] - r["device_attention"])}
+        saved[Tier.DISK] = saved[Tier.HOST] + r["disk_read"]
+        return {(kind, tier): self.uses(kind) * s >= r["copy_up"] for kind in REUSE_PRIOR for tier, s in saved.items()}
+
+    def worth(self, recent: np.ndarray, lies: np.ndarray) -> np.ndarray:
+        """Which entries' copies pay: recent (a repeat selection) and lies (tier) per entry."""
+        admit = self.admits()
+        out = np.zeros(recent.shape, np.bool_)
+        for (kind, tier), yes in admit.items():
+            if yes:
+                out |= (recent if kind == "repeat" else ~recent) & (lies == int(tier))
+        return out
+
+    def summary(self) -> dict:
+        """The inputs and the decisions, for ``kvdrive_compile.stats()``."""
+        return {"gb_per_s": {name: round(rate.gb_per_s, 3) for name, rate in self.rates.items()},
+                "reuse": {kind: round(self.reuse(kind), 3) for kind in REUSE_PRIOR},
+                "admits": {f"{kind} from {tier.name.lower()}": yes for (kind, tier), yes in self.admits().items()}}
 
 
 def warm_order(score: np.ndarray, recency: np.ndarray) -> np.ndarray:
@@ -431,12 +549,20 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan, scores: Optional[torch.Te
     np.put_along_axis(selected, plan.selected.numpy(), True, axis=1)
     tier, _ = kv.where()
     pinned = kv.pinned_blocks()[None, :] | (kv.pins[:, :nb] > 0)
+    last = kv.last_selected[:, :nb]
+    recent = last > kv.step - rt.reuse_window                  # this selection would be a repeat
+    model = admission_model(rt, kv)
+    before = last == kv.step - 1                               # selected at the previous step
+    for kind, was in (("repeat", kv.repeat[:, :nb]), ("first", ~kv.repeat[:, :nb])):
+        seen = before & was
+        model.observe_reuse(kind, int(seen.sum()), int((seen & selected).sum()))
     if rt.device_cache:
         e = Entries(cached=(kv.dev[:, :nb] >= 0).reshape(-1), pinned=pinned.reshape(-1),
-                    last_selected=kv.last_selected[:, :nb].reshape(-1), score=kv.score[:, :nb].reshape(-1),
+                    last_selected=last.reshape(-1), score=kv.score[:, :nb].reshape(-1),
                     selected=selected.reshape(-1), eligible=(tier >= 0).reshape(-1))
         room = _device_share(rt, kv) - int(e.cached.sum())
-        admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, plan.fetch)
+        worth = model.worth(recent.reshape(-1), tier.reshape(-1)) if rt.cache_policy == "attention" else None
+        admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, plan.fetch, worth)
         _evict(rt, kv, Tier.DEVICE, evict)
         _admit(rt, kv, plan, Tier.DEVICE, admit, tier.reshape(-1))
     if rt.budgets[Tier.HOST].limit is not None and (kv.home[:, :nb] == Tier.DISK).any():
@@ -452,7 +578,18 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan, scores: Optional[torch.Te
         admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, False)
         _evict(rt, kv, Tier.HOST, evict)
         _admit(rt, kv, plan, Tier.HOST, admit, tier.reshape(-1))
+    kv.repeat[:, :nb][selected] = recent[selected]
     kv.last_selected[:, :nb][selected] = kv.step
+
+
+def admission_model(rt: KVRuntime, kv: LayerKV) -> AdmissionModel:
+    """The runtime's admission model (made at its first decode step, with the priors of the
+    device its KV is on)."""
+    if rt.admission is None:
+        with rt.lock:
+            if rt.admission is None:
+                rt.admission = AdmissionModel(kv.device.type, rt.reuse_window)
+    return rt.admission
 
 
 def _admit(rt: KVRuntime, kv: LayerKV, plan: Plan, tier: Tier, flat: np.ndarray, lies: np.ndarray) -> None:
@@ -482,9 +619,11 @@ def _admit(rt: KVRuntime, kv: LayerKV, plan: Plan, tier: Tier, flat: np.ndarray,
 
 def _copied_up(rt: KVRuntime, kv: LayerKV, t0: float, nbytes: int) -> None:
     """Count a host->device copy that began at ``t0`` (and put it on the timeline)."""
+    t1 = time.perf_counter()
     rt.moved["host->device"] += nbytes
+    admission_model(rt, kv).measured("copy_up", nbytes, t1 - t0)
     if rt.tracer.enabled:
-        rt.trace("host_to_device", t0, time.perf_counter(), kv.session_id, kv.layer, bytes=nbytes)
+        rt.trace("host_to_device", t0, t1, kv.session_id, kv.layer, bytes=nbytes)
 
 
 def fill_from_disk(rt: KVRuntime, plan: Plan, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ from .kv_runtime import CPU_WORKER_PREFIX, KVRuntime, Session
 from .layer_kv import LayerKV, TierPart, tier_part
 from .selection import EXACT, SelectionPolicy, scored, select_scored, window_blocks
 from .standins import StandInKey, is_standin_like, token_span
-from .tiers import Tier
+from .tiers import Tier, slot_bytes
 from ..kernels.cpu_attention import cpu_partial_attention
 from ..kernels.merge import merge_partials
 from ..kernels.paged_attention import paged_attention
@@ -382,10 +382,12 @@ def host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepMask, s
     host = plan.part(Tier.HOST)
     if host is not None:
         pool = rt.pool(Tier.HOST, kv)
-        parts.append(attend_part(q, pool.k, pool.v, host, kv, step, scale, cpu_partial_attention))
+        parts.append(_measured(rt, "cpu_attention", kv, host, attend_part, q, pool.k, pool.v, host, kv, step, scale,
+                               cpu_partial_attention))
     if plan.disk_reads:
         k, v, staged = _staged_disk(rt, plan)
-        parts.append(attend_part(q, k, v, staged, kv, step, scale, cpu_partial_attention))
+        parts.append(_measured(rt, "cpu_attention", kv, staged, attend_part, q, k, v, staged, kv, step, scale,
+                               cpu_partial_attention))
     if not parts:
         return empty_partial(q)
     return merge_partials([p[0] for p in parts], [p[1] for p in parts])
@@ -403,7 +405,20 @@ def device_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, k_new: torch.Te
     if part is None:
         return empty_partial(q)
     pool = rt.pool(Tier.DEVICE, plan.layer)
-    return attend_part(q, pool.k, pool.v, part, plan.layer, step, scale, paged_attention)
+    return _measured(rt, "device_attention", plan.layer, part, attend_part, q, pool.k, pool.v, part, plan.layer,
+                     step, scale, paged_attention)
+
+
+def _measured(rt: KVRuntime, name: str, kv, part, fn, *args):
+    """``fn(*args)``, its time and the bytes of ``part``'s blocks given to the admission model."""
+    model = placement.admission_model(rt, kv)
+    if not model.measures(name):
+        return fn(*args)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    seconds = time.perf_counter() - t0
+    model.measured(name, int(part.valid.sum()) * slot_bytes(rt.block_size, kv.head_dim, kv.dtype), seconds)
+    return out
 
 
 def _staged_disk(rt: KVRuntime, plan: Plan):

@@ -7,7 +7,9 @@ import torch
 
 from kvdrive_compile.runtime import placement, site_step
 from kvdrive_compile.runtime.kv_runtime import KVRuntime
-from kvdrive_compile.runtime.placement import Entries, KVBudgetError, choose
+from types import SimpleNamespace
+
+from kvdrive_compile.runtime.placement import AdmissionModel, Entries, KVBudgetError, choose
 from kvdrive_compile.runtime.selection import SelectionPolicy
 from kvdrive_compile.runtime.tiers import Tier
 
@@ -95,6 +97,70 @@ def test_over_its_share_a_layer_gives_back_even_without_misses():
     c = Cache("attention", window=1, capacity=2, nblocks=6)
     c.cached[[0, 1, 2, 3]] = True                 # e.g. after a warm-up with a larger share
     assert c.run({0}, [0, 5, 1, 0, 0, 0]) == {0, 1}
+
+
+# -- admission: the cost model ----------------------------------------------------------------------
+
+def test_worth_decides_which_misses_are_admitted():
+    sel = np.zeros(8, np.bool_)
+    sel[[1, 2, 3]] = True
+    e = Entries(np.zeros(8, np.bool_), np.zeros(8, np.bool_), np.full(8, -1), np.arange(8, dtype=np.float32), sel,
+                np.ones(8, np.bool_))
+    worth = np.zeros(8, np.bool_)
+    worth[[1, 3, 5]] = True                       # 5 is not selected: never a candidate
+    admit, evict = choose("attention", 2, 1, e, room=8, admit_all=False, worth=worth)
+    assert sorted(admit.tolist()) == [1, 3] and evict.size == 0
+    admit, _ = choose("attention", 2, 1, e, room=1, admit_all=False, worth=worth)
+    assert admit.tolist() == [3]                  # room for one: the best score
+    admit, _ = choose("attention", 2, 1, e, room=8, admit_all=True, worth=worth)
+    assert sorted(admit.tolist()) == [1, 2, 3]    # a fetching step copies every miss anyway
+
+
+def test_admission_pays_for_the_copy_by_expected_reuse():
+    # a CPU machine's priors: both attention sides on the CPU at one speed; a host miss saves
+    # nothing by moving, a disk miss saves its next reads
+    a = AdmissionModel("cpu", window=4).admits()
+    assert a == {("repeat", Tier.HOST): False, ("first", Tier.HOST): False,
+                 ("repeat", Tier.DISK): True, ("first", Tier.DISK): True}
+    # a GPU's priors: the CPU part is ~100x slower per byte than the device part, copies cheap
+    m = AdmissionModel("cuda", window=4)
+    assert all(m.admits().values())
+    # copies measured slow (5 GB/s): a repeat (expected ~2.4 more selections in the window)
+    # still pays for its copy, a first selection (~0.65) does not
+    m.measured("copy_up", 5e9, 1.0)
+    assert m.rates["copy_up"].gb_per_s == pytest.approx(5.0, rel=0.01)
+    a = m.admits()
+    assert a[("repeat", Tier.HOST)] and not a[("first", Tier.HOST)]
+    assert a[("first", Tier.DISK)]                # its disk reads are worth saving
+    # measured: first selections are selected again 90 % of the time: now they pay too
+    m.observe_reuse("first", 20000, 18000)
+    assert m.reuse("first") == pytest.approx(0.9, abs=0.01)
+    assert m.admits()[("first", Tier.HOST)]
+    # the device part's time on CUDA is a launch, not the work: it keeps its prior
+    m.measured("device_attention", 1.0, 1.0)
+    assert m.rates["device_attention"].gb_per_s == pytest.approx(1000.0)
+    worth = m.worth(np.array([True, False, True, False]), np.array([Tier.HOST, Tier.HOST, Tier.DISK, Tier.DEVICE]))
+    assert worth.tolist() == [True, True, True, False]
+
+
+def test_reuse_is_measured_per_history_class():
+    """A block selected at one step is counted at the next: selected again or not, by whether
+    its selection was a repeat (selected before within the window) or a first one."""
+    rt = KVRuntime(block_size=16, device_memory=None, host_memory=None, reuse_window=2)
+    session = rt.open_session(sites=1)
+    k = torch.randn(1, 1, 16 * 8, 16)
+    kv = rt.layer(session, 0, k, False)
+    placement.append(rt, kv, k, k)
+    model = placement.admission_model(rt, kv)
+    seen, hits = dict(model.reuse_seen), dict(model.reuse_hits)
+    for sel in ([1, 2], [2, 3], [2, 5], [2, 3]):
+        placement.cache_step(rt, kv, SimpleNamespace(selected=torch.tensor([sel]), fetch=False, fills=[]), None, None)
+    # step 2: 1, 2 were first selections (2 again); step 3: 2 a repeat (again), 3 a first (not);
+    # step 4: 2 a repeat (again), 5 a first (not)
+    assert {c: model.reuse_seen[c] - seen[c] for c in seen} == {"repeat": 2, "first": 4}
+    assert {c: model.reuse_hits[c] - hits[c] for c in hits} == {"repeat": 2, "first": 1}
+    assert kv.repeat[0, [1, 2, 3, 5]].tolist() == [False, True, False, False]
+    rt.close()
 
 
 # -- the runtime under the policy ------------------------------------------------------------------
@@ -219,6 +285,8 @@ def test_tiers_and_policies_give_the_selected_answer(tmp_path, cache_policy, att
         if cache_policy == "none":                    # nothing kept but the pinned blocks
             assert copies <= rows * int(kv.pinned_blocks().sum())
     assert st.hit_rate == pytest.approx(st.served["device"] / sum(st.served.values()))
+    assert set(st.admission["gb_per_s"]) == {"copy_up", "device_attention", "cpu_attention", "disk_read"}
+    assert all(v > 0 for v in st.admission["gb_per_s"].values()) and set(st.admission["reuse"]) == {"repeat", "first"}
     rt.close()
 
 

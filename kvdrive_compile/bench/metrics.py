@@ -65,7 +65,8 @@ def runtime_metrics(before: dict, after: dict, steps: int, batch: int, step_seco
     """Bytes moved per decoded token per boundary; the device hit rate (``hit_rate``, see
     ``hit_rate``; ``device_hit_rate``: the share of the selected blocks read on the device); the
     selected KV bytes served per decoded token by tier; block copies admitted to and evicted from
-    each caching tier per step; the CPU's share of the attention (split attention only: fetch
+    each caching tier per step; the admission model's measured inputs and decisions at the end;
+    the CPU's share of the attention (split attention only: fetch
     designs attend on the device); and each stage's wall time per step (ms) with "other" = step
     time minus the stages."""
     tokens = max(1, steps * batch)
@@ -92,6 +93,7 @@ def runtime_metrics(before: dict, after: dict, steps: int, batch: int, step_seco
             "admitted_per_step": {t: admitted[t] / max(1, steps) for t in CACHING_TIERS},
             "evicted_per_step": {t: evicted[t] / max(1, steps) for t in CACHING_TIERS},
             "disk_cache_bypass": after.get("disk_cache_bypass") or None,
+            "admission": after.get("admission") or None,       # the admission model's inputs and decisions
             "cpu_attention_share": (cpu if split_attention else 0.0) if total else None,
             "selected_blocks": selected,
             "prefetch_hit_rate": (ahead["landed"] + ahead["in_flight"]) / asked if asked else None,
