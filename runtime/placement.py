@@ -116,13 +116,15 @@ def choose(policy: str, window: int, step: int, e: Entries, room: int, admit_all
 @dataclass
 class Rate:
     """A throughput measured as the run goes: bytes over seconds, starting from a prior that
-    counts as ``seconds`` of observation (so the first few, noisy measurements move it little)."""
+    counts as ``seconds`` of observation (50 ms: the first, noisy measurements of a short run
+    move it little, so its decisions do not flip with them; a long run's own measurements soon
+    outweigh it)."""
 
     nbytes: float
     seconds: float
 
     @classmethod
-    def prior(cls, gb_per_s: float, seconds: float = 2e-3) -> "Rate":
+    def prior(cls, gb_per_s: float, seconds: float = 0.05) -> "Rate":
         return cls(gb_per_s * 1e9 * seconds, seconds)
 
     def add(self, nbytes: float, seconds: float) -> None:

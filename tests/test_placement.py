@@ -127,8 +127,8 @@ def test_admission_pays_for_the_copy_by_expected_reuse():
     assert all(m.admits().values())
     # copies measured slow (5 GB/s): a repeat (expected ~2.4 more selections in the window)
     # still pays for its copy, a first selection (~0.65) does not
-    m.measured("copy_up", 5e9, 1.0)
-    assert m.rates["copy_up"].gb_per_s == pytest.approx(5.0, rel=0.01)
+    m.measured("copy_up", 5e10, 10.0)              # outweighs the prior (50 ms at 20 GB/s)
+    assert m.rates["copy_up"].gb_per_s == pytest.approx((5e10 + 1e9) / 10.05 / 1e9)
     a = m.admits()
     assert a[("repeat", Tier.HOST)] and not a[("first", Tier.HOST)]
     assert a[("first", Tier.DISK)]                # its disk reads are worth saving

@@ -80,11 +80,11 @@ def test_random_gqa_model_ragged_batch_of_three(monkeypatch):
 @pytest.mark.slow
 def test_smollm2_policies_agree(smollm2, monkeypatch):
     model, tok = smollm2
-    text, _ = passkey_prompt(tok, 500)
+    text, _ = passkey_prompt(tok, 700)
     ids = tok(text, return_tensors="pt").input_ids
     sparse = dict(token_budget=128, block_size=16)
-    # ~46 KiB of KV per token: ~23 MiB in all; 30 layers pin 6 blocks x 3 rows x 8 KiB = 4.2 MiB.
+    # ~46 KiB of KV per token: ~32 MiB in all; 30 layers pin 6 blocks x 3 rows x 8 KiB = 4.2 MiB.
     # lru and none, and the graph without the scheduling pass, are checked on the random model
     # above (each variant here costs a compile of SmolLM2)
     tiers = dict(device_memory="6MiB", host_memory="8MiB")
-    policies_agree(model, ids, 8, sparse, tiers, policies=("attention",))
+    policies_agree(model, ids, 10, sparse, tiers, policies=("attention",))
