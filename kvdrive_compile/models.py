@@ -79,8 +79,9 @@ def load(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str
 @contextlib.contextmanager
 def _one_gguf_parse():
     """transformers reads a GGUF file three times (tokenizer, config, weights), each through a
-    new ``gguf.GGUFReader``, which parses every metadata field in Python: Gemma 3's 262K-token
-    vocabulary took ~25 s a read on this project's CPU machine. Inside this block a file is read
+    new ``gguf.GGUFReader``, which parses every metadata field in Python (Gemma 3's vocabulary
+    has 262K tokens): reading it once made its load 77 -> 44 s on this project's CPU machine.
+    Inside this block a file is read
     once and its (read-only, memory-mapped) reader given to each later request; without the
     ``gguf`` package, or another version without ``GGUFReader``, nothing changes."""
     try:

@@ -554,16 +554,17 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan, scores: Optional[torch.Te
     last = kv.last_selected[:, :nb]
     recent = last > kv.step - rt.reuse_window                  # this selection would be a repeat
     model = admission_model(rt, kv)
-    before = last == kv.step - 1                               # selected at the previous step
-    for kind, was in (("repeat", kv.repeat[:, :nb]), ("first", ~kv.repeat[:, :nb])):
-        seen = before & was
-        model.observe_reuse(kind, int(seen.sum()), int((seen & selected).sum()))
+    if model is not None:
+        before = last == kv.step - 1                           # selected at the previous step
+        for kind, was in (("repeat", kv.repeat[:, :nb]), ("first", ~kv.repeat[:, :nb])):
+            seen = before & was
+            model.observe_reuse(kind, int(seen.sum()), int((seen & selected).sum()))
     if rt.device_cache:
         e = Entries(cached=(kv.dev[:, :nb] >= 0).reshape(-1), pinned=pinned.reshape(-1),
                     last_selected=last.reshape(-1), score=kv.score[:, :nb].reshape(-1),
                     selected=selected.reshape(-1), eligible=(tier >= 0).reshape(-1))
         room = _device_share(rt, kv) - int(e.cached.sum())
-        worth = model.worth(recent.reshape(-1), tier.reshape(-1)) if rt.cache_policy == "attention" else None
+        worth = None if model is None or plan.fetch else model.worth(recent.reshape(-1), tier.reshape(-1))
         admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, plan.fetch, worth)
         _evict(rt, kv, Tier.DEVICE, evict)
         _admit(rt, kv, plan, Tier.DEVICE, admit, tier.reshape(-1))
@@ -584,9 +585,12 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan, scores: Optional[torch.Te
     kv.last_selected[:, :nb][selected] = kv.step
 
 
-def admission_model(rt: KVRuntime, kv: LayerKV) -> AdmissionModel:
-    """The runtime's admission model (made at its first decode step, with the priors of the
-    device its KV is on)."""
+def admission_model(rt: KVRuntime, kv: LayerKV) -> Optional[AdmissionModel]:
+    """The runtime's admission model (made when first asked, with the priors of the device its
+    KV is on); None where nothing asks it: a policy other than ``"attention"``, or no device
+    cache (nothing is admitted there). Then nothing is measured for it either."""
+    if not (rt.device_cache and rt.cache_policy == "attention"):
+        return None
     if rt.admission is None:
         with rt.lock:
             if rt.admission is None:
@@ -623,7 +627,9 @@ def _copied_up(rt: KVRuntime, kv: LayerKV, t0: float, nbytes: int) -> None:
     """Count a host->device copy that began at ``t0`` (and put it on the timeline)."""
     t1 = time.perf_counter()
     rt.moved["host->device"] += nbytes
-    admission_model(rt, kv).measured("copy_up", nbytes, t1 - t0)
+    model = admission_model(rt, kv)
+    if model is not None:
+        model.measured("copy_up", nbytes, t1 - t0)
     if rt.tracer.enabled:
         rt.trace("host_to_device", t0, t1, kv.session_id, kv.layer, bytes=nbytes)
 

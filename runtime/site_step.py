@@ -412,7 +412,7 @@ def device_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, k_new: torch.Te
 def _measured(rt: KVRuntime, name: str, kv, part, fn, *args):
     """``fn(*args)``, its time and the bytes of ``part``'s blocks given to the admission model."""
     model = placement.admission_model(rt, kv)
-    if not model.measures(name):
+    if model is None or not model.measures(name):
         return fn(*args)
     t0 = time.perf_counter()
     out = fn(*args)
