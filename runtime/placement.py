@@ -532,12 +532,18 @@ def warm_scores(rt: KVRuntime, kv: LayerKV, policy: SelectionPolicy, q: torch.Te
     return block_scores(kv, policy, q[:, :, -WARM_QUERIES:], ids, scale).numpy()
 
 
-def count_served(rt: KVRuntime, kv: LayerKV, selected: torch.Tensor) -> None:
+def count_served(rt: KVRuntime, kv: LayerKV, selected: torch.Tensor) -> dict[Tier, int]:
+    """Count the bytes each tier serves to this step's selection; returns the selected
+    (row, block) entries per tier (a tier with none needs no part split off)."""
     tier, _ = kv.where()
     lay = np.take_along_axis(tier, selected.numpy(), axis=1)
+    counts = np.bincount(lay.ravel() + 1, minlength=len(Tier) + 1)       # index 0: not held (-1)
     sb = slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
+    out = {}
     for t in Tier:
-        rt.served[t.name.lower()] += int((lay == int(t)).sum()) * sb
+        out[t] = int(counts[int(t) + 1])
+        rt.served[t.name.lower()] += out[t] * sb
+    return out
 
 
 def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan, scores: Optional[torch.Tensor], window: torch.Tensor) -> None:

@@ -220,10 +220,13 @@ def plan_step(rt: KVRuntime, kv: LayerKV, past_len: int, new_len: int, q: torch.
         selected, scores = select_scored(kv, policy if new_len == 1 else EXACT, q, start, end, scale)
         plan = Plan(kv, (start, end), selected, fresh_only=False, fetch=policy.attention == "fetch")
         t0 = time.perf_counter()                  # the rest: the cache policy's moves (timeline: "plan")
-        placement.count_served(rt, kv, selected)
+        served = placement.count_served(rt, kv, selected)
         if not rt.device_home:
             placement.cache_step(rt, kv, plan, scores, window_blocks(kv, start, end))
+            served = None                       # the policy's moves changed where blocks lie
         for tier in Tier:
+            if served is not None and not served[tier]:
+                plan.parts[tier] = None         # nothing selected lies there: no split to make
             part = plan.part(tier)
             rt.selected_blocks[tier.name.lower()] += 0 if part is None else int(part.valid.sum())
         _pin(rt, plan)
@@ -257,7 +260,7 @@ def _pin(rt: KVRuntime, plan: Plan) -> None:
             cols.append(part.ids[r, c].numpy())
     if rows:
         r, c = np.concatenate(rows), np.concatenate(cols)
-        np.add.at(kv.pins, (r, c), 1)
+        kv.pins[r, c] += 1          # each (row, block) lies in one part: no pair repeats (no np.add.at)
         plan.pinned = (r, c)
 
 
@@ -266,7 +269,7 @@ def unpin(rt: KVRuntime, plan: Plan) -> None:
     with rt.lock:
         kv = plan.layer
         if plan.pinned:
-            np.subtract.at(kv.pins, plan.pinned, 1)
+            kv.pins[plan.pinned] -= 1
             plan.pinned = ()
         for tier, _, _, slots in plan.fills:         # a read that never landed: give the slots back
             rt.pool(tier, kv).release(slots.tolist())

@@ -212,6 +212,7 @@ class CorruptDisk(LogitsProcessor):
         if self.calls == self.at:
             for session in self.rt.sessions.values():
                 for f in session.disk_files.values():
+                    f.flush()               # a home write still in flight would undo the flip
                     flip_bit(f, 0)
         return scores
 

@@ -41,3 +41,34 @@ def test_pool_memory_is_on_huge_pages():
         pytest.skip("the kernel granted no huge page now (THP 'madvise' mode, memory fragmented)")
     assert huge_kib >= 2048
     assert len(set(slots)) == 2048
+
+
+def test_pool_grows_geometrically_keeps_data_and_budget(monkeypatch):
+    """Filling a pool a layer's blocks at a time copies each slot O(1) times (a fixed growth
+    step copied the whole pool once per 4,096 slots: quadratic in the context), keeps every
+    block written, and never reserves past a budget."""
+    copied = []
+    grow = BlockPool._grow
+
+    def counting(self, need):
+        copied.append(self.capacity)
+        return grow(self, need)
+    monkeypatch.setattr(BlockPool, "_grow", counting)
+    pool = BlockPool(TierBudget("device", None), torch.device("cpu"), torch.float32, 4, 2)
+    written = {}
+    for i in range(300):                                    # 300 "layers" of 768 blocks: 230,400 slots
+        for s in pool.alloc(768):
+            written[s] = float(len(written))
+        if i % 37 == 0:                                     # write some, check they survive later grows
+            idx = torch.tensor(list(written))
+            pool.k[idx] = torch.tensor(list(written.values())).view(-1, 1, 1)
+    n = len(written)
+    assert pool.capacity >= n and pool.capacity <= 1.5 * n + 4096
+    assert sum(copied) <= 3 * n, (len(copied), sum(copied))         # amortized O(1) copies per slot
+    idx = torch.tensor(list(written)[:768 * 260])
+    assert torch.equal(pool.k[idx, 0, 0], torch.tensor(list(written.values())[:768 * 260]))
+
+    per_slot = pool.slot_bytes
+    limited = BlockPool(TierBudget("device", 40_000 * per_slot), torch.device("cpu"), torch.float32, 4, 2)
+    got = sum(len(limited.alloc_upto(768)) for _ in range(100))
+    assert got == 40_000 and limited.capacity == 40_000 and limited.budget.reserved == 40_000 * per_slot
