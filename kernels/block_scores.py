@@ -23,7 +23,7 @@ from .launch_utils import multiprocessors, next_pow2
 from .numba_math import exp_f32, start_thread_pool, wide_vectors
 from .triton_launcher import launcher_for
 
-__all__ = ["qkeys_log_mass", "qkeys_log_mass_or_bound", "qkeys_log_mass_torch", "qkeys_log_mass_triton", "pack_codes", "unpack_codes",
+__all__ = ["load_kernel", "qkeys_log_mass", "qkeys_log_mass_or_bound", "qkeys_log_mass_torch", "qkeys_log_mass_triton", "pack_codes", "unpack_codes",
            "CODE_BITS", "LEVELS"]
 
 CODE_BITS = 2
@@ -151,6 +151,16 @@ def qkeys_log_mass(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
     """
     quantized = np.ones(ids.numel(), np.bool_)
     return _scores(packed, kmin, kmax, q, ids, quantized, np.zeros(ids.numel(), np.float32), scale)
+
+
+def load_kernel() -> None:
+    """Load (or compile) the numba kernel now, on two blocks, rather than at the first decode
+    step that ranks blocks (~0.15 s from numba's cache; the first numba kernel of a process
+    also sets numba's target up, ~0.5 s more). Its types do not depend on the model's."""
+    packed = torch.zeros((1, 2, 4, 1), dtype=torch.uint8)
+    lo, hi = torch.zeros((1, 2, 4)), torch.ones((1, 2, 4))
+    qkeys_log_mass_or_bound(packed, lo, hi, torch.ones((1, 1, 4)), torch.arange(2), torch.tensor([True, False]),
+                            torch.zeros(2), 1.0)
 
 
 def qkeys_log_mass_or_bound(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from . import placement
+from ..kernels import block_scores
 from ..kernels.cpu_attention import concurrent_launch_safe
 from .disk import IO_THREAD_PREFIX, DiskFile, KVDiskError
+from . import layer_kv
 from .layer_kv import LayerKV
 from .placement import CACHE_POLICIES, DEFAULT_REUSE_WINDOW
 from .standins import StandIns
@@ -59,6 +61,32 @@ class Session:
     closed: bool = False
 
 
+_kernel_loading: list[threading.Thread] = []
+_kernel_loading_lock = threading.Lock()
+
+
+def load_kernels_in_background() -> threading.Thread:
+    """Once per process, load the numba kernels that only decode steps run (block ranking, the
+    tier split) on a thread of their own: a prefill (seconds to minutes at long contexts) hides
+    it, where the first decode step that ranks blocks waited for it (~0.15-0.6 s). A call that
+    needs one meanwhile waits for numba's compiler lock, as it would have anyway."""
+    with _kernel_loading_lock:
+        if not _kernel_loading:
+            t = threading.Thread(target=_load_kernels, name="kvdrive-kernel-load", daemon=True)
+            t.start()
+            _kernel_loading.append(t)
+        return _kernel_loading[0]
+
+
+def _load_kernels() -> None:
+    try:
+        block_scores.load_kernel()
+        layer_kv.load_kernel()
+    except Exception:                     # noqa: BLE001 (the decode step loads them itself, and says why)
+        log.debug("kvdrive: loading the decode kernels ahead failed", exc_info=True)
+
+
+
 class KVRuntime:
     """Owns KV data: sessions, tier budgets, memory pools and disk files, and the counters.
     Where blocks go is ``placement``'s job; a step is ``site_step``'s."""
@@ -90,6 +118,7 @@ class KVRuntime:
         self.ahead_reads = ahead_reads                      # prefetch_ahead reads (prefetch_depth > 0)
         self.cpu_worker: Optional[ThreadPoolExecutor] = None
         self.tracer = tracer_for(trace)
+        load_kernels_in_background()
         self._io_lock = threading.Lock()
         self.lock = threading.RLock()
         self._ids = itertools.count(1)

@@ -201,6 +201,11 @@ def _split_by_tier(tier_of, slot_of, selected, tier):
     return ids, slots, valid
 
 
+def load_kernel() -> None:
+    """Load ``_split_by_tier`` now (see ``block_scores.load_kernel``)."""
+    _split_by_tier(np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), 0)
+
+
 def tier_part(kv: LayerKV, selected: torch.Tensor, tier: Tier) -> Optional[TierPart]:
     """The blocks of ``selected`` (int64 ``[rows, n]``, CPU) that lie on ``tier``, or None.
     One numba pass (this runs for every tier of every layer of every step: as torch ops it was

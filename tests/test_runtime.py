@@ -2,6 +2,8 @@
 sessions apart, sliding windows, private disk files."""
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -279,3 +281,19 @@ def test_tier_split_matches_a_stable_sort_by_tier(seed):
         assert torch.equal(got.slots, torch.where(valid, slots.gather(1, ids), 0))
     with pytest.raises(IndexError, match="outside"):
         tier_part(kv, torch.full((rows, 1), nblocks), Tier.DEVICE)
+
+
+def test_decode_kernels_load_in_the_background_at_runtime_creation():
+    """A fresh process: creating a runtime starts loading the numba kernels only decode steps
+    run, on a thread of its own (a prefill hides it; the first ranking decode step waited ~0.5 s)."""
+    code = ("from kvdrive_compile.kernels import block_scores\n"
+            "from kvdrive_compile.runtime import layer_kv, kv_runtime\n"
+            "assert not block_scores._log_mass.signatures and not layer_kv._split_by_tier.signatures\n"
+            "rt = kv_runtime.KVRuntime()\n"
+            "[t] = kv_runtime._kernel_loading\n"                     # started by the runtime, once
+            "assert t.name == 'kvdrive-kernel-load' and t is kv_runtime.load_kernels_in_background()\n"
+            "t.join(300)\n"
+            "assert block_scores._log_mass.signatures and layer_kv._split_by_tier.signatures\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
