@@ -69,10 +69,12 @@ def load_kernels_in_background() -> threading.Thread:
     """Once per process, load the numba kernels that only decode steps run (block ranking, the
     tier split) on a thread of their own: a prefill (seconds to minutes at long contexts) hides
     it, where the first decode step that ranks blocks waited for it (~0.15-0.6 s). A call that
-    needs one meanwhile waits for numba's compiler lock, as it would have anyway."""
+    needs one meanwhile waits for numba's compiler lock, as it would have anyway. Not a daemon:
+    a process that ends sooner waits for it (at most one compile, where numba has no cache yet)
+    instead of being torn down inside LLVM."""
     with _kernel_loading_lock:
         if not _kernel_loading:
-            t = threading.Thread(target=_load_kernels, name="kvdrive-kernel-load", daemon=True)
+            t = threading.Thread(target=_load_kernels, name="kvdrive-kernel-load", daemon=False)
             t.start()
             _kernel_loading.append(t)
         return _kernel_loading[0]
