@@ -321,7 +321,7 @@ def _write_tokens(rt: KVRuntime, kv: LayerKV, idx: int, offset: int, k: torch.Te
     for tier, slots in ((Tier.DEVICE, kv.dev[:, idx]), (Tier.HOST, kv.host[:, idx])):
         if (slots >= 0).any():
             pool = rt.pool(tier, kv)
-            index = torch.tensor(slots.tolist(), device=pool.device)
+            index = torch.from_numpy(np.ascontiguousarray(slots)).to(pool.device)   # not tolist(): every layer, every step
             pool.k[index, offset:offset + t] = k.to(pool.device)
             pool.v[index, offset:offset + t] = v.to(pool.device)
     if (kv.home[:, idx] == Tier.DISK).any():

@@ -87,7 +87,7 @@ def block_scores(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, ids: tor
     """Each (sequence, kv_head)'s score of blocks ``ids`` ([nb] int64): fp32 ``[rows, nb]`` on
     the CPU, the estimated log attention mass (``rank_blocks``) of q ``[B, Hq, Q, D]``."""
     bs = kv.block_size
-    counts = torch.clamp(torch.minimum(ids * bs + bs, torch.tensor(kv.length)) - ids * bs, min=0)
+    counts = (kv.length - ids * bs).clamp_(0, bs)                 # tokens held in each block
     return rank_blocks(kv.summaries, q, ids, policy.block_summary, policy.score_aggregation, counts, scale).cpu()
 
 

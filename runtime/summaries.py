@@ -78,6 +78,16 @@ class BlockSummaries:
         if position != self.length:
             raise RuntimeError(f"block summaries hold {self.length} tokens, keys arrived for position {position}")
         bs = self.block_size
+        if n == 1 and (position + 1) % bs:              # a decode step's token, its block still open
+            blk = position // bs
+            self._reserve(blk + 1)
+            kf = k[:, 0].to(self.device, torch.float32)                       # [rows, D]
+            self.kmin[:, blk] = torch.minimum(self.kmin[:, blk], kf)
+            self.kmax[:, blk] = torch.maximum(self.kmax[:, blk], kf)
+            self.ksum[:, blk] += kf
+            self.tail[:, position % bs] = kf
+            self.length = position + 1
+            return
         idx = (torch.arange(position, position + n, device=self.device) // bs)
         self._reserve(int(idx[-1]) + 1)
         index = idx.view(1, n, 1).expand(self.rows, n, self.head_dim)
