@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
-from . import placement
+from . import layer_kv, placement
 from ..kernels import block_scores
 from ..kernels.cpu_attention import concurrent_launch_safe
 from .disk import IO_THREAD_PREFIX, DiskFile, KVDiskError
-from . import layer_kv
 from .layer_kv import LayerKV
 from .placement import CACHE_POLICIES, DEFAULT_REUSE_WINDOW
 from .standins import StandIns
@@ -86,7 +85,6 @@ def _load_kernels() -> None:
         layer_kv.load_kernel()
     except Exception:                     # noqa: BLE001 (the decode step loads them itself, and says why)
         log.debug("kvdrive: loading the decode kernels ahead failed", exc_info=True)
-
 
 
 class KVRuntime:

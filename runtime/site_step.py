@@ -221,12 +221,11 @@ def plan_step(rt: KVRuntime, kv: LayerKV, past_len: int, new_len: int, q: torch.
         plan = Plan(kv, (start, end), selected, fresh_only=False, fetch=policy.attention == "fetch")
         t0 = time.perf_counter()                  # the rest: the cache policy's moves (timeline: "plan")
         served = placement.count_served(rt, kv, selected)
-        if not rt.device_home:
+        if rt.device_home:                      # nothing moves: a tier serving none needs no split
+            plan.parts.update({tier: None for tier in Tier if not served[tier]})
+        else:                                   # the policy's moves change where blocks lie
             placement.cache_step(rt, kv, plan, scores, window_blocks(kv, start, end))
-            served = None                       # the policy's moves changed where blocks lie
         for tier in Tier:
-            if served is not None and not served[tier]:
-                plan.parts[tier] = None         # nothing selected lies there: no split to make
             part = plan.part(tier)
             rt.selected_blocks[tier.name.lower()] += 0 if part is None else int(part.valid.sum())
         _pin(rt, plan)
