@@ -154,6 +154,8 @@ def test_systems_are_the_designs_in_the_brief():
     assert isinstance(systems.DENSE_COMPILED.new_cache(SimpleNamespace(config=TINY_LLAMA), 64), StaticCache)
     assert isinstance(systems.DENSE.new_cache(SimpleNamespace(config=TINY_LLAMA), 64), DynamicCache)
     assert "dense-compiled" in systems.EXACT_SYSTEMS and systems.REFERENCE["dense-compiled"] == "dense"
+    assert opts["kvdrive-inductor"] == {**opts["kvdrive-default"], "compile_rest": "inductor"}
+    assert systems.REFERENCE["kvdrive-inductor"] == "kvdrive-default"
     assert opts["fetch-all"] == {"device_memory": 0, "host_memory": 200, "token_budget": None,
                                  "attention": "fetch", "block_size": 16, "cache_policy": "none"}
     assert opts["sparse-fetch"] == {"device_memory": 0, "host_memory": 200, "token_budget": 64,

@@ -28,7 +28,8 @@ class System:
     ``StaticCache``, the way transformers' ``generate`` runs ``cache_implementation="static"``:
     the prefill eager, each decode step the compiled forward (``COMPILE_MODES``). budgets: the
     sweep's device and host budgets (else kvdrive's defaults: no limit, every block on the
-    device tier, what a user gets with no options)."""
+    device tier, what a user gets with no options). compile_rest: kvdrive's option of that name
+    (None: its default)."""
 
     name: str
     design: str
@@ -42,13 +43,16 @@ class System:
     offloaded_cache: bool = False
     static_compiled: bool = False
     budgets: bool = True
+    compile_rest: Optional[str] = None
 
     def options(self, budgets: Budgets) -> Optional[dict]:
         """The ``options=`` of ``torch.compile(..., backend="kvdrive")``; None when not compiled."""
         if not self.kvdrive:
             return None
+        rest = {} if self.compile_rest is None else {"compile_rest": self.compile_rest}
         if not self.budgets:
-            return {"token_budget": budgets.token_budget if self.sparse else None, "block_size": budgets.block_size}
+            return {"token_budget": budgets.token_budget if self.sparse else None, "block_size": budgets.block_size,
+                    **rest}
         options = {"device_memory": budgets.device_memory if self.own_device_tier else 0,
                    "host_memory": budgets.host_memory if self.host_tier else None,
                    "token_budget": budgets.token_budget if self.sparse else None,
@@ -57,7 +61,7 @@ class System:
         reuse = self.reuse_window if self.reuse_window is not None else budgets.reuse_window
         if reuse is not None and self.cache_policy == "attention":
             options["reuse_window"] = reuse
-        return options
+        return {**options, **rest}
 
     def unavailable(self, device: torch.device) -> Optional[str]:
         """Why this system cannot run on ``device`` (None: it can)."""
@@ -98,19 +102,23 @@ KVDRIVE = System("kvdrive", "kvdrive: device tier + host + disk, blocks selected
 KVDRIVE_DEFAULT = System("kvdrive-default", "kvdrive with its default options (the sweep's token budget): no "
                          "device or host limit, every block on the device tier", kvdrive=True, sparse=True,
                          budgets=False)
+KVDRIVE_INDUCTOR = System("kvdrive-inductor", "kvdrive-default with compile_rest=\"inductor\": the rest of the "
+                          "model compiled by Inductor around kvdrive's ops", kvdrive=True, sparse=True, budgets=False,
+                          compile_rest="inductor")
 KVDRIVE_HOST = System("kvdrive-host", "kvdrive with host_memory=None: the same device tier, all spilled KV in "
                       "host memory (no disk)", kvdrive=True, sparse=True, own_device_tier=True, host_tier=False)
 KVDRIVE_EXACT = System("kvdrive-exact", "kvdrive with token_budget=None (exact), same tiers",
                        kvdrive=True, own_device_tier=True)
 
 SYSTEMS = {s.name: s for s in (DENSE, DENSE_COMPILED, HF_OFFLOAD, FETCH_ALL, SPARSE_FETCH, SHADOWKV_LIKE,
-                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_DEFAULT, KVDRIVE_HOST, KVDRIVE_EXACT)}
+                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_DEFAULT, KVDRIVE_INDUCTOR, KVDRIVE_HOST,
+                               KVDRIVE_EXACT)}
 DEFAULT_SYSTEMS = ("dense", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive")
 # where a system's tokens are checked against: exact systems against dense, the designs that share
 # kvdrive's selection against kvdrive (where a block lies must not change what is attended)
 SAME_SELECTION = ("sparse-fetch", "shadowkv-like", "hisparse-like", "kvdrive-host", "kvdrive-default")
 REFERENCE = {"hf-offload": "dense", "dense-compiled": "dense", "fetch-all": "dense", "kvdrive-exact": "dense",
-             "kvdrive": "dense", **{name: "kvdrive" for name in SAME_SELECTION}}
+             "kvdrive": "dense", "kvdrive-inductor": "kvdrive-default", **{name: "kvdrive" for name in SAME_SELECTION}}
 EXACT_SYSTEMS = ("dense", "dense-compiled", "hf-offload", "fetch-all", "kvdrive-exact")
 # torch.compile's mode for the static-cache decode step: CUDA graphs (transformers' CompileConfig
 # default) where there is a GPU; they do not apply on the CPU
