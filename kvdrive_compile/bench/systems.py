@@ -49,19 +49,17 @@ class System:
         """The ``options=`` of ``torch.compile(..., backend="kvdrive")``; None when not compiled."""
         if not self.kvdrive:
             return None
-        rest = {} if self.compile_rest is None else {"compile_rest": self.compile_rest}
-        if not self.budgets:
-            return {"token_budget": budgets.token_budget if self.sparse else None, "block_size": budgets.block_size,
-                    **rest}
-        options = {"device_memory": budgets.device_memory if self.own_device_tier else 0,
-                   "host_memory": budgets.host_memory if self.host_tier else None,
-                   "token_budget": budgets.token_budget if self.sparse else None,
-                   "attention": self.attention, "block_size": budgets.block_size,
-                   "cache_policy": self.cache_policy}
-        reuse = self.reuse_window if self.reuse_window is not None else budgets.reuse_window
-        if reuse is not None and self.cache_policy == "attention":
-            options["reuse_window"] = reuse
-        return {**options, **rest}
+        options = {"token_budget": budgets.token_budget if self.sparse else None, "block_size": budgets.block_size}
+        if self.budgets:
+            options.update(device_memory=budgets.device_memory if self.own_device_tier else 0,
+                           host_memory=budgets.host_memory if self.host_tier else None,
+                           attention=self.attention, cache_policy=self.cache_policy)
+            reuse = self.reuse_window if self.reuse_window is not None else budgets.reuse_window
+            if reuse is not None and self.cache_policy == "attention":
+                options["reuse_window"] = reuse
+        if self.compile_rest is not None:
+            options["compile_rest"] = self.compile_rest
+        return options
 
     def unavailable(self, device: torch.device) -> Optional[str]:
         """Why this system cannot run on ``device`` (None: it can)."""
