@@ -9,7 +9,9 @@ attention mass. Computed as ``q . kmin + sum_c (q_c * step_c) * code_c``, so no 
 is ever materialized; one pass over the packed codes, which are read once for all query rows
 of a KV head. The (row, block) pairs are split over numba's threads (its pool is started at
 import, keeping torch's thread count: ``numba_math.start_thread_pool``); the select stage of a
-CPU decode step was mostly this kernel, single-threaded.
+CPU decode step was mostly this kernel, single-threaded. ``qkeys_top_blocks`` is a CPU decode
+step's whole ranking in one call: the scores, their max over a KV head's query rows and the top
+k (the torch ops it replaced took ~6 ms of a 8K x 4 SmolLM2 step).
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from .launch_utils import multiprocessors, next_pow2
 from .numba_math import exp_f32, start_thread_pool, wide_vectors
 from .triton_launcher import launcher_for
 
-__all__ = ["load_kernel", "qkeys_log_mass", "qkeys_log_mass_or_bound", "qkeys_log_mass_torch", "qkeys_log_mass_triton", "pack_codes", "unpack_codes",
-           "CODE_BITS", "LEVELS"]
+__all__ = ["load_kernel", "qkeys_log_mass", "qkeys_log_mass_or_bound", "qkeys_log_mass_torch", "qkeys_log_mass_triton",
+           "qkeys_top_blocks", "pack_codes", "unpack_codes", "CODE_BITS", "LEVELS"]
 
 CODE_BITS = 2
 LEVELS = (1 << CODE_BITS) - 1          # codes 0..3
@@ -154,13 +156,14 @@ def qkeys_log_mass(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
 
 
 def load_kernel() -> None:
-    """Load (or compile) the numba kernel now, on two blocks, rather than at the first decode
+    """Load (or compile) the numba kernels now, on two blocks, rather than at the first decode
     step that ranks blocks (~0.15 s from numba's cache; the first numba kernel of a process
-    also sets numba's target up, ~0.5 s more). Its types do not depend on the model's."""
+    also sets numba's target up, ~0.5 s more). Their types do not depend on the model's."""
     packed = torch.zeros((1, 2, 4, 1), dtype=torch.uint8)
     lo, hi = torch.zeros((1, 2, 4)), torch.ones((1, 2, 4))
-    qkeys_log_mass_or_bound(packed, lo, hi, torch.ones((1, 1, 4)), torch.arange(2), torch.tensor([True, False]),
-                            torch.zeros(2), 1.0)
+    args = (packed, lo, hi, torch.ones((1, 1, 4)), torch.arange(2), torch.tensor([True, False]), torch.zeros(2))
+    qkeys_log_mass_or_bound(*args, 1.0)
+    qkeys_top_blocks(*args, 1.0, np.array([True, False]), 1)
 
 
 def qkeys_log_mass_or_bound(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,
@@ -169,25 +172,120 @@ def qkeys_log_mass_or_bound(packed: torch.Tensor, kmin: torch.Tensor, kmax: torc
     """``qkeys_log_mass`` where ``quantized`` (bool ``[n]``), Quest's min/max bound plus
     ``log_count`` (fp32 ``[n]``) elsewhere (the open block, whose keys are not coded yet), in one
     call: the CPU path of ``BlockSummaries.scores``, which runs every layer of every step."""
-    if quantized.shape != ids.shape or log_count.shape != ids.shape:
-        raise ValueError(f"quantized {tuple(quantized.shape)} and log_count {tuple(log_count.shape)} "
-                         f"must both be shaped like ids {tuple(ids.shape)}")
+    _check_per_block(ids, quantized, log_count)
     return _scores(packed, kmin, kmax, q, ids, quantized.to(torch.bool).contiguous().numpy(),
                    log_count.float().contiguous().numpy(), scale)
 
 
-def _scores(packed, kmin, kmax, q, ids, quantized: np.ndarray, log_count: np.ndarray, scale: float) -> torch.Tensor:
-    rows, nq, d = q.shape
+def _check_per_block(ids, quantized, log_count) -> None:
+    if quantized.shape != ids.shape or log_count.shape != ids.shape:
+        raise ValueError(f"quantized {tuple(quantized.shape)} and log_count {tuple(log_count.shape)} "
+                         f"must both be shaped like ids {tuple(ids.shape)}")
+
+
+def _check_shapes(packed, kmin, kmax, q) -> None:
+    rows, _, d = q.shape
     if packed.dim() != 4 or packed.dtype != torch.uint8 or packed.shape[0] != rows or 4 * packed.shape[3] < d:
         raise ValueError(f"packed codes {tuple(packed.shape)} {packed.dtype} do not fit q {tuple(q.shape)}")
     if kmin.shape != kmax.shape or kmin.shape[0] != rows or kmin.shape[2] != d:
         raise ValueError(f"kmin {tuple(kmin.shape)} / kmax {tuple(kmax.shape)} do not fit q {tuple(q.shape)}")
+
+
+def _scores(packed, kmin, kmax, q, ids, quantized: np.ndarray, log_count: np.ndarray, scale: float) -> torch.Tensor:
+    rows, nq, d = q.shape
+    _check_shapes(packed, kmin, kmax, q)
     out = torch.empty((rows, nq, ids.numel()), dtype=torch.float32)
     if ids.numel() and rows and nq:
         _log_mass(packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
                   q.float().contiguous().numpy(), ids.long().contiguous().numpy(), quantized, log_count,
                   np.float32(scale), out.numpy(), get_num_threads())
     return out
+
+
+@njit(nogil=True, cache=True, fastmath=False)      # set, not left out: a callee inherits its caller's
+def _top_row(per_query, forced, k, scores, chosen, keys):
+    """One (sequence, KV head): ``scores`` = the max over its query rows of ``per_query [R, n]``
+    (NaN if any is NaN, as ``torch.amax``); ``chosen`` = the positions of the ``forced`` blocks
+    and of the ``k`` best others, ascending. A NaN ranks above everything (as in
+    ``torch.topk``); ties at the k-th score go to the lowest positions. O(n): the k-th best is
+    found by ``np.partition``. Not fastmath: NaN and infinities must compare as IEEE says."""
+    nq, n = per_query.shape
+    m = 0
+    for j in range(n):
+        best = per_query[0, j]
+        for g in range(1, nq):
+            x = per_query[g, j]
+            if not np.isnan(best) and (np.isnan(x) or x > best):
+                best = x
+        scores[j] = best
+        if not forced[j]:
+            keys[m] = np.inf if np.isnan(best) else best
+            m += 1
+    kth = np.partition(keys[:m], m - k)[m - k] if k > 0 else np.inf
+    above = 0
+    for j in range(m):
+        if keys[j] > kth:
+            above += 1
+    ties = k - above
+    out = 0
+    for j in range(n):
+        if forced[j]:
+            take = True
+        else:
+            x = np.inf if np.isnan(scores[j]) else scores[j]
+            take = x > kth
+            if not take and x == kth and ties > 0:
+                take = True
+                ties -= 1
+        if take:
+            chosen[out] = j
+            out += 1
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def _top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced, k, scores, chosen, chunks):
+    """``_log_mass`` into a scratch ``[rows, R, n]``, then ``_top_row`` per (sequence, KV head)
+    on numba's threads: a layer's whole ranking in one call from Python."""
+    rows, nq, n = q.shape[0], q.shape[1], ids.shape[0]
+    per_query = np.empty((rows, nq, n), np.float32)
+    total = rows * n
+    parts = max(1, min(chunks, total // _MIN_BLOCKS_PER_CHUNK))
+    for c in prange(parts):
+        _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, per_query,
+                       c * total // parts, (c + 1) * total // parts)
+    for r in prange(rows):
+        _top_row(per_query[r], forced, k, scores[r], chosen[r], np.empty(n, np.float32))
+
+
+def qkeys_top_blocks(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,
+                     ids: torch.Tensor, quantized: torch.Tensor, log_count: torch.Tensor, scale: float,
+                     forced: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks a layer attends, ranked by ``qkeys_log_mass_or_bound`` aggregated by the max
+    over each KV head's query rows, in one numba call (the CPU decode step's select stage).
+
+    forced: bool ``[n]``, the blocks attended whatever their score (sink, local window); k: how
+    many of the others to take, the best-scored (0 <= k <= their number). Returns ``chosen``,
+    int64 ``[rows, forced.sum() + k]``, the ids of the attended blocks ascending, and
+    ``scores``, fp32 ``[rows, n]``: what ``qkeys_log_mass_or_bound(...).amax(1)`` gives.
+    """
+    rows, nq, d = q.shape
+    n = ids.numel()
+    _check_per_block(ids, quantized, log_count)
+    forced = np.ascontiguousarray(forced, dtype=np.bool_)
+    n_forced = int(forced.sum())
+    if forced.shape != (n,) or not 0 <= k <= n - n_forced:
+        raise ValueError(f"forced {forced.shape} and k={k} do not fit {n} blocks")
+    if nq == 0:
+        raise ValueError("q has no query rows: there is nothing to rank the blocks by")
+    _check_shapes(packed, kmin, kmax, q)
+    scores = torch.empty((rows, n), dtype=torch.float32)
+    chosen = torch.empty((rows, n_forced + k), dtype=torch.int64)
+    if rows and n:
+        _top_blocks(packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
+                    q.float().contiguous().numpy(), ids.long().contiguous().numpy(),
+                    quantized.to(torch.bool).contiguous().numpy(), log_count.float().contiguous().numpy(),
+                    np.float32(scale), forced, k, scores.numpy(), chosen.numpy(), get_num_threads())
+    return ids[chosen], scores
 
 
 def qkeys_log_mass_torch(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,

@@ -86,9 +86,14 @@ def block_scores(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, ids: tor
                  scale: float = 1.0) -> torch.Tensor:
     """Each (sequence, kv_head)'s score of blocks ``ids`` ([nb] int64): fp32 ``[rows, nb]`` on
     the CPU, the estimated log attention mass (``rank_blocks``) of q ``[B, Hq, Q, D]``."""
+    return rank_blocks(kv.summaries, q, ids, policy.block_summary, policy.score_aggregation,
+                       block_counts(kv, ids), scale).cpu()
+
+
+def block_counts(kv: LayerKV, ids: torch.Tensor) -> torch.Tensor:
+    """Tokens held in each of blocks ``ids``: ``[nb]`` int64."""
     bs = kv.block_size
-    counts = (kv.length - ids * bs).clamp_(0, bs)                 # tokens held in each block
-    return rank_blocks(kv.summaries, q, ids, policy.block_summary, policy.score_aggregation, counts, scale).cpu()
+    return (kv.length - ids * bs).clamp_(0, bs)
 
 
 def scored(kv: LayerKV, policy: SelectionPolicy) -> bool:
@@ -132,6 +137,8 @@ def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
     k = n_budget - int(forced.sum())
     if k <= 0 or policy.selection == "window":
         return ids[forced].expand(kv.rows, -1), None
+    if policy.block_summary == "qkeys" and policy.score_aggregation == "max" and kv.summaries.device.type == "cpu":
+        return kv.summaries.top_blocks(q, ids, block_counts(kv, ids), scale, forced.numpy(), k)   # one numba call
     scores = block_scores(kv, policy, q, ids, scale)                              # [rows, nb]
     top = scores.masked_fill(forced[None, :], float("-inf")).topk(k, dim=1).indices          # [rows, k]
     chosen = torch.cat([forced.nonzero().view(1, -1).expand(kv.rows, -1), top], dim=1)

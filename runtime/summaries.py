@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..kernels.block_scores import (
@@ -20,6 +21,7 @@ from ..kernels.block_scores import (
     qkeys_log_mass_or_bound,
     qkeys_log_mass_torch,
     qkeys_log_mass_triton,
+    qkeys_top_blocks,
 )
 
 _PER_BYTE = 8 // CODE_BITS
@@ -122,10 +124,7 @@ class BlockSummaries:
         ``scale * q.k`` over the block's 2-bit keys (the open block, not quantized yet, gets
         its min/max bound). Returns fp32 ``[rows, G*Q, nb]`` (rows = B*Hkv, G = Hq // Hkv).
         """
-        b, hq, nq, d = q.shape
-        hkv = self.rows // b
-        qf = q.to(self.device, torch.float32).reshape(b * hkv, (hq // hkv) * nq, d)    # [rows, R, D]
-        log_count = counts.to(self.device, torch.float32).clamp_min(1).log()          # [nb]
+        qf, log_count = self._query_rows(q, counts)
         # which blocks are quantized, decided on the host (the runtime's ids are CPU tensors):
         # on a GPU a device-side mask would cost a sync per layer and step to read back
         ids_host = ids if ids.device.type == "cpu" else ids.cpu()
@@ -154,6 +153,27 @@ class BlockSummaries:
         out[:, :, at] = score(self.codes, self.kmin, self.kmax, qf, ids[at], scale)     # [rows, R, n]
         out[:, :, rest] = self._bound(qf, ids[rest], log_count[rest], scale)
         return out
+
+    def top_blocks(self, q: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, scale: float,
+                   forced: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``forced`` blocks (bool ``[nb]``) and the ``k`` others of ``ids`` with the best
+        "qkeys" scores aggregated by the max over each KV head's query rows, ids ascending
+        ``[rows, forced.sum() + k]``, and those scores ``[rows, nb]``: ``scores(...).amax(1)``
+        and its top-k, in one numba call. CPU summaries only (the device kernels rank on the
+        device, where ``scores`` and ``torch.topk`` serve)."""
+        if self.device.type != "cpu":
+            raise ValueError(f"top_blocks ranks summaries held on the CPU; these are on {self.device}")
+        qf, log_count = self._query_rows(q, counts)
+        done = (ids + 1) * self.block_size <= self.length                              # quantized blocks
+        return qkeys_top_blocks(self.codes, self.kmin, self.kmax, qf, ids, done, log_count, scale, forced, k)
+
+    def _query_rows(self, q: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q ``[B, Hq, Q, D]`` as fp32 ``[rows, R, D]`` (R = G*Q query rows per KV head) and the
+        log of each block's token count (at least 1) ``[nb]``, on the summaries' device."""
+        b, hq, nq, d = q.shape
+        hkv = self.rows // b
+        qf = q.to(self.device, torch.float32).reshape(b * hkv, (hq // hkv) * nq, d)
+        return qf, counts.to(self.device, torch.float32).clamp_min(1).log()
 
     def _bound(self, qf: torch.Tensor, ids: torch.Tensor, log_count: torch.Tensor, scale: float) -> torch.Tensor:
         """Quest's bound ``scale * sum_c max(q_c min_c, q_c max_c) + log(count)``: ``[rows, R, n]``."""

@@ -9,11 +9,13 @@ from triton_compile import compile_for_h100
 
 from kvdrive_compile.kernels.block_scores import (
     _log_mass,
+    _top_row,
     pack_codes,
     qkeys_log_mass,
     qkeys_log_mass_or_bound,
     qkeys_log_mass_torch,
     qkeys_log_mass_triton,
+    qkeys_top_blocks,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -142,3 +144,54 @@ def test_qkeys_or_bound_mixes_the_two_per_block(rows, nq, d, bs):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="shaped like ids"):
         qkeys_log_mass_or_bound(packed, kmin, kmax, q, ids, quantized[:-1], log_count, scale)
+
+
+@pytest.mark.parametrize("rows,nq,d,bs,cap", [(1, 1, 64, 16, 40), (12, 3, 64, 16, 300), (4, 4, 128, 16, 90), (2, 5, 6, 8, 23)])
+def test_top_blocks_are_forced_plus_topk_of_the_max_over_query_rows(rows, nq, d, bs, cap):
+    """The fused ranking (scores, max over query rows, top-k, forced blocks, ascending ids) gives
+    what the unfused path gives: ``qkeys_log_mass_or_bound(...).amax(1)`` and ``torch.topk``."""
+    g = torch.Generator().manual_seed(rows * 100 + cap)
+    codes, packed, kmin, kmax, q, ids = case(rows, nq, d, bs, cap, seed=cap)
+    n = ids.numel()
+    quantized = torch.rand(n, generator=g) < 0.9
+    log_count = torch.rand(n, generator=g) * 3
+    scale = d ** -0.5
+    want_scores = qkeys_log_mass_or_bound(packed, kmin, kmax, q, ids, quantized, log_count, scale).amax(1)
+    for trial in range(4):
+        forced = torch.rand(n, generator=g) < (0.0, 0.1, 0.3, 0.05)[trial]
+        free = n - int(forced.sum())
+        for k in sorted({0, 1, free // 3, free}):
+            chosen, scores = qkeys_top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale,
+                                              forced.numpy(), k)
+            torch.testing.assert_close(scores, want_scores, rtol=0, atol=0)
+            assert chosen.shape == (rows, int(forced.sum()) + k)
+            top = want_scores.masked_fill(forced, float("-inf")).topk(k, dim=1).indices
+            for r in range(rows):
+                want = sorted(ids[forced].tolist() + ids[top[r]].tolist(), key=lambda b: (ids == b).nonzero().item())
+                assert chosen[r].tolist() == want
+    with pytest.raises(ValueError, match="do not fit"):
+        qkeys_top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, np.zeros(n, bool), n + 1)
+
+
+def test_top_row_ties_nan_and_infinities():
+    """Ties at the k-th score go to the lowest positions; NaN (in any query row) makes the
+    block's score NaN and ranks it first, as torch.amax and torch.topk do; -inf ranks last."""
+    def top(per_query, forced, k):
+        per_query = np.asarray(per_query, np.float32)
+        n = per_query.shape[1]
+        scores, chosen = np.empty(n, np.float32), np.empty(int(np.sum(forced)) + k, np.int64)
+        _top_row(per_query, np.asarray(forced, np.bool_), k, scores, chosen, np.empty(n, np.float32))
+        return scores, chosen.tolist()
+
+    no = [False] * 6
+    assert top([[1, 2, 2, 2, 0, 3]], no, 3)[1] == [1, 2, 5]
+    assert top([[5, 5, 5, 5, 5, 5]], no, 2)[1] == [0, 1]
+    assert top([[5, 5, 5, 5, 5, 5]], [True, False, False, False, False, True], 2)[1] == [0, 1, 2, 5]
+    scores, chosen = top([[0, 1, 2, 3, 4, 5], [0, 1, np.nan, 3, 4, -1]], no, 2)
+    assert np.isnan(scores[2]) and scores[5] == 5 and chosen == [2, 5]
+    nan_first = [[np.nan, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]]
+    assert np.isnan(top(nan_first, no, 1)[0][0]) and top(nan_first, no, 1)[1] == [0]
+    assert top([[-np.inf, 1, -np.inf, 3, -np.inf, -np.inf]], no, 3)[1] == [0, 1, 3]
+    assert top([[-np.inf] * 6], no, 2)[1] == [0, 1]
+    assert top([[np.inf, 1, np.inf, 3, 0, 0]], no, 1)[1] == [0]
+    assert top([[1, 2, 3, 4, 5, 6]], [True] * 6, 0)[1] == list(range(6))
