@@ -236,8 +236,9 @@ class DiskFile:
     ``alloc(layer, rows)`` gives one slot per KV-head row for a new block of ``layer``; each
     (layer, row) takes its slots from extents of ``extent_slots`` consecutive slots, so its
     blocks lie side by side. ``read``/``write`` are synchronous; ``read_async``/``write_async``
-    return futures; reads of a slot wait for its writes in flight. An asynchronous write that
-    failed is raised by every later read, write and ``flush()`` of the file.
+    return futures; reads of a slot wait for its writes in flight, writes for its reads and
+    writes in flight. An asynchronous write that failed is raised by every later read, write
+    and ``flush()`` of the file.
 
     ``bypass_cache``: O_DIRECT where the file system takes it, else buffered I/O with the
     written and read ranges dropped from the page cache after each request; False: plain
@@ -301,6 +302,7 @@ class DiskFile:
         self.busy = 0                                      # requests using self.fd now
         self.idle = threading.Condition(self.lock)
         self.pending: dict[int, IOFuture] = {}             # slot -> the last write of it in flight
+        self.reading: dict[int, list[IOFuture]] = {}       # slot -> the reads of it in flight
         self.writes: set[IOFuture] = set()                 # asynchronous writes in flight
         self.reads_in_flight = 0
         self._deferred: list[int] = []                     # released while reads were in flight
@@ -509,11 +511,16 @@ class DiskFile:
                 out.append((int(srt[s]), order[s:e]))
         return out, srt
 
-    def _deps(self, first: int, m: int) -> list:
-        """The writes in flight of slots ``first .. first+m-1`` (call with the lock held)."""
-        if not self.pending:
-            return []
-        return list({id(op): op for s in range(first, first + m) if (op := self.pending.get(s)) is not None}.values())
+    def _deps(self, first: int, m: int, reads: bool = False) -> list:
+        """The writes in flight of slots ``first .. first+m-1``, and with ``reads`` their reads
+        in flight too (call with the lock held): a read waits for the writes issued before it,
+        a write for the reads and writes issued before it (else a read could get some of the
+        new bytes and check them against the old checksum, or the reverse)."""
+        ops = {id(op): op for s in range(first, first + m) if (op := self.pending.get(s)) is not None} \
+            if self.pending else {}
+        if reads and self.reading:
+            ops.update((id(op), op) for s in range(first, first + m) for op in self.reading.get(s, ()))
+        return list(ops.values())
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -553,7 +560,7 @@ class DiskFile:
         with self.lock:
             for first, pos in chunks:
                 m = len(pos)
-                work.append((first, buf[at:at + m], self._deps(first, m)))
+                work.append((first, buf[at:at + m], self._deps(first, m, reads=True)))
                 at += m
             for s in srt.tolist():
                 self.pending[s] = op
@@ -692,10 +699,17 @@ class DiskFile:
         with self.lock:
             work = [(first, pos, self._deps(first, len(pos)), out) for first, pos in chunks]
             self.reads_in_flight += 1
+            for s in srt.tolist():
+                self.reading.setdefault(s, []).append(op)
 
         def finish(error):
             with self.lock:
                 self.reads_in_flight -= 1
+                for s in srt.tolist():
+                    ops = self.reading[s]
+                    ops.remove(op)
+                    if not ops:
+                        del self.reading[s]
                 freed, self._deferred = (self._deferred, []) if not self.reads_in_flight else ([], self._deferred)
             if freed:
                 self._free(freed)

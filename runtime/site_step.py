@@ -284,7 +284,12 @@ def prefetch_ahead(rt: KVRuntime, session: Session, layer: int) -> None:
     if kv is None or session.phase != "decode" or kv.step == 0 or rt.device_home or not rt.ahead_reads:
         return
     with rt.lock:
-        first, nb = kv.first, kv.num_blocks
+        # complete blocks only: the open one gets this step's token (written in place on disk
+        # where it lives there), so a copy read now would be stale, and the read would race
+        # that write
+        first, nb = kv.first, min(kv.num_blocks, kv.length // kv.block_size)
+        if nb <= first:
+            return
         want = ((kv.last_selected[:, first:nb] >= kv.step - AHEAD_STEPS + 1) & (kv.home[:, first:nb] == Tier.DISK)
                 & (kv.dev[:, first:nb] < 0) & (kv.host[:, first:nb] < 0))
         rows, cols = np.nonzero(want)

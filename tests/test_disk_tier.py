@@ -235,6 +235,38 @@ def test_write_async_then_read_returns_the_new_data(tmp_path, pool, monkeypatch)
     f.close()
 
 
+def test_a_write_waits_for_the_reads_of_its_slots_in_flight(tmp_path, pool, monkeypatch):
+    """A read in flight of a slot that a later write rewrites (an ahead-of-need read of a block
+    being written in place): the write waits for it, so the read gets the old bytes whole and
+    checks them against the old checksum (it raised KVIntegrityError when the two interleaved);
+    the next read gets the new bytes."""
+    f = new_file(tmp_path, pool)
+    slots, k, v = fill(f, per_row=2)
+    release, reading = threading.Event(), threading.Event()
+    real = disk._preadv_all
+
+    def held_read(fd, views, offset, size=-1):
+        reading.set()
+        assert release.wait(30)
+        return real(fd, views, offset, size)
+
+    monkeypatch.setattr(disk, "_preadv_all", held_read)
+    r = f.read_async(slots[2:4])
+    assert reading.wait(30)
+    k1, v1 = blocks(f, 2, seed=21)
+    w = f.write_async(slots[3:5], k1, v1)
+    time.sleep(0.2)
+    assert not w.done()                                                  # waits for the read
+    release.set()
+    kr, vr = r.result()
+    assert torch.equal(kr, k[2:4]) and torch.equal(vr, v[2:4])
+    assert w.result() is None
+    monkeypatch.setattr(disk, "_preadv_all", real)
+    kk, vv = f.read(slots[2:5])
+    assert torch.equal(kk, torch.cat([k[2:3], k1])) and torch.equal(vv, torch.cat([v[2:3], v1]))
+    f.close()
+
+
 def test_a_failed_write_async_is_raised_later(tmp_path, pool, monkeypatch):
     f = new_file(tmp_path, pool)
     slots, k, v = fill(f, per_row=2)

@@ -105,6 +105,26 @@ def test_scheduled_graph_and_ahead_reads_give_the_same_tokens(tiny, monkeypatch)
     assert torch.equal(ref, generate(model, ids, STEPS, **SPARSE, **TIERS, cache_policy="lru"))
 
 
+def test_ahead_reads_take_complete_blocks_only(tiny, monkeypatch):
+    """No device or host budget: every block lives on disk, the open one too (each step writes
+    its token into it in place). Ahead reads never name the open block (such a read raced that
+    write and raised KVIntegrityError now and then) and the tokens stay exact."""
+    model, ids, _ = tiny
+    ref = generate(model, ids, STEPS, token_budget=None)
+    open_named, real = [], site_step.prefetch_ahead
+
+    def recorded(rt, session, layer):
+        real(rt, session, layer)
+        kv = session.layers.get(layer)
+        if kv is not None and kv.ahead is not None:
+            open_named.append(bool((kv.ahead.blocks >= kv.length // kv.block_size).any()))
+
+    monkeypatch.setattr(site_step, "prefetch_ahead", recorded)
+    out = generate(model, ids, STEPS, token_budget=None, device_memory=0, host_memory=0, prefetch_depth=2)
+    assert torch.equal(out, ref)
+    assert open_named and not any(open_named)
+
+
 def test_timeline_of_a_generation(tiny, tmp_path):
     """The trace option writes Chrome Trace Event Format: complete events of every stage with
     step, phase and layer, one tid per thread, and decode steps where work of different threads
