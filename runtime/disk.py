@@ -472,7 +472,7 @@ class DiskFile:
                     else:
                         op.set_result(value)
 
-        if len(chunks) <= 1 and inline:                  # one request (or none): here, no jobs
+        if not chunks or (len(chunks) == 1 and inline):   # no request, or one asked for here: no jobs
             try:
                 for c in chunks:
                     do_chunk(*c)

@@ -267,6 +267,20 @@ def test_a_write_waits_for_the_reads_of_its_slots_in_flight(tmp_path, pool, monk
     f.close()
 
 
+def test_empty_async_requests_resolve(tmp_path, pool):
+    """read_async([]) and write_async([]) resolve at once (an empty read left its future pending
+    and the file counting a read in flight forever, so released slots were never reused)."""
+    f = new_file(tmp_path, pool)
+    slots, k, v = fill(f, per_row=1)
+    kk, vv = f.read_async([]).result(timeout=5)
+    assert kk.shape == (0, f.block_size, f.head_dim) and vv.shape == kk.shape
+    assert f.write_async([], k[:0], v[:0]).result(timeout=5) is None
+    assert f.reads_in_flight == 0
+    f.release(slots[:1])
+    assert f.used == len(slots) - 1                                      # freed now, not deferred
+    f.close()
+
+
 def test_a_failed_write_async_is_raised_later(tmp_path, pool, monkeypatch):
     f = new_file(tmp_path, pool)
     slots, k, v = fill(f, per_row=2)
