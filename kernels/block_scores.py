@@ -248,11 +248,7 @@ def _top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced,
     on numba's threads: a layer's whole ranking in one call from Python."""
     rows, nq, n = q.shape[0], q.shape[1], ids.shape[0]
     per_query = np.empty((rows, nq, n), np.float32)
-    total = rows * n
-    parts = max(1, min(chunks, total // _MIN_BLOCKS_PER_CHUNK))
-    for c in prange(parts):
-        _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, per_query,
-                       c * total // parts, (c + 1) * total // parts)
+    _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, per_query, chunks)
     for r in prange(rows):
         _top_row(per_query[r], forced, k, scores[r], chosen[r], np.empty(n, np.float32))
 
@@ -265,7 +261,8 @@ def qkeys_top_blocks(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tenso
 
     forced: bool ``[n]``, the blocks attended whatever their score (sink, local window); k: how
     many of the others to take, the best-scored (0 <= k <= their number). Returns ``chosen``,
-    int64 ``[rows, forced.sum() + k]``, the ids of the attended blocks ascending, and
+    int64 ``[rows, forced.sum() + k]``, the ids of the attended blocks in the order of ``ids``
+    (ascending for the runtime's window), and
     ``scores``, fp32 ``[rows, n]``: what ``qkeys_log_mass_or_bound(...).amax(1)`` gives.
     """
     rows, nq, d = q.shape

@@ -136,7 +136,7 @@ class BlockSummaries:
             raise ValueError(f"block summary {kind!r} is not known: use 'minmax', 'mean' or 'qkeys'")
         if kind == "minmax":
             return self._bound(qf, ids, log_count, scale)
-        done = (ids_host + 1) * self.block_size <= self.length                        # quantized blocks
+        done = self._quantized(ids_host)
         if self.device.type == "cpu":                  # one numba call, the open block's bound included
             return qkeys_log_mass_or_bound(self.codes, self.kmin, self.kmax, qf, ids, done, log_count, scale)
         n_done = int(done.sum())
@@ -157,15 +157,19 @@ class BlockSummaries:
     def top_blocks(self, q: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, scale: float,
                    forced: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``forced`` blocks (bool ``[nb]``) and the ``k`` others of ``ids`` with the best
-        "qkeys" scores aggregated by the max over each KV head's query rows, ids ascending
-        ``[rows, forced.sum() + k]``, and those scores ``[rows, nb]``: ``scores(...).amax(1)``
-        and its top-k, in one numba call. CPU summaries only (the device kernels rank on the
+        "qkeys" scores aggregated by the max over each KV head's query rows, in the order of
+        ``ids`` ``[rows, forced.sum() + k]``, and those scores ``[rows, nb]``:
+        ``scores(...).amax(1)`` and its top-k, in one numba call. CPU summaries only (the device kernels rank on the
         device, where ``scores`` and ``torch.topk`` serve)."""
         if self.device.type != "cpu":
             raise ValueError(f"top_blocks ranks summaries held on the CPU; these are on {self.device}")
         qf, log_count = self._query_rows(q, counts)
-        done = (ids + 1) * self.block_size <= self.length                              # quantized blocks
-        return qkeys_top_blocks(self.codes, self.kmin, self.kmax, qf, ids, done, log_count, scale, forced, k)
+        return qkeys_top_blocks(self.codes, self.kmin, self.kmax, qf, ids, self._quantized(ids), log_count, scale,
+                                forced, k)
+
+    def _quantized(self, ids: torch.Tensor) -> torch.Tensor:
+        """Which of blocks ``ids`` (on the host) are complete, their keys coded: bool ``[nb]``."""
+        return (ids + 1) * self.block_size <= self.length
 
     def _query_rows(self, q: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q ``[B, Hq, Q, D]`` as fp32 ``[rows, R, D]`` (R = G*Q query rows per KV head) and the
