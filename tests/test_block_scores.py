@@ -148,7 +148,7 @@ def test_qkeys_or_bound_mixes_the_two_per_block(rows, nq, d, bs):
 
 @pytest.mark.parametrize("rows,nq,d,bs,cap", [(1, 1, 64, 16, 40), (12, 3, 64, 16, 300), (4, 4, 128, 16, 90), (2, 5, 6, 8, 23)])
 def test_top_blocks_are_forced_plus_topk_of_the_max_over_query_rows(rows, nq, d, bs, cap):
-    """The fused ranking (scores, max over query rows, top-k, forced blocks, ascending ids) gives
+    """The fused ranking (scores, max over query rows, top-k, forced blocks, in ids' order) gives
     what the unfused path gives: ``qkeys_log_mass_or_bound(...).amax(1)`` and ``torch.topk``."""
     g = torch.Generator().manual_seed(rows * 100 + cap)
     codes, packed, kmin, kmax, q, ids = case(rows, nq, d, bs, cap, seed=cap)

@@ -288,7 +288,8 @@ def test_decode_kernels_load_in_the_background_at_runtime_creation():
     run, on a thread of its own (a prefill hides it; the first ranking decode step waited ~0.5 s)."""
     code = ("from kvdrive_compile.kernels import block_scores\n"
             "from kvdrive_compile.runtime import layer_kv, kv_runtime\n"
-            "assert not block_scores._top_blocks.signatures and not layer_kv._split_by_tier.signatures\n"
+            "assert not block_scores._top_blocks.signatures and not block_scores._log_mass.signatures\n"
+            "assert not layer_kv._split_by_tier.signatures\n"
             "rt = kv_runtime.KVRuntime()\n"
             "[t] = kv_runtime._kernel_loading\n"                     # started by the runtime, once
             "assert t.name == 'kvdrive-kernel-load' and t is kv_runtime.load_kernels_in_background()\n"
