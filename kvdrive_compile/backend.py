@@ -20,6 +20,7 @@ from .dynamic_sizes import retrace_with_dynamic_sizes
 from .options import parse_options
 from .passes import fx_match as m
 from .passes.bind_kv_cache import BindKVCache
+from .passes.cpu_linears import CpuLinears
 from .passes.find_attention import FindAttentionSites
 from .passes.guard_standins import GuardStandIns, is_kvdrive_op
 from .passes.pass_manager import PassContext, PassManager
@@ -38,7 +39,8 @@ class Counters:
     traces Dynamo was asked to redo with dynamic input sizes (``dynamic_retraces``), graphs
     Inductor compiled (``inductor_graphs``, ``compile_rest="inductor"``) and those it could not,
     which run eagerly (``inductor_fallbacks``, with the reason in ``fallback_reasons``);
-    ``inductor_seconds``: time in Inductor, attempts Dynamo restarted included."""
+    ``inductor_seconds``: time in Inductor, attempts Dynamo restarted included; ``cpu_linears``:
+    linear layers run by ``kernels/cpu_linear.py`` (option ``cpu_linears``)."""
 
     graphs: int = 0
     sites_found: int = 0
@@ -51,6 +53,7 @@ class Counters:
     inductor_fallbacks: int = 0
     fallback_reasons: list[str] = field(default_factory=list)
     inductor_seconds: float = 0.0
+    cpu_linears: int = 0
 
     def reset(self) -> None:
         self.__init__()
@@ -62,7 +65,7 @@ _layer_ids: dict[int, dict[str, int]] = {}           # runtime id -> module path
 
 
 def default_passes() -> list:
-    return [FindAttentionSites(), BindKVCache(), RewriteAttention(), GuardStandIns(), ScheduleSites(), VerifyGraph()]
+    return [FindAttentionSites(), BindKVCache(), RewriteAttention(), GuardStandIns(), ScheduleSites(), CpuLinears(), VerifyGraph()]
 
 
 def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
@@ -81,7 +84,8 @@ def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
     rid = runtime_for(opts)
     ctx = PassContext(runtime_id=rid, policy_id=policy_for(opts), graph_index=next(_graph_ids),
                       layer_ids=_layer_ids.setdefault(rid, {}), prefetch_depth=opts.prefetch_depth,
-                      dump_dir=opts.dump_dir, example_inputs=list(example_inputs), is_standin=is_standin)
+                      dump_dir=opts.dump_dir, example_inputs=list(example_inputs), is_standin=is_standin,
+                      cpu_linears_how=opts.cpu_linears, compile_rest=opts.compile_rest)
     PassManager(default_passes()).run(gm, ctx)
     compiled = compile_rest(gm, example_inputs, opts.compile_rest, ctx.graph_index)
     _report_skips(ctx)                 # after Inductor: a restart it asks for compiles this graph again
@@ -89,6 +93,7 @@ def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
     counters.sites_found += len(ctx.sites)
     counters.sites_rewritten += len(ctx.rewritten)
     counters.sites_skipped += len(ctx.skipped)
+    counters.cpu_linears += ctx.cpu_linears
     counters.compile_seconds += time.perf_counter() - t0
     return compiled
 

@@ -20,6 +20,8 @@ DEFAULT_PREFETCH_DEPTH = 0
 # process (torch 2.13 does not cache graphs with effectful ops).
 COMPILE_REST = ("inductor", "eager")
 DEFAULT_COMPILE_REST = "eager"
+# how a CPU graph's linear layers run (see KVDriveOptions.cpu_linears)
+CPU_LINEARS = ("auto", "aten")
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
           "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4,
@@ -69,6 +71,9 @@ class KVDriveOptions:
     the ``kvdrive::`` ops staying opaque calls in their scheduled order (a graph Inductor cannot
     compile runs eagerly, with one warning); ``"eager"`` (the default) runs the graph op by op in
     PyTorch. Not part of the runtime key: graphs compiled either way share a runtime.
+    cpu_linears: ``"auto"`` (the default) runs the linear layers of a CPU graph over few rows (a
+    decode step's) in whichever of two equivalent BLAS calls measured faster for the shape on
+    this machine, ``x @ W^T`` or ``(W @ x^T)^T`` (kernels/cpu_linear.py); ``"aten"`` as traced.
     """
 
     block_size: int = 16
@@ -82,6 +87,7 @@ class KVDriveOptions:
     cpu_worker: Optional[bool] = None
     trace: Optional[str] = None
     compile_rest: str = DEFAULT_COMPILE_REST
+    cpu_linears: str = "auto"
     policy: SelectionPolicy = SelectionPolicy()
 
     def runtime_key(self) -> tuple:
@@ -141,6 +147,10 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
     if not isinstance(compile_rest, str) or compile_rest not in COMPILE_REST:
         raise ValueError(f"compile_rest={compile_rest!r}: choose one of {list(COMPILE_REST)} (\"inductor\" compiles "
                          "the model's other ops with Inductor; \"eager\" runs them op by op)")
+    cpu_linears = options.get("cpu_linears", "auto")
+    if not isinstance(cpu_linears, str) or cpu_linears not in CPU_LINEARS:
+        raise ValueError(f"cpu_linears={cpu_linears!r}: choose one of {list(CPU_LINEARS)} (\"auto\" runs a CPU "
+                         "decode step's linear layers in the BLAS call measured faster; \"aten\" as traced)")
     if options.get("cache_policy", "attention") not in CACHE_POLICIES:
         raise ValueError(f"cache_policy={options['cache_policy']!r}: choose one of {list(CACHE_POLICIES)}")
     reuse = options.get("reuse_window", DEFAULT_REUSE_WINDOW)
@@ -182,5 +192,6 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
         cpu_worker=cpu_worker,
         trace=trace,
         compile_rest=compile_rest,
+        cpu_linears=cpu_linears,
         policy=SelectionPolicy(**{k: options[k] for k in policy_keys if k in options}),
     )

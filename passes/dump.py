@@ -68,6 +68,7 @@ def summarize(ctx: "PassContext") -> dict:
         "sites_found": len(ctx.sites),
         "sites_rewritten": len(ctx.rewritten),
         "sites_skipped": len(ctx.skipped),
+        "cpu_linears": ctx.cpu_linears,
         "pass_seconds": {k: round(v, 4) for k, v in ctx.pass_seconds.items()},
         "sites": [
             {"site": s.index, "node": s.node.name, "layer": s.layer_name, "kind": s.kind,
@@ -82,7 +83,8 @@ def summarize(ctx: "PassContext") -> dict:
 
 def render_summary(data: dict) -> str:
     head = (f"graph {data['graph']}: {data['sites_found']} attention sites found, "
-            f"{data['sites_rewritten']} rewritten, {data['sites_skipped']} skipped\n"
+            f"{data['sites_rewritten']} rewritten, {data['sites_skipped']} skipped; "
+            f"{data.get('cpu_linears', 0)} linear layers run by kernels/cpu_linear.py\n"
             f"pass seconds: {data['pass_seconds']}\n\n")
     rows = [[s["site"], s["layer"], s["kind"], s["node"], s["status"], s["binding"] if s["status"] == "rewritten" else s["reason"]]
             for s in data["sites"]]

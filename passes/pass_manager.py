@@ -24,6 +24,8 @@ class PassContext:
     that the prefill and decode graphs name a layer alike.
     prefetch_depth: how many layers ahead the schedule pass issues a layer's disk reads (0: when
     the layer starts); schedule: what that pass decided (see passes/schedule.py).
+    cpu_linears_how, compile_rest: those options; cpu_linears: the linear layers the
+    ``cpu_linears`` pass changed.
     """
 
     runtime_id: int
@@ -38,6 +40,9 @@ class PassContext:
     pass_seconds: dict[str, float] = field(default_factory=dict)
     prefetch_depth: int = 0
     schedule: dict = field(default_factory=dict)
+    cpu_linears_how: str = "aten"
+    compile_rest: str = "eager"
+    cpu_linears: int = 0
 
     @property
     def rewritten(self) -> list[AttentionSite]:

@@ -156,6 +156,8 @@ def test_systems_are_the_designs_in_the_brief():
     assert "dense-compiled" in systems.EXACT_SYSTEMS and systems.REFERENCE["dense-compiled"] == "dense"
     assert opts["kvdrive-inductor"] == {**opts["kvdrive-default"], "compile_rest": "inductor"}
     assert systems.REFERENCE["kvdrive-inductor"] == "kvdrive-default"
+    assert opts["kvdrive-aten-linears"] == {**opts["kvdrive-default"], "cpu_linears": "aten"}
+    assert systems.REFERENCE["kvdrive-aten-linears"] == "kvdrive-default"
     assert opts["fetch-all"] == {"device_memory": 0, "host_memory": 200, "token_budget": None,
                                  "attention": "fetch", "block_size": 16, "cache_policy": "none"}
     assert opts["sparse-fetch"] == {"device_memory": 0, "host_memory": 200, "token_budget": 64,

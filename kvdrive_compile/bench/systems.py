@@ -28,8 +28,8 @@ class System:
     ``StaticCache``, the way transformers' ``generate`` runs ``cache_implementation="static"``:
     the prefill eager, each decode step the compiled forward (``COMPILE_MODES``). budgets: the
     sweep's device and host budgets (else kvdrive's defaults: no limit, every block on the
-    device tier, what a user gets with no options). compile_rest: kvdrive's option of that name
-    (None: its default)."""
+    device tier, what a user gets with no options). compile_rest, cpu_linears: kvdrive's options
+    of those names (None: their defaults)."""
 
     name: str
     design: str
@@ -44,6 +44,7 @@ class System:
     static_compiled: bool = False
     budgets: bool = True
     compile_rest: Optional[str] = None
+    cpu_linears: Optional[str] = None
 
     def options(self, budgets: Budgets) -> Optional[dict]:
         """The ``options=`` of ``torch.compile(..., backend="kvdrive")``; None when not compiled."""
@@ -59,6 +60,8 @@ class System:
                 options["reuse_window"] = reuse
         if self.compile_rest is not None:
             options["compile_rest"] = self.compile_rest
+        if self.cpu_linears is not None:
+            options["cpu_linears"] = self.cpu_linears
         return options
 
     def unavailable(self, device: torch.device) -> Optional[str]:
@@ -103,20 +106,23 @@ KVDRIVE_DEFAULT = System("kvdrive-default", "kvdrive with its default options (t
 KVDRIVE_INDUCTOR = System("kvdrive-inductor", "kvdrive-default with compile_rest=\"inductor\": the rest of the "
                           "model compiled by Inductor around kvdrive's ops", kvdrive=True, sparse=True, budgets=False,
                           compile_rest="inductor")
+KVDRIVE_ATEN_LINEARS = System("kvdrive-aten-linears", "kvdrive-default with cpu_linears=\"aten\": the linear "
+                              "layers as traced (the difference to kvdrive-default is the cpu_linears pass's)",
+                              kvdrive=True, sparse=True, budgets=False, cpu_linears="aten")
 KVDRIVE_HOST = System("kvdrive-host", "kvdrive with host_memory=None: the same device tier, all spilled KV in "
                       "host memory (no disk)", kvdrive=True, sparse=True, own_device_tier=True, host_tier=False)
 KVDRIVE_EXACT = System("kvdrive-exact", "kvdrive with token_budget=None (exact), same tiers",
                        kvdrive=True, own_device_tier=True)
 
 SYSTEMS = {s.name: s for s in (DENSE, DENSE_COMPILED, HF_OFFLOAD, FETCH_ALL, SPARSE_FETCH, SHADOWKV_LIKE,
-                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_DEFAULT, KVDRIVE_INDUCTOR, KVDRIVE_HOST,
+                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_DEFAULT, KVDRIVE_INDUCTOR, KVDRIVE_ATEN_LINEARS, KVDRIVE_HOST,
                                KVDRIVE_EXACT)}
 DEFAULT_SYSTEMS = ("dense", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive")
 # where a system's tokens are checked against: exact systems against dense, the designs that share
 # kvdrive's selection against kvdrive (where a block lies must not change what is attended)
 SAME_SELECTION = ("sparse-fetch", "shadowkv-like", "hisparse-like", "kvdrive-host", "kvdrive-default")
 REFERENCE = {"hf-offload": "dense", "dense-compiled": "dense", "fetch-all": "dense", "kvdrive-exact": "dense",
-             "kvdrive": "dense", "kvdrive-inductor": "kvdrive-default", **{name: "kvdrive" for name in SAME_SELECTION}}
+             "kvdrive": "dense", "kvdrive-inductor": "kvdrive-default", "kvdrive-aten-linears": "kvdrive-default", **{name: "kvdrive" for name in SAME_SELECTION}}
 EXACT_SYSTEMS = ("dense", "dense-compiled", "hf-offload", "fetch-all", "kvdrive-exact")
 # torch.compile's mode for the static-cache decode step: CUDA graphs (transformers' CompileConfig
 # default) where there is a GPU; they do not apply on the CPU
