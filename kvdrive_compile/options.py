@@ -71,9 +71,9 @@ class KVDriveOptions:
     the ``kvdrive::`` ops staying opaque calls in their scheduled order (a graph Inductor cannot
     compile runs eagerly, with one warning); ``"eager"`` (the default) runs the graph op by op in
     PyTorch. Not part of the runtime key: graphs compiled either way share a runtime.
-    cpu_linears: ``"auto"`` (the default) runs the linear layers of a CPU graph over few rows (a
-    decode step's) in whichever of two equivalent BLAS calls measured faster for the shape on
-    this machine, ``x @ W^T`` or ``(W @ x^T)^T`` (kernels/cpu_linear.py); ``"aten"`` as traced.
+    cpu_linears: ``"auto"`` (the default) runs the fp32 linear layers of a CPU graph over few
+    rows (a decode step's) by a numba kernel where it measured faster than torch's BLAS for the
+    shape on this machine (kernels/cpu_linear.py); ``"aten"`` as traced.
     """
 
     block_size: int = 16
@@ -150,7 +150,7 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
     cpu_linears = options.get("cpu_linears", "auto")
     if not isinstance(cpu_linears, str) or cpu_linears not in CPU_LINEARS:
         raise ValueError(f"cpu_linears={cpu_linears!r}: choose one of {list(CPU_LINEARS)} (\"auto\" runs a CPU "
-                         "decode step's linear layers in the BLAS call measured faster; \"aten\" as traced)")
+                         "decode step's linear layers by kvdrive's kernel where it measured faster; \"aten\" as traced)")
     if options.get("cache_policy", "attention") not in CACHE_POLICIES:
         raise ValueError(f"cache_policy={options['cache_policy']!r}: choose one of {list(CACHE_POLICIES)}")
     reuse = options.get("reuse_window", DEFAULT_REUSE_WINDOW)
