@@ -4,7 +4,7 @@ kernel where this machine measured it faster than torch's BLAS for the shape (on
 2-core AMD CPU the model's linear layers took ~95 ms of a SmolLM2 8K x 4 decode step as traced).
 
 Only inference graphs on the CPU: a node whose input's example value lives elsewhere, needs a
-gradient, or is not floating point is left as traced (the op has no backward). Option
+gradient, or is not fp32 is left as traced (the op has no backward; the kernel is fp32's). Option
 ``cpu_linears="aten"`` turns the pass off; ``ctx.cpu_linears`` counts the nodes it changed.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _replaceable(node: torch.fx.Node) -> bool:
     out = m.tensor_meta(node)
     if x is None or w is None or out is None or w.dim() != 2:
         return False
-    return x.device.type == "cpu" and x.dtype.is_floating_point and x.dtype == w.dtype and not out.requires_grad
+    return x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and not out.requires_grad
 
 
 class CpuLinears(GraphPass):

@@ -123,6 +123,13 @@ def test_the_pass_rewrites_inference_graphs_only(compile_rest):
     out.sum().backward()
     assert kvdrive_compile.counters.cpu_linears == 0 and model.up.weight.grad is not None
     torch._dynamo.reset()
+    with torch.no_grad():                                                                      # fp64: as traced
+        model.double()
+        out = torch.compile(model, backend="kvdrive", options={"compile_rest": compile_rest})(x.double())
+        model.float()
+    torch.testing.assert_close(out, ref.double(), rtol=1e-5, atol=1e-5)
+    assert kvdrive_compile.counters.cpu_linears == 0
+    torch._dynamo.reset()
 
 
 def test_the_option_is_checked():
