@@ -115,14 +115,15 @@ KVDRIVE_EXACT = System("kvdrive-exact", "kvdrive with token_budget=None (exact),
                        kvdrive=True, own_device_tier=True)
 
 SYSTEMS = {s.name: s for s in (DENSE, DENSE_COMPILED, HF_OFFLOAD, FETCH_ALL, SPARSE_FETCH, SHADOWKV_LIKE,
-                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_DEFAULT, KVDRIVE_INDUCTOR, KVDRIVE_ATEN_LINEARS, KVDRIVE_HOST,
-                               KVDRIVE_EXACT)}
+                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_DEFAULT, KVDRIVE_INDUCTOR, KVDRIVE_ATEN_LINEARS,
+                               KVDRIVE_HOST, KVDRIVE_EXACT)}
 DEFAULT_SYSTEMS = ("dense", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive")
 # where a system's tokens are checked against: exact systems against dense, the designs that share
 # kvdrive's selection against kvdrive (where a block lies must not change what is attended)
 SAME_SELECTION = ("sparse-fetch", "shadowkv-like", "hisparse-like", "kvdrive-host", "kvdrive-default")
 REFERENCE = {"hf-offload": "dense", "dense-compiled": "dense", "fetch-all": "dense", "kvdrive-exact": "dense",
-             "kvdrive": "dense", "kvdrive-inductor": "kvdrive-default", "kvdrive-aten-linears": "kvdrive-default", **{name: "kvdrive" for name in SAME_SELECTION}}
+             "kvdrive": "dense", "kvdrive-inductor": "kvdrive-default", "kvdrive-aten-linears": "kvdrive-default",
+             **{name: "kvdrive" for name in SAME_SELECTION}}
 EXACT_SYSTEMS = ("dense", "dense-compiled", "hf-offload", "fetch-all", "kvdrive-exact")
 # torch.compile's mode for the static-cache decode step: CUDA graphs (transformers' CompileConfig
 # default) where there is a GPU; they do not apply on the CPU
