@@ -22,7 +22,7 @@ import torch
 from numba import get_num_threads, njit, prange
 
 from .launch_utils import multiprocessors, next_pow2
-from .numba_math import exp_f32, start_thread_pool, wide_vectors
+from .numba_math import exp_f32, parallel_launch, start_thread_pool, wide_vectors
 from .triton_launcher import launcher_for
 
 __all__ = ["load_kernel", "qkeys_log_mass", "qkeys_log_mass_or_bound", "qkeys_log_mass_torch", "qkeys_log_mass_triton",
@@ -196,9 +196,11 @@ def _scores(packed, kmin, kmax, q, ids, quantized: np.ndarray, log_count: np.nda
     _check_shapes(packed, kmin, kmax, q)
     out = torch.empty((rows, nq, ids.numel()), dtype=torch.float32)
     if ids.numel() and rows and nq:
-        _log_mass(packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
-                  q.float().contiguous().numpy(), ids.long().contiguous().numpy(), quantized, log_count,
-                  np.float32(scale), out.numpy(), get_num_threads())
+        args = (packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
+                q.float().contiguous().numpy(), ids.long().contiguous().numpy(), quantized, log_count,
+                np.float32(scale), out.numpy())
+        with parallel_launch():
+            _log_mass(*args, get_num_threads())
     return out
 
 
@@ -278,10 +280,12 @@ def qkeys_top_blocks(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tenso
     scores = torch.empty((rows, n), dtype=torch.float32)
     chosen = torch.empty((rows, n_forced + k), dtype=torch.int64)
     if rows and n:
-        _top_blocks(packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
-                    q.float().contiguous().numpy(), ids.long().contiguous().numpy(),
-                    quantized.to(torch.bool).contiguous().numpy(), log_count.float().contiguous().numpy(),
-                    np.float32(scale), forced, k, scores.numpy(), chosen.numpy(), get_num_threads())
+        args = (packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
+                q.float().contiguous().numpy(), ids.long().contiguous().numpy(),
+                quantized.to(torch.bool).contiguous().numpy(), log_count.float().contiguous().numpy(),
+                np.float32(scale), forced, k, scores.numpy(), chosen.numpy())
+        with parallel_launch():
+            _top_blocks(*args, get_num_threads())
     return ids[chosen], scores
 
 

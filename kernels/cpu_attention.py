@@ -36,7 +36,7 @@ from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.extending import intrinsic
 
-from .numba_math import FASTMATH as _FASTMATH, exp_f32, start_thread_pool, wide_vectors as _wide_vectors
+from .numba_math import FASTMATH as _FASTMATH, exp_f32, parallel_launch, start_thread_pool, wide_vectors as _wide_vectors
 from .paged_layout import POISON_ENV, check_paged_args
 
 __all__ = ["cpu_partial_attention", "warm_up", "POISON_ENV"]
@@ -492,13 +492,14 @@ def cpu_partial_attention(
     kp, vp = _pool_as_numpy(k_pool), _pool_as_numpy(v_pool)
     make = np.empty if os.environ.get(POISON_ENV) != "1" else (lambda s, t: np.full(s, np.nan, t))
     out, lse = make((b * hkv, rows, d), np.float32), make((b * hkv, rows), np.float32)
-    if lo.shape[0] == b * hkv:                                          # one item per row: write in place
-        _attend_items(qn, np.float32(scale), kp, vp, table, lens, first, lo, hi, out, lse, threads)
-    else:
-        part_out = make((lo.shape[0], rows, d), np.float32)
-        part_lse = make((lo.shape[0], rows), np.float32)
-        _attend_items(qn, np.float32(scale), kp, vp, table, lens, first, lo, hi, part_out, part_lse, threads)
-        _merge_items(first, part_out, part_lse, out, lse)
+    with parallel_launch():
+        if lo.shape[0] == b * hkv:                                      # one item per row: write in place
+            _attend_items(qn, np.float32(scale), kp, vp, table, lens, first, lo, hi, out, lse, threads)
+        else:
+            part_out = make((lo.shape[0], rows, d), np.float32)
+            part_lse = make((lo.shape[0], rows), np.float32)
+            _attend_items(qn, np.float32(scale), kp, vp, table, lens, first, lo, hi, part_out, part_lse, threads)
+            _merge_items(first, part_out, part_lse, out, lse)
     shape = (b, hq, d) if q.dim() == 3 else (b, hq, nq, d)
     return torch.from_numpy(out.reshape(shape)), torch.from_numpy(lse.reshape(shape[:-1]))
 
@@ -510,23 +511,3 @@ def warm_up() -> None:
         table = torch.tensor([[[0] * 8 + [1] * 8]], dtype=torch.int32)    # 16 blocks: split path
         lens = torch.full_like(table, 16)
         cpu_partial_attention(torch.zeros(1, 1, 64), pool, pool, table, lens, 1.0)
-
-
-def concurrent_launch_safe() -> bool:
-    """Whether two threads may run the kernel at once: numba's TBB and OpenMP threading
-    layers take parallel launches from several threads; its fallback, "workqueue", does not
-    (it aborts the process on a concurrent launch)."""
-    import numba
-
-    layer = numba.config.THREADING_LAYER
-    if layer == "workqueue":
-        return False
-    if layer in ("tbb", "omp"):
-        return True
-    for pool in ("tbbpool", "omppool"):                 # "default", "safe", "threadsafe": the first that loads
-        try:
-            __import__(f"numba.np.ufunc.{pool}")
-            return True
-        except ImportError:
-            continue
-    return False

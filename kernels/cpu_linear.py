@@ -30,7 +30,7 @@ from numba import get_num_threads, njit, prange
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .numba_math import FASTMATH, start_thread_pool
+from .numba_math import FASTMATH, parallel_launch, start_thread_pool
 
 __all__ = ["linear", "linear_op", "use_kernel", "chosen", "MAX_ROWS"]
 
@@ -96,7 +96,9 @@ def _rows_times_weight(x, w, bias, has_bias, out, chunks):
 
 def _run(x2: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor) -> None:
     b = bias.contiguous().numpy() if bias is not None else np.zeros(0, np.float32)
-    _rows_times_weight(x2.contiguous().numpy(), weight.numpy(), b, bias is not None, out.numpy(), get_num_threads())
+    args = (x2.contiguous().numpy(), weight.numpy(), b, bias is not None, out.numpy())
+    with parallel_launch():
+        _rows_times_weight(*args, get_num_threads())
 
 
 def use_kernel(rows: int, k: int, n: int) -> bool:

@@ -10,13 +10,17 @@ inline these helpers are compiled again.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
+
 import numpy as np
 import torch
 from llvmlite import ir
 from numba import get_num_threads, njit, types
 from numba.extending import intrinsic
 
-__all__ = ["exp_f32", "FASTMATH", "start_thread_pool", "wide_vectors"]
+__all__ = ["exp_f32", "FASTMATH", "start_thread_pool", "wide_vectors", "concurrent_launch_safe", "parallel_launch"]
 
 # LLVM fast-math flags for the kernels: no "ninf"/"nnan", because -inf marks empty rows
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -87,3 +91,35 @@ def start_thread_pool() -> None:
     get_num_threads()                       # launches the pool
     if torch.get_num_threads() != before:
         torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=None)
+def concurrent_launch_safe() -> bool:
+    """Whether two threads may run parallel numba kernels at once: numba's TBB and OpenMP
+    threading layers take parallel launches from several threads; its fallback, "workqueue",
+    does not (it aborts the process on a concurrent launch)."""
+    import numba
+
+    layer = numba.config.THREADING_LAYER
+    if layer == "workqueue":
+        return False
+    if layer in ("tbb", "omp"):
+        return True
+    for pool in ("tbbpool", "omppool"):                 # "default", "safe", "threadsafe": the first that loads
+        try:
+            __import__(f"numba.np.ufunc.{pool}")
+            return True
+        except ImportError:
+            continue
+    return False
+
+
+_LAUNCH_LOCK = threading.Lock()
+
+
+def parallel_launch():
+    """Where a parallel numba kernel is called: nothing to do under a threading layer that
+    takes concurrent launches; under "workqueue" one process-wide lock, so that two threads
+    generating at once (or a generating thread and the CPU worker) call the kernels one after
+    the other instead of aborting the process."""
+    return contextlib.nullcontext() if concurrent_launch_safe() else _LAUNCH_LOCK

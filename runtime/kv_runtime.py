@@ -21,7 +21,7 @@ import torch
 
 from . import layer_kv, placement
 from ..kernels import block_scores
-from ..kernels.cpu_attention import concurrent_launch_safe
+from ..kernels.numba_math import concurrent_launch_safe
 from .disk import IO_THREAD_PREFIX, DiskFile, KVDiskError
 from .layer_kv import LayerKV
 from .placement import CACHE_POLICIES, DEFAULT_REUSE_WINDOW

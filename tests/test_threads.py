@@ -62,3 +62,53 @@ def test_two_threads_sharing_a_runtime_stay_exact():
     assert moved["device->host"] > 0 and moved["host->disk"] > 0, moved
     assert_budgets_respected()
     assert open_sessions() == 0
+
+
+WORKQUEUE_SCRIPT = r"""
+import sys, threading
+import torch
+sys.path.insert(0, sys.argv[1])
+import test_threads as tt
+import kvdrive_compile
+from kvdrive_compile.kernels import cpu_linear, numba_math
+assert not numba_math.concurrent_launch_safe()
+cpu_linear.use_kernel = lambda *key: True          # the linear kernel too, whatever it measures
+options = dict(block_size=4, token_budget=16, sink_tokens=4, local_window=4, dense_layers=0)
+kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+models = [tt.llama(1), tt.llama(2)]
+prompts = [torch.randint(3, 128, (2, 60 + 7 * i), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+with torch.no_grad():
+    for m in models:
+        m.forward = torch.compile(m.forward, backend="kvdrive", options=options)
+    refs = [m.generate(p, **kw) for m, p in zip(models, prompts)]      # one thread: the reference
+    results, errors = {0: [], 1: []}, []
+    def worker(i):
+        try:
+            with torch.no_grad():
+                for _ in range(4):
+                    results[i].append(models[i].generate(prompts[i], **kw))
+        except BaseException as e:
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    sys.setswitchinterval(1e-5)
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+assert not errors, errors
+assert all(torch.equal(out, refs[i]) for i in range(2) for out in results[i]), "tokens differ"
+import numba
+print("ok", numba.threading_layer())
+"""
+
+
+def test_two_threads_under_numbas_workqueue_layer(tmp_path):
+    """numba's "workqueue" threading layer (where neither OpenMP nor TBB is installed) aborts the
+    process when two threads launch parallel kernels at once: with a budget (the ranking kernel),
+    the CPU attention kernel and the linear kernel, two threads generating at once take turns
+    (kernels/numba_math.py: parallel_launch) and give the one-thread tokens."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    run = subprocess.run([sys.executable, "-c", WORKQUEUE_SCRIPT, os.path.dirname(__file__)], env=env,
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0 and "ok workqueue" in run.stdout, (run.returncode, run.stdout[-2000:], run.stderr[-4000:])
