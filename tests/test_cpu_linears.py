@@ -39,7 +39,11 @@ def test_non_contiguous_inputs_other_dtypes_and_special_values(decide, monkeypat
     g = torch.Generator().manual_seed(1)
     x = torch.randn(24, 4, generator=g).t()                  # [4, 24], strided
     w = torch.randn(24, 10, generator=g).t()                 # [10, 24], strided (a tied, transposed weight)
-    torch.testing.assert_close(cpu_linear.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    ran = []
+    run = cpu_linear._run
+    monkeypatch.setattr(cpu_linear, "_run", lambda *a: ran.append(a) or run(*a))
+    torch.testing.assert_close(cpu_linear.linear(x, w.contiguous()), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert len(ran) == 1                                     # strided x: the kernel, on a contiguous copy
     calls = []
     monkeypatch.setattr(cpu_linear, "_run", lambda *a: calls.append(a))
     for xx, ww in ((x, w), (x.double(), w.contiguous().double()), (x.bfloat16(), w.contiguous().bfloat16())):
