@@ -16,6 +16,7 @@ k (the torch ops it replaced took ~6 ms of a 8K x 4 SmolLM2 step).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -205,13 +206,15 @@ def _scores(packed, kmin, kmax, q, ids, quantized: np.ndarray, log_count: np.nda
 
 
 @njit(nogil=True, cache=True, fastmath=False)      # set, not left out: a callee inherits its caller's
-def _top_row(per_query, forced, k, scores, chosen, keys):
+def _top_row(per_query, forced, bonus, k, scores, chosen, keys):
     """One (sequence, KV head): ``scores`` = the max over its query rows of ``per_query [R, n]``
     (NaN if any is NaN, as ``torch.amax``); ``chosen`` = the positions of the ``forced`` blocks
-    and of the ``k`` best others, ascending. A NaN ranks above everything (as in
-    ``torch.topk``); ties at the k-th score go to the lowest positions. O(n): the k-th best is
-    found by ``np.partition``. Not fastmath: NaN and infinities must compare as IEEE says."""
+    and of the ``k`` best others by ``scores + bonus`` (``bonus [n]``, or empty: none),
+    ascending. A NaN ranks above everything (as in ``torch.topk``); ties at the k-th key go to
+    the lowest positions. O(n): the k-th best is found by ``np.partition``. Not fastmath: NaN
+    and infinities must compare as IEEE says."""
     nq, n = per_query.shape
+    has_bonus = bonus.shape[0] > 0
     m = 0
     for j in range(n):
         best = per_query[0, j]
@@ -221,7 +224,7 @@ def _top_row(per_query, forced, k, scores, chosen, keys):
                 best = x
         scores[j] = best
         if not forced[j]:
-            keys[m] = np.inf if np.isnan(best) else best
+            keys[m] = np.inf if np.isnan(best) else (best + bonus[j] if has_bonus else best)
             m += 1
     kth = np.partition(keys[:m], m - k)[m - k] if k > 0 else np.inf
     above = 0
@@ -234,7 +237,7 @@ def _top_row(per_query, forced, k, scores, chosen, keys):
         if forced[j]:
             take = True
         else:
-            x = np.inf if np.isnan(scores[j]) else scores[j]
+            x = np.inf if np.isnan(scores[j]) else (scores[j] + bonus[j] if has_bonus else scores[j])
             take = x > kth
             if not take and x == kth and ties > 0:
                 take = True
@@ -245,24 +248,26 @@ def _top_row(per_query, forced, k, scores, chosen, keys):
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
-def _top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced, k, scores, chosen, chunks):
+def _top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced, bonus, k, scores, chosen, chunks):
     """``_log_mass`` into a scratch ``[rows, R, n]``, then ``_top_row`` per (sequence, KV head)
-    on numba's threads: a layer's whole ranking in one call from Python."""
+    on numba's threads: a layer's whole ranking in one call from Python. bonus: ``[rows, n]``
+    added to the scores for the ranking only, or ``[rows, 0]``: none."""
     rows, nq, n = q.shape[0], q.shape[1], ids.shape[0]
     per_query = np.empty((rows, nq, n), np.float32)
     _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, per_query, chunks)
     for r in prange(rows):
-        _top_row(per_query[r], forced, k, scores[r], chosen[r], np.empty(n, np.float32))
+        _top_row(per_query[r], forced, bonus[r], k, scores[r], chosen[r], np.empty(n, np.float32))
 
 
 def qkeys_top_blocks(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,
                      ids: torch.Tensor, quantized: torch.Tensor, log_count: torch.Tensor, scale: float,
-                     forced: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     forced: np.ndarray, k: int, bonus: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks a layer attends, ranked by ``qkeys_log_mass_or_bound`` aggregated by the max
     over each KV head's query rows, in one numba call (the CPU decode step's select stage).
 
     forced: bool ``[n]``, the blocks attended whatever their score (sink, local window); k: how
-    many of the others to take, the best-scored (0 <= k <= their number). Returns ``chosen``,
+    many of the others to take, the best-scored (0 <= k <= their number); bonus: fp32
+    ``[rows, n]`` added to the scores for the ranking only (None: nothing). Returns ``chosen``,
     int64 ``[rows, forced.sum() + k]``, the ids of the attended blocks in the order of ``ids``
     (ascending for the runtime's window), and
     ``scores``, fp32 ``[rows, n]``: what ``qkeys_log_mass_or_bound(...).amax(1)`` gives.
@@ -277,13 +282,17 @@ def qkeys_top_blocks(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tenso
     if nq == 0:
         raise ValueError("q has no query rows: there is nothing to rank the blocks by")
     _check_shapes(packed, kmin, kmax, q)
+    if bonus is None:
+        bonus = np.zeros((rows, 0), np.float32)
+    elif bonus.shape != (rows, n):
+        raise ValueError(f"bonus {bonus.shape} does not fit {rows} rows x {n} blocks")
     scores = torch.empty((rows, n), dtype=torch.float32)
     chosen = torch.empty((rows, n_forced + k), dtype=torch.int64)
     if rows and n:
         args = (packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
                 q.float().contiguous().numpy(), ids.long().contiguous().numpy(),
                 quantized.to(torch.bool).contiguous().numpy(), log_count.float().contiguous().numpy(),
-                np.float32(scale), forced, k, scores.numpy(), chosen.numpy())
+                np.float32(scale), forced, np.ascontiguousarray(bonus, np.float32), k, scores.numpy(), chosen.numpy())
         with parallel_launch():
             _top_blocks(*args, get_num_threads())
     return ids[chosen], scores

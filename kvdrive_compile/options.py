@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import tempfile
@@ -55,7 +56,7 @@ class KVDriveOptions:
 
     block_size: tokens per KV block. policy: what each step attends (``token_budget``,
     ``selection``, ``block_summary``, ``score_aggregation``, ``sink_tokens``, ``local_window``,
-    ``dense_layers``, ``attention``: see ``SelectionPolicy``; the user passes them as flat options).
+    ``dense_layers``, ``attention``, ``reuse_bonus``: see ``SelectionPolicy``; the user passes them as flat options).
     device_memory, host_memory: KV bytes allowed on each tier (None: no limit); beyond the host
     budget KV goes to disk, in a private directory under ``disk_dir`` (default: the system temp
     directory). dump_dir: where pass-inspection dumps go (default: $KVDRIVE_DUMP_DIR, else none).
@@ -156,6 +157,10 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
     reuse = options.get("reuse_window", DEFAULT_REUSE_WINDOW)
     if isinstance(reuse, bool) or not isinstance(reuse, int) or reuse < 1:
         raise ValueError(f"reuse_window={reuse!r}: must be an int >= 1 (decode steps of selection history)")
+    bonus = options.get("reuse_bonus", SelectionPolicy.reuse_bonus)
+    if isinstance(bonus, bool) or not isinstance(bonus, (int, float)) or not 0 <= bonus < math.inf:
+        raise ValueError(f"reuse_bonus={bonus!r}: must be a number >= 0 (nats a block already in place adds to "
+                         "its estimated log attention mass when blocks are ranked; 0: none)")
     counts = {name: getattr(SelectionPolicy, name) for name in ("sink_tokens", "local_window", "dense_layers")}
     for name, default in {**counts, "prefetch_depth": DEFAULT_PREFETCH_DEPTH}.items():
         value = options.get(name, default)

@@ -98,7 +98,7 @@ def choose(policy: str, window: int, step: int, e: Entries, room: int, admit_all
         victims = np.flatnonzero(e.cached & ~e.pinned & ~e.selected)
         victims = victims[np.lexsort((e.score[victims], e.last_selected[victims]))]     # oldest first
     elif policy == "attention":
-        recent = e.last_selected > step - window                   # selected within the window before now
+        recent = (e.last_selected >= 0) & (e.last_selected > step - window)   # selected within the window before now
         candidates = np.flatnonzero(misses if admit_all else misses & (recent if worth is None else worth))
         kept = e.selected | recent | e.pinned
         victims = np.flatnonzero(e.cached & ~kept)
@@ -558,7 +558,7 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan, scores: Optional[torch.Te
     tier, _ = kv.where()
     pinned = kv.pinned_blocks()[None, :] | (kv.pins[:, :nb] > 0)
     last = kv.last_selected[:, :nb]
-    recent = last > kv.step - rt.reuse_window                  # this selection would be a repeat
+    recent = (last >= 0) & (last > kv.step - rt.reuse_window)  # this selection would be a repeat (-1: never selected)
     model = admission_model(rt, kv)
     if model is not None:
         before = last == kv.step - 1                           # selected at the previous step

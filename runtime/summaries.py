@@ -10,6 +10,7 @@ when the block is complete (its range is final then); until then they wait in ``
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -155,9 +156,10 @@ class BlockSummaries:
         return out
 
     def top_blocks(self, q: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, scale: float,
-                   forced: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   forced: np.ndarray, k: int, bonus: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``forced`` blocks (bool ``[nb]``) and the ``k`` others of ``ids`` with the best
-        "qkeys" scores aggregated by the max over each KV head's query rows, in the order of
+        "qkeys" scores aggregated by the max over each KV head's query rows (plus ``bonus``
+        ``[rows, nb]`` for the ranking, if given), in the order of
         ``ids`` ``[rows, forced.sum() + k]``, and those scores ``[rows, nb]``:
         ``scores(...).amax(1)`` and its top-k, in one numba call. CPU summaries only (the device kernels rank on the
         device, where ``scores`` and ``torch.topk`` serve)."""
@@ -165,7 +167,7 @@ class BlockSummaries:
             raise ValueError(f"top_blocks ranks summaries held on the CPU; these are on {self.device}")
         qf, log_count = self._query_rows(q, counts)
         return qkeys_top_blocks(self.codes, self.kmin, self.kmax, qf, ids, self._quantized(ids), log_count, scale,
-                                forced, k)
+                                forced, k, bonus)
 
     def _quantized(self, ids: torch.Tensor) -> torch.Tensor:
         """Which of blocks ``ids`` (on the host) are complete, their keys coded: bool ``[nb]``."""

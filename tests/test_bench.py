@@ -105,15 +105,25 @@ def test_tokens_are_checked_against_each_systems_reference():
         return {"system": system, "context": 8, "batch": 1, "tokens": tokens}
 
     rows = [r("dense", [[1, 2, 3]]), r("fetch-all", [[1, 2, 3]]), r("kvdrive-exact", [[1, 2, 4]]),
-            r("kvdrive", [[1, 5, 6]]), r("sparse-fetch", [[1, 5, 6]]), r("hf-offload", None),
-            r("shadowkv-like", [[1, 5, 6]]), r("hisparse-like", [[1, 5, 7]]), r("kvdrive-host", [[1, 5, 6]])]
+            r("kvdrive", [[1, 5, 8]]), r("sparse-fetch", [[1, 5, 6]]), r("hf-offload", None),
+            r("shadowkv-like", [[1, 5, 6]]), r("hisparse-like", [[1, 5, 7]]), r("kvdrive-host", [[1, 5, 6]]),
+            r("kvdrive-no-bonus", [[1, 5, 6]])]
     runner.check_tokens(rows)
     checks = {x["system"]: x["tokens_check"] for x in rows}
-    # where a block lies must not change what is attended: the caching designs give kvdrive's tokens
+    # where a block lies must not change what the designs that rank by estimates alone attend: they
+    # give each other's tokens (the first of their references present); kvdrive and kvdrive-host
+    # prefer blocks in place (reuse_bonus), so they are sparse systems against dense
     assert checks == {"dense": "reference", "fetch-all": "= dense", "kvdrive-exact": "MISMATCH vs dense at step 2",
-                      "kvdrive": "differs from dense from step 1 (sparse)", "sparse-fetch": "= kvdrive",
-                      "hf-offload": None, "shadowkv-like": "= kvdrive", "hisparse-like": "MISMATCH vs kvdrive at step 2",
-                      "kvdrive-host": "= kvdrive"}
+                      "kvdrive": "differs from dense from step 1 (sparse)", "sparse-fetch": "= kvdrive-no-bonus",
+                      "hf-offload": None, "shadowkv-like": "= kvdrive-no-bonus",
+                      "hisparse-like": "MISMATCH vs kvdrive-no-bonus at step 2",
+                      "kvdrive-host": "differs from dense from step 1 (sparse)", "kvdrive-no-bonus": "= sparse-fetch"}
+    rows = [r("dense", [[1, 2, 3]]), r("kvdrive-default", [[1, 5, 6]]), r("shadowkv-like", [[1, 5, 6]])]
+    runner.check_tokens(rows)
+    assert [x["tokens_check"] for x in rows] == ["reference", "= shadowkv-like", "= kvdrive-default"]
+    rows = [r("dense", [[1, 2, 3]]), r("kvdrive-no-bonus", [[1, 5, 6]]), r("kvdrive", [[1, 2, 3]])]
+    runner.check_tokens(rows)                 # none of its references ran: sparse against dense
+    assert [x["tokens_check"] for x in rows] == ["reference", "differs from dense from step 1 (sparse)", "= dense"]
 
 
 def test_cpu_threads_are_set_inside_and_restored_after():
@@ -161,17 +171,20 @@ def test_systems_are_the_designs_in_the_brief():
     assert opts["fetch-all"] == {"device_memory": 0, "host_memory": 200, "token_budget": None,
                                  "attention": "fetch", "block_size": 16, "cache_policy": "none"}
     assert opts["sparse-fetch"] == {"device_memory": 0, "host_memory": 200, "token_budget": 64,
-                                    "attention": "fetch", "block_size": 16, "cache_policy": "none"}
+                                    "attention": "fetch", "block_size": 16, "cache_policy": "none",
+                                    "reuse_bonus": 0.0}
     # ShadowKV-like: its own device tier keeps the last step's fetched blocks (reuse window 1)
     assert opts["shadowkv-like"] == {"device_memory": 100, "host_memory": 200, "token_budget": 64,
                                      "attention": "fetch", "block_size": 16, "cache_policy": "attention",
-                                     "reuse_window": 1}
+                                     "reuse_window": 1, "reuse_bonus": 0.0}
     # HiSparse-like: the device budget as an LRU hot buffer
     assert opts["hisparse-like"] == {"device_memory": 100, "host_memory": 200, "token_budget": 64,
-                                     "attention": "fetch", "block_size": 16, "cache_policy": "lru"}
+                                     "attention": "fetch", "block_size": 16, "cache_policy": "lru", "reuse_bonus": 0.0}
     assert opts["kvdrive"] == {"device_memory": 100, "host_memory": 200, "token_budget": 64,
                                "attention": "split", "block_size": 16, "cache_policy": "attention"}
     assert opts["kvdrive-host"] == {**opts["kvdrive"], "host_memory": None}    # no disk: all spilled KV in host
+    # the baselines rank blocks by their estimates alone, as the designs they stand for
+    assert opts["kvdrive-no-bonus"] == {**opts["kvdrive"], "reuse_bonus": 0.0}
     assert opts["kvdrive-exact"] == {**opts["kvdrive"], "token_budget": None}
     for o in opts.values():
         if o is not None:

@@ -173,6 +173,36 @@ def test_top_blocks_are_forced_plus_topk_of_the_max_over_query_rows(rows, nq, d,
         qkeys_top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, np.zeros(n, bool), n + 1)
 
 
+@pytest.mark.parametrize("rows,nq,d,bs,cap", [(3, 2, 64, 16, 70), (12, 3, 64, 16, 300)])
+def test_top_blocks_rank_by_scores_plus_bonus_and_return_the_scores(rows, nq, d, bs, cap):
+    """With a bonus, the chosen blocks are the forced ones plus the top-k of scores + bonus
+    (torch's topk on fresh random data); the scores returned are the scores alone."""
+    g = torch.Generator().manual_seed(cap)
+    codes, packed, kmin, kmax, q, ids = case(rows, nq, d, bs, cap, seed=cap + 1)
+    n = ids.numel()
+    quantized, log_count, scale = torch.ones(n, dtype=torch.bool), torch.rand(n, generator=g) * 3, d ** -0.5
+    want_scores = qkeys_log_mass_or_bound(packed, kmin, kmax, q, ids, quantized, log_count, scale).amax(1)
+    forced = torch.zeros(n, dtype=torch.bool)
+    forced[0] = forced[-3:] = True
+    k = (n - 4) // 4
+    for bonus_size in (0.5, 1.0, 4.0):
+        bonus = (torch.rand(rows, n, generator=g) < 0.4).float() * bonus_size
+        chosen, scores = qkeys_top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale,
+                                          forced.numpy(), k, bonus.numpy())
+        torch.testing.assert_close(scores, want_scores, rtol=0, atol=0)
+        top = (want_scores + bonus).masked_fill(forced, float("-inf")).topk(k, dim=1).indices
+        plain = want_scores.masked_fill(forced, float("-inf")).topk(k, dim=1).indices
+        moved = 0
+        for r in range(rows):
+            pos = {b: i for i, b in enumerate(ids.tolist())}
+            assert chosen[r].tolist() == sorted(ids[forced].tolist() + ids[top[r]].tolist(), key=pos.get)
+            moved += len(set(top[r].tolist()) - set(plain[r].tolist()))
+        assert moved > 0                                   # the bonus changed some selections
+    with pytest.raises(ValueError, match="bonus"):
+        qkeys_top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced.numpy(), k,
+                         np.zeros((rows, n - 1), np.float32))
+
+
 def test_top_row_ties_nan_and_infinities():
     """Ties at the k-th score go to the lowest positions; NaN (in any query row) makes the
     block's score NaN and ranks it first, as torch.amax and torch.topk do; -inf ranks last."""
@@ -180,7 +210,8 @@ def test_top_row_ties_nan_and_infinities():
         per_query = np.asarray(per_query, np.float32)
         n = per_query.shape[1]
         scores, chosen = np.empty(n, np.float32), np.empty(int(np.sum(forced)) + k, np.int64)
-        _top_row(per_query, np.asarray(forced, np.bool_), k, scores, chosen, np.empty(n, np.float32))
+        _top_row(per_query, np.asarray(forced, np.bool_), np.zeros(0, np.float32), k, scores, chosen,
+                 np.empty(n, np.float32))
         return scores, chosen.tolist()
 
     no = [False] * 6

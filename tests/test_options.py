@@ -5,7 +5,7 @@ import torch
 import kvdrive_compile
 from kvdrive_compile import parse_options, parse_size
 from kvdrive_compile.options import valid_keys
-from kvdrive_compile.runtime.selection import DEFAULT_TOKEN_BUDGET
+from kvdrive_compile.runtime.selection import DEFAULT_REUSE_BONUS, DEFAULT_TOKEN_BUDGET
 
 
 @pytest.mark.parametrize("value,expected", [
@@ -32,6 +32,8 @@ def test_defaults():
     assert o.policy.token_budget == DEFAULT_TOKEN_BUDGET == 1024
     assert (o.policy.block_summary, o.policy.score_aggregation) == ("qkeys", "max")
     assert parse_options({"token_budget": None}).policy.token_budget is None       # exact
+    assert parse_options(None).policy.reuse_bonus == DEFAULT_REUSE_BONUS == 2.0
+    assert parse_options({"reuse_bonus": 0}).policy.reuse_bonus == 0
 
 
 def test_unknown_option_names_valid_keys():
@@ -72,6 +74,9 @@ def test_compile_helper_checks_options_before_any_trace():
     ({"token_budget": -3}, "token_budget"), ({"token_budget": 1.5}, "token_budget"),
     ({"device_memory": -1}, "negative"),
     ({"disk_dir": "/nonexistent/kvdrive"}, "does not exist"),
+    ({"reuse_bonus": -0.5}, "reuse_bonus"), ({"reuse_bonus": float("nan")}, "reuse_bonus"),
+    ({"reuse_bonus": float("inf")}, "reuse_bonus"), ({"reuse_bonus": "1"}, "reuse_bonus"),
+    ({"reuse_bonus": True}, "reuse_bonus"),
 ])
 def test_bad_values(options, match):
     with pytest.raises((ValueError, TypeError), match=match):

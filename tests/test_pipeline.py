@@ -17,7 +17,10 @@ from kvdrive_compile.runtime.selection import SelectionPolicy
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import handwritten_model as hm  # noqa: E402
 
-SPARSE = {"token_budget": 64, "sink_tokens": 0, "local_window": 16, "dense_layers": 0}
+# reuse_bonus=0: blocks ranked by their estimates alone, so that tiered runs must give the tokens
+# of the all-device run (the default bonus lets where blocks lie steer the selection on purpose;
+# test_the_reuse_bonus_gives_the_same_tokens_scheduled_or_not checks it on its own)
+SPARSE = {"token_budget": 64, "sink_tokens": 0, "local_window": 16, "dense_layers": 0, "reuse_bonus": 0}
 TIERS = {"device_memory": "96KiB", "host_memory": "64KiB"}     # about a third of the KV on each tier
 
 
@@ -85,6 +88,33 @@ def test_host_and_device_parts_run_concurrently(monkeypatch):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert rt.background_seconds["cpu_attention"] >= slow
     rt.close()
+
+
+def test_the_reuse_bonus_gives_the_same_tokens_scheduled_or_not(tiny, monkeypatch):
+    """With the default reuse_bonus, where blocks lie steers the selection: the same tiers give
+    the same tokens with and without the scheduling pass, and the bonus served more of the
+    selected blocks from the device than ranking by the estimates alone did."""
+    model, ids, _ = tiny
+    bonus = {**SPARSE, "reuse_bonus": 2.0}
+
+    def device_share(options):                  # of the blocks this run's steps selected (the runtime is shared)
+        try:
+            before = dict(kvdrive_compile.stats({**options, **TIERS}).served)
+        except KeyError:                        # no runtime for these options yet
+            before = {}
+        out = generate(model, ids, STEPS, **options, **TIERS)
+        after = kvdrive_compile.stats({**options, **TIERS}).served
+        served = {tier: after[tier] - before.get(tier, 0) for tier in after}
+        return out, served["device"] / sum(served.values())
+
+    out, hit = device_share(bonus)
+    _, plain = device_share(SPARSE)
+    assert hit > plain, (hit, plain)
+    from kvdrive_compile import backend
+    from kvdrive_compile.passes.schedule import ScheduleSites
+    unscheduled = [p for p in backend.default_passes() if not isinstance(p, ScheduleSites)]
+    monkeypatch.setattr(backend, "default_passes", lambda: unscheduled)
+    assert torch.equal(out, generate(model, ids, STEPS, **bonus, **TIERS))
 
 
 def test_scheduled_graph_and_ahead_reads_give_the_same_tokens(tiny, monkeypatch):

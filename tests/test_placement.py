@@ -51,6 +51,18 @@ def test_attention_admits_on_the_second_selection_within_the_window():
     assert c.run({3, 4}) == {2, 3}                # 3 again at once: admitted; 4 (2 steps ago) is not
 
 
+def test_blocks_never_selected_are_outside_the_window_from_the_first_step():
+    """A prefill places its best-scored blocks on the device before any decode step selected
+    them (last selected: -1, never). They hold no place in the reuse window: the first decode
+    steps' misses may take their room (they once counted as selected at step -1, which kept them
+    for the first window - 2 steps while the same misses were read from disk again and again)."""
+    for window in (2, 4, 8):
+        c = Cache("attention", window=window, capacity=3, nblocks=10, fetch=True)
+        c.cached[[0, 1, 2]] = True                                # placed by the prefill, never selected
+        assert c.run({0, 5, 6}, [1, 0, 0, 0, 0, 2, 2, 0, 0, 0]) == {0, 5, 6}    # 1 and 2 make room at once
+        assert c.run({5, 6, 7}) == {0, 5, 6}                     # 0 was selected at step 1: kept, 7 waits
+
+
 def test_attention_keeps_the_window_and_evicts_the_lowest_score_first():
     c = Cache("attention", window=2, capacity=3, nblocks=8, fetch=True)      # fetch: every miss admitted
     assert c.run({0, 1, 2}) == {0, 1, 2}

@@ -1,6 +1,8 @@
 """Placement never changes the answer: with tight three-tier budgets every cache policy, and the
 graph with or without the scheduling pass, gives the greedy tokens kvdrive gives with all KV on
-the device, at the same token budget (fp32)."""
+the device, at the same token budget (fp32). These runs rank blocks by their estimates alone
+(``reuse_bonus=0``): the default bonus lets where blocks lie steer the selection on purpose
+(tests/test_placement.py checks each such step against attention over what it selected)."""
 import pytest
 import torch
 import transformers as tf
@@ -70,7 +72,7 @@ def test_random_gqa_model_ragged_batch_of_three(monkeypatch):
     for i, n in enumerate(lengths):
         ids[i, 300 - n:] = torch.randint(3, 128, (n,), generator=g)
         mask[i, 300 - n:] = 1
-    sparse = dict(token_budget=64, dense_layers=0, sink_tokens=16, local_window=16, block_size=16)
+    sparse = dict(token_budget=64, dense_layers=0, sink_tokens=16, local_window=16, block_size=16, reuse_bonus=0)
     # 2 KiB slots, 6 rows: 3 pinned blocks per row and layer = 72 KiB; 19 blocks per row and layer
     tiers = dict(device_memory="96KiB", host_memory="96KiB")
     stats = policies_agree(model, ids, 16, sparse, tiers, mask, monkeypatch=monkeypatch)
@@ -82,7 +84,7 @@ def test_smollm2_policies_agree(smollm2, monkeypatch):
     model, tok = smollm2
     text, _ = passkey_prompt(tok, 700)
     ids = tok(text, return_tensors="pt").input_ids
-    sparse = dict(token_budget=128, block_size=16)
+    sparse = dict(token_budget=128, block_size=16, reuse_bonus=0)
     # ~46 KiB of KV per token: ~32 MiB in all; 30 layers pin 6 blocks x 3 rows x 8 KiB = 4.2 MiB.
     # lru and none, and the graph without the scheduling pass, are checked on the random model
     # above (each variant here costs a compile of SmolLM2)

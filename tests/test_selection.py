@@ -8,6 +8,7 @@ from exactness import greedy_both
 from kvdrive_compile.runtime import placement
 from kvdrive_compile.runtime.kv_runtime import KVRuntime
 from kvdrive_compile.runtime.selection import SelectionPolicy, select_blocks
+from kvdrive_compile.runtime.tiers import Tier
 from test_hf_models import DEVICE, build
 
 BS = 8
@@ -51,6 +52,45 @@ def test_true_top_blocks_when_summaries_exact(summary, batch, hkv, g):
         free = [i for i in range(nb) if i not in forced]
         best = sorted(free, key=lambda i: -scores[r, i].item())[: 12 - len(forced)]
         assert chosen - forced == set(best), (r, sorted(chosen), sorted(best))
+    rt.close()
+
+
+@pytest.mark.parametrize("summary", ["qkeys", "minmax"])          # the fused numba call and the torch path
+@pytest.mark.parametrize("bonus", [0.0, 0.7, 3.0])
+def test_reuse_bonus_ranks_blocks_in_place_higher_by_their_tier(summary, bonus):
+    """Blocks on the device rank by score + bonus, in host memory by score + bonus/2, on disk by
+    score: the selection is the forced blocks plus the top-k of those keys, on fresh random
+    keys and tiers; with every block on the device it is the plain top-k."""
+    nb, d, batch, hkv = 48, 16, 2, 2
+    rt, kv, block_keys = layer_with_constant_blocks(batch, hkv, d, nb, seed=int(bonus * 10))
+    q = torch.randn(batch, hkv * 2, 1, d) * 0.5
+    policy = SelectionPolicy(token_budget=12 * BS, block_summary=summary, sink_tokens=4, local_window=2 * BS,
+                             reuse_bonus=bonus)
+    scores = true_block_scores(q, block_keys).reshape(batch * hkv, nb)
+    forced = {0, nb - 2, nb - 1}
+    free = [i for i in range(nb) if i not in forced]
+
+    def best(keys, r):
+        return set(sorted(free, key=lambda i: -keys[r, i].item())[: 12 - len(forced)])
+
+    plain = select_blocks(kv, policy, q, 0, nb * BS)
+    for r in range(batch * hkv):
+        assert set(plain[r].tolist()) - forced == best(scores, r)
+    g = torch.Generator().manual_seed(7)
+    tier = torch.randint(0, 3, (batch * hkv, nb), generator=g).numpy()     # 0 device, 1 host, 2 disk
+    tier[:, sorted(forced)] = 0
+    kv.dev[:, :nb][tier != 0] = -1
+    kv.host[:, :nb][tier == 1] = 0
+    kv.home[:, :nb][tier == 2] = Tier.DISK
+    kv.changed()
+    assert (kv.where()[0] == tier).all()
+    sel = select_blocks(kv, policy, q, 0, nb * BS)
+    keys = scores + torch.from_numpy(tier).float().mul(-0.5).add(1.0) * bonus
+    moved = 0
+    for r in range(batch * hkv):
+        assert set(sel[r].tolist()) - forced == best(keys, r)
+        moved += len(best(keys, r) - best(scores, r))
+    assert (moved > 0) == (bonus > 0)
     rt.close()
 
 
@@ -135,7 +175,10 @@ def test_sparse_budget_runs_end_to_end_and_attends_less():
 def test_fetch_attention_gives_the_same_tokens_as_split(budget):
     model = build("llama")
     ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    common = dict(token_budget=budget, dense_layers=0, local_window=16, device_memory=0, host_memory="16KiB")
+    # reuse_bonus=0: the same selection wherever blocks lie (host copies of disk blocks come and go
+    # differently under the two designs), so that only how the selected blocks are attended differs
+    common = dict(token_budget=budget, dense_layers=0, local_window=16, device_memory=0, host_memory="16KiB",
+                  reuse_bonus=0)
     def fetched():
         return kvdrive_compile.stats().moved_bytes["host->device"]
 

@@ -28,8 +28,9 @@ class System:
     ``StaticCache``, the way transformers' ``generate`` runs ``cache_implementation="static"``:
     the prefill eager, each decode step the compiled forward (``COMPILE_MODES``). budgets: the
     sweep's device and host budgets (else kvdrive's defaults: no limit, every block on the
-    device tier, what a user gets with no options). compile_rest, cpu_linears: kvdrive's options
-    of those names (None: their defaults)."""
+    device tier, what a user gets with no options). compile_rest, cpu_linears, reuse_bonus:
+    kvdrive's options of those names (None: their defaults; the baselines rank by the block
+    estimates alone, ``reuse_bonus=0``, as the designs they stand for do)."""
 
     name: str
     design: str
@@ -45,6 +46,7 @@ class System:
     budgets: bool = True
     compile_rest: Optional[str] = None
     cpu_linears: Optional[str] = None
+    reuse_bonus: Optional[float] = None
 
     def options(self, budgets: Budgets) -> Optional[dict]:
         """The ``options=`` of ``torch.compile(..., backend="kvdrive")``; None when not compiled."""
@@ -62,6 +64,8 @@ class System:
             options["compile_rest"] = self.compile_rest
         if self.cpu_linears is not None:
             options["cpu_linears"] = self.cpu_linears
+        if self.reuse_bonus is not None and self.sparse:
+            options["reuse_bonus"] = self.reuse_bonus
         return options
 
     def unavailable(self, device: torch.device) -> Optional[str]:
@@ -89,17 +93,20 @@ FETCH_ALL = System("fetch-all", "FlexGen-like: all KV on host (disk beyond), eve
                    cache_policy="none")
 SPARSE_FETCH = System("sparse-fetch", "InfiniGen-like: kvdrive's block selection, all KV on host (disk "
                       "beyond), the selected blocks copied to the device each step, nothing kept between "
-                      "steps", kvdrive=True, attention="fetch", sparse=True, cache_policy="none")
+                      "steps", kvdrive=True, attention="fetch", sparse=True, cache_policy="none", reuse_bonus=0.0)
 SHADOWKV_LIKE = System("shadowkv-like", "ShadowKV-like: kvdrive's block selection, all KV homed on host (disk "
                        "beyond), the previous step's fetched blocks reused on the device (reuse window 1), "
                        "misses fetched", kvdrive=True, attention="fetch", sparse=True, own_device_tier=True,
-                       cache_policy="attention", reuse_window=1)
+                       cache_policy="attention", reuse_window=1, reuse_bonus=0.0)
 HISPARSE_LIKE = System("hisparse-like", "HiSparse-like: kvdrive's block selection, the device budget an LRU "
                        "hot buffer of selected blocks (every miss admitted), misses fetched", kvdrive=True,
-                       attention="fetch", sparse=True, own_device_tier=True, cache_policy="lru")
+                       attention="fetch", sparse=True, own_device_tier=True, cache_policy="lru", reuse_bonus=0.0)
 KVDRIVE = System("kvdrive", "kvdrive: device tier + host + disk, blocks selected within the reuse window kept "
                  "on the device, the rest attended where they lie (CPU for host/disk), merged", kvdrive=True,
                  sparse=True, own_device_tier=True)
+KVDRIVE_NO_BONUS = System("kvdrive-no-bonus", "kvdrive with reuse_bonus=0: the same tiers, blocks ranked by "
+                          "their estimates alone (the difference to kvdrive is the tier-aware ranking's)",
+                          kvdrive=True, sparse=True, own_device_tier=True, reuse_bonus=0.0)
 KVDRIVE_DEFAULT = System("kvdrive-default", "kvdrive with its default options (the sweep's token budget): no "
                          "device or host limit, every block on the device tier", kvdrive=True, sparse=True,
                          budgets=False)
@@ -115,15 +122,18 @@ KVDRIVE_EXACT = System("kvdrive-exact", "kvdrive with token_budget=None (exact),
                        kvdrive=True, own_device_tier=True)
 
 SYSTEMS = {s.name: s for s in (DENSE, DENSE_COMPILED, HF_OFFLOAD, FETCH_ALL, SPARSE_FETCH, SHADOWKV_LIKE,
-                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_DEFAULT, KVDRIVE_INDUCTOR, KVDRIVE_ATEN_LINEARS,
+                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_NO_BONUS, KVDRIVE_DEFAULT, KVDRIVE_INDUCTOR, KVDRIVE_ATEN_LINEARS,
                                KVDRIVE_HOST, KVDRIVE_EXACT)}
 DEFAULT_SYSTEMS = ("dense", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive")
-# where a system's tokens are checked against: exact systems against dense, the designs that share
-# kvdrive's selection against kvdrive (where a block lies must not change what is attended)
-SAME_SELECTION = ("sparse-fetch", "shadowkv-like", "hisparse-like", "kvdrive-host", "kvdrive-default")
+# where a system's tokens are checked against (the first of its references the run has): exact
+# systems against dense; the designs that rank blocks by their estimates alone against each other
+# (where a block lies must not change what they attend). kvdrive and kvdrive-host rank blocks in
+# place higher (reuse_bonus), so where blocks lie changes what they select: against dense, sparse.
+SAME_SELECTION = ("kvdrive-default", "kvdrive-no-bonus", "sparse-fetch", "shadowkv-like", "hisparse-like")
 REFERENCE = {"hf-offload": "dense", "dense-compiled": "dense", "fetch-all": "dense", "kvdrive-exact": "dense",
-             "kvdrive": "dense", "kvdrive-inductor": "kvdrive-default", "kvdrive-aten-linears": "kvdrive-default",
-             **{name: "kvdrive" for name in SAME_SELECTION}}
+             "kvdrive": "dense", "kvdrive-host": "dense",
+             "kvdrive-inductor": "kvdrive-default", "kvdrive-aten-linears": "kvdrive-default",
+             **{name: tuple(other for other in SAME_SELECTION if other != name) for name in SAME_SELECTION}}
 EXACT_SYSTEMS = ("dense", "dense-compiled", "hf-offload", "fetch-all", "kvdrive-exact")
 # torch.compile's mode for the static-cache decode step: CUDA graphs (transformers' CompileConfig
 # default) where there is a GPU; they do not apply on the CPU

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
@@ -18,7 +19,11 @@ class EvalConfig:
     methods: among ``ALL_METHODS``; ``kvdrive`` and ``window`` run once per budget.
     steps: teacher-forced decode steps per perplexity slice. threads: torch's intra-op threads
     for the run (None: torch's default); 1 is much faster on a machine whose cores are busy
-    with other work, where waiting threads spin."""
+    with other work, where waiting threads spin. tiers: (device, host) fractions of the KV of the
+    run's longest prompt that the kvdrive methods get as ``device_memory`` and ``host_memory``
+    (the rest on disk), so that where blocks lie takes part (None: no limits). kvdrive_options:
+    more options of the kvdrive methods (e.g. ``{"reuse_bonus": 0}``). Either one marks the
+    kvdrive methods' labels (``kvdrive@1024 [tiers 0.25/0.5]``)."""
 
     runs: list[tuple[str, list[int]]]
     tasks: list[str] = field(default_factory=lambda: list(ALL_TASKS))
@@ -29,6 +34,8 @@ class EvalConfig:
     seed: int = 0
     threads: Optional[int] = None
     out: str = "results/accuracy"
+    tiers: Optional[tuple[float, float]] = None
+    kvdrive_options: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "out"}
@@ -69,6 +76,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's); use 1 on a shared, busy machine")
     ap.add_argument("--out", help="results folder (default results/accuracy)")
+    ap.add_argument("--tiers", nargs=2, type=float, metavar=("DEVICE", "HOST"),
+                    help="give the kvdrive methods these fractions of the longest prompt's KV as device_memory "
+                         "and host_memory (the rest goes to disk), e.g. --tiers 0.25 0.5")
+    ap.add_argument("--kvdrive-options", type=json.loads, metavar="JSON",
+                    help="more kvdrive options for the kvdrive methods, as JSON, e.g. '{\"reuse_bonus\": 0}'")
     ap.add_argument("--merge", nargs="+", metavar="DIR",
                     help="run nothing: pool the results.json of earlier runs' --out folders (other seeds, "
                          "tasks or methods, e.g. run in parallel) into one table, plot and JSON under --out")
@@ -83,8 +95,18 @@ def from_args(args: argparse.Namespace) -> EvalConfig:
         runs = [(name, list(args.lengths)) for name, _ in runs]
     tasks = ALL_TASKS if args.tasks and "all" in args.tasks else args.tasks
     given = {"tasks": tasks, "samples": args.samples, "methods": args.methods, "budgets": args.budgets,
-             "steps": args.steps, "seed": args.seed, "threads": args.threads, "out": args.out}
+             "steps": args.steps, "seed": args.seed, "threads": args.threads, "out": args.out,
+             "tiers": tuple(args.tiers) if args.tiers else None, "kvdrive_options": args.kvdrive_options}
     config = replace(config, runs=runs, **{k: v for k, v in given.items() if v is not None})
     if config.samples < 1 or config.steps < 1:
         raise SystemExit("--samples and --steps must be at least 1")
+    if config.tiers is not None and not all(0 <= f <= 1 for f in config.tiers):
+        raise SystemExit(f"--tiers {config.tiers}: fractions of the KV in [0, 1]")
+    if not isinstance(config.kvdrive_options, dict):
+        raise SystemExit(f"--kvdrive-options {config.kvdrive_options!r}: a JSON object of kvdrive options")
+    from .. import parse_options
+    try:
+        parse_options({**config.kvdrive_options, "device_memory": 1, "host_memory": 1})
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"--kvdrive-options: {e}") from None
     return config

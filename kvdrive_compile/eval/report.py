@@ -95,18 +95,19 @@ def plot(run: dict, path: Path) -> None:
 
     summary = summarize(run)
     budgets = sorted({r["budget"] for r in run["records"] if r["budget"] is not None})
+    label = {(r["kind"], r["budget"]): r["method"] for r in run["records"]}     # labels carry option notes
     panels = [c for c in next(iter(summary.values())) if c not in ("ppl", "kl", "s/run")]
     cols = min(4, len(panels))
     fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(3.6 * cols, 2.9 * math.ceil(len(panels) / cols)),
                              squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         for kind, style in (("kvdrive", "o-"), ("window", "s--")):
-            points = [(b, summary[f"{kind}@{b}"][panel]) for b in budgets if f"{kind}@{b}" in summary]
+            points = [(b, summary[label[kind, b]][panel]) for b in budgets if label.get((kind, b)) in summary]
             if points:
                 ax.plot(*zip(*points), style, label=kind if kind == "window" else "kvdrive (top-k)")
-        for label, style in (("dense", "k-"), ("kvdrive-exact", "g:")):
-            if label in summary:
-                ax.axhline(summary[label][panel], color=style[0], linestyle=style[1:], label=label)
+        for kind, style in (("dense", "k-"), ("kvdrive-exact", "g:")):
+            if label.get((kind, None)) in summary:
+                ax.axhline(summary[label[kind, None]][panel], color=style[0], linestyle=style[1:], label=kind)
         ax.set_title("top-1 agreement with dense (%)" if panel == "top1" else panel, fontsize=9)
         if budgets:
             ax.set_xscale("log", base=2)

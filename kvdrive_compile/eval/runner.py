@@ -35,10 +35,13 @@ class Method:
 
     kind: str
     budget: Optional[int] = None
+    extra: tuple = ()                    # more kvdrive options, (name, value) pairs
+    note: str = ""                       # what ``extra`` says, for the label
 
     @property
     def label(self) -> str:
-        return self.kind if self.budget is None else f"{self.kind}@{self.budget}"
+        base = self.kind if self.budget is None else f"{self.kind}@{self.budget}"
+        return f"{base} [{self.note}]" if self.note else base
 
     @property
     def options(self) -> Optional[dict]:
@@ -46,22 +49,43 @@ class Method:
         if self.kind == "dense":
             return None
         if self.kind == "kvdrive-exact":
-            return {"token_budget": None}
+            return {"token_budget": None, **dict(self.extra)}
         if self.kind == "kvdrive":
-            return {"token_budget": self.budget}
+            return {"token_budget": self.budget, **dict(self.extra)}
         return {"token_budget": self.budget, "selection": "window"}
 
 
-def methods_for(kinds: list[str], budgets: list[int]) -> list[Method]:
-    """Dense first (the perplexity reference), then exact, then each budgeted kind per budget."""
+def methods_for(kinds: list[str], budgets: list[int], extra: Optional[dict] = None) -> list[Method]:
+    """Dense first (the perplexity reference), then exact, then each budgeted kind per budget;
+    the kvdrive kinds with the options ``extra`` (its ``"note"`` entry labels them)."""
     unknown = sorted(set(kinds) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; methods are {list(METHODS)}")
+    extra = dict(extra or {})
+    note = extra.pop("note", "")
+    mine = {"extra": tuple(sorted(extra.items())), "note": note}
     out = []
     for kind in METHODS:
-        if kind in kinds:
-            out += [Method(kind)] if kind in ("dense", "kvdrive-exact") else [Method(kind, b) for b in budgets]
+        if kind not in kinds:
+            continue
+        more = mine if kind.startswith("kvdrive") else {}
+        out += [Method(kind, **more)] if kind in ("dense", "kvdrive-exact") else [Method(kind, b, **more) for b in budgets]
     return out
+
+
+def kvdrive_extra(config: EvalConfig, model_config, dtype: torch.dtype, lengths: list[int]) -> dict:
+    """The options ``config`` adds to the kvdrive methods for a model (``methods_for``'s extra):
+    its ``kvdrive_options``, and with ``tiers`` the device and host budgets as fractions of the
+    KV of the longest prompt (in ``dtype``), with a note for the label."""
+    extra = dict(config.kvdrive_options)
+    notes = [f"{k}={v}" for k, v in sorted(extra.items())]
+    if config.tiers is not None:
+        from ..bench.presets import kv_bytes
+        kv = kv_bytes(model_config, max(lengths), 1, dtype)
+        device, host = config.tiers
+        extra.update(device_memory=int(device * kv), host_memory=int(host * kv))
+        notes.insert(0, f"tiers {device:g}/{host:g}")
+    return {**extra, "note": ", ".join(notes)} if notes else {}
 
 
 @contextmanager
@@ -198,7 +222,7 @@ def run_model(name: str, lengths: list[int], config: EvalConfig, bar: tqdm, load
     """One entry per length: ``{"model", "length", "records"}``, a record per (method, sample)."""
     model, tokenizer = loaded or models.load(name)
     work = make_work(tokenizer, config, lengths)
-    methods = methods_for(config.methods, config.budgets)
+    methods = methods_for(config.methods, config.budgets, kvdrive_extra(config, model.config, model.dtype, lengths))
     references = {}
     if PERPLEXITY in config.tasks and methods[0].kind != "dense":      # KL needs dense logits
         references = dense_references(model, work)
@@ -229,7 +253,8 @@ def run(config: EvalConfig, loaded: Optional[dict] = None) -> dict:
                 runs += run_model(name, lengths, config, bar, (loaded or {}).get(name))
     finally:
         torch.set_num_threads(threads)
-    return {"meta": {**config.as_dict(), "methods_run": [m.label for m in methods_for(config.methods, config.budgets)],
+    labels = list(dict.fromkeys(r["method"] for run in runs for r in run["records"]))
+    return {"meta": {**config.as_dict(), "methods_run": labels,
                      "torch": torch.__version__, "wall_seconds": time.perf_counter() - t0,
                      "created": time.strftime("%Y-%m-%dT%H:%M:%S")},
             "runs": runs}
