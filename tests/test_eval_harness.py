@@ -201,7 +201,8 @@ def test_tiers_and_kvdrive_options_reach_the_kvdrive_methods_only():
                                   "host_memory": kv // 2}
     assert runner.kvdrive_extra(PRESETS["smoke"], cfg, torch.float32, [2048]) == {}
     for bad in (["--tiers", "0.5", "2"], ["--kvdrive-options", '{"reuse_bonus": -1}'],
-                ["--kvdrive-options", '{"devic_memory": 3}']):
+                ["--kvdrive-options", '{"devic_memory": 3}'], ["--kvdrive-options", '{"token_budget": 64}'],
+                ["--tiers", "0.2", "0.3", "--kvdrive-options", '{"host_memory": 1000}']):
         with pytest.raises(SystemExit):
             from_args(build_parser().parse_args(["eval", *bad]))
 

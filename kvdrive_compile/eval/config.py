@@ -104,6 +104,13 @@ def from_args(args: argparse.Namespace) -> EvalConfig:
         raise SystemExit(f"--tiers {config.tiers}: fractions of the KV in [0, 1]")
     if not isinstance(config.kvdrive_options, dict):
         raise SystemExit(f"--kvdrive-options {config.kvdrive_options!r}: a JSON object of kvdrive options")
+    owned = sorted(set(config.kvdrive_options) & {"token_budget", "selection"})
+    if owned:
+        raise SystemExit(f"--kvdrive-options: {owned} come from the method and --budgets (kvdrive@B, window@B); "
+                         "leave them out")
+    if config.tiers is not None and set(config.kvdrive_options) & {"device_memory", "host_memory"}:
+        raise SystemExit("--kvdrive-options: device_memory/host_memory and --tiers both set the tier budgets; "
+                         "pass one of them")
     from .. import parse_options
     try:
         parse_options({**config.kvdrive_options, "device_memory": 1, "host_memory": 1})
