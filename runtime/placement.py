@@ -80,6 +80,14 @@ class Entries:
     eligible: np.ndarray
 
 
+def within_window(last_selected: np.ndarray, step: int, window: int) -> np.ndarray:
+    """Which entries were last selected at one of the ``window`` steps up to ``step``
+    (``step - window < last_selected``; nothing is selected after the step being asked about).
+    -1 (never selected: e.g. placed by a prefill's warm-up) is not a step: such an entry is
+    outside."""
+    return (last_selected >= 0) & (last_selected > step - window)
+
+
 def choose(policy: str, window: int, step: int, e: Entries, room: int, admit_all: bool,
            worth: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """(admit, evict): flat indices of entries to copy in and to drop at ``step``.
@@ -98,7 +106,7 @@ def choose(policy: str, window: int, step: int, e: Entries, room: int, admit_all
         victims = np.flatnonzero(e.cached & ~e.pinned & ~e.selected)
         victims = victims[np.lexsort((e.score[victims], e.last_selected[victims]))]     # oldest first
     elif policy == "attention":
-        recent = (e.last_selected >= 0) & (e.last_selected > step - window)   # selected within the window before now
+        recent = within_window(e.last_selected, step, window)     # selected within the window before now
         candidates = np.flatnonzero(misses if admit_all else misses & (recent if worth is None else worth))
         kept = e.selected | recent | e.pinned
         victims = np.flatnonzero(e.cached & ~kept)
@@ -558,7 +566,7 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan, scores: Optional[torch.Te
     tier, _ = kv.where()
     pinned = kv.pinned_blocks()[None, :] | (kv.pins[:, :nb] > 0)
     last = kv.last_selected[:, :nb]
-    recent = (last >= 0) & (last > kv.step - rt.reuse_window)  # this selection would be a repeat (-1: never selected)
+    recent = within_window(last, kv.step, rt.reuse_window)      # this selection would be a repeat
     model = admission_model(rt, kv)
     if model is not None:
         before = last == kv.step - 1                           # selected at the previous step

@@ -20,8 +20,9 @@ DEFAULT_TOKEN_BUDGET = 1024
 # (SelectionPolicy.reuse_bonus). In a simulation on SmolLM2's recorded selections (4K x 2, budget
 # 512), the blocks a step selects that the reuse window had not seen fell from 17 % to 7.5 % at
 # 1 nat and 3.5 % at 2, while the estimated attention mass left out grew from 0.94 % of a row's to
-# 0.95 % and 0.97 % on average; in the pipeline preset's three-tier run (8K x 4), 2 nats took
-# the step from 424 to 286 ms (README, "reuse_bonus"; the accuracy harness with tiers below it).
+# 0.95 % and 0.97 % on average. Measured with 2 nats (benchmarks/RESULTS.md, "Selection that knows
+# where blocks lie"): the pipeline preset's three-tier step 559 -> 309 ms in one run, and the
+# accuracy harness with three tiers at 8K equal to dense on every item.
 DEFAULT_REUSE_BONUS = 2.0
 
 

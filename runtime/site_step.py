@@ -290,8 +290,8 @@ def prefetch_ahead(rt: KVRuntime, session: Session, layer: int) -> None:
         first, nb = kv.first, min(kv.num_blocks, kv.length // kv.block_size)
         if nb <= first:
             return
-        want = ((kv.last_selected[:, first:nb] >= kv.step - AHEAD_STEPS + 1) & (kv.home[:, first:nb] == Tier.DISK)
-                & (kv.dev[:, first:nb] < 0) & (kv.host[:, first:nb] < 0))
+        recent = placement.within_window(kv.last_selected[:, first:nb], kv.step, AHEAD_STEPS)   # the last AHEAD_STEPS steps
+        want = recent & (kv.home[:, first:nb] == Tier.DISK) & (kv.dev[:, first:nb] < 0) & (kv.host[:, first:nb] < 0)
         rows, cols = np.nonzero(want)
         if not rows.size:
             return

@@ -189,17 +189,17 @@ def test_tiers_and_kvdrive_options_reach_the_kvdrive_methods_only():
     assert config.tiers == (0.25, 0.5) and config.kvdrive_options == {"reuse_bonus": 0}
     cfg = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                           hidden_size=576)
-    extra = runner.kvdrive_extra(config, cfg, torch.float32, [2048, 4096])
+    extra, note = runner.kvdrive_extra(config, cfg, torch.float32, [2048, 4096])
     kv = 4096 * 30 * 2 * 3 * 64 * 4
-    assert extra == {"reuse_bonus": 0, "device_memory": kv // 4, "host_memory": kv // 2,
-                     "note": "tiers 0.25/0.5, reuse_bonus=0"}
-    methods = runner.methods_for(["dense", "kvdrive", "window", "kvdrive-exact"], [512], extra)
+    assert extra == {"reuse_bonus": 0, "device_memory": kv // 4, "host_memory": kv // 2}
+    assert note == "tiers 0.25/0.5, reuse_bonus=0"
+    methods = runner.methods_for(["dense", "kvdrive", "window", "kvdrive-exact"], [512], extra, note)
     assert [m.label for m in methods] == ["dense", "kvdrive-exact [tiers 0.25/0.5, reuse_bonus=0]",
                                           "kvdrive@512 [tiers 0.25/0.5, reuse_bonus=0]", "window@512"]
     assert methods[0].options is None and methods[-1].options == {"token_budget": 512, "selection": "window"}
     assert methods[2].options == {"token_budget": 512, "reuse_bonus": 0, "device_memory": kv // 4,
                                   "host_memory": kv // 2}
-    assert runner.kvdrive_extra(PRESETS["smoke"], cfg, torch.float32, [2048]) == {}
+    assert runner.kvdrive_extra(PRESETS["smoke"], cfg, torch.float32, [2048]) == ({}, "")
     for bad in (["--tiers", "0.5", "2"], ["--kvdrive-options", '{"reuse_bonus": -1}'],
                 ["--kvdrive-options", '{"devic_memory": 3}'], ["--kvdrive-options", '{"token_budget": 64}'],
                 ["--tiers", "0.2", "0.3", "--kvdrive-options", '{"host_memory": 1000}']):

@@ -64,7 +64,7 @@ class System:
             options["compile_rest"] = self.compile_rest
         if self.cpu_linears is not None:
             options["cpu_linears"] = self.cpu_linears
-        if self.reuse_bonus is not None and self.sparse:
+        if self.reuse_bonus is not None:
             options["reuse_bonus"] = self.reuse_bonus
         return options
 

@@ -113,7 +113,7 @@ def from_args(args: argparse.Namespace) -> EvalConfig:
                          "pass one of them")
     from .. import parse_options
     try:
-        parse_options({**config.kvdrive_options, "device_memory": 1, "host_memory": 1})
+        parse_options(config.kvdrive_options)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"--kvdrive-options: {e}") from None
     return config

@@ -55,15 +55,13 @@ class Method:
         return {"token_budget": self.budget, "selection": "window"}
 
 
-def methods_for(kinds: list[str], budgets: list[int], extra: Optional[dict] = None) -> list[Method]:
+def methods_for(kinds: list[str], budgets: list[int], extra: Optional[dict] = None, note: str = "") -> list[Method]:
     """Dense first (the perplexity reference), then exact, then each budgeted kind per budget;
-    the kvdrive kinds with the options ``extra`` (its ``"note"`` entry labels them)."""
+    the kvdrive kinds with the options ``extra``, labelled with ``note``."""
     unknown = sorted(set(kinds) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; methods are {list(METHODS)}")
-    extra = dict(extra or {})
-    note = extra.pop("note", "")
-    mine = {"extra": tuple(sorted(extra.items())), "note": note}
+    mine = {"extra": tuple(sorted((extra or {}).items())), "note": note}
     out = []
     for kind in METHODS:
         if kind not in kinds:
@@ -73,10 +71,10 @@ def methods_for(kinds: list[str], budgets: list[int], extra: Optional[dict] = No
     return out
 
 
-def kvdrive_extra(config: EvalConfig, model_config, dtype: torch.dtype, lengths: list[int]) -> dict:
-    """The options ``config`` adds to the kvdrive methods for a model (``methods_for``'s extra):
-    its ``kvdrive_options``, and with ``tiers`` the device and host budgets as fractions of the
-    KV of the longest prompt (in ``dtype``), with a note for the label."""
+def kvdrive_extra(config: EvalConfig, model_config, dtype: torch.dtype, lengths: list[int]) -> tuple[dict, str]:
+    """The options ``config`` adds to the kvdrive methods for a model and the note that labels
+    them (``methods_for``'s extra and note): its ``kvdrive_options``, and with ``tiers`` the
+    device and host budgets as fractions of the KV of the longest prompt (in ``dtype``)."""
     extra = dict(config.kvdrive_options)
     notes = [f"{k}={v}" for k, v in sorted(extra.items())]
     if config.tiers is not None:
@@ -85,7 +83,7 @@ def kvdrive_extra(config: EvalConfig, model_config, dtype: torch.dtype, lengths:
         device, host = config.tiers
         extra.update(device_memory=int(device * kv), host_memory=int(host * kv))
         notes.insert(0, f"tiers {device:g}/{host:g}")
-    return {**extra, "note": ", ".join(notes)} if notes else {}
+    return extra, ", ".join(notes)
 
 
 @contextmanager
@@ -222,7 +220,7 @@ def run_model(name: str, lengths: list[int], config: EvalConfig, bar: tqdm, load
     """One entry per length: ``{"model", "length", "records"}``, a record per (method, sample)."""
     model, tokenizer = loaded or models.load(name)
     work = make_work(tokenizer, config, lengths)
-    methods = methods_for(config.methods, config.budgets, kvdrive_extra(config, model.config, model.dtype, lengths))
+    methods = methods_for(config.methods, config.budgets, *kvdrive_extra(config, model.config, model.dtype, lengths))
     references = {}
     if PERPLEXITY in config.tasks and methods[0].kind != "dense":      # KL needs dense logits
         references = dense_references(model, work)
