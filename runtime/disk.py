@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -320,14 +320,16 @@ class DiskFile:
         """Where slot ``slot`` starts in the file."""
         return slot * self.stride
 
-    def alloc(self, layer: int, rows: int) -> list[int]:
-        """One slot for each KV-head row ``0 .. rows-1`` of a new block of ``layer`` (in row
-        order). A (layer, row)'s successive blocks get consecutive slots where its extent has
-        room; freed slots are reused."""
+    def alloc(self, layer: int, rows: Union[int, Sequence[int]]) -> list[int]:
+        """One slot for each KV-head row of a new block of ``layer``: rows ``0 .. rows-1`` (an
+        int), or the rows listed (a block whose other rows live elsewhere), in that order. A
+        (layer, row)'s successive blocks get consecutive slots where its extent has room; freed
+        slots are reused."""
+        rows = range(rows) if isinstance(rows, int) else [int(r) for r in rows]
         with self.slot_lock:
-            out = [self._alloc_one((layer, r)) for r in range(rows)]
+            out = [self._alloc_one((layer, r)) for r in rows]
             self.layer_of[out] = layer
-            self._used += rows
+            self._used += len(out)
         return out
 
     def _alloc_one(self, key: tuple) -> int:

@@ -2,7 +2,7 @@
 
 A *block* here is ``block_size`` token positions of one row, a row being one (sequence,
 kv_head). Each block has one *home* (device when the device tier has no budget, else host
-while the host budget has room, else disk) and may have cached copies: on the device
+for the layer's best-scored blocks within its share of the host budget, else disk) and may have cached copies: on the device
 (whatever its home) and, for a disk-homed block, in host memory. Attention reads a block
 where its fastest copy lies.
 """
@@ -63,6 +63,7 @@ class LayerKV:
     pinned_front: int = 1                          # sink blocks kept on the device
     pinned_back: int = 5                           # local-window blocks (and the open one) kept there
     demand: int = 0                                # (row, block) entries a decode step selects
+    host_share: Optional[int] = None               # (row, block) entries it may home in host memory (placement._host_room)
     summaries: Optional[BlockSummaries] = None
     fresh: Optional[Fresh] = None
     ahead: Optional[object] = None                 # site_step.Ahead: disk blocks read before the step asked

@@ -356,3 +356,38 @@ def test_prefill_places_the_best_scored_blocks_on_the_device():
     assert set(np.flatnonzero(kv.home[0, :20] == Tier.HOST).tolist()) >= set(hot)    # best homes: host
     assert (kv.home[0, :20] == Tier.DISK).sum() == 20 - 6
     rt.close()
+
+
+def test_each_layer_homes_its_best_blocks_in_its_share_of_host_memory():
+    """Host homes are shared by the layers: each takes what the homes before it left free over
+    the layers still to come (a short layer leaves the rest to the next), and within its share the
+    (row, block) entries its last prompt query scores highest, each row its own; the rest on disk."""
+    torch.manual_seed(1)
+    bs, d, rows = 16, 16, 2
+    slot = 2 * bs * d * 4
+    host_entries = 30
+    rt = KVRuntime(block_size=bs, device_memory=64 * slot, host_memory=host_entries * slot, cache_policy="attention")
+    session = rt.open_session(sites=3)
+    policy = SelectionPolicy(token_budget=64, sink_tokens=16, local_window=16, dense_layers=0)
+    lengths = {0: 3 * bs, 1: 20 * bs, 2: 20 * bs}           # layer 0: three blocks (a short one)
+    hot = {1: ([4, 7, 11], [5, 8, 13]), 2: ([2, 9, 10], [3, 6, 12])}     # per row
+    for layer, n in lengths.items():
+        q = torch.randn(1, rows, n, d)
+        k = torch.randn(1, rows, n, d) * 0.1
+        for r, blocks in enumerate(hot.get(layer, ((), ()))):
+            for b in blocks:                            # aligned with the row's last query: high scores
+                k[0, r, b * bs:(b + 1) * bs] = q[0, r, -1] * 3
+        kv = rt.layer(session, layer, k, False)
+        placement.append(rt, kv, k, k)
+        site_step.select(rt, session, layer, 0, n, q, policy, 0.25)
+    homes = {layer: session.layers[layer].home[:, :n // bs] for layer, n in lengths.items()}
+    assert (homes[0] == Tier.HOST).all()                      # 6 entries: under a third of 30
+    # what layer 0 left: (30 - 6) // 2 = 12 entries for each of the others, of their 2 x 20
+    for layer in (1, 2):
+        assert (homes[layer] == Tier.HOST).sum() == 12
+        assert (homes[layer] == Tier.DISK).sum() == 2 * 20 - 12
+        for r, blocks in enumerate(hot[layer]):
+            assert (homes[layer][r, blocks] == Tier.HOST).all(), (layer, r)
+    assert rt.host_homes == 6 + 2 * 12
+    assert_copies_equal(rt, session.layers[2])
+    rt.close()
