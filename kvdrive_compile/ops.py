@@ -7,9 +7,9 @@ One decode step of one attention site::
     ahead = prefetch_ahead(step, after, layer)     # start reading what the layer's last step selected
     plan = select(ticket, q, scale, policy)        # what to attend, where it lies
     plan = prefetch(plan, ahead)                   # start the rest of the disk -> host reads
-    host = host_attention(plan, q, mask)           # host + disk blocks: started on the CPU worker
+    host = host_attention(plan, q, mask)           # host + disk blocks: started on the CPU worker (or deferred)
     out_d, lse_d = sparse_attention(plan, q, k_new, v_new, mask)  # device blocks, meanwhile
-    out = merge(host, q, out_d, lse_d)             # waits for the CPU part, merges
+    out = merge(host, q, out_d, lse_d)             # waits for the CPU part (or runs it inline), merges
 
 The scheduling pass (passes/schedule.py) moves ``prefetch_ahead`` up to ``prefetch_depth``
 layers ahead (``after``: the node it must follow).
@@ -211,7 +211,9 @@ def merge(plan: Tensor, q: Tensor, out_d: Tensor, lse_d: Tensor) -> Tensor:
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
     p = site_step.plan_of(rt, sid, pid)
-    with rt.timed("cpu_attention", sid, p.layer.layer, event="cpu_wait"):
+    # the CPU part deferred to here runs now (on the timeline as itself), else it is waited for
+    event = "cpu_attention" if site_step.host_part_deferred(p) else "cpu_wait"
+    with rt.timed("cpu_attention", sid, p.layer.layer, event=event):
         host = site_step.finish_host_attention(rt, p, q)
     with rt.timed("merge", sid, p.layer.layer):
         site_step.end_plan(rt, rt.session(sid), pid)

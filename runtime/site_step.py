@@ -6,12 +6,13 @@ split).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ class Plan:
     parts: dict[Tier, Optional[TierPart]] = field(default_factory=dict)
     disk_reads: list = field(default_factory=list)   # (sorted slots, future of their k, v), as started
     disk_slots: Optional[torch.Tensor] = None        # every disk slot the plan reads, sorted (once staged)
-    host_part: Optional[Future] = None               # the CPU part, running on the worker
+    host_part: Optional[Union[Future, Callable]] = None   # the CPU part: on the worker, or deferred inline
     pinned: tuple = ()                     # (rows, blocks) of device/host entries held in place until the merge
     fills: list = field(default_factory=list)   # admitted disk blocks: (tier, rows, blocks, slots), filled when read
     staged: Optional[tuple] = None         # the disk read once landed: k, v and its TierPart
@@ -347,24 +348,36 @@ def prefetch(rt: KVRuntime, plan: Plan) -> None:
 
 def start_host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepMask, scale: float) -> None:
     """Start the CPU part (``host_attention``) on the worker, so the caller goes on to the
-    device part; ``finish_host_attention`` awaits it. Inline where the worker cannot run it
-    safely, or where there is nothing to attend on the CPU."""
+    device part; ``finish_host_attention`` awaits it. Where it runs inline (no worker: the
+    default on a CPU, where the "device" part is CPU work too), it is deferred to
+    ``finish_host_attention``, after the device part: the disk reads ``prefetch`` started
+    have the device part's time to land before the CPU part waits for them. Nothing to do
+    where there is nothing to attend on the CPU."""
     if plan.fetch or plan.fresh_only or (plan.part(Tier.HOST) is None and not plan.disk_reads):
         return                                    # nothing on the CPU
     q_host = q.cpu()        # blocking: a non_blocking copy could still be in flight when the kernel reads it
     mask = _on(step, "cpu")
     if rt.async_cpu or (rt.async_cpu is None and q.device.type != "cpu"):
         plan.host_part = rt.submit_cpu(_timed_host_attention, rt, plan, q_host, mask, scale)
-    else:
-        plan.host_part = Future()
-        plan.host_part.set_result(host_attention(rt, plan, q_host, mask, scale))
+    else:                   # copies: the graph may reuse its buffers once this op has returned
+        bias = None if mask.bias is None else mask.bias.clone()
+        plan.host_part = functools.partial(host_attention, rt, plan, q_host.clone(),
+                                           StepMask(mask.start, mask.end, bias, mask.is_causal), scale)
+
+
+def host_part_deferred(plan: Plan) -> bool:
+    """Whether the plan's CPU part waits to run inline in ``finish_host_attention``."""
+    return plan.host_part is not None and not isinstance(plan.host_part, Future)
 
 
 def finish_host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor):
-    """The CPU part's fp32 (out, lse) on q's device (None if there was none): waits for it."""
-    if plan.host_part is None:
+    """The CPU part's fp32 (out, lse) on q's device (None if there was none): waits for the
+    worker's, or runs a deferred inline one now."""
+    part = plan.host_part
+    if part is None:
         return None
-    out, lse = plan.host_part.result()
+    plan.host_part = None
+    out, lse = part.result() if isinstance(part, Future) else part()
     return out.to(q.device), lse.to(q.device)
 
 

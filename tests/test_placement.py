@@ -195,11 +195,17 @@ def reference(q, k, v, scale):
 
 
 def step(rt, session, layer, q, past, n, k_new, v_new, policy):
+    """One site's step as the ops run it: select, prefetch, start the CPU part, the device part,
+    then the CPU part's result and the merge."""
     pid = site_step.select(rt, session, layer, past, n, q, policy, 0.25)
     plan = session.plans[pid]
     site_step.prefetch(rt, plan)
     mask = site_step.step_mask(plan, None, n > 1)
-    parts = [site_step.device_attention(rt, plan, q, k_new, v_new, mask, 0.25), site_step.host_attention(rt, plan, q, mask, 0.25)]
+    site_step.start_host_attention(rt, plan, q, mask, 0.25)
+    if plan.host_part is not None:      # inline on a CPU: deferred past the device part, nothing read or waited yet
+        assert site_step.host_part_deferred(plan) and plan.staged is None
+    device = site_step.device_attention(rt, plan, q, k_new, v_new, mask, 0.25)
+    parts = [device, site_step.finish_host_attention(rt, plan, q)]
     site_step.end_plan(rt, session, pid)
     return site_step.merge(parts, torch.float32), plan
 
