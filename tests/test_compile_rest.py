@@ -19,15 +19,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import handwritten_model as hw  # noqa: E402
 
 # the timeline events each kvdrive op records on the calling thread (open_step's is an "append"
-# without a layer); I/O, the cache policy's "plan" and the CPU worker run on other threads or nest
+# without a layer); I/O, the cache policy's "plan" and the CPU worker run on other threads or nest.
+# The merge op's first: "cpu_wait" (waiting for the worker's CPU part, or none to wait for), or
+# "cpu_attention" where it runs the CPU part deferred to it (inline, the default on a CPU)
 OP_EVENTS = {"append", "prefetch_ahead", "select", "prefetch", "cpu_start", "device_attention", "cpu_wait", "merge"}
+MERGE_RUNS_CPU_PART = "cpu_attention"
 
 
 def op_calls(path: str) -> list[tuple]:
-    """(event, layer, step) of every kvdrive op the main thread ran, in the order they ended."""
+    """(event, layer, step) of every kvdrive op the main thread ran, in the order they ended (the
+    merge's inline CPU part named as its wait)."""
     events, _ = timeline.load(path)
-    return [(e.name, e.args.get("layer"), e.args.get("step")) for e in timeline.complete_events(events)
-            if e.tid == 0 and e.name in OP_EVENTS]
+    return [("cpu_wait" if e.name == MERGE_RUNS_CPU_PART else e.name, e.args.get("layer"), e.args.get("step"))
+            for e in timeline.complete_events(events)
+            if e.tid == 0 and e.name in OP_EVENTS | {MERGE_RUNS_CPU_PART}]
 
 
 def generate(model, ids, steps, tmp_path, compile_rest, **options):
