@@ -368,7 +368,10 @@ def _place(rt: KVRuntime, kv: LayerKV, fresh: Fresh, scores: Optional[np.ndarray
         return
     score = np.zeros((rows, count), np.float32) if scores is None else scores
     open_id = kv.open_block()
-    homed = np.flatnonzero((ids != open_id) | (not rt.device_cache))     # positions in fresh
+    # positions in fresh that get a home now: all but the open block, which lives on the device
+    # until it completes (where there is a device cache)
+    keep_open = rt.device_cache and open_id is not None
+    homed = np.flatnonzero(ids != open_id) if keep_open else np.arange(count)
     at = torch.from_numpy(homed)
     _write_homes(rt, kv, ids[homed], fresh.k[at], fresh.v[at], score[:, homed])
     if not rt.device_cache:
