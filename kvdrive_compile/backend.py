@@ -40,13 +40,16 @@ class Counters:
     Inductor compiled (``inductor_graphs``, ``compile_rest="inductor"``) and those it could not,
     which run eagerly (``inductor_fallbacks``, with the reason in ``fallback_reasons``);
     ``inductor_seconds``: time in Inductor, attempts Dynamo restarted included; ``cpu_linears``:
-    linear layers run by ``kernels/cpu_linear.py`` (option ``cpu_linears``)."""
+    linear layers run by ``kernels/cpu_linear.py`` (option ``cpu_linears``); ``caches_unclaimed``:
+    K/V caches a graph grows that feed no attention site kvdrive recognised (left in the model;
+    the reason in ``skip_reasons``)."""
 
     graphs: int = 0
     sites_found: int = 0
     sites_rewritten: int = 0
     sites_skipped: int = 0
     skip_reasons: list[str] = field(default_factory=list)
+    caches_unclaimed: int = 0
     compile_seconds: float = 0.0
     dynamic_retraces: int = 0
     inductor_graphs: int = 0
@@ -86,9 +89,11 @@ def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
                       layer_ids=_layer_ids.setdefault(rid, {}), prefetch_depth=opts.prefetch_depth,
                       dump_dir=opts.dump_dir, example_inputs=list(example_inputs), is_standin=is_standin,
                       cpu_linears_how=opts.cpu_linears, compile_rest=opts.compile_rest)
+    growing = growing_caches(gm)       # before the rewrite, which leaves the caches' cats dead
     PassManager(default_passes()).run(gm, ctx)
     compiled = compile_rest(gm, example_inputs, opts.compile_rest, ctx.graph_index)
     _report_skips(ctx)                 # after Inductor: a restart it asks for compiles this graph again
+    _report_unclaimed(ctx, growing)
     counters.graphs += 1
     counters.sites_found += len(ctx.sites)
     counters.sites_rewritten += len(ctx.rewritten)
@@ -222,6 +227,41 @@ def _keeps_growing_cache(site: AttentionSite) -> bool:
         return False
     return any(m.is_call(kv, m.CAT_FNS) or (isinstance(kv, torch.fx.Node) and kv.op == "placeholder"
                                               and _written_in_place(kv)) for kv in (site.k, site.v))
+
+
+def growing_caches(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The caches a graph grows: ``cat([past, new], dim=-2)`` of 4-D tensors whose ``past`` is a
+    graph input (what a Hugging Face ``DynamicCache`` or a hand-written tuple cache traces to at a
+    decode step)."""
+    out = []
+    for node in gm.graph.nodes:
+        if not m.is_call(node, m.CAT_FNS) or m.rank(node) != 4:
+            continue
+        tensors, dim = node.args[0], m.arg(node, 1, "dim", 0)
+        if isinstance(tensors, (list, tuple)) and len(tensors) == 2 and dim in (2, -2) \
+                and isinstance(tensors[0], torch.fx.Node) and tensors[0].op == "placeholder":
+            out.append(node)
+    return out
+
+
+def _report_unclaimed(ctx: PassContext, growing: list[torch.fx.Node]) -> None:
+    """One WARNING per graph for the caches it grows that no attention site (rewritten or left as
+    it was, which ``_report_skips`` reported) reads: attention kvdrive does not recognise (a custom
+    attention op, einsum scores, ...), whose KV stays in the model's own cache, outside kvdrive's
+    tiers and memory budgets."""
+    claimed = {kv for site in ctx.sites for kv in (site.k, site.v)}
+    claimed |= {b.cat for site in ctx.sites for b in (site.k_bind, site.v_bind) if b is not None}
+    unclaimed = [c for c in growing if c not in claimed]
+    if not unclaimed:
+        return
+    names = ", ".join(c.args[0][0].name for c in unclaimed[:4]) + (f", +{len(unclaimed) - 4} more" if len(unclaimed) > 4 else "")
+    reason = (f"kvdrive: graph {ctx.graph_index}: {len(unclaimed)} K/V cache(s) grow here ({names}) but feed no "
+              "attention kvdrive recognises (softmax(q @ k^T ...) @ v or scaled_dot_product_attention); they stay "
+              "in the model's own cache: exact, but outside kvdrive's tiers, and device_memory / host_memory / "
+              "token_budget do not apply to them")
+    counters.caches_unclaimed += len(unclaimed)
+    counters.skip_reasons.append(reason)
+    log.warning(reason)
 
 
 def _summary(sites: list[AttentionSite]) -> str:

@@ -28,6 +28,8 @@ _ADD = ({operator.add, torch.add}, {"add", "__add__", "__radd__"})
 _SUB = ({operator.sub, torch.sub}, {"sub", "__sub__"})
 _WHERE = ({torch.where}, set())
 _MASKED_FILL = ({torch.masked_fill}, {"masked_fill"})
+# ops on the scores the backward walk looks through, past the first it cannot apply, for q @ k^T
+_MAX_UNKNOWN_SCORE_OPS = 4
 
 
 def layer_name(node: torch.fx.Node) -> str:
@@ -143,11 +145,19 @@ class FindAttentionSites(GraphPass):
         if out is None:
             return None
         # backward: softmax <- score ops <- matmul(q, k^T)
-        ops, s = [], _through_casts(sm.args[0], chain)
+        ops, unknown, s = [], [], _through_casts(sm.args[0], chain)
         while not m.is_call(s, m.MATMUL_FNS, m.MATMUL_METHODS):
             step = self._score_op(s)
             if step is None:
-                return None
+                # an op kvdrive cannot apply (logit soft-capping's tanh, ...): still an attention
+                # site if q @ k^T is right above it, reported as left as it was, never silently
+                if len(unknown) >= _MAX_UNKNOWN_SCORE_OPS or not isinstance(s, torch.fx.Node) or not s.args \
+                        or not isinstance(s.args[0], torch.fx.Node) or s.op not in ("call_function", "call_method"):
+                    return None
+                unknown.append(s)
+                chain.append(s)
+                s = _through_casts(s.args[0], chain)
+                continue
             kind, chain_arg, other = step
             ops.append((kind, other))
             chain.append(s)
@@ -160,6 +170,10 @@ class FindAttentionSites(GraphPass):
         chain += [s, s.args[1]]
         ops.reverse()                                          # matmul -> softmax order
         site = AttentionSite(index, out, "softmax", layer_name(out), is_causal=False)
+        if unknown:
+            names = ", ".join(dict.fromkeys(_op_name(u) for u in reversed(unknown)))
+            site.skip(f"the scores pass through {names} between q @ k^T and the softmax (logit soft-capping?), "
+                      "which kvdrive's attention kernels do not apply")
         site.chain = chain + [out]
         site.score_ops = ops
         site.out_3d = m.rank(out) == 3
@@ -215,6 +229,11 @@ class FindAttentionSites(GraphPass):
         hq, hkv = q.shape[1], k.shape[1]
         if isinstance(hq, int) and isinstance(hkv, int) and hq % hkv:
             site.skip(f"{hq} query heads are not a multiple of {hkv} KV heads")
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
 def _depends_on_matmul(node: torch.fx.Node, depth: int = 12) -> bool:

@@ -63,6 +63,7 @@ def test_random_model_token_identical(name):
     assert torch.equal(ref, out), f"{name}: eager {ref[0, 70:].tolist()} != kvdrive {out[0, 70:].tolist()}"
     assert kvdrive_compile.counters.sites_rewritten >= 2 * model.config.num_hidden_layers, kvdrive_compile.counters
     assert kvdrive_compile.counters.sites_skipped == 0, kvdrive_compile.counters.skip_reasons
+    assert kvdrive_compile.counters.caches_unclaimed == 0, kvdrive_compile.counters.skip_reasons
     moved = {k: v - before.get(k, 0) for k, v in moved_bytes(budgets).items()}      # this generation's
     assert moved["device->host"] > 0 and moved["host->disk"] > 0, moved
     assert_budgets_respected()
@@ -141,3 +142,21 @@ def test_prompt_in_chunks_attends_every_token_under_a_budget():
         assert after - before == 3 * 2 * 2 * 4, (before, after)     # layers x rows x the budget's 4 blocks
     finally:
         kvdrive_compile.release_all()
+
+
+def test_soft_capped_attention_is_left_exact_with_a_warning(caplog):
+    """Gemma 2's eager attention caps its logits (tanh), which kvdrive's kernels do not apply:
+    every site is left as it was, exact, and a WARNING names the reason, never silently."""
+    import logging
+
+    cfg = tf.Gemma2Config(**{**SMALL, "num_hidden_layers": 2}, num_key_value_heads=2, head_dim=16,
+                          sliding_window=24, query_pre_attn_scalar=16, attn_logit_softcapping=20.0)
+    torch.manual_seed(0)
+    model = tf.Gemma2ForCausalLM._from_config(cfg, attn_implementation="eager").eval().to(DEVICE)
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with caplog.at_level(logging.WARNING, logger="kvdrive_compile.backend"):
+        ref, out = greedy_both(model, ids, 5, **BUDGETS)
+    assert torch.equal(ref, out)
+    c = kvdrive_compile.counters
+    assert c.sites_found == c.sites_skipped >= 4 and c.sites_rewritten == 0, c
+    assert any("tanh" in r.message and "stays in the model" in r.message for r in caplog.records)

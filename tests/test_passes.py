@@ -104,7 +104,7 @@ def test_attention_spellings_are_rewritten_and_exact(variant):
     with torch.no_grad():
         out = run_steps(compiled, steps, w)
     c = kvdrive_compile.counters
-    assert c.sites_rewritten == c.graphs and c.sites_skipped == 0, c
+    assert c.sites_rewritten == c.graphs and c.sites_skipped == 0 and c.caches_unclaimed == 0, c
     for a, b in zip(ref, out):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
@@ -123,6 +123,41 @@ def test_site_whose_kv_is_used_elsewhere_is_left_alone_with_a_warning(caplog):
         torch.testing.assert_close(b, a)
     assert kvdrive_compile.counters.sites_rewritten == 0
     assert any("left as it was" in r.message and "also used by" in r.message for r in caplog.records)
+
+
+def v_softcapped(q, k, v, t, p):
+    """Gemma 2's logit soft-capping: a tanh on the scores, which kvdrive's kernels do not apply."""
+    s = torch.matmul(q, repeat_kv(k, 2).transpose(2, 3)) * D ** -0.5
+    s = torch.tanh(s / 5.0) * 5.0 + causal_bias(t, p)
+    return torch.matmul(s.softmax(-1), repeat_kv(v, 2))
+
+
+def v_einsum(q, k, v, t, p):
+    """Scores and output by einsum: not a form kvdrive recognises."""
+    s = torch.einsum("bhqd,bhkd->bhqk", q, repeat_kv(k, 2)) * D ** -0.5 + causal_bias(t, p)
+    return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), repeat_kv(v, 2))
+
+
+@pytest.mark.parametrize("variant, says", [(v_softcapped, "the scores pass through tanh"),
+                                           (v_einsum, "feed no attention kvdrive recognises")],
+                         ids=["softcapped", "einsum"])
+def test_attention_kvdrive_cannot_apply_is_reported_not_silently_left(variant, says, caplog):
+    """A cache the model grows but kvdrive does not keep is exact but outside the budgets: a
+    WARNING per graph says so (and why), and the counters show it; never silence."""
+    torch.manual_seed(0)
+    w = [torch.randn(32, HQ * D) * 0.2, torch.randn(32, HKV * D) * 0.2, torch.randn(32, HKV * D)]
+    steps = [torch.randn(2, 12, 32)] + [torch.randn(2, 1, 32) for _ in range(2)]
+    step = make_step(variant)
+    ref = run_steps(step, steps, w)
+    compiled = torch.compile(step, backend="kvdrive", options={"device_memory": "128KiB", "token_budget": 8})
+    with caplog.at_level(logging.WARNING, logger="kvdrive_compile.backend"), torch.no_grad():
+        out = run_steps(compiled, steps, w)
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    c = kvdrive_compile.counters
+    assert c.sites_rewritten == 0 and any(says in r for r in c.skip_reasons), c
+    warned = [r.message for r in caplog.records if r.levelno == logging.WARNING and says in r.message]
+    assert len(warned) == c.graphs >= 2, warned          # each graph's own warning, decode steps included
 
 
 def test_static_cache_is_recognised_and_left_alone(caplog):
