@@ -254,8 +254,9 @@ class DiskFile:
         self.slot_bytes = 2 * self.half                     # the payload of a slot: K then V
         self.submit = submit
         self.queue_depth = max(1, queue_depth)
-        # on_request(kind, t0, t1, bytes) after each request ("disk_read"/"disk_write"): the timeline
-        self.on_request: Optional[Callable[[str, float, float, int], None]] = None
+        # on_request(kind, t0, t1, bytes, layer) after each request ("disk_read"/"disk_write"; layer:
+        # what the caller tagged the read or write with, or None): the timeline
+        self.on_request: Optional[Callable[[str, float, float, int, Optional[int]], None]] = None
         try:
             self.fd = open_unlinked(directory, name)
         except OSError as e:
@@ -438,15 +439,25 @@ class DiskFile:
         except RuntimeError:                  # a pool that was shut down: run it here
             task.run()
 
-    def _start(self, op: IOFuture, chunks: list, do_chunk: Callable, finish: Callable, inline: bool) -> IOFuture:
+    def _start(self, op: IOFuture, chunks: list, do_chunk: Callable, finish: Callable, inline: bool,
+               layer: Optional[int] = None) -> IOFuture:
         """Run ``do_chunk(*chunk)`` for each chunk on up to ``queue_depth`` jobs at once, each taking
         the next chunk not yet taken; when all ran, ``finish(first error or None)`` gives the
         result of ``op`` (or raises its exception). ``inline``: the calling thread runs the first
-        job and helps with the rest (a synchronous call)."""
+        job and helps with the rest (a synchronous call). Each request is reported to
+        ``on_request``, tagged with ``layer``."""
         taken, errors = itertools.count(), []
         kind = "disk_read" if do_chunk == self._read_chunk else "disk_write"
         left = [min(self.queue_depth, len(chunks))]
         guard = threading.Lock()
+
+        def request(chunk) -> None:
+            t0 = time.perf_counter()
+            try:
+                do_chunk(*chunk)
+            finally:
+                if self.on_request is not None:
+                    self.on_request(kind, t0, time.perf_counter(), len(chunk[1]) * self.stride, layer)
 
         def job():
             try:
@@ -454,14 +465,10 @@ class DiskFile:
                     i = next(taken)
                     if i >= len(chunks):
                         break
-                    t0 = time.perf_counter()
                     try:
-                        do_chunk(*chunks[i])
+                        request(chunks[i])
                     except BaseException as e:
                         errors.append(e)
-                    finally:
-                        if self.on_request is not None:
-                            self.on_request(kind, t0, time.perf_counter(), len(chunks[i][1]) * self.stride)
             finally:
                 with guard:
                     left[0] -= 1
@@ -477,7 +484,7 @@ class DiskFile:
         if not chunks or (len(chunks) == 1 and inline):   # no request, or one asked for here: no jobs
             try:
                 for c in chunks:
-                    do_chunk(*c)
+                    request(c)
             except BaseException as e:
                 errors.append(e)
             try:
@@ -526,18 +533,18 @@ class DiskFile:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def write(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor, layer: Optional[int] = None) -> None:
         """Write ``k, v: [len(slots), block_size, head_dim]`` (any device) to ``slots``; returns
         once every byte is on the file (or raises ``KVDiskError``)."""
-        self._write(slots, k, v, inline=True).result()
+        self._write(slots, k, v, inline=True, layer=layer).result()
 
-    def write_async(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> IOFuture:
+    def write_async(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor, layer: Optional[int] = None) -> IOFuture:
         """``write`` on the I/O threads: k and v are copied to host memory first (the caller may
         reuse them at once); the future resolves to None once written. Reads of these slots wait
         for it; if it fails, the error is also raised by the file's next read, write or flush."""
-        return self._write(slots, k, v, inline=False)
+        return self._write(slots, k, v, inline=False, layer=layer)
 
-    def _write(self, slots, k, v, inline: bool) -> IOFuture:
+    def _write(self, slots, k, v, inline: bool, layer: Optional[int] = None) -> IOFuture:
         self._check()
         n = len(slots)
         if n == 0:
@@ -580,7 +587,7 @@ class DiskFile:
             if error is not None:
                 raise error
 
-        return self._start(op, work, self._write_chunk, finish, inline)
+        return self._start(op, work, self._write_chunk, finish, inline, layer)
 
     def _write_chunk(self, first: int, rows: np.ndarray, deps: list) -> None:
         """Slots ``first ..`` from ``rows: [m, stride]`` bytes, after the earlier writes of them."""
@@ -644,11 +651,12 @@ class DiskFile:
         The slot is read (and checked), patched and written whole with its new checksum: a rare
         path (the device and host budgets hold less than a block), correct before fast.
         """
-        k_slot, v_slot = self.read([slot])                            # [1, bs, D] each
+        layer = int(self.layer_of[slot])
+        k_slot, v_slot = self.read([slot], layer)                     # [1, bs, D] each
         n = k.shape[0]
         k_slot[0, offset:offset + n] = k
         v_slot[0, offset:offset + n] = v
-        self.write([slot], k_slot, v_slot)
+        self.write([slot], k_slot, v_slot, layer)
 
     def flush(self) -> None:
         """Wait for every asynchronous write in flight; raise the first that failed."""
@@ -660,23 +668,23 @@ class DiskFile:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def read(self, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, slots: Sequence[int], layer: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``slots`` (any order, in that order) as contiguous host tensors
         ``[len(slots), block_size, head_dim]``, each slot checked against its checksum."""
-        return self._read(slots, inline=True).result()
+        return self._read(slots, inline=True, layer=layer).result()
 
-    def read_async(self, slots: Sequence[int]) -> IOFuture:
+    def read_async(self, slots: Sequence[int], layer: Optional[int] = None) -> IOFuture:
         """``read`` on the I/O threads: a future of ``(k, v)``. Its requests are separate jobs
         (up to ``queue_depth`` at once); no I/O thread waits on another's job."""
-        return self._read(slots, inline=False)
+        return self._read(slots, inline=False, layer=layer)
 
-    def _read(self, slots, inline: bool) -> IOFuture:
+    def _read(self, slots, inline: bool, layer: Optional[int] = None) -> IOFuture:
         self._check()
         n = len(slots)
         chunks, srt = self._chunks(slots)
         if n > 1 and (srt[1:] == srt[:-1]).any():               # a slot twice: read it once
             uniq, inverse = np.unique(np.asarray(slots, np.int64), return_inverse=True)
-            inner = self._read(uniq.tolist(), inline)
+            inner = self._read(uniq.tolist(), inline, layer)
             op = IOFuture()
             op.tasks = inner.tasks
             idx = torch.from_numpy(inverse.reshape(-1))
@@ -719,7 +727,7 @@ class DiskFile:
                 raise error
             return k, v
 
-        return self._start(op, work, self._read_chunk, finish, inline)
+        return self._start(op, work, self._read_chunk, finish, inline, layer)
 
     def _read_chunk(self, first: int, pos: np.ndarray, deps: list, out: tuple) -> None:
         """Slots ``first ..`` into rows ``pos`` of k and v, checked; after their writes in flight.

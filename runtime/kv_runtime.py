@@ -178,12 +178,13 @@ class KVRuntime:
             args["layer"] = layer
         self.tracer.complete(name, t0, t1, **args)
 
-    def _on_disk_request(self, session_id: int, kind: str, t0: float, t1: float, nbytes: int) -> None:
+    def _on_disk_request(self, session_id: int, kind: str, t0: float, t1: float, nbytes: int,
+                         layer: Optional[int] = None) -> None:
         self.add_seconds(kind, t1 - t0, background=True)
         if kind == "disk_read" and self.admission is not None:
             self.admission.measured("disk_read", nbytes, t1 - t0)
         if self.tracer.enabled:
-            self.trace(kind, t0, t1, session_id, bytes=nbytes)
+            self.trace(kind, t0, t1, session_id, layer, bytes=nbytes)
 
     def submit_cpu(self, fn, *args) -> Future:
         """``fn(*args)`` on the CPU-attention worker (one thread: a step's CPU parts run in

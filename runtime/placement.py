@@ -421,7 +421,7 @@ def _write_homes(rt: KVRuntime, kv: LayerKV, ids: np.ndarray, k: torch.Tensor, v
             disk_slots = disk.alloc(kv.layer, r)
             at = torch.from_numpy(r)
             # off the critical path; a failure is raised later
-            disk.write_async(disk_slots, k[j].index_select(0, at), v[j].index_select(0, at))
+            disk.write_async(disk_slots, k[j].index_select(0, at), v[j].index_select(0, at), layer=kv.layer)
             kv.home[r, ids[j]], kv.home_slot[r, ids[j]] = int(Tier.DISK), disk_slots
         on_disk = rows * n - len(slots)
         rt.moved["device->host"] += on_disk * sb

@@ -300,7 +300,7 @@ def prefetch_ahead(rt: KVRuntime, session: Session, layer: int) -> None:
         slots = kv.home_slot[rows, blocks]
         order = np.argsort(slots, kind="stable")
         disk = rt.disk(kv)
-        ahead = Ahead(torch.from_numpy(slots[order]), rows[order], blocks[order], disk.read_async(slots[order].tolist()))
+        ahead = Ahead(torch.from_numpy(slots[order]), rows[order], blocks[order], disk.read_async(slots[order].tolist(), layer=kv.layer))
         rt.moved["disk->host"] += rows.size * disk.slot_bytes
         _drop_ahead(rt, kv)
         kv.ahead = ahead
@@ -342,7 +342,7 @@ def prefetch(rt: KVRuntime, plan: Plan) -> None:
     need = torch.unique(slots[needed])                        # sorted
     if len(need):
         disk = rt.disk(kv)
-        plan.disk_reads.append((need, disk.read_async(need.tolist()), None))   # adjacent slots coalesced
+        plan.disk_reads.append((need, disk.read_async(need.tolist(), layer=kv.layer), None))   # adjacent slots coalesced
         rt.moved["disk->host"] += need.numel() * disk.slot_bytes
 
 
@@ -509,7 +509,7 @@ def read_window(rt: KVRuntime, kv: LayerKV, start: int, end: int) -> tuple[torch
             rows, cols = torch.nonzero(part.valid, as_tuple=True)
             slots = part.slots[rows, cols]
             if tier == Tier.DISK:
-                k, v = rt.disk(kv).read(slots.tolist())
+                k, v = rt.disk(kv).read(slots.tolist(), layer=kv.layer)
             else:
                 pool = rt.pool(tier, kv)
                 k, v = pool.k[slots.to(pool.device)], pool.v[slots.to(pool.device)]

@@ -174,9 +174,11 @@ def test_timeline_of_a_generation(tiny, tmp_path):
         assert stage in stages, (stage, stages)
     assert any(n.startswith("kvdrive-io") for n in names.values())
     assert any(n.startswith("kvdrive-cpu-attention") for n in names.values())
-    for e in events:
-        if e["name"] in ("select", "cpu_attention", "device_attention", "merge"):
-            assert {"step", "phase", "layer"} <= set(e["args"]), e
+    for e in events:                     # every event belongs to a step; all but a step's opening to a layer
+        assert {"step", "phase"} <= set(e["args"]), e
+        assert "layer" in e["args"] or e["name"] == "append", e
+        if e["name"] in ("disk_read", "disk_write"):
+            assert e["args"]["bytes"] > 0, e
     decode = [e for e in events if e["args"].get("phase") == "decode"]
     overlapping = 0
     by_step = {}
