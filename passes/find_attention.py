@@ -1,7 +1,8 @@
 """Pass 1: find the attention sites of a graph.
 
 Two forms: ``scaled_dot_product_attention(q, k, v, ...)``, and the hand-written
-``softmax(q @ k^T * scale + mask, dim=-1) @ v`` (``matmul``/``@``/``bmm``, softmax spelled
+``softmax(q @ k^T * scale + mask, dim=-1) @ v`` (``matmul``/``@``/``bmm``, or ``einsum`` as
+``bhqd,bhkd->bhqk`` and ``bhqk,bhkd->bhqd`` in any letters, softmax spelled
 ``torch.softmax``/``F.softmax``/``.softmax``, the scale and mask applied by mul/div/add/sub,
 ``where`` or ``masked_fill``, casts and inference dropout around the softmax). GQA/MQA heads
 repeated by ``repeat_kv`` (index/expand/reshape, ``repeat_interleave``) are looked through to
@@ -140,13 +141,15 @@ class FindAttentionSites(GraphPass):
                 p = u
                 continue
             if m.is_call(u, m.MATMUL_FNS, m.MATMUL_METHODS) and u.args[0] is p:
-                out = u
+                out, v = u, u.args[1]
+            elif (pv := m.einsum_operands(u)) is not None and pv[0] == "pv" and pv[1] is p:
+                out, v = u, pv[2]
             break
         if out is None:
             return None
         # backward: softmax <- score ops <- matmul(q, k^T)
         ops, unknown, s = [], [], _through_casts(sm.args[0], chain)
-        while not m.is_call(s, m.MATMUL_FNS, m.MATMUL_METHODS):
+        while not m.is_call(s, m.MATMUL_FNS, m.MATMUL_METHODS) and not _is_einsum_scores(s):
             step = self._score_op(s)
             if step is None:
                 # an op kvdrive cannot apply (logit soft-capping's tanh, ...): still an attention
@@ -164,10 +167,14 @@ class FindAttentionSites(GraphPass):
             s = _through_casts(chain_arg, chain)
         if len(s.users) != 1:
             return None
-        kt = m.is_kt(s.args[1])
-        if kt is None:
-            return None
-        chain += [s, s.args[1]]
+        if _is_einsum_scores(s):                     # einsum("bhqd,bhkd->bhqk", q, k)
+            _, q, kt = m.einsum_operands(s)
+            chain.append(s)
+        else:
+            q, kt = s.args[0], m.is_kt(s.args[1])
+            if kt is None:
+                return None
+            chain += [s, s.args[1]]
         ops.reverse()                                          # matmul -> softmax order
         site = AttentionSite(index, out, "softmax", layer_name(out), is_causal=False)
         if unknown:
@@ -177,9 +184,9 @@ class FindAttentionSites(GraphPass):
         site.chain = chain + [out]
         site.score_ops = ops
         site.out_3d = m.rank(out) == 3
-        site.q = self._to_4d(s.args[0], site)
+        site.q = self._to_4d(q, site)
         site.k = strip_head_repeat(self._to_4d(kt, site, chain_out=site.chain), site.chain)
-        site.v = strip_head_repeat(self._to_4d(out.args[1], site, chain_out=site.chain), site.chain)
+        site.v = strip_head_repeat(self._to_4d(v, site, chain_out=site.chain), site.chain)
         self._check_shapes(site)
         return site
 
@@ -231,6 +238,11 @@ class FindAttentionSites(GraphPass):
             site.skip(f"{hq} query heads are not a multiple of {hkv} KV heads")
 
 
+def _is_einsum_scores(node) -> bool:
+    ops = m.einsum_operands(node)
+    return ops is not None and ops[0] == "qk"
+
+
 def _op_name(node: torch.fx.Node) -> str:
     target = node.target
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
@@ -239,7 +251,7 @@ def _op_name(node: torch.fx.Node) -> str:
 def _depends_on_matmul(node: torch.fx.Node, depth: int = 12) -> bool:
     """Whether ``node`` is (a few elementwise ops away from) a matmul: the scores side of an add."""
     for _ in range(depth):
-        if m.is_call(node, m.MATMUL_FNS, m.MATMUL_METHODS):
+        if m.is_call(node, m.MATMUL_FNS, m.MATMUL_METHODS) or _is_einsum_scores(node):
             return True
         if not isinstance(node, torch.fx.Node) or not node.args or not isinstance(node.args[0], torch.fx.Node):
             return False

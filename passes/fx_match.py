@@ -88,6 +88,33 @@ def is_kt(node: Any) -> Optional[torch.fx.Node]:
     return None
 
 
+def einsum_operands(node: Any) -> Optional[tuple[str, torch.fx.Node, torch.fx.Node]]:
+    """``torch.einsum(equation, a, b)`` (operands listed or in one list) of two 4-D operands:
+    ``("qk", q, k)`` for ``q @ k^T`` (``bhqd,bhkd->bhqk``), ``("pv", p, v)`` for ``p @ v``
+    (``bhqk,bhkd->bhqd``), any letters, ``...`` for the leading two; None for anything else."""
+    if not is_call(node, {torch.einsum}) or not node.args or not isinstance(node.args[0], str):
+        return None
+    ops = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    if len(ops) != 2 or not all(isinstance(o, torch.fx.Node) and rank(o) == 4 for o in ops):
+        return None
+    eq = node.args[0].replace(" ", "").replace("...", "#")
+    if eq.count("->") != 1 or eq.count(",") != 1:
+        return None
+    lhs, out = eq.split("->")
+    a, b = lhs.split(",")
+    if "#" in a + b + out:                          # "..." stands for the batch and head letters
+        if not (a.startswith("#") and b.startswith("#") and out.startswith("#")):
+            return None
+        a, b, out = ("BH" + t[1:] for t in (a, b, out))
+    if not all(len(t) == 4 and len(set(t)) == 4 for t in (a, b, out)) or not (a[:2] == b[:2] == out[:2]):
+        return None
+    if a[3] == b[3] and a[3] not in out and out[2:] == a[2] + b[2] and a[2] != b[2]:
+        return "qk", ops[0], ops[1]
+    if a[3] == b[2] and a[3] not in out and out[2:] == a[2] + b[3] and a[2] != b[3]:
+        return "pv", ops[0], ops[1]
+    return None
+
+
 def constant_value(node: Any) -> Optional[float]:
     """A Python number, or a node that builds a 0-d tensor from constants (``torch.full([], c)``)."""
     if isinstance(node, (int, float)) and not isinstance(node, bool):

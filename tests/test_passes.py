@@ -59,6 +59,12 @@ def v_tensor_scale_where(q, k, v, t, p):
     return torch.matmul(torch.softmax(s, dim=-1), vv)
 
 
+def v_einsum_scale_first(q, k, v, t, p):
+    kk, vv = repeat_kv(k, 2), repeat_kv(v, 2)
+    s = torch.einsum("b h i d, b h j d -> b h i j", q * D ** -0.5, kk) + causal_bias(t, p)
+    return torch.einsum("...ij,...jd->...id", F.softmax(s, dim=-1), vv)
+
+
 def v_bmm(q, k, v, t, p):
     b = q.shape[0]
     kk, vv = repeat_kv(k, 2), repeat_kv(v, 2)
@@ -70,7 +76,7 @@ def v_bmm(q, k, v, t, p):
 
 
 VARIANTS = [v_sdpa_gqa, v_sdpa_repeat_kv_bool_mask, v_matmul_div_add, v_at_method_softmax_masked_fill,
-            v_tensor_scale_where, v_bmm]
+            v_tensor_scale_where, v_einsum_scale_first, v_bmm]
 
 
 def make_step(variant):
@@ -132,15 +138,17 @@ def v_softcapped(q, k, v, t, p):
     return torch.matmul(s.softmax(-1), repeat_kv(v, 2))
 
 
-def v_einsum(q, k, v, t, p):
-    """Scores and output by einsum: not a form kvdrive recognises."""
-    s = torch.einsum("bhqd,bhkd->bhqk", q, repeat_kv(k, 2)) * D ** -0.5 + causal_bias(t, p)
-    return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), repeat_kv(v, 2))
+def v_grouped_einsum(q, k, v, t, p):
+    """GQA without repeating K/V: 5-D einsums over (batch, KV head, group), not a form kvdrive
+    recognises."""
+    qg = q.view(q.shape[0], HKV, HQ // HKV, t, D)
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qg, k) * D ** -0.5 + causal_bias(t, p)
+    return torch.einsum("bhgqk,bhkd->bhgqd", s.softmax(-1), v).reshape(q.shape[0], HQ, t, D)
 
 
 @pytest.mark.parametrize("variant, says", [(v_softcapped, "the scores pass through tanh"),
-                                           (v_einsum, "feed no attention kvdrive recognises")],
-                         ids=["softcapped", "einsum"])
+                                           (v_grouped_einsum, "feed no attention kvdrive recognises")],
+                         ids=["softcapped", "grouped-einsum"])
 def test_attention_kvdrive_cannot_apply_is_reported_not_silently_left(variant, says, caplog):
     """A cache the model grows but kvdrive does not keep is exact but outside the budgets: a
     WARNING per graph says so (and why), and the counters show it; never silence."""

@@ -78,13 +78,14 @@ class DecodeSpelledOtherwise(hw.Attention):
 
 
 class EinsumDecodeAttention(DecodeSpelledOtherwise):
-    """A decode step spells attention with einsum (a form the passes do not recognise)."""
+    """A decode step spells attention with 5-D einsums over (batch, KV head, group, ...): GQA
+    without repeating K/V, a form the passes do not recognise."""
 
     def decode_attention(self, q, k, v):
-        rep = self.heads // self.kv_heads
-        kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        w = torch.einsum("bhqd,bhkd->bhqk", q, kk).div(math.sqrt(self.head_dim)).softmax(-1)
-        return torch.einsum("bhqk,bhkd->bhqd", w, vv)
+        b, _, t, d = q.shape
+        qg = q.view(b, self.kv_heads, self.heads // self.kv_heads, t, d)
+        w = torch.einsum("bhgqd,bhkd->bhgqk", qg, k).div(math.sqrt(self.head_dim)).softmax(-1)
+        return torch.einsum("bhgqk,bhkd->bhgqd", w, v).reshape(b, self.heads, t, d)
 
 
 class WindowSliceAttention(DecodeSpelledOtherwise):
