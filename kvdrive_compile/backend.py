@@ -19,7 +19,7 @@ from . import ops  # noqa: F401  (registers the kvdrive:: custom ops)
 from .dynamic_sizes import retrace_with_dynamic_sizes
 from .options import parse_options
 from .passes import fx_match as m
-from .passes.bind_kv_cache import BindKVCache
+from .passes.bind_kv_cache import BindKVCache, growing_caches
 from .passes.cpu_linears import CpuLinears
 from .passes.find_attention import FindAttentionSites
 from .passes.guard_standins import GuardStandIns, is_kvdrive_op
@@ -229,28 +229,12 @@ def _keeps_growing_cache(site: AttentionSite) -> bool:
                                               and _written_in_place(kv)) for kv in (site.k, site.v))
 
 
-def growing_caches(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """The caches a graph grows: ``cat([past, new], dim=-2)`` of 4-D tensors whose ``past`` is a
-    graph input (what a Hugging Face ``DynamicCache`` or a hand-written tuple cache traces to at a
-    decode step)."""
-    out = []
-    for node in gm.graph.nodes:
-        if not m.is_call(node, m.CAT_FNS) or m.rank(node) != 4:
-            continue
-        tensors, dim = node.args[0], m.arg(node, 1, "dim", 0)
-        if isinstance(tensors, (list, tuple)) and len(tensors) == 2 and dim in (2, -2) \
-                and isinstance(tensors[0], torch.fx.Node) and tensors[0].op == "placeholder":
-            out.append(node)
-    return out
-
-
 def _report_unclaimed(ctx: PassContext, growing: list[torch.fx.Node]) -> None:
     """One WARNING per graph for the caches it grows that no attention site (rewritten or left as
     it was, which ``_report_skips`` reported) reads: attention kvdrive does not recognise (a custom
     attention op, einsum scores, ...), whose KV stays in the model's own cache, outside kvdrive's
     tiers and memory budgets."""
-    claimed = {kv for site in ctx.sites for kv in (site.k, site.v)}
-    claimed |= {b.cat for site in ctx.sites for b in (site.k_bind, site.v_bind) if b is not None}
+    claimed = {kv for site in ctx.sites for kv in (site.k, site.v)}        # a bound site's K/V is its cat
     unclaimed = [c for c in growing if c not in claimed]
     if not unclaimed:
         return

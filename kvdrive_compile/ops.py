@@ -20,7 +20,6 @@ is carried by data, so none is dead code. Tensor shapes: q ``[B, Hq, Q, D]``; k_
 """
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import torch
@@ -47,12 +46,9 @@ def open_step(past_k: Tensor, k_new: Tensor, runtime_id: int, sites: int) -> Ten
     sites of the graph (the layers that share the device budget). Returns ``[runtime_id, session_id]``.
     """
     rt = get_runtime(runtime_id)
-    t0 = time.perf_counter()
-    session = site_step.open_step(rt, past_k, sites)
-    t1 = time.perf_counter()
-    rt.add_seconds("append", t1 - t0)
-    if rt.tracer.enabled:                  # on the timeline with the step it opened
-        rt.trace("append", t0, t1, session.id)
+    with rt.timed("append") as span:
+        session = site_step.open_step(rt, past_k, sites)
+        span.session_id = session.id       # on the timeline with the step it opened
     return _handle(runtime_id, session.id)
 
 

@@ -52,6 +52,24 @@ def is_size_query(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in m.SIZE_FNS
 
 
+def cache_append(node: torch.fx.Node) -> Optional[tuple]:
+    """(past, new) if ``node`` is ``cat([past, new], dim=-2)`` of 4-D KV, else None."""
+    tensors = node.args[0] if node.args else None
+    if not m.is_call(node, m.CAT_FNS) or not isinstance(tensors, (list, tuple)) or len(tensors) != 2:
+        return None
+    if m.arg(node, 1, "dim", 0) not in (2, -2) or m.rank(node) != 4:
+        return None
+    return tuple(tensors)
+
+
+def growing_caches(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The caches a graph grows: ``cat([past, new], dim=-2)`` whose ``past`` is a graph input
+    (what a Hugging Face ``DynamicCache`` or a hand-written tuple cache traces to at a decode step)."""
+    return [node for node in gm.graph.nodes
+            if (parts := cache_append(node)) is not None and isinstance(parts[0], torch.fx.Node)
+            and parts[0].op == "placeholder"]
+
+
 def is_tail_slice(node: torch.fx.Node) -> bool:
     """``x[:, :, a:, :]`` with only the token dimension sliced: a window kept from the end."""
     if node.op != "call_function" or node.target is not operator.getitem:
@@ -106,12 +124,12 @@ class BindKVCache(GraphPass):
             site.skip(f"{what} ({node.name}) does not come from a cache write "
                       "(torch.cat([past, new], dim=-2)); this graph keeps no KV cache at this site")
             return None
-        tensors = node.args[0]
-        dim = m.arg(node, 1, "dim", 0)
-        if len(tensors) != 2 or dim not in (2, -2) or m.rank(node) != 4:
-            site.skip(f"{what} is {node.name} = cat of {len(tensors)} tensors on dim {dim}, not cat([past, new], dim=-2) of 4-D KV")
+        parts = cache_append(node)
+        if parts is None:
+            site.skip(f"{what} is {node.name} = cat of {len(node.args[0])} tensors on dim {m.arg(node, 1, 'dim', 0)}, "
+                      "not cat([past, new], dim=-2) of 4-D KV")
             return None
-        past, new = tensors
+        past, new = parts
         if not isinstance(past, torch.fx.Node) or not (past.op == "placeholder" or _is_empty(past)):
             site.skip(f"past {what} ({getattr(past, 'name', past)}) is neither a graph input nor empty")
             return None

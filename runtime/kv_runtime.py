@@ -12,6 +12,7 @@ import os
 import tempfile
 import threading
 import time
+import types
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
@@ -147,19 +148,21 @@ class KVRuntime:
               event: Optional[str] = None):
         """Time a stage (and put it on the timeline, as ``event`` if given); if it fails, release
         the session's KV (blocks, files, plans) before the error leaves, so a failed generation
-        holds nothing after its error."""
+        holds nothing after its error. Yields the span: a stage that learns its session inside
+        (opening a step) sets ``span.session_id``."""
         t0 = time.perf_counter()
+        span = types.SimpleNamespace(session_id=session_id)
         try:
-            yield
+            yield span
         except BaseException:
-            if session_id is not None:
-                self.release(session_id)
+            if span.session_id is not None:
+                self.release(span.session_id)
             raise
         finally:
             t1 = time.perf_counter()
             self.add_seconds(stage, t1 - t0)
             if self.tracer.enabled:
-                self.trace(event or stage, t0, t1, session_id, layer)
+                self.trace(event or stage, t0, t1, span.session_id, layer)
 
     def add_seconds(self, stage: str, seconds: float, background: bool = False) -> None:
         """Count ``seconds`` of ``stage``: on the critical path, or in the background (the

@@ -99,16 +99,22 @@ def run_steps(fn, x_steps, w):
     return outs
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda f: f.__name__)
-def test_attention_spellings_are_rewritten_and_exact(variant):
+def eager_and_compiled(variant, prompt, decode_steps, options):
+    """Outputs of ``variant``'s model step, eager and compiled with kvdrive, over a prompt of
+    ``prompt`` tokens and ``decode_steps`` one-token steps (batch 2, fresh random weights)."""
     torch.manual_seed(0)
     w = [torch.randn(32, HQ * D) * 0.2, torch.randn(32, HKV * D) * 0.2, torch.randn(32, HKV * D)]
-    steps = [torch.randn(2, 40, 32)] + [torch.randn(2, 1, 32) for _ in range(5)]
+    steps = [torch.randn(2, prompt, 32)] + [torch.randn(2, 1, 32) for _ in range(decode_steps)]
     step = make_step(variant)
     ref = run_steps(step, steps, w)
-    compiled = torch.compile(step, backend="kvdrive", options={"device_memory": "128KiB", "host_memory": 4096})
     with torch.no_grad():
-        out = run_steps(compiled, steps, w)
+        out = run_steps(torch.compile(step, backend="kvdrive", options=options), steps, w)
+    return ref, out
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda f: f.__name__)
+def test_attention_spellings_are_rewritten_and_exact(variant):
+    ref, out = eager_and_compiled(variant, 40, 5, {"device_memory": "128KiB", "host_memory": 4096})
     c = kvdrive_compile.counters
     assert c.sites_rewritten == c.graphs and c.sites_skipped == 0 and c.caches_unclaimed == 0, c
     for a, b in zip(ref, out):
@@ -152,14 +158,8 @@ def v_grouped_einsum(q, k, v, t, p):
 def test_attention_kvdrive_cannot_apply_is_reported_not_silently_left(variant, says, caplog):
     """A cache the model grows but kvdrive does not keep is exact but outside the budgets: a
     WARNING per graph says so (and why), and the counters show it; never silence."""
-    torch.manual_seed(0)
-    w = [torch.randn(32, HQ * D) * 0.2, torch.randn(32, HKV * D) * 0.2, torch.randn(32, HKV * D)]
-    steps = [torch.randn(2, 12, 32)] + [torch.randn(2, 1, 32) for _ in range(2)]
-    step = make_step(variant)
-    ref = run_steps(step, steps, w)
-    compiled = torch.compile(step, backend="kvdrive", options={"device_memory": "128KiB", "token_budget": 8})
-    with caplog.at_level(logging.WARNING, logger="kvdrive_compile.backend"), torch.no_grad():
-        out = run_steps(compiled, steps, w)
+    with caplog.at_level(logging.WARNING, logger="kvdrive_compile.backend"):
+        ref, out = eager_and_compiled(variant, 12, 2, {"device_memory": "128KiB", "token_budget": 8})
     for a, b in zip(ref, out):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     c = kvdrive_compile.counters
