@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -44,7 +45,9 @@ class VerifyGraph(GraphPass):
                 values.append(mode.from_tensor(example_inputs[i]))
             else:
                 values.append(v if v is not None else (example_inputs[i] if i < len(example_inputs) else None))
-        with mode:
+        # the python dispatcher, as Dynamo traces with: some ops' meta functions (baddbmm's
+        # broadcast of its input) handle symbolic sizes only through it
+        with mode, enable_python_dispatcher():
             FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*values)
         for n in gm.graph.nodes:
             if "example_value" not in n.meta and "val" in n.meta:

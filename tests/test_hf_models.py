@@ -160,3 +160,21 @@ def test_soft_capped_attention_is_left_exact_with_a_warning(caplog):
     c = kvdrive_compile.counters
     assert c.sites_found == c.sites_skipped >= 4 and c.sites_rewritten == 0, c
     assert any("tanh" in r.message and "stays in the model" in r.message for r in caplog.records)
+
+
+def test_alibi_baddbmm_attention_runs_exact_and_is_reported(caplog):
+    """Bloom scores with ``alibi.baddbmm(q, k^T)`` on 3-D tensors, a form kvdrive does not
+    rewrite: the model still compiles (the verify pass propagates shapes as Dynamo does, so the
+    op's symbolic broadcast works), answers exactly, and its caches are reported as not kept."""
+    import logging
+
+    cfg = tf.BloomConfig(n_layer=2, n_head=4, hidden_size=64, vocab_size=128)
+    torch.manual_seed(0)
+    model = tf.BloomForCausalLM._from_config(cfg, attn_implementation="eager").eval().to(DEVICE)
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    kvdrive_compile.counters.reset()
+    with caplog.at_level(logging.WARNING, logger="kvdrive_compile.backend"):
+        ref, out = greedy_both(model, ids, 5, attention_mask=torch.ones_like(ids), **BUDGETS)
+    assert torch.equal(ref, out)
+    assert kvdrive_compile.counters.caches_unclaimed >= 4
+    assert any("feed no attention kvdrive recognises" in r.message for r in caplog.records)
