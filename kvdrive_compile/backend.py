@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import operator
 import re
 import threading
 import time
@@ -89,7 +88,8 @@ def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
                       layer_ids=_layer_ids.setdefault(rid, {}), prefetch_depth=opts.prefetch_depth,
                       dump_dir=opts.dump_dir, example_inputs=list(example_inputs), is_standin=is_standin,
                       cpu_linears_how=opts.cpu_linears, compile_rest=opts.compile_rest)
-    growing = growing_caches(gm)       # before the rewrite, which leaves the caches' cats dead
+    # before the rewrite, which leaves the caches' cats dead: each cat and its past's name
+    growing = {c: c.args[0][0].name for c in growing_caches(gm)}
     PassManager(default_passes()).run(gm, ctx)
     compiled = compile_rest(gm, example_inputs, opts.compile_rest, ctx.graph_index)
     _report_skips(ctx)                 # after Inductor: a restart it asks for compiles this graph again
@@ -212,33 +212,26 @@ def _without_alias_check(compiled: Callable) -> Callable:
 
 # -- sites left as they were ---------------------------------------------------------------------
 
-def _written_in_place(node: torch.fx.Node) -> bool:
-    """An in-place op (``index_copy_``, ``copy_``: torch names them with one trailing ``_``) or
-    slice assignment writes to ``node``."""
-    return any(u.target is operator.setitem or (u.op == "call_method" and str(u.target).endswith("_")
-                                                 and not str(u.target).endswith("__")) for u in node.users)
-
-
 def _keeps_growing_cache(site: AttentionSite) -> bool:
-    """Whether a skipped site's K/V is a cache kvdrive should have kept: appended to by a cat, or a
-    graph input written in place (a static cache). A cache input only read (an encoder's K/V for
-    cross-attention) or K/V computed in the graph hold nothing that grows."""
+    """Whether a skipped site's K/V is a cache kvdrive should have kept: a view, layout change or
+    head repetition of a growing cache (an input appended to by a cat, or written in place: a
+    static cache). A cache input only read (an encoder's K/V for cross-attention) or K/V computed
+    in the graph hold nothing that grows."""
     if site.reason.startswith("cross-attention"):
         return False
-    return any(m.is_call(kv, m.CAT_FNS) or (isinstance(kv, torch.fx.Node) and kv.op == "placeholder"
-                                              and _written_in_place(kv)) for kv in (site.k, site.v))
+    return bool(site.caches)
 
 
-def _report_unclaimed(ctx: PassContext, growing: list[torch.fx.Node]) -> None:
+def _report_unclaimed(ctx: PassContext, growing: dict[torch.fx.Node, str]) -> None:
     """One WARNING per graph for the caches it grows that no attention site (rewritten or left as
     it was, which ``_report_skips`` reported) reads: attention kvdrive does not recognise (a custom
     attention op, einsum scores, ...), whose KV stays in the model's own cache, outside kvdrive's
     tiers and memory budgets."""
-    claimed = {kv for site in ctx.sites for kv in (site.k, site.v)}        # a bound site's K/V is its cat
-    unclaimed = [c for c in growing if c not in claimed]
+    claimed = {c for site in ctx.sites for c in site.caches}
+    unclaimed = [past for c, past in growing.items() if c not in claimed]
     if not unclaimed:
         return
-    names = ", ".join(c.args[0][0].name for c in unclaimed[:4]) + (f", +{len(unclaimed) - 4} more" if len(unclaimed) > 4 else "")
+    names = ", ".join(unclaimed[:4]) + (f", +{len(unclaimed) - 4} more" if len(unclaimed) > 4 else "")
     reason = (f"kvdrive: graph {ctx.graph_index}: {len(unclaimed)} K/V cache(s) grow here ({names}) but feed no "
               "attention kvdrive recognises (softmax(q @ k^T ...) @ v or scaled_dot_product_attention); they stay "
               "in the model's own cache: exact, but outside kvdrive's tiers, and device_memory / host_memory / "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx
@@ -22,7 +22,6 @@ from .sites import AttentionSite, KVBinding
 
 log = logging.getLogger(__name__)
 
-_INPLACE_WRITES = {"index_copy_", "copy_", "index_put_", "scatter_", "__setitem__"}
 
 
 def _is_empty(node: torch.fx.Node) -> bool:
@@ -34,12 +33,15 @@ def _is_empty(node: torch.fx.Node) -> bool:
 
 
 def _static_cache_write(node: torch.fx.Node) -> Optional[str]:
-    """How ``node`` (a graph input) is written in place, if it is."""
+    """How ``node`` (a graph input) is written in place, if it is: slice assignment, or an
+    in-place op (``index_copy_``, ``copy_``, ``index_put_``: torch names them with one trailing ``_``)."""
     for u in node.users:
-        if u.op == "call_method" and u.target in _INPLACE_WRITES:
-            return u.target
-        if u.op == "call_function" and u.target in (operator.setitem, torch.Tensor.index_copy_):
-            return "slice assignment" if u.target is operator.setitem else "index_copy_"
+        if u.op == "call_function" and u.target is operator.setitem:
+            return "slice assignment"
+        name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+        if u.op in ("call_method", "call_function") and name.endswith("_") and not name.endswith("__") \
+                and u.args and u.args[0] is node:
+            return name
     return None
 
 
@@ -63,11 +65,41 @@ def cache_append(node: torch.fx.Node) -> Optional[tuple]:
 
 
 def growing_caches(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """The caches a graph grows: ``cat([past, new], dim=-2)`` whose ``past`` is a graph input
-    (what a Hugging Face ``DynamicCache`` or a hand-written tuple cache traces to at a decode step)."""
-    return [node for node in gm.graph.nodes
-            if (parts := cache_append(node)) is not None and isinstance(parts[0], torch.fx.Node)
-            and parts[0].op == "placeholder"]
+    """The caches a graph grows: ``cat([past, new])`` along a token axis whose ``past`` is a graph
+    input (what a Hugging Face ``DynamicCache`` or a hand-written tuple cache traces to at a
+    decode step). Wider than the appends kvdrive binds (dim -2 of ``[B, H, T, D]``): a cache kept
+    as ``[B, T, H, D]``, ``[T, B, H, D]`` or ``[B, T, C]`` grows too, and must be reported when
+    kvdrive does not keep it. The last dim (features) and 2-D tensors (ids, masks) never are."""
+    return [node for node in gm.graph.nodes if _appends_to_input(node)]
+
+
+def _appends_to_input(node: torch.fx.Node) -> bool:
+    tensors = node.args[0] if node.args else None
+    if not m.is_call(node, m.CAT_FNS) or not isinstance(tensors, (list, tuple)) or len(tensors) != 2:
+        return False
+    past, ndim = tensors[0], m.rank(node)
+    value = m.tensor_meta(node)
+    if not isinstance(past, torch.fx.Node) or past.op != "placeholder" or ndim not in (3, 4, 5):
+        return False
+    return value is not None and value.dtype.is_floating_point and not m.is_last_dim(m.arg(node, 1, "dim", 0), ndim)
+
+
+def cache_source(node: Any) -> Optional[torch.fx.Node]:
+    """The growing cache (a ``growing_caches`` cat, or a graph input written in place: a static
+    cache) that ``node`` is a view, layout change, head repetition or cast of; None if none."""
+    seen = 0
+    while isinstance(node, torch.fx.Node) and seen < 16:
+        if _appends_to_input(node) or (node.op == "placeholder" and _static_cache_write(node) is not None):
+            return node
+        if not (m.is_call(node, m.REPEAT_FNS | LAYOUT_FNS, m.REPEAT_METHODS | m.CAST_METHODS | LAYOUT_METHODS)
+                and node.args and isinstance(node.args[0], torch.fx.Node)):
+            return None
+        node, seen = node.args[0], seen + 1
+    return None
+
+
+LAYOUT_FNS = {torch.transpose, torch.permute, torch.swapaxes, torch.movedim}
+LAYOUT_METHODS = {"transpose", "permute", "swapaxes", "movedim", "mT"}
 
 
 def is_tail_slice(node: torch.fx.Node) -> bool:
@@ -81,6 +113,12 @@ def is_tail_slice(node: torch.fx.Node) -> bool:
     return full and idx[2].step is None and idx[2].stop is None
 
 
+def _describe_source(source: torch.fx.Node) -> str:
+    if m.is_call(source, m.CAT_FNS):
+        return f"cat on dim {m.arg(source, 1, 'dim', 0)}"
+    return f"written in place by {_static_cache_write(source)}"
+
+
 def _tokens(node: torch.fx.Node):
     """The token count (dim -2) of a 4-D tensor node: an int or a SymInt."""
     return m.tensor_meta(node).shape[-2]
@@ -91,6 +129,9 @@ class BindKVCache(GraphPass):
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         for site in ctx.sites:
+            # read before the rewrite, which leaves the caches' cats dead: the report of caches
+            # kvdrive does not keep needs them for skipped sites too
+            site.caches = tuple(c for c in (cache_source(site.k), cache_source(site.v)) if c is not None)
             if site.ok:
                 self._bind(site)
             if not site.ok:
@@ -119,6 +160,13 @@ class BindKVCache(GraphPass):
                 site.skip(f"static KV cache ({what} written in place by {how}) is not supported yet")
             else:
                 site.skip(f"{what} is a graph input with no cache write: no KV cache to keep")
+            return None
+        source = cache_source(node)
+        if not m.is_call(node, m.CAT_FNS) and source is not None:
+            shape = tuple(m.tensor_meta(source).shape)
+            site.skip(f"{what} ({node.name}) is a view or layout change of the cache {source.name} "
+                      f"({_describe_source(source)} of {shape}); kvdrive keeps caches appended as "
+                      "cat([past, new], dim=-2) of [batch, heads, tokens, head_dim] (store the cache in that layout)")
             return None
         if not m.is_call(node, m.CAT_FNS):
             site.skip(f"{what} ({node.name}) does not come from a cache write "

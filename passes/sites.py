@@ -53,6 +53,7 @@ class AttentionSite:
     k_bind: Optional[KVBinding] = None
     v_bind: Optional[KVBinding] = None
     keeps_last: bool = False
+    caches: tuple = ()          # the growing caches K and V are views of (``bind_kv_cache.cache_source``)
     rewritten: bool = False
     reason: str = ""
 
@@ -64,7 +65,8 @@ class AttentionSite:
         return not self.reason
 
     def binding(self) -> str:
-        if self.k_bind is None:
+        if self.k_bind is None and self.v_bind is None:
             return "-"
         window = ", keeps last tokens (sliding window)" if self.keeps_last else ""
-        return f"K {self.k_bind.describe()}; V {self.v_bind.describe()}{window}"
+        k, v = (b.describe() if b is not None else "no cache write" for b in (self.k_bind, self.v_bind))
+        return f"K {k}; V {v}{window}"

@@ -79,19 +79,26 @@ VARIANTS = [v_sdpa_gqa, v_sdpa_repeat_kv_bool_mask, v_matmul_div_add, v_at_metho
             v_tensor_scale_where, v_einsum_scale_first, v_bmm]
 
 
-def make_step(variant):
+def make_step(variant, token_major=False):
+    """A model step whose cache is ``[B, Hkv, T, D]`` appended on dim -2, or with ``token_major``
+    ``[B, T, Hkv, D]`` appended on dim 1 (transposed for the attention)."""
     def step(x, past_k, past_v, wq, wk, wv):
         b, t, _ = x.shape
         q = (x @ wq).view(b, t, HQ, D).transpose(1, 2)
-        k = torch.cat([past_k, (x @ wk).view(b, t, HKV, D).transpose(1, 2)], dim=-2)
-        v = torch.cat([past_v, (x @ wv).view(b, t, HKV, D).transpose(1, 2)], dim=-2)
-        out = variant(q, k, v, t, past_k.shape[-2])
+        k_new, v_new = (x @ wk).view(b, t, HKV, D), (x @ wv).view(b, t, HKV, D)
+        if token_major:
+            k, v = torch.cat([past_k, k_new], dim=1), torch.cat([past_v, v_new], dim=1)
+            out = variant(q, k.transpose(1, 2), v.transpose(1, 2), t, past_k.shape[1])
+        else:
+            k = torch.cat([past_k, k_new.transpose(1, 2)], dim=-2)
+            v = torch.cat([past_v, v_new.transpose(1, 2)], dim=-2)
+            out = variant(q, k, v, t, past_k.shape[-2])
         return out.sum(1), k, v
     return step
 
 
-def run_steps(fn, x_steps, w):
-    past_k = past_v = torch.zeros(2, HKV, 0, D)
+def run_steps(fn, x_steps, w, token_major=False):
+    past_k = past_v = torch.zeros((2, 0, HKV, D) if token_major else (2, HKV, 0, D))
     outs = []
     for x in x_steps:
         out, past_k, past_v = fn(x, past_k, past_v, *w)
@@ -99,16 +106,16 @@ def run_steps(fn, x_steps, w):
     return outs
 
 
-def eager_and_compiled(variant, prompt, decode_steps, options):
+def eager_and_compiled(variant, prompt, decode_steps, options, token_major=False):
     """Outputs of ``variant``'s model step, eager and compiled with kvdrive, over a prompt of
     ``prompt`` tokens and ``decode_steps`` one-token steps (batch 2, fresh random weights)."""
     torch.manual_seed(0)
     w = [torch.randn(32, HQ * D) * 0.2, torch.randn(32, HKV * D) * 0.2, torch.randn(32, HKV * D)]
     steps = [torch.randn(2, prompt, 32)] + [torch.randn(2, 1, 32) for _ in range(decode_steps)]
-    step = make_step(variant)
-    ref = run_steps(step, steps, w)
+    step = make_step(variant, token_major)
+    ref = run_steps(step, steps, w, token_major)
     with torch.no_grad():
-        out = run_steps(torch.compile(step, backend="kvdrive", options=options), steps, w)
+        out = run_steps(torch.compile(step, backend="kvdrive", options=options), steps, w, token_major)
     return ref, out
 
 
@@ -152,14 +159,23 @@ def v_grouped_einsum(q, k, v, t, p):
     return torch.einsum("bhgqk,bhkd->bhgqd", s.softmax(-1), v).reshape(q.shape[0], HQ, t, D)
 
 
-@pytest.mark.parametrize("variant, says", [(v_softcapped, "the scores pass through tanh"),
-                                           (v_grouped_einsum, "feed no attention kvdrive recognises")],
-                         ids=["softcapped", "grouped-einsum"])
-def test_attention_kvdrive_cannot_apply_is_reported_not_silently_left(variant, says, caplog):
+def v_scaled_values(q, k, v, t, p):
+    """V scaled after the cache: the attention's V is not the cache's, so kvdrive cannot keep it."""
+    s = torch.matmul(q, repeat_kv(k, 2).transpose(2, 3)) * D ** -0.5 + causal_bias(t, p)
+    return torch.matmul(s.softmax(-1), repeat_kv(v, 2) * 2.0)
+
+
+@pytest.mark.parametrize("variant, token_major, says", [
+    (v_softcapped, False, "the scores pass through tanh"),
+    (v_grouped_einsum, False, "feed no attention kvdrive recognises"),
+    (v_scaled_values, False, "V (mul"),
+    (v_sdpa_gqa, True, "is a view or layout change of the cache")],
+    ids=["softcapped", "grouped-einsum", "scaled-values", "token-major-cache"])
+def test_attention_kvdrive_cannot_apply_is_reported_not_silently_left(variant, token_major, says, caplog):
     """A cache the model grows but kvdrive does not keep is exact but outside the budgets: a
     WARNING per graph says so (and why), and the counters show it; never silence."""
     with caplog.at_level(logging.WARNING, logger="kvdrive_compile.backend"):
-        ref, out = eager_and_compiled(variant, 12, 2, {"device_memory": "128KiB", "token_budget": 8})
+        ref, out = eager_and_compiled(variant, 12, 2, {"device_memory": "128KiB", "token_budget": 8}, token_major)
     for a, b in zip(ref, out):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     c = kvdrive_compile.counters
