@@ -130,20 +130,24 @@ class FindAttentionSites(GraphPass):
             return None
         chain = [sm]
         # forward: softmax -> casts / inference dropout -> matmul(p, v)
-        p, out = sm, None
+        p, out, weights_read = sm, None, []
         while True:
             users = list(p.users)
+            pv_users = [u for u in users if self._probs_times_v(u, p) is not None]
             if len(users) != 1:
-                return None
+                if len(pv_users) != 1:
+                    return None
+                # the weights also go elsewhere (returned with output_attentions=True, ...):
+                # still the attention, reported as left as it was, never silently
+                weights_read += [u for u in users if u is not pv_users[0]]
+                users = pv_users
             u = users[0]
             if m.is_call(u, set(), m.CAST_METHODS) or _is_inference_dropout(u):
                 chain.append(u)
                 p = u
                 continue
-            if m.is_call(u, m.MATMUL_FNS, m.MATMUL_METHODS) and u.args[0] is p:
-                out, v = u, u.args[1]
-            elif (pv := m.einsum_operands(u)) is not None and pv[0] == "pv" and pv[1] is p:
-                out, v = u, pv[2]
+            if (pv := self._probs_times_v(u, p)) is not None:
+                out, v = u, pv
             break
         if out is None:
             return None
@@ -177,6 +181,9 @@ class FindAttentionSites(GraphPass):
             chain += [s, s.args[1]]
         ops.reverse()                                          # matmul -> softmax order
         site = AttentionSite(index, out, "softmax", layer_name(out), is_causal=False)
+        if weights_read:
+            site.skip(f"the attention weights are also read by {', '.join(u.name for u in weights_read)} "
+                      "(output_attentions=True returns them), which kvdrive's kernels do not produce")
         if unknown:
             names = ", ".join(dict.fromkeys(_op_name(u) for u in reversed(unknown)))
             site.skip(f"the scores pass through {names} between q @ k^T and the softmax (logit soft-capping?), "
@@ -189,6 +196,15 @@ class FindAttentionSites(GraphPass):
         site.v = strip_head_repeat(self._to_4d(v, site, chain_out=site.chain), site.chain)
         self._check_shapes(site)
         return site
+
+    @staticmethod
+    def _probs_times_v(u: torch.fx.Node, p: torch.fx.Node) -> Optional[torch.fx.Node]:
+        """v, if ``u`` is ``p @ v`` (matmul, bmm or einsum)."""
+        if m.is_call(u, m.MATMUL_FNS, m.MATMUL_METHODS) and u.args[0] is p:
+            return u.args[1]
+        if (pv := m.einsum_operands(u)) is not None and pv[0] == "pv" and pv[1] is p:
+            return pv[2]
+        return None
 
     @staticmethod
     def _score_op(s: torch.fx.Node):

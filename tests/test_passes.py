@@ -184,6 +184,36 @@ def test_attention_kvdrive_cannot_apply_is_reported_not_silently_left(variant, t
     assert len(warned) == c.graphs >= 2, warned          # each graph's own warning, decode steps included
 
 
+def test_attention_whose_weights_are_returned_is_left_exact_with_a_warning(caplog):
+    """output_attentions=True returns the softmax weights, which kvdrive's kernels do not
+    produce: the site is left as it was (exact, weights included) and a WARNING says why."""
+    def step(x, past_k, past_v, wq, wk, wv):
+        b, t, _ = x.shape
+        q = (x @ wq).view(b, t, HQ, D).transpose(1, 2)
+        k = torch.cat([past_k, (x @ wk).view(b, t, HKV, D).transpose(1, 2)], dim=-2)
+        v = torch.cat([past_v, (x @ wv).view(b, t, HKV, D).transpose(1, 2)], dim=-2)
+        s = q @ repeat_kv(k, 2).transpose(2, 3) * D ** -0.5 + causal_bias(t, past_k.shape[-2])
+        weights = s.softmax(-1)
+        return (weights @ repeat_kv(v, 2)).sum(1), weights, k, v
+
+    torch.manual_seed(0)
+    w = [torch.randn(32, HQ * D) * 0.2, torch.randn(32, HKV * D) * 0.2, torch.randn(32, HKV * D)]
+    xs = [torch.randn(2, 12, 32), torch.randn(2, 1, 32), torch.randn(2, 1, 32)]
+    compiled = torch.compile(step, backend="kvdrive", options={"device_memory": "128KiB", "token_budget": 8})
+    outs = {}
+    with caplog.at_level(logging.WARNING, logger="kvdrive_compile.backend"), torch.no_grad():
+        for name, fn in (("eager", step), ("kvdrive", compiled)):
+            past_k = past_v = torch.zeros(2, HKV, 0, D)
+            outs[name] = []
+            for x in xs:
+                out, weights, past_k, past_v = fn(x, past_k, past_v, *w)
+                outs[name] += [out, weights]
+    for a, b in zip(outs["eager"], outs["kvdrive"]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert kvdrive_compile.counters.sites_rewritten == 0
+    assert any("output_attentions" in r.message and "stays in the model" in r.message for r in caplog.records)
+
+
 def test_static_cache_is_recognised_and_left_alone(caplog):
     def step(x, cache_k, cache_v, pos, wk, wv):
         b, t, _ = x.shape
