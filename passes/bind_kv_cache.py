@@ -68,8 +68,9 @@ def growing_caches(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     """The caches a graph grows: ``cat([past, new])`` along a token axis whose ``past`` is a graph
     input (what a Hugging Face ``DynamicCache`` or a hand-written tuple cache traces to at a
     decode step). Wider than the appends kvdrive binds (dim -2 of ``[B, H, T, D]``): a cache kept
-    as ``[B, T, H, D]``, ``[T, B, H, D]`` or ``[B, T, C]`` grows too, and must be reported when
-    kvdrive does not keep it. The last dim (features) and 2-D tensors (ids, masks) never are."""
+    as ``[B, T, H, D]``, ``[T, B, H, D]``, ``[B, H, D, T]`` (keys transposed) or ``[B, T, C]``
+    grows too, and must be reported when kvdrive does not keep it. 2-D tensors (ids, masks) and
+    the last dim of 3-D ones (features) never are."""
     return [node for node in gm.graph.nodes if _appends_to_input(node)]
 
 
@@ -81,7 +82,10 @@ def _appends_to_input(node: torch.fx.Node) -> bool:
     value = m.tensor_meta(node)
     if not isinstance(past, torch.fx.Node) or past.op != "placeholder" or ndim not in (3, 4, 5):
         return False
-    return value is not None and value.dtype.is_floating_point and not m.is_last_dim(m.arg(node, 1, "dim", 0), ndim)
+    # the last dim of a 3-D tensor is its features (a state such as a convolution's window grows
+    # there too); of a 4-D one it can be the tokens of keys cached transposed ([B, H, D, T])
+    last = m.is_last_dim(m.arg(node, 1, "dim", 0), ndim)
+    return value is not None and value.dtype.is_floating_point and not (last and ndim == 3)
 
 
 def cache_source(node: Any) -> Optional[torch.fx.Node]:
