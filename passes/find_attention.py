@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 import operator
 import re
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 import torch.nn.functional as F
 
 from . import fx_match as m
@@ -181,6 +182,12 @@ class FindAttentionSites(GraphPass):
             chain += [s, s.args[1]]
         ops.reverse()                                          # matmul -> softmax order
         site = AttentionSite(index, out, "softmax", layer_name(out), is_causal=False)
+        for kind, other in ops:
+            factor = m.tensor_meta(other) if kind in ("mul", "div") else None
+            if factor is not None and factor.dim() >= 1 and not statically_known_true(factor.shape[-1] == 1):
+                site.skip(f"the scores are {'multiplied' if kind == 'mul' else 'divided'} by {other.name} "
+                          f"{tuple(factor.shape)}, which varies along the keys; kvdrive folds only factors "
+                          "constant across keys (a number, per head or per query) into the scale")
         if weights_read:
             site.skip(f"the attention weights are also read by {', '.join(u.name for u in weights_read)} "
                       "(output_attentions=True returns them), which kvdrive's kernels do not produce")
@@ -214,16 +221,12 @@ class FindAttentionSites(GraphPass):
         args = list(s.args)
         if m.is_call(s, *_MUL) and len(args) == 2 and not s.kwargs:
             a, b = args
-            if isinstance(a, torch.fx.Node) and m.rank(a) and m.rank(a) >= 3:
-                return "mul", a, b
-            return "mul", b, a
+            return ("mul", a, b) if _scores_side(a, b) else ("mul", b, a)
         if m.is_call(s, *_DIV) and len(args) == 2 and not s.kwargs:
             return "div", args[0], args[1]
         if m.is_call(s, *_ADD) and len(args) == 2 and not s.kwargs:
             a, b = args
-            scores_first = isinstance(a, torch.fx.Node) and m.rank(a) is not None and m.rank(a) >= 3 and \
-                (not isinstance(b, torch.fx.Node) or _depends_on_matmul(a))
-            return ("add", a, b) if scores_first else ("add", b, a)
+            return ("add", a, b) if _scores_side(a, b) else ("add", b, a)
         if m.is_call(s, *_SUB) and len(args) == 2 and not s.kwargs:
             return "sub", args[0], args[1]
         if m.is_call(s, *_WHERE) and len(args) == 3:
@@ -262,6 +265,15 @@ def _is_einsum_scores(node) -> bool:
 def _op_name(node: torch.fx.Node) -> str:
     target = node.target
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _scores_side(a: Any, b: Any) -> bool:
+    """Whether ``a`` (not ``b``) is the scores operand of ``a op b``: a tensor of rank >= 3, and
+    the one that comes from q @ k^T where both are tensors (a per-head factor ``[1, H, 1, 1]``
+    has rank 4 too, on either side)."""
+    if not (isinstance(a, torch.fx.Node) and m.rank(a) is not None and m.rank(a) >= 3):
+        return False
+    return not isinstance(b, torch.fx.Node) or _depends_on_matmul(a) or not _depends_on_matmul(b)
 
 
 def _depends_on_matmul(node: torch.fx.Node, depth: int = 12) -> bool:

@@ -75,8 +75,15 @@ def v_bmm(q, k, v, t, p):
     return torch.bmm(torch.softmax(s, -1), v3).reshape(b, HQ, t, D)
 
 
+def v_head_factor_first(q, k, v, t, p):
+    """A per-head temperature ``[1, H, 1, 1]`` on the left of the scores (folded into q)."""
+    temperature = torch.linspace(0.5, 1.5, HQ).view(1, HQ, 1, 1)
+    s = temperature * torch.matmul(q, repeat_kv(k, 2).transpose(2, 3)) + causal_bias(t, p)
+    return torch.softmax(s, -1) @ repeat_kv(v, 2)
+
+
 VARIANTS = [v_sdpa_gqa, v_sdpa_repeat_kv_bool_mask, v_matmul_div_add, v_at_method_softmax_masked_fill,
-            v_tensor_scale_where, v_einsum_scale_first, v_bmm]
+            v_tensor_scale_where, v_einsum_scale_first, v_bmm, v_head_factor_first]
 
 
 def make_step(variant, token_major=False):
@@ -165,12 +172,19 @@ def v_scaled_values(q, k, v, t, p):
     return torch.matmul(s.softmax(-1), repeat_kv(v, 2) * 2.0)
 
 
+def v_per_key_factor(q, k, v, t, p):
+    """Scores scaled per key ``[1, 1, 1, S]``: not a factor kvdrive can fold into q."""
+    s = torch.matmul(q, repeat_kv(k, 2).transpose(2, 3)) * torch.linspace(0.5, 1.5, p + t) + causal_bias(t, p)
+    return torch.softmax(s, -1) @ repeat_kv(v, 2)
+
+
 @pytest.mark.parametrize("variant, token_major, says", [
     (v_softcapped, False, "the scores pass through tanh"),
     (v_grouped_einsum, False, "feed no attention kvdrive recognises"),
     (v_scaled_values, False, "V (mul"),
-    (v_sdpa_gqa, True, "is a view or layout change of the cache")],
-    ids=["softcapped", "grouped-einsum", "scaled-values", "token-major-cache"])
+    (v_sdpa_gqa, True, "is a view or layout change of the cache"),
+    (v_per_key_factor, False, "which varies along the keys")],
+    ids=["softcapped", "grouped-einsum", "scaled-values", "token-major-cache", "per-key-factor"])
 def test_attention_kvdrive_cannot_apply_is_reported_not_silently_left(variant, token_major, says, caplog):
     """A cache the model grows but kvdrive does not keep is exact but outside the budgets: a
     WARNING per graph says so (and why), and the counters show it; never silence."""
