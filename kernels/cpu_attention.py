@@ -317,9 +317,19 @@ def _softmax_update(p, n, m, l, acc):
 
 
 @njit(inline="always", fastmath=_FASTMATH)
-def _attend_item(q_rows, scale, k_pool, v_pool, slots, ns, start, end, count, out, lse):
+def _soft_cap(p, n, softcap):
+    """p[:, :n] = softcap * tanh(p[:, :n] / softcap) (logit soft-capping, Gemma 2)."""
+    inv = _ONE / softcap
+    for r in range(p.shape[0]):
+        for t in range(n):
+            p[r, t] = softcap * np.tanh(p[r, t] * inv)
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _attend_item(q_rows, scale, softcap, k_pool, v_pool, slots, ns, start, end, count, out, lse):
     """q_rows: [R, D] fp32; slots, ns: the valid blocks (slot, tokens) of the thread's chunk,
-    ``count`` of them, this item's being ``start:end``.
+    ``count`` of them, this item's being ``start:end``; softcap > 0: the scores are soft-capped
+    to ``softcap * tanh(s / softcap)``.
     Writes out [R, D] (normalized) and lse [R] over this item's blocks."""
     _wide_vectors()
     rows, d_ = q_rows.shape
@@ -346,6 +356,8 @@ def _attend_item(q_rows, scale, k_pool, v_pool, slots, ns, start, end, count, ou
         steps = 2 * (n // 4) * (r4 // 4 + r_ - r4)            # _prefetch_some calls per block
         cursor[2] = -(-cursor[1] // max(1, steps))
         _scores(q, k_pool[slot], n, p, ahead)
+        if softcap > _ZERO:
+            _soft_cap(p, n, softcap)
         _softmax_update(p, n, m, l, acc)
         _accumulate(p, v_pool[slot], n, acc, ahead)
     for r in range(rows):                                      # the padding rows are dropped
@@ -360,7 +372,8 @@ def _attend_item(q_rows, scale, k_pool, v_pool, slots, ns, start, end, count, ou
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=_FASTMATH)
-def _attend_items(q, scale, k_pool, v_pool, block_table, block_lens, first, lo, hi, part_out, part_lse, chunks):
+def _attend_items(q, scale, softcap, k_pool, v_pool, block_table, block_lens, first, lo, hi, part_out, part_lse,
+                  chunks):
     """q: [B, Hkv, R, D] fp32; part_out: [n_items, R, D]; part_lse: [n_items, R]; chunks: the
     number of threads (numba's ``get_num_threads`` in here would keep the function out of the
     cache).
@@ -395,7 +408,7 @@ def _attend_items(q, scale, k_pool, v_pool, block_table, block_lens, first, lo, 
         start = 0
         for item in range(a, b):
             bh = rows[item - a]
-            _attend_item(q[bh // hkv, bh % hkv], scale, k_pool, v_pool, slots, ns, start, ends[item - a], count,
+            _attend_item(q[bh // hkv, bh % hkv], scale, softcap, k_pool, v_pool, slots, ns, start, ends[item - a], count,
                          part_out[item], part_lse[item])
             start = ends[item - a]
 
@@ -463,6 +476,7 @@ def cpu_partial_attention(
     block_table: torch.Tensor,
     block_lens: torch.Tensor,
     scale: float,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the blocks listed in ``block_table``, on CPU tensors.
 
@@ -470,7 +484,8 @@ def cpu_partial_attention(
     ``h // (Hq // Hkv)``; every query token sees every listed token, no causal mask);
     k_pool, v_pool: ``[num_slots, block_size, D]`` fp32/fp16/bf16;
     block_table: int32 ``[B, Hkv, NB]``, ``-1`` = unused; block_lens: int32 ``[B, Hkv, NB]``,
-    valid leading tokens of each listed block (1..block_size).
+    valid leading tokens of each listed block (1..block_size). softcap: logit soft-capping
+    (``softcap * tanh(scale * q.k / softcap)``, Gemma 2); 0: none.
     Returns ``out`` fp32 ``[B, Hq, D]`` / ``[B, Hq, Q, D]`` and ``lse`` fp32 natural-log
     ``[B, Hq]`` / ``[B, Hq, Q]``; a (sequence, KV head) with no block gives out 0, lse -inf.
 
@@ -494,11 +509,13 @@ def cpu_partial_attention(
     out, lse = make((b * hkv, rows, d), np.float32), make((b * hkv, rows), np.float32)
     with parallel_launch():
         if lo.shape[0] == b * hkv:                                      # one item per row: write in place
-            _attend_items(qn, np.float32(scale), kp, vp, table, lens, first, lo, hi, out, lse, threads)
+            _attend_items(qn, np.float32(scale), np.float32(softcap), kp, vp, table, lens, first, lo, hi, out, lse,
+                          threads)
         else:
             part_out = make((lo.shape[0], rows, d), np.float32)
             part_lse = make((lo.shape[0], rows), np.float32)
-            _attend_items(qn, np.float32(scale), kp, vp, table, lens, first, lo, hi, part_out, part_lse, threads)
+            _attend_items(qn, np.float32(scale), np.float32(softcap), kp, vp, table, lens, first, lo, hi, part_out,
+                          part_lse, threads)
             _merge_items(first, part_out, part_lse, out, lse)
     shape = (b, hq, d) if q.dim() == 3 else (b, hq, nq, d)
     return torch.from_numpy(out.reshape(shape)), torch.from_numpy(lse.reshape(shape[:-1]))

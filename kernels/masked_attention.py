@@ -21,6 +21,11 @@ def _causal_bias(nq: int, s: int, device: torch.device) -> torch.Tensor:
     return torch.zeros((nq, s), dtype=torch.float32, device=device).masked_fill_(~keep, float("-inf"))
 
 
+def soft_cap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Logit soft-capping (Gemma 2): ``softcap * tanh(scores / softcap)``; 0 leaves the scores."""
+    return scores if not softcap else torch.tanh(scores / softcap) * softcap
+
+
 def _fused_cpu(q, k, v, scale, bias, is_causal):
     g = q.shape[1] // k.shape[1]
     if g > 1:
@@ -31,13 +36,13 @@ def _fused_cpu(q, k, v, scale, bias, is_causal):
     return out, lse
 
 
-def _matmul(q, k, v, scale, bias, is_causal):
+def _matmul(q, k, v, scale, bias, is_causal, softcap=0.0):
     b, hq, nq, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     g = hq // hkv
     qf = q.float().reshape(b, hkv, g * nq, d)                              # [B, Hkv, G*Q, D]
     scores = torch.matmul(qf, k.float().transpose(-1, -2)) * scale        # [B, Hkv, G*Q, S]
-    scores = scores.reshape(b, hq, nq, s)
+    scores = soft_cap(scores, softcap).reshape(b, hq, nq, s)
     if is_causal:
         bias = _causal_bias(nq, s, q.device) if bias is None else bias + _causal_bias(nq, s, q.device)
     if bias is not None:
@@ -55,13 +60,15 @@ def attention_with_lse(
     scale: float,
     bias: Optional[torch.Tensor] = None,
     is_causal: bool = False,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``q`` over ``k, v`` with fp32 accumulation.
 
     q: ``[B, Hq, Q, D]``; k, v: ``[B, Hkv, S, D]`` with ``Hq % Hkv == 0`` (GQA/MQA: query head
     ``h`` reads KV head ``h // (Hq // Hkv)``); bias: additive fp32, broadcastable to
     ``[B, Hq, Q, S]``, ``-inf`` where a key is masked, or None; is_causal: query ``i`` also
-    sees only keys ``j <= i``. Returns ``out [B, Hq, Q, D]`` fp32 and ``lse [B, Hq, Q]`` fp32
+    sees only keys ``j <= i``; softcap: the scores (``scale * q @ k^T``) are soft-capped to
+    ``softcap * tanh(s / softcap)`` before the bias (0: not). Returns ``out [B, Hq, Q, D]`` fp32 and ``lse [B, Hq, Q]`` fp32
     (natural log); a row that sees no key gets ``out = 0``, ``lse = -inf``.
     """
     hq, hkv = q.shape[1], k.shape[1]
@@ -71,8 +78,10 @@ def attention_with_lse(
         b, _, nq, d = q.shape
         return (torch.zeros((b, hq, nq, d), dtype=torch.float32, device=q.device),
                 torch.full((b, hq, nq), float("-inf"), dtype=torch.float32, device=q.device))
-    fused = q.device.type == "cpu" and q.dtype != torch.float64
-    out, lse = (_fused_cpu if fused else _matmul)(q, k, v, scale, bias, is_causal)
+    if q.device.type == "cpu" and q.dtype != torch.float64 and not softcap:
+        out, lse = _fused_cpu(q, k, v, scale, bias, is_causal)
+    else:
+        out, lse = _matmul(q, k, v, scale, bias, is_causal, softcap)
     finite = torch.isfinite(lse)
     if bias is not None:                      # rows with no visible key (the fused kernel gives lse 0)
         visible = bias > float("-inf")

@@ -23,6 +23,7 @@ import torch
 
 from .cpu_attention import cpu_partial_attention
 from .launch_utils import multiprocessors, next_pow2
+from .masked_attention import soft_cap
 from .paged_layout import POISON_ENV, check_paged_args
 from .triton_launcher import CachedLauncher, launcher_for
 
@@ -65,6 +66,7 @@ def paged_attention_torch(
     block_table: torch.Tensor,
     block_lens: torch.Tensor,
     scale: float,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged attention by gathering the listed blocks; same contract as ``paged_attention``.
 
@@ -87,7 +89,7 @@ def paged_attention_torch(
     k = torch.where(valid.unsqueeze(-1), k_pool[slots.clamp_min(0)].reshape(b, hkv, nb * bs, d).float(), 0.0)
     v = torch.where(valid.unsqueeze(-1), v_pool[slots.clamp_min(0)].reshape(b, hkv, nb * bs, d).float(), 0.0)
     qf = q4.float().reshape(b, hkv, g * nq, d)                              # [B, Hkv, G*Q, D]
-    s = torch.matmul(qf, k.transpose(-1, -2)) * scale                      # [B, Hkv, G*Q, S]
+    s = soft_cap(torch.matmul(qf, k.transpose(-1, -2)) * scale, softcap)   # [B, Hkv, G*Q, S]
     s = s.masked_fill(~valid.unsqueeze(2), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)                                        # [B, Hkv, G*Q]
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
@@ -179,6 +181,7 @@ def paged_attention_triton(
     block_table: torch.Tensor,
     block_lens: torch.Tensor,
     scale: float,
+    softcap: float = 0.0,
     launch: LaunchConfig = DEFAULT_LAUNCH,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paged attention read straight from the pools; same contract as ``paged_attention``.
@@ -204,8 +207,9 @@ def paged_attention_triton(
         part_out, part_lse = out, lse
     else:
         part_out, part_lse = _out_and_lse(plan.scratch_shape, q.device, poison)
-    split(plan.split_grid, (q_rows, k_pool, v_pool, table, lens, part_out, part_lse, scale * _LOG2E, *plan.split_ints),
-          plan.split_constexprs, plan.split_options)
+    split(plan.split_grid, (q_rows, k_pool, v_pool, table, lens, part_out, part_lse, scale * _LOG2E,
+                            float(softcap or 1.0), *plan.split_ints),
+          {**plan.split_constexprs, "SOFTCAP": bool(softcap)}, plan.split_options)
     if plan.nsplit > 1:
         merge(plan.merge_grid, (part_out, part_lse, out, lse, *plan.merge_ints),
               plan.merge_constexprs, plan.merge_options)
@@ -222,6 +226,7 @@ def paged_attention(
     block_lens: torch.Tensor,
     scale: float,
     backend: Optional[str] = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``q`` over the K/V blocks listed in ``block_table``.
 
@@ -231,7 +236,8 @@ def paged_attention(
     k_pool, v_pool: ``[num_slots, block_size, D]`` fp32/fp16/bf16, contiguous.
     block_table: int32 ``[B, Hkv, NB]``, slot per entry, ``-1`` = unused (anywhere);
     block_lens: int32 ``[B, Hkv, NB]``, valid leading tokens of each listed block.
-    scale: softmax scale.
+    scale: softmax scale. softcap: logit soft-capping, ``softcap * tanh(scale * q.k / softcap)``
+    (Gemma 2); 0: none.
     backend: None picks Triton for CUDA tensors and the numba kernel of kernels/cpu_attention.py
     for CPU tensors (5-6x faster than the torch gather on this project's CPU at SmolLM2's decode
     shapes); "triton", "numba" or "torch" forces one.
@@ -241,9 +247,9 @@ def paged_attention(
     if backend is None:
         backend = "triton" if q.is_cuda else "numba"
     if backend == "triton":
-        return paged_attention_triton(q, k_pool, v_pool, block_table, block_lens, scale)
+        return paged_attention_triton(q, k_pool, v_pool, block_table, block_lens, scale, softcap)
     if backend == "numba":
-        return cpu_partial_attention(q, k_pool, v_pool, block_table, block_lens, scale)
+        return cpu_partial_attention(q, k_pool, v_pool, block_table, block_lens, scale, softcap=softcap)
     if backend == "torch":
-        return paged_attention_torch(q, k_pool, v_pool, block_table, block_lens, scale)
+        return paged_attention_torch(q, k_pool, v_pool, block_table, block_lens, scale, softcap)
     raise ValueError(f"backend={backend!r} is not known: use None, 'triton', 'numba' or 'torch'")

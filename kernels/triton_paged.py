@@ -15,6 +15,7 @@ def split_kernel(
     table_ptr, lens_ptr,    # int32 [B*Hkv, NB]
     out_ptr, lse_ptr,       # fp32 [B*Hkv, NSPLIT, R, D], [B*Hkv, NSPLIT, R]
     qk_scale,               # softmax scale * log2(e): scores are kept in base 2
+    softcap,                # logit soft-capping's cap (natural-log units), read where SOFTCAP
     R, D, BS, NB, BLOCKS_PER_SPLIT,
     ROWS: tl.constexpr,         # R padded to a power of two >= 16
     HEAD_DIM: tl.constexpr,     # D padded to a power of two
@@ -22,6 +23,7 @@ def split_kernel(
     BLOCKS_PER_STEP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee": fp32 pools get exact dots, not tf32
     UPCAST_DOTS: tl.constexpr,    # dot in fp32 (the interpreter cannot dot bf16: triton#11584)
+    SOFTCAP: tl.constexpr = False,  # scores softcap * tanh(s / softcap) (Gemma 2), s in natural log units
 ):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -58,6 +60,9 @@ def split_kernel(
         if UPCAST_DOTS:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale        # [ROWS, TOKENS]
+        if SOFTCAP:         # in base 2: cap * log2(e) * tanh(s / (cap * log2(e))); tanh(x) = 2 sigmoid(2x) - 1
+            cap2 = softcap * 1.4426950408889634
+            s = cap2 * (2.0 * tl.sigmoid(2.0 * s / cap2) - 1.0)
         s = tl.where(tok_ok[None, :], s, float("-inf"))
         # -- update m_i and l_i --
         m_new = tl.maximum(m_i, tl.max(s, axis=1))

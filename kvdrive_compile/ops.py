@@ -166,20 +166,21 @@ def _(plan, ahead):
 
 
 @torch.library.custom_op("kvdrive::host_attention", mutates_args=())
-def host_attention(plan: Tensor, q: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool) -> Tensor:
+def host_attention(plan: Tensor, q: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
+                   softcap: float = 0.0) -> Tensor:
     """Start attention over the plan's host- and disk-resident blocks on the CPU worker, where
     they lie (the merge waits for it). mask: bool (True = attend) or additive, broadcastable to
-    ``[B, Hq, Q, P + n]``. Returns the plan."""
+    ``[B, Hq, Q, P + n]``; softcap: logit soft-capping (0: none). Returns the plan."""
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
     p = site_step.plan_of(rt, sid, pid)
     with rt.timed("cpu_attention", sid, p.layer.layer, event="cpu_start"):
-        site_step.start_host_attention(rt, p, q, site_step.step_mask(p, mask, is_causal), scale)
+        site_step.start_host_attention(rt, p, q, site_step.step_mask(p, mask, is_causal, softcap), scale)
     return plan.clone()
 
 
 @host_attention.register_fake
-def _(plan, q, mask, scale, is_causal):
+def _(plan, q, mask, scale, is_causal, softcap=0.0):
     return _fake_handle(3)
 
 
@@ -190,18 +191,19 @@ def _fake_partial(q: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("kvdrive::sparse_attention", mutates_args=())
 def sparse_attention(plan: Tensor, q: Tensor, k_new: Tensor, v_new: Tensor, mask: Optional[Tensor],
-                     scale: float, is_causal: bool) -> tuple[Tensor, Tensor]:
+                     scale: float, is_causal: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """Attention over the plan's device-resident blocks (on a prefill: the new tokens)."""
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
     p = site_step.plan_of(rt, sid, pid)
     with rt.timed("device_attention", sid, p.layer.layer):
-        out, lse = site_step.device_attention(rt, p, q, k_new, v_new, site_step.step_mask(p, mask, is_causal), scale)
+        out, lse = site_step.device_attention(rt, p, q, k_new, v_new,
+                                              site_step.step_mask(p, mask, is_causal, softcap), scale)
     return out.contiguous(), lse.contiguous()
 
 
 @sparse_attention.register_fake
-def _(plan, q, k_new, v_new, mask, scale, is_causal):
+def _(plan, q, k_new, v_new, mask, scale, is_causal, softcap=0.0):
     return _fake_partial(q)
 
 

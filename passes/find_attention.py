@@ -163,6 +163,7 @@ class FindAttentionSites(GraphPass):
                         or not isinstance(s.args[0], torch.fx.Node) or s.op not in ("call_function", "call_method"):
                     return None
                 unknown.append(s)
+                ops.append(("unknown", s))
                 chain.append(s)
                 s = _through_casts(s.args[0], chain)
                 continue
@@ -182,6 +183,11 @@ class FindAttentionSites(GraphPass):
             chain += [s, s.args[1]]
         ops.reverse()                                          # matmul -> softmax order
         site = AttentionSite(index, out, "softmax", layer_name(out), is_causal=False)
+        if len(unknown) == 1 and _is_tanh(unknown[0]):
+            folded = _soft_cap(ops)
+            if folded is not None:
+                site.softcap, ops, unknown = folded[0], folded[1], []
+        ops = [(kind, other) for kind, other in ops if kind != "unknown"]
         for kind, other in ops:
             factor = m.tensor_meta(other) if kind in ("mul", "div") else None
             if factor is not None and factor.dim() >= 1 and not statically_known_true(factor.shape[-1] == 1):
@@ -193,8 +199,9 @@ class FindAttentionSites(GraphPass):
                       "(output_attentions=True returns them), which kvdrive's kernels do not produce")
         if unknown:
             names = ", ".join(dict.fromkeys(_op_name(u) for u in reversed(unknown)))
-            site.skip(f"the scores pass through {names} between q @ k^T and the softmax (logit soft-capping?), "
-                      "which kvdrive's attention kernels do not apply")
+            site.skip(f"the scores pass through {names} between q @ k^T and the softmax, which kvdrive's "
+                      "attention kernels do not apply (they apply logit soft-capping: c * tanh(scores / c), "
+                      "with only scale factors before the tanh)")
         site.chain = chain + [out]
         site.score_ops = ops
         site.out_3d = m.rank(out) == 3
@@ -265,6 +272,33 @@ def _is_einsum_scores(node) -> bool:
 def _op_name(node: torch.fx.Node) -> str:
     target = node.target
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _is_tanh(node: torch.fx.Node) -> bool:
+    return m.is_call(node, {torch.tanh, F.tanh}, {"tanh"})
+
+
+_BIAS_OPS = ("add", "sub", "where", "masked_fill")
+
+
+def _soft_cap(ops: list) -> Optional[tuple[float, list]]:
+    """Logit soft-capping in the score ops (matmul -> softmax order, the tanh as ``"unknown"``):
+    ``c * tanh(scores * factors)``, Gemma 2's ``tanh(scores / c) * c``. Returns (c, the ops as
+    kvdrive applies them: the factors, then ``* c`` into the scale, which the kernels divide by c
+    inside the tanh, then the bias ops); None where the ops are not of that form: only scale
+    factors before the tanh (a bias added there would be capped too), only constant factors
+    (the cap) and then bias ops after it."""
+    at = next(i for i, (kind, _) in enumerate(ops) if kind == "unknown")
+    before, after = ops[:at], ops[at + 1:]
+    if any(kind not in ("mul", "div") for kind, _ in before):
+        return None
+    cap, j = 1.0, 0
+    while j < len(after) and after[j][0] in ("mul", "div") and (c := m.constant_value(after[j][1])) is not None:
+        cap = cap * c if after[j][0] == "mul" else cap / c
+        j += 1
+    if not cap > 0 or any(kind not in _BIAS_OPS for kind, _ in after[j:]):
+        return None
+    return cap, before + [("mul", cap)] + after[j:]
 
 
 def _scores_side(a: Any, b: Any) -> bool:

@@ -6,8 +6,8 @@
     k_si, v_si, t  = append(step, past_k, past_v, k_new, v_new, layer)    # right after the cats
     ahead          = prefetch_ahead(step, step, layer)    # the scheduling pass may move it earlier
     plan           = prefetch(select(t, q, scale, policy), ahead)
-    host           = host_attention(plan, q, mask, scale, causal)          # started on the CPU worker
-    out_d, lse_d   = sparse_attention(plan, q, k_new, v_new, mask, scale, causal)
+    host           = host_attention(plan, q, mask, scale, causal, softcap)   # started on the CPU worker
+    out_d, lse_d   = sparse_attention(plan, q, k_new, v_new, mask, scale, causal, softcap)
     out            = merge(host, q, out_d, lse_d)                          # replaces the site
 
 The cats' other users (the cache write-back among the graph's outputs) get the stand-ins;
@@ -106,11 +106,14 @@ class RewriteAttention(GraphPass):
     def _attention(self, b: _Builder, site: AttentionSite, ticket: torch.fx.Node, step: torch.fx.Node) -> torch.fx.Node:
         q, scale, bias = self._scaled_query_and_bias(b, site)
         ahead = b.call(_op("prefetch_ahead"), step, step, b.layer, name="ahead")
-        selection = b.call(_op("select"), ticket, q, scale, self.policy_id, name="selection")
+        # the selection ranks by the scores before the cap (tanh keeps each row's order)
+        rank_scale = scale if not site.softcap else (
+            scale / site.softcap if isinstance(scale, float) else b.call(operator.truediv, scale, site.softcap))
+        selection = b.call(_op("select"), ticket, q, rank_scale, self.policy_id, name="selection")
         plan = b.call(_op("prefetch"), selection, ahead, name="plan")
-        host = b.call(_op("host_attention"), plan, q, bias, scale, site.is_causal, name="host_part")
+        host = b.call(_op("host_attention"), plan, q, bias, scale, site.is_causal, site.softcap, name="host_part")
         dev = b.call(_op("sparse_attention"), plan, q, site.k_bind.new, site.v_bind.new, bias, scale,
-                     site.is_causal, name="device_part")
+                     site.is_causal, site.softcap, name="device_part")
         out = b.call(_op("merge"), host, q, b.item(dev, 0, "device_out"), b.item(dev, 1, "device_lse"),
                      name="attention")
         if site.out_3d:                                                  # the bmm form: [B*Hq, Q, D]

@@ -33,7 +33,8 @@ class AttentionSite:
     q, k, v: the 4-D operands (k, v before any GQA head repetition). scale: a constant factor;
     scale_nodes: graph values the scale is multiplied by (a SymFloat under dynamic=True).
     score_ops: the elementwise ops between ``q @ k^T`` and the softmax, as (op, args) to
-    rebuild the additive bias from.
+    rebuild the additive bias from. softcap: logit soft-capping's cap (0: none); the scale then
+    includes it (``_soft_cap`` in find_attention).
     """
 
     index: int
@@ -48,6 +49,7 @@ class AttentionSite:
     scale: float = 1.0
     scale_nodes: list[torch.fx.Node] = field(default_factory=list)
     score_ops: list[tuple[str, Any]] = field(default_factory=list)
+    softcap: float = 0.0        # logit soft-capping: the kernels take softcap * tanh(scale * q.k / softcap)
     out_3d: bool = False
     chain: list[torch.fx.Node] = field(default_factory=list)
     k_bind: Optional[KVBinding] = None

@@ -22,13 +22,16 @@ class StepMask:
     """How the queries of one step see the window.
 
     bias: additive fp32 (``-inf`` = masked), broadcastable to ``[B, Hq, Q, window]``, or None;
-    is_causal: SDPA's convention, query ``i`` sees window column ``j <= i``.
+    is_causal: SDPA's convention, query ``i`` sees window column ``j <= i``; softcap: the scores
+    ``scale * q.k`` are soft-capped to ``softcap * tanh(s / softcap)`` before the bias (Gemma 2's
+    logit soft-capping), 0: not.
     """
 
     start: int
     end: int
     bias: Optional[torch.Tensor] = None
     is_causal: bool = False
+    softcap: float = 0.0
 
 
 def to_bias(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -40,8 +43,8 @@ def to_bias(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return mask.float()
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-           bias: Optional[torch.Tensor], is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: Optional[torch.Tensor],
+           is_causal: bool = False, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_with_lse``, in query chunks that bound the score matrix off the CPU
     (the CPU path is a fused kernel that never materialises it).
 
@@ -51,7 +54,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     s = k.shape[2]
     chunk = max(1, _SCORE_BYTES // max(1, b * hq * s * 4))
     if nq <= chunk or q.device.type == "cpu":
-        return attention_with_lse(q, k, v, scale, bias, is_causal)
+        return attention_with_lse(q, k, v, scale, bias, is_causal, softcap)
     outs, lses = [], []
     for i in range(0, nq, chunk):
         rows = torch.arange(i, min(i + chunk, nq), device=q.device)
@@ -60,7 +63,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             causal = torch.zeros((rows.shape[0], s), dtype=torch.float32, device=q.device)
             causal.masked_fill_(torch.arange(s, device=q.device)[None, :] > rows[:, None], float("-inf"))
             sub = causal if sub is None else sub + causal
-        o, l = attention_with_lse(q[:, :, i:i + chunk], k, v, scale, sub)
+        o, l = attention_with_lse(q[:, :, i:i + chunk], k, v, scale, sub, softcap=softcap)
         outs.append(o)
         lses.append(l)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
@@ -127,7 +130,7 @@ def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
                     step: StepMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q: [B, Hq, Q, D]`` over gathered keys at per-row ``positions``."""
     b, hq, nq, _ = q.shape
-    return attend(q, k, v, scale, row_bias(step, positions, b, kv.kv_heads, hq, nq))
+    return attend(q, k, v, scale, row_bias(step, positions, b, kv.kv_heads, hq, nq), softcap=step.softcap)
 
 
 def paged_tables(part, kv, end: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,11 +155,11 @@ def attend_part(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, par
                 step: StepMask, scale: float, kernel=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` (on the pool's device) over one tier's selected blocks. fp32 (out, lse).
 
-    kernel: a paged kernel ``(q, k_pool, v_pool, block_table, block_lens, scale)`` that reads
+    kernel: a paged kernel ``(q, k_pool, v_pool, block_table, block_lens, scale, softcap=)`` that reads
     the blocks where they lie; used when it computes the part exactly, else gather + attend.
     """
     if kernel is not None and kernel_fits(step, part, kv, q.shape[2]):
         table, lens = paged_tables(part, kv, step.end)
         dev = k_pool.device
-        return kernel(q, k_pool, v_pool, table.to(dev), lens.to(dev), scale)
+        return kernel(q, k_pool, v_pool, table.to(dev), lens.to(dev), scale, softcap=step.softcap)
     return attend_gathered(q, *gather_part(k_pool, v_pool, part, kv), kv, step, scale)

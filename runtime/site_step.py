@@ -6,6 +6,7 @@ split).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import threading
@@ -184,14 +185,14 @@ def plan_of(rt: KVRuntime, session_id: int, plan_id: int) -> Plan:
     return plan
 
 
-def step_mask(plan: Plan, mask: Optional[torch.Tensor], is_causal: bool) -> StepMask:
+def step_mask(plan: Plan, mask: Optional[torch.Tensor], is_causal: bool, softcap: float = 0.0) -> StepMask:
     start, end = plan.window
     if mask is not None and mask.shape[-1] < end - start:
         raise RuntimeError(f"attention mask covers {mask.shape[-1]} keys, the cache holds {end - start}")
     bias = to_bias(mask)
     if bias is not None and bias.shape[-1] > end - start:
         bias = bias[..., : end - start]
-    return StepMask(start, end, bias, is_causal)
+    return StepMask(start, end, bias, is_causal, softcap)
 
 
 def merge(parts: list[Optional[tuple[torch.Tensor, torch.Tensor]]], dtype: torch.dtype) -> torch.Tensor:
@@ -362,7 +363,7 @@ def start_host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepM
     else:                   # copies: the graph may reuse its buffers once this op has returned
         bias = None if mask.bias is None else mask.bias.clone()
         plan.host_part = functools.partial(host_attention, rt, plan, q_host.clone(),
-                                           StepMask(mask.start, mask.end, bias, mask.is_causal), scale)
+                                           dataclasses.replace(mask, bias=bias), scale)
 
 
 def host_part_deferred(plan: Plan) -> bool:
@@ -418,7 +419,7 @@ def device_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, k_new: torch.Te
     """Device-resident blocks (or, on a prefill, this step's new tokens as they are)."""
     if plan.fresh_only:                        # the window is exactly the new tokens
         bias = None if step.bias is None else step.bias[..., : k_new.shape[2]]
-        return attend(q, k_new, v_new, scale, bias, step.is_causal)
+        return attend(q, k_new, v_new, scale, bias, step.is_causal, step.softcap)
     if plan.fetch:
         return _fetch_attention(rt, plan, q, step, scale)
     part = plan.part(Tier.DEVICE)
@@ -523,4 +524,4 @@ def read_window(rt: KVRuntime, kv: LayerKV, start: int, end: int) -> tuple[torch
 
 def _on(step: StepMask, device: str) -> StepMask:
     bias = None if step.bias is None else step.bias.to(device)
-    return StepMask(step.start, step.end, bias, step.is_causal)
+    return dataclasses.replace(step, bias=bias)

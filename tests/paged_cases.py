@@ -32,8 +32,9 @@ def make_case(b, hkv, g, nq, d, bs, nb, dtype, empty=(), seed=0):
     return q, k_pool, v_pool, table, lens, 1 / math.sqrt(d)
 
 
-def reference(q, k_pool, v_pool, table, lens, scale):
-    """Gather each (sequence, KV head)'s tokens, float64 softmax. Returns (out, lse) like q."""
+def reference(q, k_pool, v_pool, table, lens, scale, softcap=0.0):
+    """Gather each (sequence, KV head)'s tokens, float64 softmax (of the soft-capped scores
+    ``softcap * tanh(s / softcap)`` where softcap > 0). Returns (out, lse) like q."""
     q4 = q.unsqueeze(2) if q.dim() == 3 else q
     b, hq, nq, d = q4.shape
     hkv = table.shape[1]
@@ -48,6 +49,8 @@ def reference(q, k_pool, v_pool, table, lens, scale):
             k = torch.cat([k_pool[s, :n] for s, n in picked]).double()             # [S, D]
             v = torch.cat([v_pool[s, :n] for s, n in picked]).double()
             scores = q4[bi, h * g:(h + 1) * g].double() @ k.T * scale               # [G, Q, S]
+            if softcap:
+                scores = softcap * torch.tanh(scores / softcap)
             lse[bi, h * g:(h + 1) * g] = torch.logsumexp(scores, dim=-1)
             out[bi, h * g:(h + 1) * g] = torch.softmax(scores, dim=-1) @ v
     if q.dim() == 3:

@@ -133,9 +133,10 @@ from kvdrive_compile.kernels.triton_paged import merge_kernel, split_kernel
 
 for pool, head_dim, block, rows in [("fp16", 128, 16, 16), ("bf16", 256, 64, 32), ("fp32", 64, 32, 16)]:
     types = {"q_ptr": "*" + pool, "k_ptr": "*" + pool, "v_ptr": "*" + pool, "table_ptr": "*i32",
-             "lens_ptr": "*i32", "out_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale": "fp32"}
+             "lens_ptr": "*i32", "out_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale": "fp32",
+             "softcap": "fp32"}
     constants = {"ROWS": rows, "HEAD_DIM": head_dim, "BLOCK": block, "BLOCKS_PER_STEP": 2,
-                 "DOT_PRECISION": "ieee", "UPCAST_DOTS": False}
+                 "DOT_PRECISION": "ieee", "UPCAST_DOTS": False, "SOFTCAP": pool == "bf16"}
     signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in split_kernel.arg_names}
     compile(ASTSource(split_kernel, signature, constants), target=target, options={"num_warps": 4, "num_stages": 2})
     signature = {n: "constexpr" if n in ("SPLITS", "HEAD_DIM") else "*fp32" if n.endswith("_ptr") else "i32"
@@ -151,6 +152,24 @@ def test_triton_kernels_compile_for_h100():
     compile_for_h100(COMPILE_FOR_H100)
 
 
+SOFTCAP_CASES = {"gqa4-q3": (2, 2, 4, 3, 64, 16, 5, ()), "gqa2-one-token-empty": (2, 1, 2, None, 64, 16, 4, ((1, 0),))}
+
+
+@pytest.mark.parametrize("case", SOFTCAP_CASES.values(), ids=SOFTCAP_CASES.keys())
+@pytest.mark.parametrize("backend", ["torch", "numba", pytest.param("triton", marks=needs_triton)])
+def test_soft_capped_scores_match_reference(backend, case):
+    """Logit soft-capping (Gemma 2) on every backend, with q scaled up so the cap bites."""
+    *shape, empty = case
+    q, k_pool, v_pool, table, lens, scale = make_case(*shape, torch.float32, empty=empty, seed=3)
+    q = q * 6
+    ref_out, ref_lse = reference(q, k_pool, v_pool, table, lens, scale, softcap=2.0)
+    uncapped = reference(q, k_pool, v_pool, table, lens, scale)[1]
+    assert (ref_lse - uncapped)[ref_lse.isfinite()].abs().max() > 1.0          # the cap changes the result
+    inputs = (q, k_pool, v_pool, table, lens) if backend != "triton" else on_device(q, k_pool, v_pool, table, lens)
+    out, lse = paged_attention(*inputs, scale, backend=backend, softcap=2.0)
+    check(out, lse, ref_out, ref_lse, tol=2e-5)
+
+
 def test_dispatch():
     from kvdrive_compile.kernels.cpu_attention import cpu_partial_attention
 
@@ -163,3 +182,22 @@ def test_dispatch():
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
     with pytest.raises(ValueError, match="backend"):
         paged_attention(*inputs, backend="cuda")
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gathered_attention_soft_caps_before_the_bias(is_causal):
+    """attention_with_lse (prefills, masked and gathered parts) with softcap: the cap applies to
+    ``scale * q @ k^T``, then the bias, as Gemma 2's eager attention does."""
+    from kvdrive_compile.kernels.masked_attention import attention_with_lse
+
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, hq, 5, 16, generator=gen) * (4 if hq == 4 else 1) for hq in (4, 2, 2))
+    bias = torch.where(torch.rand(2, 1, 5, 5, generator=gen) < 0.2, float("-inf"), torch.randn(2, 1, 5, 5, generator=gen))
+    bias[..., 0] = 0.0                                            # every row sees a key
+    out, lse = attention_with_lse(q, k, v, 0.25, bias, is_causal, softcap=1.5)
+    kk, vv = k.repeat_interleave(2, dim=1).double(), v.repeat_interleave(2, dim=1).double()
+    s = 1.5 * torch.tanh(q.double() @ kk.transpose(-1, -2) * 0.25 / 1.5) + bias.double()
+    if is_causal:
+        s = s.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1).float(), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out, (s.softmax(-1) @ vv).float(), atol=2e-5, rtol=1e-5)

@@ -82,8 +82,15 @@ def v_head_factor_first(q, k, v, t, p):
     return torch.softmax(s, -1) @ repeat_kv(v, 2)
 
 
+def v_softcapped(q, k, v, t, p):
+    """Gemma 2's logit soft-capping, strong enough to change the result: tanh(s / c) * c, then the mask."""
+    s = torch.matmul(q * 4, repeat_kv(k, 2).transpose(2, 3)) * D ** -0.5
+    s = torch.tanh(s / 0.5) * 0.5 + causal_bias(t, p)
+    return torch.matmul(s.softmax(-1), repeat_kv(v, 2))
+
+
 VARIANTS = [v_sdpa_gqa, v_sdpa_repeat_kv_bool_mask, v_matmul_div_add, v_at_method_softmax_masked_fill,
-            v_tensor_scale_where, v_einsum_scale_first, v_bmm, v_head_factor_first]
+            v_tensor_scale_where, v_einsum_scale_first, v_bmm, v_head_factor_first, v_softcapped]
 
 
 def make_step(variant, token_major=False):
@@ -151,10 +158,17 @@ def test_site_whose_kv_is_used_elsewhere_is_left_alone_with_a_warning(caplog):
     assert any("left as it was" in r.message and "also used by" in r.message for r in caplog.records)
 
 
-def v_softcapped(q, k, v, t, p):
-    """Gemma 2's logit soft-capping: a tanh on the scores, which kvdrive's kernels do not apply."""
+def v_clamped(q, k, v, t, p):
+    """A clamp on the scores: an op kvdrive's kernels do not apply."""
     s = torch.matmul(q, repeat_kv(k, 2).transpose(2, 3)) * D ** -0.5
-    s = torch.tanh(s / 5.0) * 5.0 + causal_bias(t, p)
+    s = s.clamp(-2.0, 2.0) + causal_bias(t, p)
+    return torch.matmul(s.softmax(-1), repeat_kv(v, 2))
+
+
+def v_capped_with_the_bias(q, k, v, t, p):
+    """Soft-capping applied after the bias: the kernels cap before it, so not theirs to apply."""
+    s = torch.matmul(q, repeat_kv(k, 2).transpose(2, 3)) * D ** -0.5 + causal_bias(t, p).clamp(min=-1e4)
+    s = torch.tanh(s / 5.0) * 5.0
     return torch.matmul(s.softmax(-1), repeat_kv(v, 2))
 
 
@@ -179,12 +193,13 @@ def v_per_key_factor(q, k, v, t, p):
 
 
 @pytest.mark.parametrize("variant, token_major, says", [
-    (v_softcapped, False, "the scores pass through tanh"),
+    (v_clamped, False, "the scores pass through clamp"),
+    (v_capped_with_the_bias, False, "the scores pass through tanh"),
     (v_grouped_einsum, False, "feed no attention kvdrive recognises"),
     (v_scaled_values, False, "V (mul"),
     (v_sdpa_gqa, True, "is a view or layout change of the cache"),
     (v_per_key_factor, False, "which varies along the keys")],
-    ids=["softcapped", "grouped-einsum", "scaled-values", "token-major-cache", "per-key-factor"])
+    ids=["clamped", "capped-with-the-bias", "grouped-einsum", "scaled-values", "token-major-cache", "per-key-factor"])
 def test_attention_kvdrive_cannot_apply_is_reported_not_silently_left(variant, token_major, says, caplog):
     """A cache the model grows but kvdrive does not keep is exact but outside the budgets: a
     WARNING per graph says so (and why), and the counters show it; never silence."""
