@@ -71,7 +71,8 @@ def summarize(ctx: "PassContext") -> dict:
         "cpu_linears": ctx.cpu_linears,
         "pass_seconds": {k: round(v, 4) for k, v in ctx.pass_seconds.items()},
         "sites": [
-            {"site": s.index, "node": s.node.name, "layer": s.layer_name, "kind": s.kind,
+            {"site": s.index, "node": s.node.name, "layer": s.layer_name,
+             "kind": s.kind + (f", soft-cap {s.softcap:g}" if s.softcap else ""),
              "status": "rewritten" if s.rewritten else "skipped",
              "binding": s.binding(), "reason": s.reason}
             for s in ctx.sites
