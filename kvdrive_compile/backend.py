@@ -27,7 +27,7 @@ from .passes.rewrite_attention import RewriteAttention
 from .passes.schedule import ScheduleSites
 from .passes.sites import AttentionSite
 from .passes.verify import VerifyGraph
-from .runtimes import is_standin, policy_for, runtime_for
+from .runtimes import get_runtime, is_standin, policy_for, runtime_for
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ def kvdrive_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *,
     # before the rewrite, which leaves the caches' cats dead: each cat and its past's name
     growing = {c: c.args[0][0].name for c in growing_caches(gm)}
     PassManager(default_passes()).run(gm, ctx)
+    get_runtime(rid).layer_names.update({i: name.removesuffix("#0") for name, i in ctx.layer_ids.items()})
     compiled = compile_rest(gm, example_inputs, opts.compile_rest, ctx.graph_index)
     _report_skips(ctx)                 # after Inductor: a restart it asks for compiles this graph again
     _report_unclaimed(ctx, growing)

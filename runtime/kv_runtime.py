@@ -141,7 +141,14 @@ class KVRuntime:
         self.sessions_closed = 0
         self.steps = 0
         self.standins = StandIns(self.release, self.lock)
+        self.layer_names: dict[int, str] = {}        # layer number -> the module path it was found at
         atexit.register(self.close)
+
+    def layer_label(self, layer: int) -> str:
+        """``layer 3 (model.layers.3.self_attn)``: for messages (the numbers run on across the
+        models that share this runtime's options)."""
+        name = self.layer_names.get(layer)
+        return f"layer {layer}" + (f" ({name})" if name else "")
 
     @contextlib.contextmanager
     def timed(self, stage: str, session_id: Optional[int] = None, layer: Optional[int] = None,

@@ -493,7 +493,7 @@ def _budget_error(rt: KVRuntime, kv: LayerKV) -> KVBudgetError:
     return KVBudgetError(
         f"device_memory={rt.budgets[Tier.DEVICE].limit} bytes cannot hold the blocks each attention layer "
         f"keeps on the device (sink, local window, open block: {kv.pinned_front + kv.pinned_back} blocks x "
-        f"{kv.rows} rows x {sb} bytes = {per_layer} bytes per layer; layer {kv.layer} of at least {sites}). "
+        f"{kv.rows} rows x {sb} bytes = {per_layer} bytes per layer; {rt.layer_label(kv.layer)}, one of at least {sites} attention layers). "
         + (f"{len(rt.sessions) - 1} other generation(s) sharing this runtime hold theirs too. "
            if len(rt.sessions) > 1 else "")
         + f"Pass device_memory >= {per_layer * sites} bytes (more, so blocks attention reuses can stay), "

@@ -109,18 +109,18 @@ def _past_length(rt: KVRuntime, session: Session, kv: LayerKV, past: torch.Tenso
     """How many cached tokens ``past`` stands for; None if it is real KV to import."""
     if past.numel() == 0:
         if kv.length:
-            raise RuntimeError(f"layer {kv.layer}: the cache was emptied outside the compiled graph. {OUTSIDE_READ}")
+            raise RuntimeError(f"{rt.layer_label(kv.layer)}: the cache was emptied outside the compiled graph. {OUTSIDE_READ}")
         return 0
     key = rt.standins.lookup(past)
     if key is None:
         if is_standin_like(past) or bool(torch.isnan(past).any()):   # e.g. a reordered stand-in
-            raise RuntimeError(f"layer {kv.layer}: the cache holds a {tuple(past.shape)} stand-in of KV that "
+            raise RuntimeError(f"{rt.layer_label(kv.layer)}: the cache holds a {tuple(past.shape)} stand-in of KV that "
                                f"no kvdrive session holds (released, or made from one outside the graph). {OUTSIDE_READ}")
         if kv.length:
-            raise RuntimeError(f"layer {kv.layer}: got real KV for a layer the runtime already holds. {OUTSIDE_READ}")
+            raise RuntimeError(f"{rt.layer_label(kv.layer)}: got real KV for a layer the runtime already holds. {OUTSIDE_READ}")
         return None
     if key != StandInKey(session.id, kv.layer, kind):
-        raise RuntimeError(f"layer {kv.layer}: the cache holds the {key.kind} of layer {key.layer} of session "
+        raise RuntimeError(f"{rt.layer_label(kv.layer)}: the cache holds the {key.kind} of layer {key.layer} of session "
                            f"{key.session_id}, not this layer's. {OUTSIDE_READ}")
     span = token_span(past)
     p = past.shape[-2]
@@ -129,7 +129,7 @@ def _past_length(rt: KVRuntime, session: Session, kv: LayerKV, past: torch.Tenso
         # the past must be the layer's last p tokens: all of them, or a sliding window's tail
         if first + p == kv.length and (first == 0 or kv.keeps_last):
             return p
-    raise RuntimeError(f"layer {kv.layer}: the cache holds tokens {_describe(span, p)} of a "
+    raise RuntimeError(f"{rt.layer_label(kv.layer)}: the cache holds tokens {_describe(span, p)} of a "
                        f"[{kv.batch}, {kv.kv_heads}] batch; the runtime holds [0, {kv.length}) of "
                        f"[{past.shape[0]}, {past.shape[1]}]. {OUTSIDE_READ}")
 
@@ -149,7 +149,7 @@ def append(rt: KVRuntime, session: Session, layer: int, past_k: torch.Tensor, pa
     p = _past_length(rt, session, kv, past_k, "k")
     pv = _past_length(rt, session, kv, past_v, "v")
     if p != pv:
-        raise RuntimeError(f"layer {layer}: keys and values of the cache disagree. {OUTSIDE_READ}")
+        raise RuntimeError(f"{rt.layer_label(layer)}: keys and values of the cache disagree. {OUTSIDE_READ}")
     if p is None:                                                     # real KV: import it
         placement.append(rt, kv, past_k.to(k_new.dtype), past_v.to(v_new.dtype))
         p = past_k.shape[-2]
@@ -497,7 +497,7 @@ def read_window(rt: KVRuntime, kv: LayerKV, start: int, end: int) -> tuple[torch
     with rt.lock:
         placement.place_fresh(rt, kv)
         if start < kv.first * rt.block_size or end > kv.length:
-            raise RuntimeError(f"layer {kv.layer}: tokens [{start}, {end}) are not all held "
+            raise RuntimeError(f"{rt.layer_label(kv.layer)}: tokens [{start}, {end}) are not all held "
                                f"(held: [{kv.first * rt.block_size}, {kv.length}))")
         blocks = window_blocks(kv, start, end)
         first, bs, d = int(blocks[0]) if len(blocks) else 0, rt.block_size, kv.head_dim
