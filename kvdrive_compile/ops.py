@@ -208,9 +208,10 @@ def _(plan, q, k_new, v_new, mask, scale, is_causal, softcap=0.0):
 
 
 @torch.library.custom_op("kvdrive::merge", mutates_args=())
-def merge(plan: Tensor, q: Tensor, out_d: Tensor, lse_d: Tensor) -> Tensor:
+def merge(plan: Tensor, q: Tensor, out_d: Tensor, lse_d: Tensor, sinks: Optional[Tensor] = None) -> Tensor:
     """Wait for the plan's CPU part, then log-sum-exp merge it with the device part: the
-    attention output ``[B, Hq, Q, D]`` in q's dtype. Ends the plan."""
+    attention output ``[B, Hq, Q, D]`` in q's dtype. sinks: attention sinks' logits
+    ``[B, Hq, Q, 1]`` (a part that attends nothing). Ends the plan."""
     rid, sid, pid = plan.tolist()
     rt = get_runtime(rid)
     p = site_step.plan_of(rt, sid, pid)
@@ -220,11 +221,11 @@ def merge(plan: Tensor, q: Tensor, out_d: Tensor, lse_d: Tensor) -> Tensor:
         host = site_step.finish_host_attention(rt, p, q)
     with rt.timed("merge", sid, p.layer.layer):
         site_step.end_plan(rt, rt.session(sid), pid)
-        return site_step.merge([(out_d, lse_d), host], q.dtype).contiguous()
+        return site_step.merge([(out_d, lse_d), host, site_step.sink_part(sinks, out_d)], q.dtype).contiguous()
 
 
 @merge.register_fake
-def _(plan, q, out_d, lse_d):
+def _(plan, q, out_d, lse_d, sinks=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

@@ -131,7 +131,7 @@ class FindAttentionSites(GraphPass):
             return None
         chain = [sm]
         # forward: softmax -> casts / inference dropout -> matmul(p, v)
-        p, out, weights_read = sm, None, []
+        p, out, weights_read, sink_column = sm, None, [], None
         while True:
             users = list(p.users)
             pv_users = [u for u in users if self._probs_times_v(u, p) is not None]
@@ -147,13 +147,26 @@ class FindAttentionSites(GraphPass):
                 chain.append(u)
                 p = u
                 continue
+            if sink_column is None and _drops_last_column(u):       # probs[..., :-1]: the sink's dropped
+                sink_column = u
+                chain.append(u)
+                p = u
+                continue
             if (pv := self._probs_times_v(u, p)) is not None:
                 out, v = u, pv
             break
         if out is None:
             return None
-        # backward: softmax <- score ops <- matmul(q, k^T)
-        ops, unknown, s = [], [], _through_casts(sm.args[0], chain)
+        # backward: softmax <- (minus the row max) <- (cat with the sinks) <- score ops <- matmul(q, k^T)
+        s = _without_row_max(_through_casts(sm.args[0], chain), chain)
+        sinks = None
+        if sink_column is not None:
+            if not (m.is_call(s, m.CAT_FNS) and len(s.args[0]) == 2 and m.is_last_dim(m.arg(s, 1, "dim", 0), m.rank(s))):
+                return None
+            chain.append(s)
+            s, sinks = s.args[0]
+            s = _through_casts(s, chain)
+        ops, unknown = [], []
         while not m.is_call(s, m.MATMUL_FNS, m.MATMUL_METHODS) and not _is_einsum_scores(s):
             step = self._score_op(s)
             if step is None:
@@ -182,7 +195,10 @@ class FindAttentionSites(GraphPass):
                 return None
             chain += [s, s.args[1]]
         ops.reverse()                                          # matmul -> softmax order
-        site = AttentionSite(index, out, "softmax", layer_name(out), is_causal=False)
+        site = AttentionSite(index, out, "softmax", layer_name(out), is_causal=False, sinks=sinks)
+        if sinks is not None and not (m.rank(sinks) == 4 and statically_known_true(m.tensor_meta(sinks).shape[-1] == 1)):
+            site.skip(f"the softmax's extra column {getattr(sinks, 'name', sinks)} is not one logit per "
+                      "(sequence, head, query) [B, H, Q, 1]")
         if len(unknown) == 1 and _is_tanh(unknown[0]):
             folded = _soft_cap(ops)
             if folded is not None:
@@ -272,6 +288,32 @@ def _is_einsum_scores(node) -> bool:
 def _op_name(node: torch.fx.Node) -> str:
     target = node.target
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _drops_last_column(node: torch.fx.Node) -> bool:
+    """``x[..., :-1]`` (or with full slices before the last dim)."""
+    if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[1], tuple):
+        return False
+    *lead, last = node.args[1]
+    return last == slice(None, -1, None) and all(i is Ellipsis or i == slice(None) for i in lead)
+
+
+def _without_row_max(node: torch.fx.Node, chain: list) -> torch.fx.Node:
+    """``x`` of ``x - x.max(-1, keepdim=True).values`` (or ``amax``): a shift per row, which the
+    softmax does not see (gpt-oss's eager attention); ``node`` itself otherwise."""
+    if not (m.is_call(node, *_SUB) and len(node.args) == 2 and isinstance(node.args[1], torch.fx.Node)):
+        return node
+    x, mx = node.args
+    taken = [mx]
+    if (mx.op == "call_function" and mx.target is operator.getitem and mx.args[1] == 0) or \
+            (mx.op == "call_function" and mx.target is getattr and mx.args[1] == "values"):
+        mx = mx.args[0]
+        taken.append(mx)
+    if not (m.is_call(mx, {torch.max, torch.amax}, {"max", "amax"}) and mx.args and mx.args[0] is x
+            and m.is_last_dim(m.arg(mx, 1, "dim"), m.rank(x)) and m.arg(mx, 2, "keepdim", False)):
+        return node
+    chain += [node, *taken]
+    return x
 
 
 def _is_tanh(node: torch.fx.Node) -> bool:

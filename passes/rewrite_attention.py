@@ -8,7 +8,7 @@
     plan           = prefetch(select(t, q, scale, policy), ahead)
     host           = host_attention(plan, q, mask, scale, causal, softcap)   # started on the CPU worker
     out_d, lse_d   = sparse_attention(plan, q, k_new, v_new, mask, scale, causal, softcap)
-    out            = merge(host, q, out_d, lse_d)                          # replaces the site
+    out            = merge(host, q, out_d, lse_d, sinks)          # replaces the site (sinks: gpt-oss's, or None)
 
 The cats' other users (the cache write-back among the graph's outputs) get the stand-ins;
 the original attention and cats are left without users and removed (only they: in-place
@@ -114,7 +114,7 @@ class RewriteAttention(GraphPass):
         host = b.call(_op("host_attention"), plan, q, bias, scale, site.is_causal, site.softcap, name="host_part")
         dev = b.call(_op("sparse_attention"), plan, q, site.k_bind.new, site.v_bind.new, bias, scale,
                      site.is_causal, site.softcap, name="device_part")
-        out = b.call(_op("merge"), host, q, b.item(dev, 0, "device_out"), b.item(dev, 1, "device_lse"),
+        out = b.call(_op("merge"), host, q, b.item(dev, 0, "device_out"), b.item(dev, 1, "device_lse"), site.sinks,
                      name="attention")
         if site.out_3d:                                                  # the bmm form: [B*Hq, Q, D]
             out = b.call(torch.flatten, out, 0, 1, name="attention_3d")

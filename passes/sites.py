@@ -50,6 +50,8 @@ class AttentionSite:
     scale_nodes: list[torch.fx.Node] = field(default_factory=list)
     score_ops: list[tuple[str, Any]] = field(default_factory=list)
     softcap: float = 0.0        # logit soft-capping: the kernels take softcap * tanh(scale * q.k / softcap)
+    sinks: Optional[torch.fx.Node] = None   # attention sinks: a logit per (sequence, head, query) [B, H, Q, 1]
+                                            # in the softmax's denominator, attending nothing (gpt-oss)
     out_3d: bool = False
     chain: list[torch.fx.Node] = field(default_factory=list)
     k_bind: Optional[KVBinding] = None

@@ -203,6 +203,15 @@ def merge(parts: list[Optional[tuple[torch.Tensor, torch.Tensor]]], dtype: torch
     return out.to(dtype)
 
 
+def sink_part(sinks: Optional[torch.Tensor], out: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Attention sinks (gpt-oss) as a partial result: a logit per (sequence, head, query)
+    ``[B, Hq, Q, 1]`` that joins the softmax's denominator and attends nothing (out 0)."""
+    if sinks is None:
+        return None
+    lse = sinks.to(device=out.device, dtype=torch.float32).squeeze(-1).expand(out.shape[:-1])
+    return torch.zeros_like(out, dtype=torch.float32), lse
+
+
 def plan_step(rt: KVRuntime, kv: LayerKV, past_len: int, new_len: int, q: torch.Tensor,
               policy: SelectionPolicy = EXACT, scale: float = 1.0) -> Plan:
     """Select what the site attends in the window ``[length - past - new, length)``, and

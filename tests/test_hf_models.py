@@ -164,6 +164,29 @@ def test_soft_capped_attention_is_rewritten_and_exact():
     assert_budgets_respected()
 
 
+def test_attention_sinks_are_merged_and_exact():
+    """gpt-oss's eager attention adds a learned sink logit per head to the softmax (an extra
+    column, dropped before @ v), on sliding-window and full layers: kvdrive merges it as a part
+    that attends nothing, every site is rewritten, and the tokens are eager's across the tiers
+    (sinks set large enough that attention without them picks other tokens)."""
+    cfg = tf.GptOssConfig(**SMALL, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, sliding_window=16)
+    torch.manual_seed(0)
+    model = tf.GptOssForCausalLM._from_config(cfg, attn_implementation="eager").eval().to(DEVICE)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.linspace(-1, 4, cfg.num_attention_heads))
+            layer.self_attn.q_proj.weight.mul_(4)
+    ids = torch.randint(3, 128, (2, 50), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    kvdrive_compile.counters.reset()
+    ref, out = greedy_both(model, ids, 8, attention_mask=torch.ones_like(ids),
+                           **dict(BUDGETS, device_memory="24KiB", host_memory="8KiB"))
+    assert torch.equal(ref, out)
+    c = kvdrive_compile.counters
+    assert c.sites_rewritten == c.sites_found >= 4 and c.caches_unclaimed == 0, c
+    assert_budgets_respected()
+
+
 def test_alibi_baddbmm_attention_runs_exact_and_is_reported(caplog):
     """Bloom scores with ``alibi.baddbmm(q, k^T)`` on 3-D tensors, a form kvdrive does not
     rewrite: the model still compiles (the verify pass propagates shapes as Dynamo does, so the

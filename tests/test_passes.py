@@ -89,8 +89,26 @@ def v_softcapped(q, k, v, t, p):
     return torch.matmul(s.softmax(-1), repeat_kv(v, 2))
 
 
+def v_sinks_row_max(q, k, v, t, p):
+    """gpt-oss's eager attention: a sink logit per head as an extra softmax column, the row max
+    subtracted, the sink's probability dropped before @ v."""
+    s = torch.matmul(q, repeat_kv(k, 2).transpose(2, 3)) * D ** -0.5 + causal_bias(t, p)
+    sinks = torch.linspace(-1.0, 2.0, HQ).reshape(1, -1, 1, 1).expand(q.shape[0], -1, t, -1)
+    logits = torch.cat([s, sinks], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = F.softmax(logits, dim=-1, dtype=logits.dtype)
+    return torch.matmul(probs[..., :-1], repeat_kv(v, 2))
+
+
+def v_stable_softmax(q, k, v, t, p):
+    """A hand-stabilised softmax: the row max (amax) subtracted first."""
+    s = torch.matmul(q, repeat_kv(k, 2).transpose(2, 3)) * D ** -0.5 + causal_bias(t, p)
+    return torch.matmul((s - s.amax(-1, keepdim=True)).softmax(-1), repeat_kv(v, 2))
+
+
 VARIANTS = [v_sdpa_gqa, v_sdpa_repeat_kv_bool_mask, v_matmul_div_add, v_at_method_softmax_masked_fill,
-            v_tensor_scale_where, v_einsum_scale_first, v_bmm, v_head_factor_first, v_softcapped]
+            v_tensor_scale_where, v_einsum_scale_first, v_bmm, v_head_factor_first, v_softcapped,
+            v_sinks_row_max, v_stable_softmax]
 
 
 def make_step(variant, token_major=False):
