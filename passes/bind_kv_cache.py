@@ -54,14 +54,20 @@ def is_size_query(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in m.SIZE_FNS
 
 
-def cache_append(node: torch.fx.Node) -> Optional[tuple]:
-    """(past, new) if ``node`` is ``cat([past, new], dim=-2)`` of 4-D KV, else None."""
+def _cat_pair(node: torch.fx.Node) -> Optional[tuple]:
+    """(a, b) if ``node`` is ``cat([a, b], ...)``, else None."""
     tensors = node.args[0] if node.args else None
     if not m.is_call(node, m.CAT_FNS) or not isinstance(tensors, (list, tuple)) or len(tensors) != 2:
         return None
-    if m.arg(node, 1, "dim", 0) not in (2, -2) or m.rank(node) != 4:
-        return None
     return tuple(tensors)
+
+
+def cache_append(node: torch.fx.Node) -> Optional[tuple]:
+    """(past, new) if ``node`` is ``cat([past, new], dim=-2)`` of 4-D KV, else None."""
+    parts = _cat_pair(node)
+    if parts is None or m.arg(node, 1, "dim", 0) not in (2, -2) or m.rank(node) != 4:
+        return None
+    return parts
 
 
 def growing_caches(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
@@ -75,10 +81,10 @@ def growing_caches(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 
 def _appends_to_input(node: torch.fx.Node) -> bool:
-    tensors = node.args[0] if node.args else None
-    if not m.is_call(node, m.CAT_FNS) or not isinstance(tensors, (list, tuple)) or len(tensors) != 2:
+    parts = _cat_pair(node)
+    if parts is None:
         return False
-    past, ndim = tensors[0], m.rank(node)
+    past, ndim = parts[0], m.rank(node)
     value = m.tensor_meta(node)
     if not isinstance(past, torch.fx.Node) or past.op != "placeholder" or ndim not in (3, 4, 5):
         return False

@@ -200,7 +200,7 @@ class FindAttentionSites(GraphPass):
             site.skip(f"the softmax's extra column {getattr(sinks, 'name', sinks)} is not one logit per "
                       "(sequence, head, query) [B, H, Q, 1]")
         if len(unknown) == 1 and _is_tanh(unknown[0]):
-            folded = _soft_cap(ops)
+            folded = _fold_soft_cap(ops)
             if folded is not None:
                 site.softcap, ops, unknown = folded[0], folded[1], []
         ops = [(kind, other) for kind, other in ops if kind != "unknown"]
@@ -323,7 +323,7 @@ def _is_tanh(node: torch.fx.Node) -> bool:
 _BIAS_OPS = ("add", "sub", "where", "masked_fill")
 
 
-def _soft_cap(ops: list) -> Optional[tuple[float, list]]:
+def _fold_soft_cap(ops: list) -> Optional[tuple[float, list]]:
     """Logit soft-capping in the score ops (matmul -> softmax order, the tanh as ``"unknown"``):
     ``c * tanh(scores * factors)``, Gemma 2's ``tanh(scores / c) * c``. Returns (c, the ops as
     kvdrive applies them: the factors, then ``* c`` into the scale, which the kernels divide by c

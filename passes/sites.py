@@ -34,7 +34,7 @@ class AttentionSite:
     scale_nodes: graph values the scale is multiplied by (a SymFloat under dynamic=True).
     score_ops: the elementwise ops between ``q @ k^T`` and the softmax, as (op, args) to
     rebuild the additive bias from. softcap: logit soft-capping's cap (0: none); the scale then
-    includes it (``_soft_cap`` in find_attention).
+    includes it (``_fold_soft_cap`` in find_attention).
     """
 
     index: int
