@@ -109,16 +109,33 @@ def _did_you_mean(key: Any) -> str:
     return f"{key!r} (did you mean {near[0]!r}?)" if near else repr(key)
 
 
-def _check_dir(path: str, name: str) -> str:
+def _check_trace_path(trace) -> Optional[str]:
+    """The trace file's absolute path (None or "": no trace, as an empty $KVDRIVE_TRACE), checked
+    now rather than when the file is written, at the end of the run."""
+    if trace is None or trace == "":
+        return None
+    if not isinstance(trace, (str, os.PathLike)):
+        raise TypeError(f"trace={trace!r}: pass the path of the JSON file to write, or None")
+    trace = os.path.abspath(os.path.expanduser(str(trace)))
+    if os.path.isdir(trace):
+        raise ValueError(f"trace {trace!r} is a directory: pass the path of the JSON file to write, "
+                         f"e.g. {os.path.join(trace, 'steps.json')!r}")
+    if not os.path.isdir(os.path.dirname(trace)):
+        raise ValueError(f"trace {trace!r}: its directory does not exist; create it or pass another path")
+    _check_dir(os.path.dirname(trace), "trace", fix="pass a trace path in a writable directory")
+    return trace
+
+
+def _check_dir(path: str, name: str, fix: Optional[str] = None) -> str:
     path = os.path.abspath(os.path.expanduser(path))
+    fix = fix or f"pass options={{'{name}': ...}} with a writable directory"
     if not os.path.isdir(path):
         raise ValueError(f"{name} {path!r} does not exist: create it, or pass options={{'{name}': ...}} "
                          "with an existing writable directory")
     try:                                     # a real probe: access() says yes to root everywhere
         os.rmdir(tempfile.mkdtemp(prefix=".kvdrive-probe-", dir=path))
     except OSError as e:
-        raise ValueError(f"{name} {path!r} is not writable ({e.strerror}): pass options={{'{name}': ...}} "
-                         "with a writable directory") from None
+        raise ValueError(f"{name} {path!r} is not writable ({e.strerror}): {fix}") from None
     return path
 
 
@@ -177,13 +194,7 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
     cpu_worker = options.get("cpu_worker")
     if cpu_worker not in (None, True, False):
         raise ValueError(f"cpu_worker={cpu_worker!r}: pass True, False or None (None: on a GPU only)")
-    trace = options.get("trace", os.environ.get("KVDRIVE_TRACE") or None)
-    if trace is not None:
-        if not isinstance(trace, (str, os.PathLike)):
-            raise TypeError(f"trace={trace!r}: pass the path of the JSON file to write, or None")
-        trace = os.path.abspath(os.path.expanduser(str(trace)))
-        if not os.path.isdir(os.path.dirname(trace)):
-            raise ValueError(f"trace {trace!r}: its directory does not exist; create it or pass another path")
+    trace = _check_trace_path(options.get("trace", os.environ.get("KVDRIVE_TRACE")))
     policy_keys = [f.name for f in fields(SelectionPolicy)]
     return KVDriveOptions(
         block_size=block_size,

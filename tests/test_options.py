@@ -96,6 +96,24 @@ def test_disk_dir_that_is_a_file(tmp_path):
         parse_options({"disk_dir": str(f)})
 
 
+@pytest.mark.parametrize("trace,match", [
+    (".", "is a directory"), ("/proc/steps.json", "not writable"), ("/nonexistent/steps.json", "does not exist"),
+    (5, "path of the JSON file"),
+])
+def test_trace_paths_are_checked_at_compile_time(trace, match):
+    """A trace path the end of the run could not write is refused before anything runs."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        parse_options({"trace": trace})
+
+
+def test_empty_trace_means_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVDRIVE_TRACE", "")
+    assert parse_options({}).trace is None and parse_options({"trace": ""}).trace is None
+    monkeypatch.setenv("KVDRIVE_TRACE", str(tmp_path / "steps.json"))
+    assert parse_options({}).trace == str(tmp_path / "steps.json")
+    assert parse_options({"trace": None}).trace is None          # an explicit None overrides the variable
+
+
 def test_dump_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("KVDRIVE_DUMP_DIR", str(tmp_path / "dumps"))
     assert parse_options({}).dump_dir == str(tmp_path / "dumps")
