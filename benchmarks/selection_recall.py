@@ -10,6 +10,17 @@ budget, and attends only those. Against the true attention of the step it record
 attention mass the selection keeps ("recall"), next to the oracle (the blocks with the most true
 mass, same budget). The prefill is exact and shared by every scorer. Prints, per scorer, the
 task scores and the recall (mean and the worst layer's mean).
+
+Two shortcuts that save ranking work (the overlapped-pipeline issue's candidates) run as scorers
+too, over the default scorer ("qkeys+max"):
+
+- ``reuse@T``: a (sequence, KV head) re-ranks only when the cosine similarity of one of its
+  query heads to the query it last ranked with falls below T (FreeKV); otherwise it keeps those
+  scores (blocks completed since then are in the local window: at most ``local - block`` steps).
+- ``share``: layers pair up after the dense ones (2-3, 4-5, ...); the second of a pair attends the
+  blocks the first selected (IndexCache).
+
+Their rows also give ``ranked``: the share of (row, layer, step) rankings still done.
 """
 from __future__ import annotations
 
@@ -27,6 +38,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from kvdrive_compile import models
 from kvdrive_compile.eval.tasks import make_sample, score
 from kvdrive_compile.runtime.selection import SCORERS, rank_blocks
+
+DEFAULT_SCORER = "qkeys+max"
 from kvdrive_compile.runtime.summaries import BlockSummaries
 
 
@@ -37,7 +50,39 @@ class Simulation:
         self.budget, self.bs, self.sink, self.local, self.dense_layers = budget, block_size, sink, local, dense_layers
         self.scorer = None                        # None: exact attention (prefill, dense reference)
         self.recall = defaultdict(list)           # (scorer, layer) -> [mass kept per (kv head, step)]
-        self.oracle = defaultdict(list)
+        self.ranked = defaultdict(list)           # scorer -> [1 per row ranked, 0 per row that was not]
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the shortcuts' state (a new generation starts)."""
+        self.anchor = {}                          # layer -> (query rows, their scores, context length)
+        self.shared = {}                          # layer -> the blocks it selected at this step
+
+    def scores(self, layer: int, query, summaries, nb: int, counts, scaling) -> torch.Tensor:
+        """The rows' block scores ``[rows, nb]`` by the active scorer (a shortcut: its own state)."""
+        name = self.scorer
+        if not name.startswith("reuse@"):
+            return rank_blocks(summaries, query, torch.arange(nb), *SCORERS[DEFAULT_SCORER if name == "share" else name],
+                               counts, scaling)
+        rows = summaries.rows
+        qr = query.float().reshape(rows, -1, query.shape[-1])                    # [rows, G, D]
+        s_len = int(counts.sum())
+        fresh = rank_blocks(summaries, query, torch.arange(nb), *SCORERS[DEFAULT_SCORER], counts, scaling)
+        prev = self.anchor.get(layer)
+        if prev is None:
+            keep = torch.zeros(rows, dtype=torch.bool)
+        else:
+            q0, s0, len0 = prev
+            similar = torch.nn.functional.cosine_similarity(qr, q0, dim=-1).amin(-1) >= float(name[len("reuse@"):])
+            keep = similar & (s_len - len0 <= self.local - self.bs)    # what was completed since: in the window
+            stale = torch.full_like(fresh, float("-inf"))
+            stale[:, :s0.shape[1]] = s0
+            fresh = torch.where(keep[:, None], stale, fresh)
+            qr = torch.where(keep[:, None, None], q0, qr)
+        lens = torch.full((rows,), s_len) if prev is None else torch.where(keep, prev[2], s_len)
+        self.ranked[name].extend((~keep).int().tolist())
+        self.anchor[layer] = (qr, fresh, lens)
+        return fresh
 
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
         if query.shape[2] != 1 or self.scorer is None or module.layer_idx < self.dense_layers:
@@ -62,14 +107,24 @@ class Simulation:
             counts = torch.clamp(torch.minimum(torch.arange(nb) * bs + bs, torch.tensor(s_len)) - torch.arange(nb) * bs, min=0)
             k = max(0, n_budget - int(forced.sum()))
             mass = torch.nn.functional.pad(p, (0, nb * bs - s_len)).reshape(b, hkv, g, nb, bs).sum(-1)
-            if self.scorer == "oracle":
-                scores = mass.amax(2).reshape(b * hkv, nb)
+            layer = module.layer_idx
+            second = (layer - self.dense_layers) % 2 == 1
+            if self.scorer == "share" and second and layer - 1 in self.shared:
+                keep = self.shared.pop(layer - 1)
+                keep[..., forced] = True                                              # this step's window
+                self.ranked["share"].extend([0] * (b * hkv))
             else:
-                scores = rank_blocks(summaries, query, torch.arange(nb), *SCORERS[self.scorer], counts, scaling)
-            top = scores.masked_fill(forced, float("-inf")).topk(k, dim=1).indices
-            keep = forced.expand(b * hkv, nb).clone()
-            keep.scatter_(1, top, True)
-            keep = keep.reshape(b, hkv, nb)
+                if self.scorer == "oracle":
+                    scores = mass.amax(2).reshape(b * hkv, nb)
+                else:
+                    scores = self.scores(layer, query, summaries, nb, counts, scaling)
+                top = scores.masked_fill(forced, float("-inf")).topk(k, dim=1).indices
+                keep = forced.expand(b * hkv, nb).clone()
+                keep.scatter_(1, top, True)
+                keep = keep.reshape(b, hkv, nb)
+                if self.scorer == "share":
+                    self.shared[layer] = keep.clone()
+                    self.ranked["share"].extend([1] * (b * hkv))
             kept = (mass * keep[:, :, None]).sum(-1).mean(2).flatten()              # [b * hkv]
             self.recall[(self.scorer, module.layer_idx)].extend(kept.tolist())
         tok = keep.repeat_interleave(bs, -1)[..., :s_len]                             # [b, hkv, S]
@@ -97,7 +152,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--scorers", nargs="+", default=["exact", "oracle", *SCORERS],
-                        help=f"exact, oracle (true attention mass), or summary+aggregation: {list(SCORERS)}")
+                        help=f"exact, oracle (true attention mass), summary+aggregation: {list(SCORERS)}, "
+                             "or a shortcut over qkeys+max: reuse@T (T: a cosine similarity), share")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -119,6 +175,7 @@ def main() -> None:
                 logits = model(ids, past_key_values=cache, logits_to_keep=1).logits[0, -1]
             for scorer in args.scorers:
                 sim.scorer = None if scorer == "exact" else scorer
+                sim.reset()
                 out = greedy_from(model, copy.deepcopy(cache), logits, sample.max_new_tokens, eos)
                 text = tok.decode(out, skip_special_tokens=True)
                 results[scorer][f"{task}#{i}"] = score(sample.answers, text)
@@ -132,6 +189,9 @@ def main() -> None:
         if per_layer:
             row["recall"] = sum(per_layer.values()) / len(per_layer)
             row["worst layer"] = min(per_layer.values())
+            row["worst row-step"] = min(min(v) for (s, _), v in sim.recall.items() if s == scorer)
+        if sim.ranked.get(scorer):
+            row["ranked"] = sum(sim.ranked[scorer]) / len(sim.ranked[scorer])
         rows.append(row)
     print(f"{args.model}, {args.length} tokens, budget {args.budget} (block {args.block_size}, sink 4, "
           "window 64, 2 dense layers)")

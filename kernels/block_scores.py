@@ -53,8 +53,8 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 
 
 @njit(nogil=True, cache=True, fastmath=True)
-def _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out, first, last):
-    """Blocks ``first .. last - 1`` of the flattened (row, listed block) range, one block at a
+def _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out, todo, first, last):
+    """Blocks ``first .. last - 1`` of the flattened (row of ``todo``, listed block) range, one block at a
     time: decode its codes once into ``codes [bs, Dp]`` (channels in the order 0, 4, 8, .., 1,
     5, .., which decodes with unit strides; q is put in that order once per row and the block's
     step once per block), score every (query row, token) pair with four tokens per pass over
@@ -75,7 +75,7 @@ def _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out,
     bs4 = bs - bs % 4
     r_done = -1
     for item in range(first, last):
-        r, j = item // n, item % n
+        r, j = todo[item // n], item % n
         if r != r_done:
             r_done = r
             for g in range(nrows_q):
@@ -131,15 +131,15 @@ def _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out,
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
-def _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, out, chunks):
-    """Every (row, listed block) pair, cut into ``chunks`` equal contiguous ranges, one per
-    thread of numba's pool (``chunks``: its thread count, passed in so that the function stays
-    cacheable); a range may span rows, so a batch of one sequence with few KV heads still
-    splits evenly."""
-    total = q.shape[0] * ids.shape[0]
+def _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, out, todo, chunks):
+    """Every (row of ``todo``, listed block) pair, cut into ``chunks`` equal contiguous ranges,
+    one per thread of numba's pool (``chunks``: its thread count, passed in so that the function
+    stays cacheable); a range may span rows, so a batch of one sequence with few KV heads still
+    splits evenly. todo: int64 row indices (the rows of ``out`` written)."""
+    total = todo.shape[0] * ids.shape[0]
     chunks = max(1, min(chunks, total // _MIN_BLOCKS_PER_CHUNK))
     for c in prange(chunks):
-        _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out,
+        _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out, todo,
                        c * total // chunks, (c + 1) * total // chunks)
 
 
@@ -199,23 +199,17 @@ def _scores(packed, kmin, kmax, q, ids, quantized: np.ndarray, log_count: np.nda
     if ids.numel() and rows and nq:
         args = (packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
                 q.float().contiguous().numpy(), ids.long().contiguous().numpy(), quantized, log_count,
-                np.float32(scale), out.numpy())
+                np.float32(scale), out.numpy(), np.arange(rows, dtype=np.int64))
         with parallel_launch():
             _log_mass(*args, get_num_threads())
     return out
 
 
 @njit(nogil=True, cache=True, fastmath=False)      # set, not left out: a callee inherits its caller's
-def _top_row(per_query, forced, bonus, k, scores, chosen, keys):
+def _row_max(per_query, scores):
     """One (sequence, KV head): ``scores`` = the max over its query rows of ``per_query [R, n]``
-    (NaN if any is NaN, as ``torch.amax``); ``chosen`` = the positions of the ``forced`` blocks
-    and of the ``k`` best others by ``scores + bonus`` (``bonus [n]``, or empty: none),
-    ascending. A NaN ranks above everything (as in ``torch.topk``); ties at the k-th key go to
-    the lowest positions. O(n): the k-th best is found by ``np.partition``. Not fastmath: NaN
-    and infinities must compare as IEEE says."""
+    (NaN if any is NaN, as ``torch.amax``). Not fastmath: NaN must compare as IEEE says."""
     nq, n = per_query.shape
-    has_bonus = bonus.shape[0] > 0
-    m = 0
     for j in range(n):
         best = per_query[0, j]
         for g in range(1, nq):
@@ -223,7 +217,21 @@ def _top_row(per_query, forced, bonus, k, scores, chosen, keys):
             if not np.isnan(best) and (np.isnan(x) or x > best):
                 best = x
         scores[j] = best
+
+
+@njit(nogil=True, cache=True, fastmath=False)
+def _top_row(scores, forced, bonus, k, chosen, keys):
+    """One (sequence, KV head): ``chosen`` = the positions of the ``forced`` blocks and of the
+    ``k`` best others by ``scores + bonus`` (``bonus [n]``, or empty: none), ascending. A NaN
+    ranks above everything (as in ``torch.topk``); ties at the k-th key go to the lowest
+    positions. O(n): the k-th best is found by ``np.partition``. Not fastmath: NaN and
+    infinities must compare as IEEE says."""
+    n = scores.shape[0]
+    has_bonus = bonus.shape[0] > 0
+    m = 0
+    for j in range(n):
         if not forced[j]:
+            best = scores[j]
             keys[m] = np.inf if np.isnan(best) else (best + bonus[j] if has_bonus else best)
             m += 1
     kth = np.partition(keys[:m], m - k)[m - k] if k > 0 else np.inf
@@ -248,29 +256,39 @@ def _top_row(per_query, forced, bonus, k, scores, chosen, keys):
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
-def _top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced, bonus, k, scores, chosen, chunks):
-    """``_log_mass`` into a scratch ``[rows, R, n]``, then ``_top_row`` per (sequence, KV head)
-    on numba's threads: a layer's whole ranking in one call from Python. bonus: ``[rows, n]``
-    added to the scores for the ranking only, or ``[rows, 0]``: none."""
+def _top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced, bonus, k, scores, chosen,
+                rank, chunks):
+    """``_log_mass`` of the rows ``rank`` says (bool ``[rows]``) into a scratch ``[rows, R, n]``
+    and their max over query rows into ``scores``, then ``_top_row`` per (sequence, KV head) on
+    numba's threads: a layer's whole ranking in one call from Python. The other rows rank by
+    the ``scores`` they come with. bonus: ``[rows, n]`` added to the scores for the ranking
+    only, or ``[rows, 0]``: none."""
     rows, nq, n = q.shape[0], q.shape[1], ids.shape[0]
+    todo = np.flatnonzero(rank)
     per_query = np.empty((rows, nq, n), np.float32)
-    _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, per_query, chunks)
+    _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, per_query, todo, chunks)
     for r in prange(rows):
-        _top_row(per_query[r], forced, bonus[r], k, scores[r], chosen[r], np.empty(n, np.float32))
+        if rank[r]:
+            _row_max(per_query[r], scores[r])
+        _top_row(scores[r], forced, bonus[r], k, chosen[r], np.empty(n, np.float32))
 
 
 def qkeys_top_blocks(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,
                      ids: torch.Tensor, quantized: torch.Tensor, log_count: torch.Tensor, scale: float,
-                     forced: np.ndarray, k: int, bonus: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     forced: np.ndarray, k: int, bonus: Optional[np.ndarray] = None,
+                     kept: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks a layer attends, ranked by ``qkeys_log_mass_or_bound`` aggregated by the max
     over each KV head's query rows, in one numba call (the CPU decode step's select stage).
 
     forced: bool ``[n]``, the blocks attended whatever their score (sink, local window); k: how
     many of the others to take, the best-scored (0 <= k <= their number); bonus: fp32
-    ``[rows, n]`` added to the scores for the ranking only (None: nothing). Returns ``chosen``,
+    ``[rows, n]`` added to the scores for the ranking only (None: nothing); kept: ``(keep,
+    given)``, bool ``[rows]`` and fp32 ``[rows, n]``: the rows ``keep`` marks are not scored but
+    ranked by their ``given`` scores (None: every row is scored). Returns ``chosen``,
     int64 ``[rows, forced.sum() + k]``, the ids of the attended blocks in the order of ``ids``
     (ascending for the runtime's window), and
-    ``scores``, fp32 ``[rows, n]``: what ``qkeys_log_mass_or_bound(...).amax(1)`` gives.
+    ``scores``, fp32 ``[rows, n]``: what ``qkeys_log_mass_or_bound(...).amax(1)`` gives (the
+    given scores in kept rows).
     """
     rows, nq, d = q.shape
     n = ids.numel()
@@ -287,12 +305,20 @@ def qkeys_top_blocks(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tenso
     elif bonus.shape != (rows, n):
         raise ValueError(f"bonus {bonus.shape} does not fit {rows} rows x {n} blocks")
     scores = torch.empty((rows, n), dtype=torch.float32)
+    rank = np.ones(rows, np.bool_)
+    if kept is not None:
+        keep, given = kept
+        if keep.shape != (rows,) or given.shape != (rows, n):
+            raise ValueError(f"kept rows {keep.shape} / scores {given.shape} do not fit {rows} rows x {n} blocks")
+        rank = ~np.asarray(keep, np.bool_)
+        scores.numpy()[~rank] = given[~rank]
     chosen = torch.empty((rows, n_forced + k), dtype=torch.int64)
     if rows and n:
         args = (packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
                 q.float().contiguous().numpy(), ids.long().contiguous().numpy(),
                 quantized.to(torch.bool).contiguous().numpy(), log_count.float().contiguous().numpy(),
-                np.float32(scale), forced, np.ascontiguousarray(bonus, np.float32), k, scores.numpy(), chosen.numpy())
+                np.float32(scale), forced, np.ascontiguousarray(bonus, np.float32), k, scores.numpy(), chosen.numpy(),
+                rank)
         with parallel_launch():
             _top_blocks(*args, get_num_threads())
     return ids[chosen], scores

@@ -178,6 +178,11 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
     if isinstance(bonus, bool) or not isinstance(bonus, (int, float)) or not 0 <= bonus < math.inf:
         raise ValueError(f"reuse_bonus={bonus!r}: must be a number >= 0 (nats a block already in place adds to "
                          "its estimated log attention mass when blocks are ranked; 0: none)")
+    rerank = options.get("rerank_similarity")
+    if rerank is not None and (isinstance(rerank, bool) or not isinstance(rerank, (int, float)) or not 0 <= rerank <= 1):
+        raise ValueError(f"rerank_similarity={rerank!r}: must be a cosine similarity in [0, 1] (a (sequence, KV head) "
+                         "re-ranks its blocks when its query moved further than that from the one it last ranked "
+                         "with), or None: rank at every step")
     counts = {name: getattr(SelectionPolicy, name) for name in ("sink_tokens", "local_window", "dense_layers")}
     for name, default in {**counts, "prefetch_depth": DEFAULT_PREFETCH_DEPTH}.items():
         value = options.get(name, default)

@@ -127,6 +127,7 @@ class KVRuntime:
         self.host_homes = 0                                 # host slots holding homes (the rest: copies)
         self.moved = {"device->host": 0, "host->disk": 0, "disk->host": 0, "host->device": 0}
         self.selected_blocks = {"device": 0, "host": 0, "disk": 0}
+        self.rankings = {"scored": 0, "kept": 0}           # (row, step)s ranked afresh / by a kept ranking
         self.served = {"device": 0, "host": 0, "disk": 0}
         self.admitted = {"device": 0, "host": 0}
         self.evicted = {"device": 0, "host": 0}
@@ -364,6 +365,7 @@ class KVRuntime:
             return RuntimeStats(background_seconds=dict(self.background_seconds), prefetch=dict(p),
                                 prefetch_hit_rate=(p["landed"] + p["in_flight"]) / asked if asked else 0.0,
                                 tiers=tiers, moved_bytes=dict(self.moved), selected_blocks=dict(self.selected_blocks),
+                                rankings=dict(self.rankings),
                                 stage_seconds=dict(self.stage_seconds), sessions_open=len(self.sessions),
                                 sessions_closed=self.sessions_closed, steps=self.steps,
                                 served=dict(self.served), hit_rate=self.served["device"] / total if total else 0.0,

@@ -45,7 +45,9 @@ class LayerKV:
     slot is its home slot); ``last_selected`` (the layer's decode step that last selected
     it, -1: never); ``repeat`` (that selection was a repeat: it had been selected within the
     reuse window before); ``score`` (its estimated attention mass at that step); ``pins``
-    (live plans reading it: it may not move).
+    (live plans reading it: it may not move); ``rank_score`` (its score at the row's last
+    ranking). Per row: ``rank_q`` (fp32 ``[rows, R, D]``, the queries of that ranking) and
+    ``rank_len`` (the context length then, -1: none), kept only with ``rerank_similarity``.
     """
 
     session_id: int
@@ -74,13 +76,17 @@ class LayerKV:
     last_selected: np.ndarray = field(default=None, repr=False)
     repeat: np.ndarray = field(default=None, repr=False)
     score: np.ndarray = field(default=None, repr=False)
+    rank_score: np.ndarray = field(default=None, repr=False)
     pins: np.ndarray = field(default=None, repr=False)
+    rank_q: Optional[torch.Tensor] = field(default=None, repr=False)
+    rank_len: np.ndarray = field(default=None, repr=False)
     _table: Optional[tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.summaries is None:
             self.summaries = BlockSummaries(self.rows, self.head_dim, self.block_size, self.device)
         self._alloc_state(0)
+        self.rank_len = np.full(self.rows, NONE, np.int64)
 
     def _alloc_state(self, cap: int) -> None:
         old = self.home
@@ -88,7 +94,7 @@ class LayerKV:
         r = self.rows
         fills = {"home": (NONE, np.int8), "home_slot": (NONE, np.int64), "dev": (NONE, np.int64),
                  "host": (NONE, np.int64), "last_selected": (NONE, np.int64), "repeat": (0, np.bool_),
-                 "score": (0.0, np.float32),
+                 "score": (0.0, np.float32), "rank_score": (0.0, np.float32),
                  "pins": (0, np.int32)}
         for name, (fill, dtype) in fills.items():
             new = np.full((r, cap), fill, dtype)

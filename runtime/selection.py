@@ -51,6 +51,13 @@ class SelectionPolicy:
     copy it up. A block ranked out by it had at most e^bonus times the estimated mass of the
     one taken instead. 0: rank by the estimates alone. It changes nothing without tier limits
     (every block on the device gets the same bonus).
+    rerank_similarity: a cosine similarity in [0, 1], or None (the default): rank at every step.
+    With a value, a (sequence, KV head) keeps the block scores of its last ranking while each of
+    its query heads' query stays at least this similar to the query it was ranked with (FreeKV's
+    observation: adjacent decode steps' queries are alike), and while every block completed
+    since then lies in the local window (attended anyway); the step still takes its own sink,
+    local window and reuse bonus. It saves the ranking's work in those rows and changes what is
+    selected (benchmarks/RESULTS.md, "Ranking less often").
     """
 
     token_budget: Optional[Union[int, float]] = DEFAULT_TOKEN_BUDGET
@@ -62,6 +69,7 @@ class SelectionPolicy:
     dense_layers: int = 2
     attention: str = "split"
     reuse_bonus: float = DEFAULT_REUSE_BONUS
+    rerank_similarity: Optional[float] = None
 
     def budget_tokens(self, context: int) -> Optional[int]:
         b = self.token_budget
@@ -126,7 +134,7 @@ def select_blocks(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
 
 
 def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: int, end: int,
-                  scale: float = 1.0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  scale: float = 1.0, rankings: Optional[dict[str, int]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The blocks each (sequence, kv_head) attends this step, int64 ``[rows, n]`` ascending,
     and the scores of every block of the window (fp32 ``[rows, nb]``, CPU; None when the
     blocks were not ranked).
@@ -134,6 +142,7 @@ def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
     q: ``[B, Hq, Q, D]``; scale: the softmax scale (the scores are estimated log attention
     masses). Exact (every block of the window) when there is no budget, for the first
     ``dense_layers`` layers, for sliding-window layers, and when the budget covers it all.
+    rankings: counts of rows ``"scored"`` and ``"kept"`` (``policy.rerank_similarity``), added to.
     """
     ids = window_blocks(kv, start, end)
     budget = policy.budget_tokens(end - start)
@@ -156,13 +165,70 @@ def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
     if k <= 0 or policy.selection == "window":
         return ids[forced].expand(kv.rows, -1), None
     bonus = reuse_bonus(kv, policy, ids)
+    kept = kept_rankings(kv, policy, q, ids, nb - local_n, end)
+    if rankings is not None:
+        n_kept = 0 if kept is None else int(kept[0].sum())
+        rankings["kept"] += n_kept
+        rankings["scored"] += kv.rows - n_kept
     if policy.block_summary == "qkeys" and policy.score_aggregation == "max" and kv.summaries.device.type == "cpu":
-        return kv.summaries.top_blocks(q, ids, block_counts(kv, ids), scale, forced.numpy(), k, bonus)  # one numba call
-    scores = block_scores(kv, policy, q, ids, scale)                              # [rows, nb]
-    keys = scores if bonus is None else scores + torch.from_numpy(bonus)
-    top = keys.masked_fill(forced[None, :], float("-inf")).topk(k, dim=1).indices            # [rows, k]
-    chosen = torch.cat([forced.nonzero().view(1, -1).expand(kv.rows, -1), top], dim=1)
-    return ids[chosen].sort(dim=1).values, scores
+        selected, scores = kv.summaries.top_blocks(q, ids, block_counts(kv, ids), scale, forced.numpy(), k, bonus,
+                                                   kept)                         # one numba call
+    else:
+        scores = block_scores(kv, policy, q, ids, scale)                          # [rows, nb]
+        if kept is not None:
+            scores = torch.where(torch.from_numpy(kept[0])[:, None], torch.from_numpy(kept[1]), scores)
+        keys = scores if bonus is None else scores + torch.from_numpy(bonus)
+        top = keys.masked_fill(forced[None, :], float("-inf")).topk(k, dim=1).indices        # [rows, k]
+        chosen = torch.cat([forced.nonzero().view(1, -1).expand(kv.rows, -1), top], dim=1)
+        selected = ids[chosen].sort(dim=1).values
+    remember_rankings(kv, policy, q, ids, scores, kept, end)
+    return selected, scores
+
+
+def _query_rows(kv: LayerKV, q: torch.Tensor) -> torch.Tensor:
+    """q ``[B, Hq, Q, D]`` as fp32 ``[rows, R, D]`` (R = G*Q query rows per KV head), on the CPU."""
+    b, hq, nq, d = q.shape
+    return q.detach().to("cpu", torch.float32).reshape(kv.rows, (hq // (kv.rows // b)) * nq, d)
+
+
+def kept_rankings(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, ids: torch.Tensor, tail: int,
+                  end: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The rows that keep their last ranking's scores this step (``policy.rerank_similarity``):
+    ``(keep, scores)``, bool ``[rows]`` and fp32 ``[rows, nb]`` of blocks ``ids``; None when
+    every row ranks. tail: the position in ``ids`` from which every block is forced (the local
+    window): a row keeps only if the blocks from the one that was open at its ranking on are
+    all there (blocks completed since were not scored as complete ones)."""
+    tau = policy.rerank_similarity
+    if tau is None or kv.rank_q is None:
+        return None
+    qr = _query_rows(kv, q)
+    if qr.shape != kv.rank_q.shape:
+        return None
+    since = kv.rank_len                                    # [rows]: context length at the ranking, -1: none
+    fits = (since >= 0) & (since <= end) & (since // kv.block_size >= int(ids[0]) + tail)
+    if not fits.any():
+        return None
+    similar = torch.nn.functional.cosine_similarity(qr, kv.rank_q, dim=-1).amin(-1).numpy() >= tau
+    keep = fits & similar
+    if not keep.any():
+        return None
+    return keep, kv.rank_score[:, int(ids[0]):int(ids[-1]) + 1]
+
+
+def remember_rankings(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, ids: torch.Tensor,
+                      scores: torch.Tensor, kept: Optional[tuple[np.ndarray, np.ndarray]], end: int) -> None:
+    """Keep each freshly ranked row's query, scores and context length (for ``kept_rankings``)."""
+    if policy.rerank_similarity is None:
+        return
+    fresh = np.ones(kv.rows, np.bool_) if kept is None else ~kept[0]
+    qr = _query_rows(kv, q)
+    if kv.rank_q is None or kv.rank_q.shape != qr.shape:
+        kv.rank_q = qr.clone()
+        kv.rank_len[:] = -1
+    rows = torch.from_numpy(np.flatnonzero(fresh))
+    kv.rank_q[rows] = qr[rows]
+    kv.rank_len[fresh] = end
+    kv.rank_score[fresh, int(ids[0]):int(ids[-1]) + 1] = scores.numpy()[fresh]
 
 
 def reuse_bonus(kv: LayerKV, policy: SelectionPolicy, ids: torch.Tensor) -> Optional[np.ndarray]:

@@ -22,6 +22,7 @@ class RuntimeStats:
     tiers: dict[str, TierStats] = field(default_factory=dict)
     moved_bytes: dict[str, int] = field(default_factory=dict)
     selected_blocks: dict[str, int] = field(default_factory=dict)     # block reads attended, by tier
+    rankings: dict[str, int] = field(default_factory=dict)  # (sequence, KV head) rankings: scored / kept (rerank_similarity)
     served: dict[str, int] = field(default_factory=dict)    # bytes of selected KV, by where it lay when needed
     hit_rate: float = 0.0                                   # the device's share of ``served``
     admitted: dict[str, int] = field(default_factory=dict)  # block copies made, per caching tier

@@ -9,6 +9,7 @@ from triton_compile import compile_for_h100
 
 from kvdrive_compile.kernels.block_scores import (
     _log_mass,
+    _row_max,
     _top_row,
     pack_codes,
     qkeys_log_mass,
@@ -113,9 +114,14 @@ def test_qkeys_split_over_threads_matches_float64(chunks):
     log_count = torch.full((ids.numel(),), 2.0)
     out = torch.empty(3, 3, ids.numel())
     _log_mass(packed.numpy(), kmin.numpy(), kmax.numpy(), q.numpy(), ids.numpy(), quantized.numpy(),
-              log_count.numpy(), np.float32(scale), out.numpy(), chunks)
+              log_count.numpy(), np.float32(scale), out.numpy(), np.arange(3), chunks)
     want = qkeys_log_mass_or_bound(packed, kmin, kmax, q, ids, quantized, log_count, scale)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+    some = torch.full_like(out, 7.0)                   # only the rows listed are written
+    _log_mass(packed.numpy(), kmin.numpy(), kmax.numpy(), q.numpy(), ids.numpy(), quantized.numpy(),
+              log_count.numpy(), np.float32(scale), some.numpy(), np.array([2, 0]), chunks)
+    torch.testing.assert_close(some[[0, 2]], want[[0, 2]], rtol=0, atol=0)
+    assert (some[1] == 7.0).all()
     torch.testing.assert_close(out[:, :, quantized].double(), reference(codes, kmin, kmax, q, ids[quantized], scale),
                                rtol=1e-4, atol=1e-4)
 
@@ -203,6 +209,36 @@ def test_top_blocks_rank_by_scores_plus_bonus_and_return_the_scores(rows, nq, d,
                          np.zeros((rows, n - 1), np.float32))
 
 
+@pytest.mark.parametrize("rows,nq,d,bs,cap", [(5, 3, 64, 16, 120), (12, 3, 64, 16, 300)])
+def test_kept_rows_rank_by_their_given_scores(rows, nq, d, bs, cap):
+    """Rows marked kept are not scored: they rank (with this call's forced blocks and bonus) by
+    the scores they come with, which are returned as given; the other rows are scored as
+    without ``kept`` (fresh random data, torch's topk as the reference)."""
+    g = torch.Generator().manual_seed(cap + rows)
+    codes, packed, kmin, kmax, q, ids = case(rows, nq, d, bs, cap, seed=cap + 2)
+    n = ids.numel()
+    quantized, log_count, scale = torch.ones(n, dtype=torch.bool), torch.rand(n, generator=g) * 3, d ** -0.5
+    fresh = qkeys_log_mass_or_bound(packed, kmin, kmax, q, ids, quantized, log_count, scale).amax(1)
+    forced = torch.zeros(n, dtype=torch.bool)
+    forced[0] = forced[-4:] = True
+    k = (n - 5) // 3
+    bonus = (torch.rand(rows, n, generator=g) < 0.3).float() * 2
+    for keep in (torch.rand(rows, generator=g) < 0.5, torch.ones(rows, dtype=torch.bool),
+                 torch.zeros(rows, dtype=torch.bool)):
+        given = torch.randn(rows, n, generator=g) * 4
+        chosen, scores = qkeys_top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced.numpy(), k,
+                                          bonus.numpy(), kept=(keep.numpy(), given.numpy()))
+        want = torch.where(keep[:, None], given, fresh)
+        torch.testing.assert_close(scores, want, rtol=0, atol=0)
+        top = (want + bonus).masked_fill(forced, float("-inf")).topk(k, dim=1).indices
+        pos = {b: i for i, b in enumerate(ids.tolist())}
+        for r in range(rows):
+            assert chosen[r].tolist() == sorted(ids[forced].tolist() + ids[top[r]].tolist(), key=pos.get)
+    with pytest.raises(ValueError, match="kept rows"):
+        qkeys_top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced.numpy(), k,
+                         kept=(np.ones(rows - 1, bool), np.zeros((rows, n), np.float32)))
+
+
 def test_top_row_ties_nan_and_infinities():
     """Ties at the k-th score go to the lowest positions; NaN (in any query row) makes the
     block's score NaN and ranks it first, as torch.amax and torch.topk do; -inf ranks last."""
@@ -210,8 +246,8 @@ def test_top_row_ties_nan_and_infinities():
         per_query = np.asarray(per_query, np.float32)
         n = per_query.shape[1]
         scores, chosen = np.empty(n, np.float32), np.empty(int(np.sum(forced)) + k, np.int64)
-        _top_row(per_query, np.asarray(forced, np.bool_), np.zeros(0, np.float32), k, scores, chosen,
-                 np.empty(n, np.float32))
+        _row_max(per_query, scores)
+        _top_row(scores, np.asarray(forced, np.bool_), np.zeros(0, np.float32), k, chosen, np.empty(n, np.float32))
         return scores, chosen.tolist()
 
     no = [False] * 6

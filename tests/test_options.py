@@ -34,6 +34,8 @@ def test_defaults():
     assert parse_options({"token_budget": None}).policy.token_budget is None       # exact
     assert parse_options(None).policy.reuse_bonus == DEFAULT_REUSE_BONUS == 2.0
     assert parse_options({"reuse_bonus": 0}).policy.reuse_bonus == 0
+    assert parse_options(None).policy.rerank_similarity is None                   # rank at every step
+    assert parse_options({"rerank_similarity": 0.8}).policy.rerank_similarity == 0.8
 
 
 def test_unknown_option_names_valid_keys():
@@ -77,6 +79,9 @@ def test_compile_helper_checks_options_before_any_trace():
     ({"reuse_bonus": -0.5}, "reuse_bonus"), ({"reuse_bonus": float("nan")}, "reuse_bonus"),
     ({"reuse_bonus": float("inf")}, "reuse_bonus"), ({"reuse_bonus": "1"}, "reuse_bonus"),
     ({"reuse_bonus": True}, "reuse_bonus"),
+    ({"rerank_similarity": 1.5}, "rerank_similarity"), ({"rerank_similarity": -0.1}, "rerank_similarity"),
+    ({"rerank_similarity": "0.9"}, "rerank_similarity"), ({"rerank_similarity": True}, "rerank_similarity"),
+    ({"rerank_similarity": float("nan")}, "rerank_similarity"),
 ])
 def test_bad_values(options, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -221,3 +221,86 @@ def test_past_the_recompile_limit_tokens_stay_exact_or_error():
         model.forward = eager
     assert outcomes[0] == "error" and "exact" in outcomes[1:], outcomes
     assert torch._dynamo.config.fail_on_recompile_limit_hit is False
+
+
+def _grow(rt, kv, n, seed):
+    """Append ``n`` tokens of random keys to the layer, one decode step each."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        k = torch.randn(kv.batch, kv.kv_heads, 1, kv.head_dim, generator=g)
+        placement.append(rt, kv, k, torch.randn_like(k))
+
+
+@pytest.mark.parametrize("summary", ["qkeys", "minmax"])          # the fused numba call and the torch path
+def test_rerank_similarity_keeps_a_rows_ranking_while_its_queries_stay_alike(summary):
+    """A row whose queries stay similar ranks by the scores of its last ranking (this step's
+    sink, window and budget still hold); a row whose query moved, or whose window passed the
+    block open at its ranking, is ranked afresh; with the option off nothing is kept."""
+    from kvdrive_compile.runtime.selection import select_scored
+    nb, d, batch, hkv, g = 40, 16, 2, 2, 2
+    rt, kv, _ = layer_with_constant_blocks(batch, hkv, d, nb, seed=11)
+    _grow(rt, kv, 3, seed=1)                                   # an open block at the first ranking
+    policy = SelectionPolicy(token_budget=10 * BS, block_summary=summary, sink_tokens=4, local_window=3 * BS,
+                             reuse_bonus=0, rerank_similarity=0.9)
+    plain = SelectionPolicy(token_budget=10 * BS, block_summary=summary, sink_tokens=4, local_window=3 * BS,
+                            reuse_bonus=0)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(batch, hkv * g, 1, d, generator=gen)
+    counts = {"scored": 0, "kept": 0}
+    end = kv.length
+    sel1, scores1 = select_scored(kv, policy, q, 0, end, 1.0, counts)
+    assert counts == {"scored": 4, "kept": 0}
+    assert torch.equal(sel1, select_scored(kv, plain, q, 0, end)[0])
+    _grow(rt, kv, 1, seed=2)
+    end = kv.length
+    moved = q.clone()
+    moved[1, 2:] = torch.randn(1, g, 1, d, generator=gen)          # row 3 (sequence 1, KV head 1) moved
+    near = moved + 0.01 * torch.randn(moved.shape, generator=gen)
+    sel2, scores2 = select_scored(kv, policy, near, 0, end, 1.0, counts)
+    assert counts == {"scored": 5, "kept": 3}
+    fresh_sel, fresh_scores = select_scored(kv, plain, near, 0, end)
+    n1 = scores1.shape[1]
+    torch.testing.assert_close(scores2[:3, :n1 - 1], scores1[:3, :n1 - 1], rtol=0, atol=0)     # kept, as ranked
+    assert torch.equal(sel2[3], fresh_sel[3]) and torch.equal(scores2[3], fresh_scores[3])
+    nblocks = scores2.shape[1]
+    forced = {0, *range(max(0, end - 3 * BS) // BS, nblocks)}
+    for r in range(3):
+        free = [i for i in range(nblocks) if i not in forced]
+        best = sorted(free, key=lambda i: (-scores2[r, i].item(), i))[: 10 - len(forced)]
+        assert set(sel2[r].tolist()) == forced | set(best)
+        assert sel2.shape[1] * BS <= policy.token_budget
+    assert not torch.equal(scores2[:3], fresh_scores[:3])        # it did keep something a fresh ranking changes
+    _grow(rt, kv, 4 * BS, seed=3)                                 # the window moved past the open block
+    counts = {"scored": 0, "kept": 0}
+    select_scored(kv, policy, near, 0, kv.length, 1.0, counts)
+    assert counts == {"scored": 4, "kept": 0}
+    counts = {"scored": 0, "kept": 0}
+    select_scored(kv, plain, near, 0, kv.length, 1.0, counts)
+    assert counts == {"scored": 4, "kept": 0} and kv.rank_q is not None
+    rt.close()
+
+
+def test_rerank_similarity_is_not_stored_without_the_option():
+    rt, kv, _ = layer_with_constant_blocks(1, 2, 8, 30)
+    select_blocks(kv, SelectionPolicy(token_budget=6 * BS, sink_tokens=4), torch.randn(1, 2, 1, 8), 0, 30 * BS)
+    assert kv.rank_q is None and (kv.rank_len == -1).all()
+    rt.close()
+
+
+def test_rerank_similarity_end_to_end():
+    """A compiled model with the option runs within its budget, keeps some rankings, and with
+    no budget (every block attended) is still token-identical to eager."""
+    model = build("llama")
+    ids = torch.randint(3, 128, (2, 300), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    options = dict(token_budget=128, dense_layers=0, local_window=48, rerank_similarity=0.0,
+                   device_memory="160KiB", host_memory="64KiB")
+    try:
+        before = kvdrive_compile.stats(options).rankings
+    except KeyError:                                            # no runtime with these options yet
+        before = {"scored": 0, "kept": 0}
+    _, out = greedy_both(model, ids, 12, **options)
+    after = kvdrive_compile.stats(options).rankings
+    assert out.shape[1] == 312
+    assert after["kept"] > before["kept"] and after["scored"] > before["scored"]
+    ref, out = greedy_both(model, ids, 8, token_budget=None, rerank_similarity=0.5, device_memory="160KiB")
+    assert torch.equal(ref, out)
