@@ -28,8 +28,8 @@ class System:
     ``StaticCache``, the way transformers' ``generate`` runs ``cache_implementation="static"``:
     the prefill eager, each decode step the compiled forward (``COMPILE_MODES``). budgets: the
     sweep's device and host budgets (else kvdrive's defaults: no limit, every block on the
-    device tier, what a user gets with no options). compile_rest, cpu_linears, reuse_bonus:
-    kvdrive's options of those names (None: their defaults; the baselines rank by the block
+    device tier, what a user gets with no options). compile_rest, cpu_linears, reuse_bonus,
+    rerank_similarity: kvdrive's options of those names (None: their defaults; the baselines rank by the block
     estimates alone, ``reuse_bonus=0``, as the designs they stand for do)."""
 
     name: str
@@ -47,6 +47,7 @@ class System:
     compile_rest: Optional[str] = None
     cpu_linears: Optional[str] = None
     reuse_bonus: Optional[float] = None
+    rerank_similarity: Optional[float] = None
 
     def options(self, budgets: Budgets) -> Optional[dict]:
         """The ``options=`` of ``torch.compile(..., backend="kvdrive")``; None when not compiled."""
@@ -66,6 +67,8 @@ class System:
             options["cpu_linears"] = self.cpu_linears
         if self.reuse_bonus is not None:
             options["reuse_bonus"] = self.reuse_bonus
+        if self.rerank_similarity is not None:
+            options["rerank_similarity"] = self.rerank_similarity
         return options
 
     def unavailable(self, device: torch.device) -> Optional[str]:
@@ -107,9 +110,14 @@ KVDRIVE = System("kvdrive", "kvdrive: device tier + host + disk, blocks selected
 KVDRIVE_NO_BONUS = System("kvdrive-no-bonus", "kvdrive with reuse_bonus=0: the same tiers, blocks ranked by "
                           "their estimates alone (the difference to kvdrive is the tier-aware ranking's)",
                           kvdrive=True, sparse=True, own_device_tier=True, reuse_bonus=0.0)
+KVDRIVE_RERANK = System("kvdrive-rerank", "kvdrive with rerank_similarity=0.8: the same tiers, a (sequence, KV "
+                        "head) re-ranks only when its query moved (the difference to kvdrive is that option's)",
+                        kvdrive=True, sparse=True, own_device_tier=True, rerank_similarity=0.8)
 KVDRIVE_DEFAULT = System("kvdrive-default", "kvdrive with its default options (the sweep's token budget): no "
                          "device or host limit, every block on the device tier", kvdrive=True, sparse=True,
                          budgets=False)
+KVDRIVE_DEFAULT_RERANK = System("kvdrive-default-rerank", "kvdrive-default with rerank_similarity=0.8",
+                                kvdrive=True, sparse=True, budgets=False, rerank_similarity=0.8)
 KVDRIVE_INDUCTOR = System("kvdrive-inductor", "kvdrive-default with compile_rest=\"inductor\": the rest of the "
                           "model compiled by Inductor around kvdrive's ops", kvdrive=True, sparse=True, budgets=False,
                           compile_rest="inductor")
@@ -122,7 +130,8 @@ KVDRIVE_EXACT = System("kvdrive-exact", "kvdrive with token_budget=None (exact),
                        kvdrive=True, own_device_tier=True)
 
 SYSTEMS = {s.name: s for s in (DENSE, DENSE_COMPILED, HF_OFFLOAD, FETCH_ALL, SPARSE_FETCH, SHADOWKV_LIKE,
-                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_NO_BONUS, KVDRIVE_DEFAULT, KVDRIVE_INDUCTOR, KVDRIVE_ATEN_LINEARS,
+                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_NO_BONUS, KVDRIVE_RERANK, KVDRIVE_DEFAULT,
+                               KVDRIVE_DEFAULT_RERANK, KVDRIVE_INDUCTOR, KVDRIVE_ATEN_LINEARS,
                                KVDRIVE_HOST, KVDRIVE_EXACT)}
 DEFAULT_SYSTEMS = ("dense", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive")
 # where a system's tokens are checked against (the first of its references the run has): exact
@@ -131,7 +140,7 @@ DEFAULT_SYSTEMS = ("dense", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive"
 # place higher (reuse_bonus), so where blocks lie changes what they select: against dense, sparse.
 SAME_SELECTION = ("kvdrive-default", "kvdrive-no-bonus", "sparse-fetch", "shadowkv-like", "hisparse-like")
 REFERENCE = {"hf-offload": "dense", "dense-compiled": "dense", "fetch-all": "dense", "kvdrive-exact": "dense",
-             "kvdrive": "dense", "kvdrive-host": "dense",
+             "kvdrive": "dense", "kvdrive-host": "dense", "kvdrive-rerank": "dense", "kvdrive-default-rerank": "dense",
              "kvdrive-inductor": "kvdrive-default", "kvdrive-aten-linears": "kvdrive-default",
              **{name: tuple(other for other in SAME_SELECTION if other != name) for name in SAME_SELECTION}}
 EXACT_SYSTEMS = ("dense", "dense-compiled", "hf-offload", "fetch-all", "kvdrive-exact")
