@@ -134,7 +134,8 @@ def select_blocks(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
 
 
 def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: int, end: int,
-                  scale: float = 1.0, rankings: Optional[dict[str, int]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  scale: float = 1.0, rankings: Optional[dict[str, int]] = None
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The blocks each (sequence, kv_head) attends this step, int64 ``[rows, n]`` ascending,
     and the scores of every block of the window (fp32 ``[rows, nb]``, CPU; None when the
     blocks were not ranked).
@@ -165,7 +166,8 @@ def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
     if k <= 0 or policy.selection == "window":
         return ids[forced].expand(kv.rows, -1), None
     bonus = reuse_bonus(kv, policy, ids)
-    kept = kept_rankings(kv, policy, q, ids, nb - local_n, end)
+    qr = None if policy.rerank_similarity is None else _query_rows(kv, q)
+    kept = kept_rankings(kv, policy, qr, ids, nb - local_n, end)
     if rankings is not None:
         n_kept = 0 if kept is None else int(kept[0].sum())
         rankings["kept"] += n_kept
@@ -181,7 +183,7 @@ def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
         top = keys.masked_fill(forced[None, :], float("-inf")).topk(k, dim=1).indices        # [rows, k]
         chosen = torch.cat([forced.nonzero().view(1, -1).expand(kv.rows, -1), top], dim=1)
         selected = ids[chosen].sort(dim=1).values
-    remember_rankings(kv, policy, q, ids, scores, kept, end)
+    remember_rankings(kv, qr, ids, scores, kept, end)
     return selected, scores
 
 
@@ -191,18 +193,16 @@ def _query_rows(kv: LayerKV, q: torch.Tensor) -> torch.Tensor:
     return q.detach().to("cpu", torch.float32).reshape(kv.rows, (hq // (kv.rows // b)) * nq, d)
 
 
-def kept_rankings(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, ids: torch.Tensor, tail: int,
+def kept_rankings(kv: LayerKV, policy: SelectionPolicy, qr: Optional[torch.Tensor], ids: torch.Tensor, tail: int,
                   end: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """The rows that keep their last ranking's scores this step (``policy.rerank_similarity``):
     ``(keep, scores)``, bool ``[rows]`` and fp32 ``[rows, nb]`` of blocks ``ids``; None when
-    every row ranks. tail: the position in ``ids`` from which every block is forced (the local
-    window): a row keeps only if the blocks from the one that was open at its ranking on are
-    all there (blocks completed since were not scored as complete ones)."""
+    every row ranks. qr: the step's query rows (``_query_rows``; None: the option is off).
+    tail: the position in ``ids`` from which every block is forced (the local window): a row
+    keeps only if the blocks from the one that was open at its ranking on are all there
+    (blocks completed since were not scored as complete ones)."""
     tau = policy.rerank_similarity
-    if tau is None or kv.rank_q is None:
-        return None
-    qr = _query_rows(kv, q)
-    if qr.shape != kv.rank_q.shape:
+    if tau is None or qr is None or kv.rank_q is None or qr.shape != kv.rank_q.shape:
         return None
     since = kv.rank_len                                    # [rows]: context length at the ranking, -1: none
     fits = (since >= 0) & (since <= end) & (since // kv.block_size >= int(ids[0]) + tail)
@@ -215,13 +215,13 @@ def kept_rankings(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, ids: to
     return keep, kv.rank_score[:, int(ids[0]):int(ids[-1]) + 1]
 
 
-def remember_rankings(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, ids: torch.Tensor,
-                      scores: torch.Tensor, kept: Optional[tuple[np.ndarray, np.ndarray]], end: int) -> None:
-    """Keep each freshly ranked row's query, scores and context length (for ``kept_rankings``)."""
-    if policy.rerank_similarity is None:
+def remember_rankings(kv: LayerKV, qr: Optional[torch.Tensor], ids: torch.Tensor, scores: torch.Tensor,
+                      kept: Optional[tuple[np.ndarray, np.ndarray]], end: int) -> None:
+    """Keep each freshly ranked row's query rows ``qr``, scores and context length (for
+    ``kept_rankings``; qr None: the option is off, nothing is kept)."""
+    if qr is None:
         return
     fresh = np.ones(kv.rows, np.bool_) if kept is None else ~kept[0]
-    qr = _query_rows(kv, q)
     if kv.rank_q is None or kv.rank_q.shape != qr.shape:
         kv.rank_q = qr.clone()
         kv.rank_len[:] = -1
