@@ -44,10 +44,10 @@ class LayerKV:
     ``home_slot``; ``dev`` and ``host`` copy slots (-1: no copy; a host-homed block's host
     slot is its home slot); ``last_selected`` (the layer's decode step that last selected
     it, -1: never); ``repeat`` (that selection was a repeat: it had been selected within the
-    reuse window before); ``score`` (its estimated attention mass at that step); ``pins``
-    (live plans reading it: it may not move); ``rank_score`` (its score at the row's last
-    ranking). Per row: ``rank_q`` (fp32 ``[rows, R, D]``, the queries of that ranking) and
-    ``rank_len`` (the context length then, -1: none), kept only with ``rerank_similarity``.
+    reuse window before); ``score`` (its estimated attention mass at the row's last ranking);
+    ``pins`` (live plans reading it: it may not move). Per row: ``rank_q`` (fp32 ``[rows, R,
+    D]``, the queries of that ranking) and ``rank_len`` (the context length then, -1: none),
+    kept only with ``rerank_similarity``.
     """
 
     session_id: int
@@ -76,7 +76,6 @@ class LayerKV:
     last_selected: np.ndarray = field(default=None, repr=False)
     repeat: np.ndarray = field(default=None, repr=False)
     score: np.ndarray = field(default=None, repr=False)
-    rank_score: np.ndarray = field(default=None, repr=False)
     pins: np.ndarray = field(default=None, repr=False)
     rank_q: Optional[torch.Tensor] = field(default=None, repr=False)
     rank_len: np.ndarray = field(default=None, repr=False)
@@ -94,7 +93,7 @@ class LayerKV:
         r = self.rows
         fills = {"home": (NONE, np.int8), "home_slot": (NONE, np.int64), "dev": (NONE, np.int64),
                  "host": (NONE, np.int64), "last_selected": (NONE, np.int64), "repeat": (0, np.bool_),
-                 "score": (0.0, np.float32), "rank_score": (0.0, np.float32),
+                 "score": (0.0, np.float32),
                  "pins": (0, np.int32)}
         for name, (fill, dtype) in fills.items():
             new = np.full((r, cap), fill, dtype)

@@ -493,7 +493,8 @@ def _budget_error(rt: KVRuntime, kv: LayerKV) -> KVBudgetError:
     return KVBudgetError(
         f"device_memory={rt.budgets[Tier.DEVICE].limit} bytes cannot hold the blocks each attention layer "
         f"keeps on the device (sink, local window, open block: {kv.pinned_front + kv.pinned_back} blocks x "
-        f"{kv.rows} rows x {sb} bytes = {per_layer} bytes per layer; {rt.layer_label(kv.layer)}, one of at least {sites} attention layers). "
+        f"{kv.rows} rows x {sb} bytes = {per_layer} bytes per layer; {rt.layer_label(kv.layer)}, "
+        f"one of at least {sites} attention layers). "
         + (f"{len(rt.sessions) - 1} other generation(s) sharing this runtime hold theirs too. "
            if len(rt.sessions) > 1 else "")
         + f"Pass device_memory >= {per_layer * sites} bytes (more, so blocks attention reuses can stay), "
@@ -583,13 +584,12 @@ def count_served(rt: KVRuntime, kv: LayerKV, selected: torch.Tensor) -> dict[Tie
     return out
 
 
-def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan, scores: Optional[torch.Tensor], window: torch.Tensor) -> None:
+def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan) -> None:
     """The cache policy's moves at this step: drop victims, copy admitted misses up (from
-    host now; from disk when the plan's read lands), remember what was selected."""
+    host now; from disk when the plan's read lands), remember what was selected. Victims and
+    candidates rank by ``kv.score``, which the step's selection wrote."""
     nb = kv.num_blocks
     kv.step += 1
-    if scores is not None:
-        kv.score[:, window.numpy()] = scores.numpy()
     selected = np.zeros((kv.rows, nb), np.bool_)
     np.put_along_axis(selected, plan.selected.numpy(), True, axis=1)
     tier, _ = kv.where()

@@ -166,7 +166,7 @@ def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
     if k <= 0 or policy.selection == "window":
         return ids[forced].expand(kv.rows, -1), None
     bonus = reuse_bonus(kv, policy, ids)
-    qr = None if policy.rerank_similarity is None else _query_rows(kv, q)
+    qr = None if policy.rerank_similarity is None else kv.summaries.query_rows(q).detach()
     kept = kept_rankings(kv, policy, qr, ids, nb - local_n, end)
     if rankings is not None:
         n_kept = 0 if kept is None else int(kept[0].sum())
@@ -187,17 +187,12 @@ def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
     return selected, scores
 
 
-def _query_rows(kv: LayerKV, q: torch.Tensor) -> torch.Tensor:
-    """q ``[B, Hq, Q, D]`` as fp32 ``[rows, R, D]`` (R = G*Q query rows per KV head), on the CPU."""
-    b, hq, nq, d = q.shape
-    return q.detach().to("cpu", torch.float32).reshape(kv.rows, (hq // (kv.rows // b)) * nq, d)
-
-
 def kept_rankings(kv: LayerKV, policy: SelectionPolicy, qr: Optional[torch.Tensor], ids: torch.Tensor, tail: int,
                   end: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """The rows that keep their last ranking's scores this step (``policy.rerank_similarity``):
     ``(keep, scores)``, bool ``[rows]`` and fp32 ``[rows, nb]`` of blocks ``ids``; None when
-    every row ranks. qr: the step's query rows (``_query_rows``; None: the option is off).
+    every row ranks. qr: the step's query rows (``BlockSummaries.query_rows``; None: the option
+    is off).
     tail: the position in ``ids`` from which every block is forced (the local window): a row
     keeps only if the blocks from the one that was open at its ranking on are all there
     (blocks completed since were not scored as complete ones)."""
@@ -208,17 +203,19 @@ def kept_rankings(kv: LayerKV, policy: SelectionPolicy, qr: Optional[torch.Tenso
     fits = (since >= 0) & (since <= end) & (since // kv.block_size >= int(ids[0]) + tail)
     if not fits.any():
         return None
-    similar = torch.nn.functional.cosine_similarity(qr, kv.rank_q, dim=-1).amin(-1).numpy() >= tau
+    similar = torch.nn.functional.cosine_similarity(qr, kv.rank_q, dim=-1).amin(-1).cpu().numpy() >= tau
     keep = fits & similar
     if not keep.any():
         return None
-    return keep, kv.rank_score[:, int(ids[0]):int(ids[-1]) + 1]
+    return keep, kv.score[:, int(ids[0]):int(ids[-1]) + 1]
 
 
 def remember_rankings(kv: LayerKV, qr: Optional[torch.Tensor], ids: torch.Tensor, scores: torch.Tensor,
                       kept: Optional[tuple[np.ndarray, np.ndarray]], end: int) -> None:
-    """Keep each freshly ranked row's query rows ``qr``, scores and context length (for
-    ``kept_rankings``; qr None: the option is off, nothing is kept)."""
+    """Keep the window's scores (``kv.score``: the cache policy ranks copies by them, and kept
+    rows rank by them again) and each freshly ranked row's query rows ``qr`` and context length
+    (for ``kept_rankings``; qr None: the option is off)."""
+    kv.score[:, int(ids[0]):int(ids[-1]) + 1] = scores.numpy()         # kept rows: their own values
     if qr is None:
         return
     fresh = np.ones(kv.rows, np.bool_) if kept is None else ~kept[0]
@@ -228,7 +225,6 @@ def remember_rankings(kv: LayerKV, qr: Optional[torch.Tensor], ids: torch.Tensor
     rows = torch.from_numpy(np.flatnonzero(fresh))
     kv.rank_q[rows] = qr[rows]
     kv.rank_len[fresh] = end
-    kv.rank_score[fresh, int(ids[0]):int(ids[-1]) + 1] = scores.numpy()[fresh]
 
 
 def reuse_bonus(kv: LayerKV, policy: SelectionPolicy, ids: torch.Tensor) -> Optional[np.ndarray]:

@@ -228,14 +228,14 @@ def plan_step(rt: KVRuntime, kv: LayerKV, past_len: int, new_len: int, q: torch.
             return Plan(kv, (start, end), selected, fresh_only=True)
         # the token budget is a decode step's: a step that brings several tokens (a prompt fed
         # in chunks, a conversation continued on its cache) attends every token, as a prefill does
-        selected, scores = select_scored(kv, policy if new_len == 1 else EXACT, q, start, end, scale, rt.rankings)
+        selected, _ = select_scored(kv, policy if new_len == 1 else EXACT, q, start, end, scale, rt.rankings)
         plan = Plan(kv, (start, end), selected, fresh_only=False, fetch=policy.attention == "fetch")
         t0 = time.perf_counter()                  # the rest: the cache policy's moves (timeline: "plan")
         served = placement.count_served(rt, kv, selected)
         if rt.device_home:                      # nothing moves: a tier serving none needs no split
             plan.parts.update({tier: None for tier in Tier if not served[tier]})
         else:                                   # the policy's moves change where blocks lie
-            placement.cache_step(rt, kv, plan, scores, window_blocks(kv, start, end))
+            placement.cache_step(rt, kv, plan)
         for tier in Tier:
             part = plan.part(tier)
             rt.selected_blocks[tier.name.lower()] += 0 if part is None else int(part.valid.sum())

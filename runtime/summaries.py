@@ -175,13 +175,16 @@ class BlockSummaries:
         """Which of blocks ``ids`` (on the host) are complete, their keys coded: bool ``[nb]``."""
         return (ids + 1) * self.block_size <= self.length
 
-    def _query_rows(self, q: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q ``[B, Hq, Q, D]`` as fp32 ``[rows, R, D]`` (R = G*Q query rows per KV head) and the
-        log of each block's token count (at least 1) ``[nb]``, on the summaries' device."""
+    def query_rows(self, q: torch.Tensor) -> torch.Tensor:
+        """q ``[B, Hq, Q, D]`` as fp32 ``[rows, R, D]`` (R = G*Q query rows per KV head), on the
+        summaries' device."""
         b, hq, nq, d = q.shape
         hkv = self.rows // b
-        qf = q.to(self.device, torch.float32).reshape(b * hkv, (hq // hkv) * nq, d)
-        return qf, counts.to(self.device, torch.float32).clamp_min(1).log()
+        return q.to(self.device, torch.float32).reshape(b * hkv, (hq // hkv) * nq, d)
+
+    def _query_rows(self, q: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``query_rows(q)`` and the log of each block's token count (at least 1) ``[nb]``."""
+        return self.query_rows(q), counts.to(self.device, torch.float32).clamp_min(1).log()
 
     def _bound(self, qf: torch.Tensor, ids: torch.Tensor, log_count: torch.Tensor, scale: float) -> torch.Tensor:
         """Quest's bound ``scale * sum_c max(q_c min_c, q_c max_c) + log(count)``: ``[rows, R, n]``."""

@@ -172,11 +172,28 @@ def test_top_blocks_are_forced_plus_topk_of_the_max_over_query_rows(rows, nq, d,
             torch.testing.assert_close(scores, want_scores, rtol=0, atol=0)
             assert chosen.shape == (rows, int(forced.sum()) + k)
             top = want_scores.masked_fill(forced, float("-inf")).topk(k, dim=1).indices
-            for r in range(rows):
-                want = sorted(ids[forced].tolist() + ids[top[r]].tolist(), key=lambda b: (ids == b).nonzero().item())
-                assert chosen[r].tolist() == want
+            assert_forced_plus_top(chosen, ids, forced, top)
     with pytest.raises(ValueError, match="do not fit"):
         qkeys_top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, np.zeros(n, bool), n + 1)
+
+
+def ranking_case(rows, nq, d, bs, cap, seed, g, tail):
+    """Summaries of complete blocks on fresh random data, their reference scores (max over query
+    rows), and a forced mask of the first block and the last ``tail``."""
+    codes, packed, kmin, kmax, q, ids = case(rows, nq, d, bs, cap, seed=seed)
+    n = ids.numel()
+    quantized, log_count, scale = torch.ones(n, dtype=torch.bool), torch.rand(n, generator=g) * 3, d ** -0.5
+    args = (packed, kmin, kmax, q, ids, quantized, log_count, scale)
+    forced = torch.zeros(n, dtype=torch.bool)
+    forced[0] = forced[-tail:] = True
+    return args, qkeys_log_mass_or_bound(*args).amax(1), forced
+
+
+def assert_forced_plus_top(chosen, ids, forced, top):
+    """Each row chose the forced blocks and its ``top`` positions, in the order of ``ids``."""
+    pos = {b: i for i, b in enumerate(ids.tolist())}
+    for r in range(chosen.shape[0]):
+        assert chosen[r].tolist() == sorted(ids[forced].tolist() + ids[top[r]].tolist(), key=pos.get)
 
 
 @pytest.mark.parametrize("rows,nq,d,bs,cap", [(3, 2, 64, 16, 70), (12, 3, 64, 16, 300)])
@@ -184,29 +201,20 @@ def test_top_blocks_rank_by_scores_plus_bonus_and_return_the_scores(rows, nq, d,
     """With a bonus, the chosen blocks are the forced ones plus the top-k of scores + bonus
     (torch's topk on fresh random data); the scores returned are the scores alone."""
     g = torch.Generator().manual_seed(cap)
-    codes, packed, kmin, kmax, q, ids = case(rows, nq, d, bs, cap, seed=cap + 1)
-    n = ids.numel()
-    quantized, log_count, scale = torch.ones(n, dtype=torch.bool), torch.rand(n, generator=g) * 3, d ** -0.5
-    want_scores = qkeys_log_mass_or_bound(packed, kmin, kmax, q, ids, quantized, log_count, scale).amax(1)
-    forced = torch.zeros(n, dtype=torch.bool)
-    forced[0] = forced[-3:] = True
+    args, want_scores, forced = ranking_case(rows, nq, d, bs, cap, cap + 1, g, tail=3)
+    ids, n = args[4], args[4].numel()
     k = (n - 4) // 4
     for bonus_size in (0.5, 1.0, 4.0):
         bonus = (torch.rand(rows, n, generator=g) < 0.4).float() * bonus_size
-        chosen, scores = qkeys_top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale,
-                                          forced.numpy(), k, bonus.numpy())
+        chosen, scores = qkeys_top_blocks(*args, forced.numpy(), k, bonus.numpy())
         torch.testing.assert_close(scores, want_scores, rtol=0, atol=0)
         top = (want_scores + bonus).masked_fill(forced, float("-inf")).topk(k, dim=1).indices
         plain = want_scores.masked_fill(forced, float("-inf")).topk(k, dim=1).indices
-        moved = 0
-        for r in range(rows):
-            pos = {b: i for i, b in enumerate(ids.tolist())}
-            assert chosen[r].tolist() == sorted(ids[forced].tolist() + ids[top[r]].tolist(), key=pos.get)
-            moved += len(set(top[r].tolist()) - set(plain[r].tolist()))
+        assert_forced_plus_top(chosen, ids, forced, top)
+        moved = sum(len(set(top[r].tolist()) - set(plain[r].tolist())) for r in range(rows))
         assert moved > 0                                   # the bonus changed some selections
     with pytest.raises(ValueError, match="bonus"):
-        qkeys_top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced.numpy(), k,
-                         np.zeros((rows, n - 1), np.float32))
+        qkeys_top_blocks(*args, forced.numpy(), k, np.zeros((rows, n - 1), np.float32))
 
 
 @pytest.mark.parametrize("rows,nq,d,bs,cap", [(5, 3, 64, 16, 120), (12, 3, 64, 16, 300)])
@@ -215,28 +223,20 @@ def test_kept_rows_rank_by_their_given_scores(rows, nq, d, bs, cap):
     the scores they come with, which are returned as given; the other rows are scored as
     without ``kept`` (fresh random data, torch's topk as the reference)."""
     g = torch.Generator().manual_seed(cap + rows)
-    codes, packed, kmin, kmax, q, ids = case(rows, nq, d, bs, cap, seed=cap + 2)
-    n = ids.numel()
-    quantized, log_count, scale = torch.ones(n, dtype=torch.bool), torch.rand(n, generator=g) * 3, d ** -0.5
-    fresh = qkeys_log_mass_or_bound(packed, kmin, kmax, q, ids, quantized, log_count, scale).amax(1)
-    forced = torch.zeros(n, dtype=torch.bool)
-    forced[0] = forced[-4:] = True
+    args, fresh, forced = ranking_case(rows, nq, d, bs, cap, cap + 2, g, tail=4)
+    ids, n = args[4], args[4].numel()
     k = (n - 5) // 3
     bonus = (torch.rand(rows, n, generator=g) < 0.3).float() * 2
     for keep in (torch.rand(rows, generator=g) < 0.5, torch.ones(rows, dtype=torch.bool),
                  torch.zeros(rows, dtype=torch.bool)):
         given = torch.randn(rows, n, generator=g) * 4
-        chosen, scores = qkeys_top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced.numpy(), k,
-                                          bonus.numpy(), kept=(keep.numpy(), given.numpy()))
+        chosen, scores = qkeys_top_blocks(*args, forced.numpy(), k, bonus.numpy(), kept=(keep.numpy(), given.numpy()))
         want = torch.where(keep[:, None], given, fresh)
         torch.testing.assert_close(scores, want, rtol=0, atol=0)
         top = (want + bonus).masked_fill(forced, float("-inf")).topk(k, dim=1).indices
-        pos = {b: i for i, b in enumerate(ids.tolist())}
-        for r in range(rows):
-            assert chosen[r].tolist() == sorted(ids[forced].tolist() + ids[top[r]].tolist(), key=pos.get)
+        assert_forced_plus_top(chosen, ids, forced, top)
     with pytest.raises(ValueError, match="kept rows"):
-        qkeys_top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced.numpy(), k,
-                         kept=(np.ones(rows - 1, bool), np.zeros((rows, n), np.float32)))
+        qkeys_top_blocks(*args, forced.numpy(), k, kept=(np.ones(rows - 1, bool), np.zeros((rows, n), np.float32)))
 
 
 def test_top_row_ties_nan_and_infinities():

@@ -166,7 +166,7 @@ def test_reuse_is_measured_per_history_class():
     model = placement.admission_model(rt, kv)
     seen, hits = dict(model.reuse_seen), dict(model.reuse_hits)
     for sel in ([1, 2], [2, 3], [2, 5], [2, 3]):
-        placement.cache_step(rt, kv, SimpleNamespace(selected=torch.tensor([sel]), fetch=False, fills=[]), None, None)
+        placement.cache_step(rt, kv, SimpleNamespace(selected=torch.tensor([sel]), fetch=False, fills=[]))
     # step 2: 1, 2 were first selections (2 again); step 3: 2 a repeat (again), 3 a first (not);
     # step 4: 2 a repeat (again), 5 a first (not)
     assert {c: model.reuse_seen[c] - seen[c] for c in seen} == {"repeat": 2, "first": 4}
@@ -178,7 +178,7 @@ def test_reuse_is_measured_per_history_class():
         rt = KVRuntime(block_size=16, host_memory=None, **options)
         kv = rt.layer(rt.open_session(sites=1), 0, k, False)
         placement.append(rt, kv, k, k)
-        placement.cache_step(rt, kv, SimpleNamespace(selected=torch.tensor([[1, 2]]), fetch=False, fills=[]), None, None)
+        placement.cache_step(rt, kv, SimpleNamespace(selected=torch.tensor([[1, 2]]), fetch=False, fills=[]))
         assert placement.admission_model(rt, kv) is None and rt.stats().admission == {}
         rt.close()
 
