@@ -187,10 +187,13 @@ def plan_of(rt: KVRuntime, session_id: int, plan_id: int) -> Plan:
 
 def step_mask(plan: Plan, mask: Optional[torch.Tensor], is_causal: bool, softcap: float = 0.0) -> StepMask:
     start, end = plan.window
-    if mask is not None and mask.shape[-1] < end - start:
-        raise RuntimeError(f"attention mask covers {mask.shape[-1]} keys, the cache holds {end - start}")
+    if mask is not None and 1 < mask.shape[-1] < end - start:
+        raise RuntimeError(f"attention mask covers {mask.shape[-1]} keys, the cache holds {end - start}: the model "
+                           f"masks fewer keys than it attends, which kvdrive cannot line up with its cache")
     bias = to_bias(mask)
-    if bias is not None and bias.shape[-1] > end - start:
+    if bias is not None and bias.shape[-1] == 1:        # one value for every key: broadcast, as SDPA does
+        bias = bias.expand(*bias.shape[:-1], end - start)
+    elif bias is not None and bias.shape[-1] > end - start:
         bias = bias[..., : end - start]
     return StepMask(start, end, bias, is_causal, softcap)
 

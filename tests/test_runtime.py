@@ -75,6 +75,39 @@ def test_three_tiers_exact(tmp_path, dtype, batch, hkv, g, d):
     rt.close()
 
 
+def test_a_mask_with_one_key_column_broadcasts_over_every_key(tmp_path):
+    """A mask whose key axis has length 1 applies to every key, as SDPA broadcasts it (MiniMax's
+    decode mask is built so); a mask over more than one key but fewer than the cache holds
+    cannot be lined up with the cache and is refused."""
+    torch.manual_seed(2)
+    batch, hkv, g, d = 2, 2, 2, 16
+    block_bytes = 16 * d * 2 * 4 * batch * hkv
+    rt = KVRuntime(block_size=16, device_memory=2 * block_bytes, host_memory=2 * block_bytes,
+                   disk_dir=str(tmp_path))
+    session = rt.open_session()
+    k_all = torch.randn(batch, hkv, 0, d)
+    v_all = k_all.clone()
+    for n in [70, 1, 1, 1]:
+        k_new, v_new = torch.randn(batch, hkv, n, d), torch.randn(batch, hkv, n, d)
+        kv = rt.layer(session, 0, k_new, keeps_last=False)
+        past = kv.length
+        placement.append(rt, kv, k_new, v_new)
+        k_all, v_all = torch.cat([k_all, k_new], 2), torch.cat([v_all, v_new], 2)
+        q = torch.randn(batch, hkv * g, n, d)
+        causal = torch.ones(n, past + n, dtype=torch.bool).tril(past)
+        mask = causal.expand(batch, 1, n, past + n) if n > 1 else torch.randn(batch, 1, 1, 1)
+        out, _ = attend(rt, session, 0, q, past, n, k_new, v_new, mask)
+        bias = torch.zeros(batch, 1, n, past + n).masked_fill(~causal, float("-inf")) + (mask if n == 1 else 0)
+        torch.testing.assert_close(out.double(), reference(q, k_all, v_all, 0.125, bias), atol=1e-5, rtol=1e-5)
+    q = torch.randn(batch, hkv * g, 1, d)
+    kv = rt.layer(session, 0, k_new, keeps_last=False)
+    past = kv.length
+    placement.append(rt, kv, k_new, v_new)
+    with pytest.raises(RuntimeError, match="masks fewer keys than it attends"):
+        attend(rt, session, 0, q, past, 1, k_new, v_new, torch.zeros(batch, 1, 1, 2))
+    rt.close()
+
+
 def test_sessions_do_not_see_each_other():
     torch.manual_seed(1)
     rt = KVRuntime(block_size=8, device_memory=8 * 8 * 16 * 4 * 2, host_memory=8 * 8 * 16 * 4 * 2)
