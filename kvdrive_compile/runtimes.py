@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 from .options import KVDriveOptions, parse_options
-from .runtime import site_step
+from .runtime import site_step, standins
 from .runtime.kv_runtime import KVRuntime
 from .runtime.selection import SelectionPolicy  # noqa: F401  (the registry's type)
 from .runtime.site_step import OUTSIDE_READ
@@ -91,6 +91,9 @@ def materialize_standin(t: torch.Tensor) -> torch.Tensor:
     rt, key, kv, (first, n) = _placed(t)
     k, v = site_step.read_window(rt, kv, first, first + n)
     return k if key.kind == "k" else v
+
+
+standins.copy_values = materialize_standin
 
 
 def tail_standin(t: torch.Tensor, start: int) -> torch.Tensor:

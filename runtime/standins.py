@@ -71,8 +71,24 @@ def _func_name(func) -> str:
     return getattr(func, "__name__", str(func))
 
 
+# What ``copy.deepcopy`` of a stand-in gives: the real K/V it stands for, gathered from the
+# tiers (set by kvdrive_compile.runtimes, which finds a stand-in's runtime); None: refused.
+copy_values: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
 class StandIn(torch.Tensor):
     """A cache tensor whose KV lives in the kvdrive runtime (see the module docstring)."""
+
+    def __deepcopy__(self, memo):
+        """A deep copy of a cache kvdrive holds (Hugging Face's recipe for reusing a prompt's
+        cache: ``copy.deepcopy(cache)`` per continuation) holds the real K/V, gathered from the
+        tiers: an ordinary cache, as large as eager's, that eager code or the compiled model
+        (as a new generation) continues exactly. The original keeps its KV in the runtime."""
+        if id(self) not in memo:
+            if copy_values is None:
+                raise StandInReadError(READ_OUTSIDE.format(what="copy.deepcopy"))
+            memo[id(self)] = copy_values(self)
+        return memo[id(self)]
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

@@ -161,6 +161,41 @@ def test_eager_continuation_of_a_compiled_cache_errors_then_materialises(build):
     torch.testing.assert_close(model(nxt, cache=fresh).logits, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("build", [llama, mistral_sliding])
+@torch.no_grad()
+def test_a_deep_copied_cache_holds_the_real_kv_and_continues_exactly(build):
+    """Hugging Face's recipe for reusing a prompt's cache: prefill once, ``copy.deepcopy`` the
+    cache for each continuation. A copy holds the real K/V (gathered from the tiers, here
+    partly on disk) and continues exactly, eagerly or compiled; the original keeps its
+    stand-ins and continues exactly too."""
+    import copy
+    model = build()
+    gen = torch.Generator().manual_seed(6)
+    prefix = torch.randint(3, 128, (1, 60), generator=gen)
+    tails = [torch.randint(3, 128, (1, n), generator=gen) for n in (4, 9)]
+    eager = copy.deepcopy(model)
+    model.compile(backend="kvdrive", options={"token_budget": None, **BUDGETS})
+    cache = model(prefix, use_cache=True).past_key_values
+    ref_cache = eager(prefix, use_cache=True).past_key_values
+    assert all(is_standin(layer.keys) for layer in cache.layers)
+    for tail in tails:
+        ids = torch.cat([prefix, tail], 1)
+        mine = copy.deepcopy(cache)
+        assert not any(is_standin(t) for layer in mine.layers for t in (layer.keys, layer.values))
+        for got, want in zip(mine.layers, ref_cache.layers):
+            torch.testing.assert_close((got.keys, got.values), (want.keys, want.values), rtol=1e-5, atol=1e-5)
+        out = model.generate(ids, cache=mine, max_new_tokens=6, do_sample=False)
+        ref = eager.generate(ids, cache=copy.deepcopy(ref_cache), max_new_tokens=6, do_sample=False)
+        assert torch.equal(out, ref), (out.tolist(), ref.tolist())
+        torch.testing.assert_close(eager(tail, cache=copy.deepcopy(cache)).logits,      # eager continues a copy
+                                   eager(tail, cache=copy.deepcopy(ref_cache)).logits, rtol=1e-5, atol=1e-5)
+    assert all(is_standin(layer.keys) for layer in cache.layers)
+    torch.testing.assert_close(model(tails[0], cache=cache).logits, eager(tails[0], cache=ref_cache).logits,
+                               rtol=1e-5, atol=1e-5)
+    del cache, mine, got       # (generate filled the last copy with stand-ins of its own generation)
+    assert open_sessions() == 0
+
+
 @torch.no_grad()
 def test_beam_search_refused_clearly():
     model = llama()
