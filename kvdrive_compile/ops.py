@@ -73,13 +73,18 @@ def append(step: Tensor, past_k: Tensor, past_v: Tensor, k_new: Tensor, v_new: T
     return k_si, v_si, _handle(rid, sid, layer, past, k_new.shape[2])
 
 
+def _fake_standin(like: Tensor, b, h, n, d) -> Tensor:
+    """A stand-in's fake: ``[b, h, n, d]`` with every stride 0 (one element of storage), as
+    the runtime's stand-ins are. Made directly: ``expand`` of symbolic sizes costs ~8 ms a call
+    in fake mode (a broadcast worked out in sympy), twice a layer at every compile."""
+    return torch.empty_strided((b, h, n, d), (0, 0, 0, 0), dtype=like.dtype, device=like.device)
+
+
 @append.register_fake
 def _(step, past_k, past_v, k_new, v_new, layer, keeps_last):
     b, h, n, d = k_new.shape
     p = past_k.shape[-2] if past_k.dim() == 4 else 0
-    k_si = k_new.new_empty((1, 1, 1, 1)).expand(b, h, p + n, d)
-    v_si = v_new.new_empty((1, 1, 1, 1)).expand(b, h, p + n, d)
-    return k_si, v_si, _fake_handle(5)
+    return _fake_standin(k_new, b, h, p + n, d), _fake_standin(v_new, b, h, p + n, d), _fake_handle(5)
 
 
 @torch.library.custom_op("kvdrive::standin_tail", mutates_args=())
@@ -94,7 +99,7 @@ def standin_tail(standin: Tensor, start: int) -> Tensor:
 @standin_tail.register_fake
 def _(standin, start):
     b, h, _, d = standin.shape
-    return standin.new_empty((1, 1, 1, 1)).expand(b, h, standin[:, :, start:].shape[2], d)
+    return _fake_standin(standin, b, h, standin[:, :, start:].shape[2], d)
 
 
 @torch.library.custom_op("kvdrive::materialize", mutates_args=())

@@ -44,6 +44,9 @@ class CpuLinears(GraphPass):
             args = [m.arg(node, i, name) for i, name in enumerate(_PARAMS)]
             node.target = torch.ops.kvdrive_cpu.linear.default if ctx.compile_rest == "inductor" else linear
             node.args, node.kwargs = tuple(args), {}
+            # the same computation as traced (fake tensors take F.linear): the verify pass
+            # need not propagate it again unless its inputs change
+            ctx.traced[node] = (node.target, node.args, node.kwargs)
             ctx.cpu_linears += 1
         if ctx.cpu_linears:
             gm.recompile()

@@ -43,6 +43,9 @@ class PassContext:
     cpu_linears_how: str = "aten"
     compile_rest: str = "eager"
     cpu_linears: int = 0
+    # each node's (target, args, kwargs) as Dynamo traced it, before any pass: the verify pass
+    # re-propagates only what the passes changed (``PassManager.run`` records it)
+    traced: dict[torch.fx.Node, tuple] = field(default_factory=dict)
 
     @property
     def rewritten(self) -> list[AttentionSite]:
@@ -68,6 +71,7 @@ class PassManager:
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> torch.fx.GraphModule:
         dumper = GraphDumper(ctx.dump_dir, ctx.graph_index)
+        ctx.traced = {n: (n.target, n.args, n.kwargs) for n in gm.graph.nodes}
         for i, p in enumerate(self.passes, start=1):
             dumper.graph(gm, i, p.name, "before")
             t0 = time.perf_counter()
