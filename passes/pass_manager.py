@@ -78,5 +78,6 @@ class PassManager:
             p.run(gm, ctx)
             ctx.pass_seconds[p.name] = time.perf_counter() - t0
             dumper.graph(gm, i, p.name, "after")
+        ctx.traced = {}             # the nodes the passes erased are garbage now, with what their meta holds
         dumper.summary(ctx)
         return gm

@@ -242,6 +242,7 @@ class KVRuntime:
     def sweep(self) -> None:
         """Release the sessions whose stand-ins are all gone (their cache was dropped)."""
         with self.lock:
+            self.standins.settle()
             for sid in self.standins.sessions():
                 if not self.standins.prune(sid):
                     self.release(sid)

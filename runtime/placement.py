@@ -466,6 +466,9 @@ def _write_copies(rt: KVRuntime, tier: Tier, kv: LayerKV, rows: np.ndarray, bloc
     kv.changed()
 
 
+_COLLECTION_WAITS = (0.0, 0.002, 0.02, 0.1)       # seconds, before each collection of a short step
+
+
 def _device_slots(rt: KVRuntime, kv: LayerKV, n: int, required: Optional[int] = None) -> list[int]:
     """``n`` device slots, at least ``required`` (default all) of them: making room by
     dropping unpinned copies where the budget is full; a clear error if it cannot."""
@@ -475,7 +478,12 @@ def _device_slots(rt: KVRuntime, kv: LayerKV, n: int, required: Optional[int] = 
         return slots
     _drop_copies(rt, kv, required - len(slots))
     slots += rt.alloc_upto(Tier.DEVICE, kv, n - len(slots))
-    if len(slots) < required:                  # generations whose cache is garbage not yet collected
+    # generations whose cache is garbage not yet collected; another thread's collection may be
+    # under way (then gc.collect() returns at once): give it a moment before giving up
+    for wait in _COLLECTION_WAITS:
+        if len(slots) >= required:
+            break
+        time.sleep(wait)
         gc.collect()
         rt.sweep()
         _drop_copies(rt, kv, required - len(slots))

@@ -16,6 +16,7 @@ it (nor a view of one, like a sliding window's slice) is alive any more.
 """
 from __future__ import annotations
 
+import collections
 import threading
 import weakref
 from dataclasses import dataclass
@@ -178,6 +179,9 @@ class StandIns:
         self._by_session: dict[int, set[int]] = {}
         self._alive: dict[int, int] = {}                           # session -> stand-ins not finalized
         self._orphans: dict[int, set[int]] = {}                    # session -> bases only views hold
+        # stand-ins finalized by another thread's garbage collection while the lock was held
+        # (a step's): settled by the next ``settle`` (the runtime's sweep)
+        self._deaths: collections.deque[tuple[int, int]] = collections.deque()
         self._on_unreferenced = on_unreferenced
         # finalizers run wherever garbage is collected, Dynamo tracing included: never traced.
         # Wrapped once: torch._dynamo.disable builds a new wrapper each call (~0.1 ms, twice a
@@ -240,17 +244,36 @@ class StandIns:
     def _dying(self, session_id: int, ptr: int) -> None:
         """A stand-in is finalized. Every step finalizes one per layer and kind, so this looks
         only at its own base and at the bases that outlived their stand-in through a view (a
-        sliding window's slice), not at all the session's bases."""
-        with self.lock:
-            self._dying_locked(session_id, ptr)
+        sliding window's slice), not at all the session's bases.
 
-    def _dying_locked(self, session_id: int, ptr: int) -> None:
+        Finalizers run in whichever thread collects the garbage. Where another thread holds the
+        lock (a step of this runtime), the death is queued instead of waited for: waiting would
+        stall that collection, and meanwhile the step's own ``gc.collect()`` returns at once (one
+        collection at a time per process), so a step short of room would not see the blocks of a
+        dropped generation come free."""
+        if self.lock.acquire(blocking=False):
+            try:
+                self._dying_locked(session_id, ptr)
+            finally:
+                self.lock.release()
+        else:
+            self._deaths.append((session_id, ptr))
+
+    def settle(self) -> None:
+        """Account the deaths queued by ``_dying`` (under the lock)."""
+        with self.lock:
+            while self._deaths:
+                self._dying_locked(*self._deaths.popleft(), finalizing=False)
+
+    def _dying_locked(self, session_id: int, ptr: int, finalizing: bool = True) -> None:
+        """finalizing: the stand-in is being finalized now and still refers to its base (a
+        queued death: it may be gone already; if not, its base stays an orphan until a sweep)."""
         if session_id not in self._by_session:
             return
         self._alive[session_id] -= 1
         orphans = self._orphans.setdefault(session_id, set())
         base = self._bases.get(ptr)
-        if base is not None and _other_refs(base) - 1 > 0:          # - 1: the dying stand-in
+        if base is not None and _other_refs(base) - finalizing > 0:      # - 1: the dying stand-in itself
             orphans.add(ptr)
         else:
             self._drop(ptr)

@@ -11,6 +11,7 @@ import torch
 from kvdrive_compile.runtime import placement, site_step
 from kvdrive_compile.runtime.kv_runtime import KVRuntime
 from kvdrive_compile.runtime.selection import SelectionPolicy
+from kvdrive_compile.runtime.standins import StandInKey
 from kvdrive_compile.runtime.tiers import Tier
 
 # exact attention, nothing kept on the device but the open block: tiny budgets spill
@@ -245,6 +246,47 @@ def test_stand_ins_report_a_session_once_nothing_refers_to_it():
     gc.collect()
     assert released == [7]
     assert st._bases == {} and st._keys == {}
+
+
+def test_a_stand_in_dying_while_another_thread_holds_the_lock_does_not_wait_for_it():
+    """Garbage is collected in whichever thread triggers it. A stand-in finalized while
+    another thread holds the runtime's lock (a step) is queued, not waited for (waiting stalls
+    that collection, and the step's own gc.collect() returns at once meanwhile); the next sweep
+    accounts it and releases the session."""
+    import threading
+
+    rt = KVRuntime(block_size=8, device_memory=None, host_memory=None)
+    session = rt.open_session()
+    k = torch.randn(1, 2, 5, 16)
+    kv = rt.layer(session, 0, k, keeps_last=False)
+    placement.append(rt, kv, k, k)
+    standin = rt.standins.make(StandInKey(session.id, 0, "k"), k, 5, 0)
+    held, done = threading.Event(), threading.Event()
+
+    def step():                                          # another thread's step holds the lock
+        with rt.lock:
+            held.set()
+            done.wait(10)
+    holder = threading.Thread(target=step)
+    holder.start()
+    held.wait(10)
+    box = [standin]
+    del standin
+
+    def drop():
+        box.clear()                                      # the last reference: finalized in this thread
+    dropped = threading.Thread(target=drop)
+    dropped.start()
+    dropped.join(2)
+    finished = not dropped.is_alive()
+    done.set()
+    holder.join(10)
+    dropped.join(10)
+    assert finished, "the finalizer waited for the lock another thread held"
+    assert session.id in rt.sessions
+    rt.sweep()
+    assert session.id not in rt.sessions
+    rt.close()
 
 
 def test_stand_in_views_know_their_tokens_or_refuse():
