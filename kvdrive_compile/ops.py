@@ -75,8 +75,8 @@ def append(step: Tensor, past_k: Tensor, past_v: Tensor, k_new: Tensor, v_new: T
 
 def _fake_standin(like: Tensor, b, h, n, d) -> Tensor:
     """A stand-in's fake: ``[b, h, n, d]`` with every stride 0 (one element of storage), as
-    the runtime's stand-ins are. Made directly: ``expand`` of symbolic sizes costs ~8 ms a call
-    in fake mode (a broadcast worked out in sympy), twice a layer at every compile."""
+    the runtime's stand-ins are. Made directly: ``expand`` of symbolic sizes works the broadcast
+    out in sympy (~8 ms a call in fake mode under cProfile), twice a layer at every compile."""
     return torch.empty_strided((b, h, n, d), (0, 0, 0, 0), dtype=like.dtype, device=like.device)
 
 

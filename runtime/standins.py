@@ -273,7 +273,7 @@ class StandIns:
         self._alive[session_id] -= 1
         orphans = self._orphans.setdefault(session_id, set())
         base = self._bases.get(ptr)
-        if base is not None and _other_refs(base) - finalizing > 0:      # - 1: the dying stand-in itself
+        if base is not None and _other_refs(base) - finalizing > 0:      # a finalizing stand-in is one of the refs
             orphans.add(ptr)
         else:
             self._drop(ptr)
