@@ -19,6 +19,7 @@ read: bytes changed on disk raise ``KVIntegrityError``, never wrong KV.
 """
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import heapq
@@ -28,7 +29,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, NoReturn, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -56,6 +57,31 @@ class KVDiskError(RuntimeError):
 
 class KVIntegrityError(KVDiskError):
     """KV read back from disk is not what kvdrive wrote (checksum mismatch, or a short read)."""
+
+
+def raise_kept(error: BaseException) -> NoReturn:
+    """Raise an error that something long-lived keeps (a file's failed background write, a
+    future's outcome) as a new exception of its type and message, caused by it. Raising the kept
+    one itself would add the raising thread's frames to its traceback, a generation's cache
+    among them, and keep them as long as the error is kept: a file's error held the cache of
+    the generation it ended, and so its KV, for good. Raised again, a copy is caused by the
+    first error, which has the traceback of where it happened."""
+    first = getattr(error, "_kvdrive_kept", error)
+    try:
+        again = copy.copy(error)
+    except Exception:                    # noqa: BLE001 (a type that cannot be rebuilt from its args)
+        again = KVDiskError(str(error))
+    again._kvdrive_kept = first
+    raise again.with_traceback(None) from first
+
+
+def outcome(future: Future):
+    """``future.result()``, its exception raised anew (``raise_kept``): a future can outlive the
+    step that waits for it."""
+    error = future.exception()
+    if error is not None:
+        raise_kept(error)
+    return future.result()
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -220,6 +246,9 @@ class IOFuture(Future):
 
     def result(self, timeout=None):
         self._help()
+        error = super().exception(timeout)
+        if error is not None:
+            raise_kept(error)
         return super().result(timeout)
 
     def exception(self, timeout=None):
@@ -431,7 +460,7 @@ class DiskFile:
 
     def _check(self) -> None:
         if self.error is not None:
-            raise self.error
+            raise_kept(self.error)
 
     def _spawn(self, task: _Task) -> None:
         try:
@@ -735,7 +764,7 @@ class DiskFile:
         for d in deps:
             d.exception()
         if self.error is not None:
-            raise self.error
+            raise_kept(self.error)
         m, h, sb, stride = len(pos), self.half, self.slot_bytes, self.stride
         k_flat, v_flat, k_rows, v_rows = out
         want, offset, got = (m - 1) * stride + sb, first * stride, 0

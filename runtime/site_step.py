@@ -24,6 +24,7 @@ from .kv_runtime import CPU_WORKER_PREFIX, KVRuntime, Session
 from .layer_kv import LayerKV, TierPart, tier_part
 from .selection import EXACT, SelectionPolicy, scored, select_scored, window_blocks
 from .standins import StandInKey, is_standin_like, token_span
+from .disk import outcome, raise_kept
 from .tiers import Tier, slot_bytes
 from ..kernels.cpu_attention import cpu_partial_attention
 from ..kernels.merge import merge_partials
@@ -98,8 +99,9 @@ def open_step(rt: KVRuntime, past_k: torch.Tensor, sites: int = 1) -> Session:
         session.sites = max(session.sites, sites)
         session.step, session.phase = rt.steps, "decode"
         for f in session.disk_files.values():      # a background home write that failed: say so now
-            if f.error is not None:
-                raise f.error
+            if f.error is not None:                # and give the generation's KV back (it cannot go on)
+                rt.release(session.id)
+                raise_kept(f.error)
         for pid in list(session.plans):         # left by a step that did not finish
             end_plan(rt, session, pid)
         return session
@@ -390,7 +392,7 @@ def finish_host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor):
     if part is None:
         return None
     plan.host_part = None
-    out, lse = part.result() if isinstance(part, Future) else part()
+    out, lse = outcome(part) if isinstance(part, Future) else part()
     return out.to(q.device), lse.to(q.device)
 
 
