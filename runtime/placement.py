@@ -503,7 +503,10 @@ def _budget_error(rt: KVRuntime, kv: LayerKV) -> KVBudgetError:
         f"keeps on the device (sink, local window, open block: {kv.pinned_front + kv.pinned_back} blocks x "
         f"{kv.rows} rows x {sb} bytes = {per_layer} bytes per layer; {rt.layer_label(kv.layer)}, "
         f"one of at least {sites} attention layers). "
-        + (f"{len(rt.sessions) - 1} other generation(s) sharing this runtime hold theirs too. "
+        + (f"{len(rt.sessions) - 1} other generation(s) sharing this runtime hold theirs too: a generation "
+           "keeps its KV while its cache lives (a variable, a generate output, or an error kept from an "
+           "interrupted generate, as a notebook keeps the last one, can hold it); drop those, or free every "
+           "generation's KV with kvdrive_compile.release_all(). "
            if len(rt.sessions) > 1 else "")
         + f"Pass device_memory >= {per_layer * sites} bytes (more, so blocks attention reuses can stay), "
         "device_memory=0 (no device tier: attend everything where it lies), or None (no limit)")

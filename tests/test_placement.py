@@ -340,6 +340,28 @@ def test_a_device_budget_below_the_pinned_blocks_says_the_minimum():
     rt.close()
 
 
+def test_a_generation_short_of_room_names_the_others_and_how_to_free_them():
+    """A device budget that holds one generation's pinned blocks: while another generation still
+    holds its KV (its cache alive somewhere, e.g. in an error a notebook kept), the next is
+    refused with how to free it; once that one is released, the next runs."""
+    torch.manual_seed(0)
+    rt = KVRuntime(block_size=16, device_memory=3 * 2 * 2048, host_memory=None)     # 3 pinned blocks x 2 rows
+    k = torch.randn(1, 2, 40, 16)
+    first = rt.open_session(sites=1)
+    kv = rt.layer(first, 0, k, False)
+    placement.append(rt, kv, k, k)
+    site_step.select(rt, first, 0, 0, 40, torch.randn(1, 4, 40, 16), POLICY, 0.25)
+    second = rt.open_session(sites=1)
+    kv2 = rt.layer(second, 0, k, False)
+    placement.append(rt, kv2, k, k)
+    with pytest.raises(KVBudgetError, match=r"1 other generation\(s\) sharing this runtime hold theirs too.*"
+                                            r"kvdrive_compile\.release_all\(\)"):
+        site_step.select(rt, second, 0, 0, 40, torch.randn(1, 4, 40, 16), POLICY, 0.25)
+    rt.release(first.id)
+    site_step.select(rt, second, 0, 0, 40, torch.randn(1, 4, 40, 16), POLICY, 0.25)
+    rt.close()
+
+
 def test_prefill_places_the_best_scored_blocks_on_the_device():
     """Warm-up: the blocks the last prompt queries score highest get the device's room, the
     rest go home (host while it has room, then disk)."""
