@@ -50,7 +50,9 @@ READ_OUTSIDE = (
     "beam search and other cache reordering or cropping are not supported (use num_beams=1). If "
     "the compiled model itself got here, Dynamo ran its frame eagerly: it hit its recompile limit "
     "(torch._dynamo.config.recompile_limit; e.g. one function compiled with many option sets or "
-    "for many model instances): call torch._dynamo.reset() between them, or raise the limit.")
+    "for many model instances, or first calls of a kind made from several threads at once, which "
+    "compile the same graph once per thread): call torch._dynamo.reset() between them, make each "
+    "kind of call once from one thread before generating from several, or raise the limit.")
 
 # metadata a stand-in answers truthfully: its shape, dtype, device... never its values
 _METADATA = {"size", "dim", "numel", "stride", "storage_offset", "is_contiguous", "data_ptr",
