@@ -70,7 +70,7 @@ def raise_kept(error: BaseException) -> NoReturn:
     try:
         again = copy.copy(error)
     except Exception:                    # noqa: BLE001 (a type that cannot be rebuilt from its args)
-        again = KVDiskError(str(error))
+        again = RuntimeError(f"{type(error).__name__}: {error}")
     again._kvdrive_kept = first
     raise again.with_traceback(None) from first
 

@@ -20,11 +20,11 @@ import torch
 
 from . import placement
 from .block_attention import StepMask, attend, attend_gathered, attend_part, empty_partial, gather_part, to_bias
+from .disk import outcome, raise_kept
 from .kv_runtime import CPU_WORKER_PREFIX, KVRuntime, Session
 from .layer_kv import LayerKV, TierPart, tier_part
 from .selection import EXACT, SelectionPolicy, scored, select_scored, window_blocks
 from .standins import StandInKey, is_standin_like, token_span
-from .disk import outcome, raise_kept
 from .tiers import Tier, slot_bytes
 from ..kernels.cpu_attention import cpu_partial_attention
 from ..kernels.merge import merge_partials

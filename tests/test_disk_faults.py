@@ -241,6 +241,23 @@ def test_corruption_mid_generation_raises_not_wrong_tokens(tmp_path):
     assert torch.equal(ref, out)
 
 
+def test_a_kept_error_is_raised_anew():
+    """An error a file or future keeps is raised as a new exception (same type, message and
+    errno, caused by the first), so raising it never adds the raiser's frames to the kept one."""
+    kept = KVDiskError("writing KV failed", errno.EIO)
+    with contextlib.suppress(KVDiskError):
+        raise kept
+    frames = len(list(traceback.walk_tb(kept.__traceback__)))
+    for _ in range(2):
+        with pytest.raises(KVDiskError, match="^writing KV failed$") as caught:
+            disk.raise_kept(kept)
+        assert caught.value is not kept and caught.value.errno == errno.EIO and caught.value.__cause__ is kept
+        with pytest.raises(KVDiskError) as again:           # a copy raised again: still caused by the first
+            disk.raise_kept(caught.value)
+        assert again.value.__cause__ is kept
+    assert len(list(traceback.walk_tb(kept.__traceback__))) == frames
+
+
 class FailWrites(LogitsProcessor):
     """From the ``at``-th generated token on, every write to a KV file fails with EIO (in
     whichever thread makes it: a decode step writes the block it completes to its home in the
