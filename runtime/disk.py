@@ -75,13 +75,13 @@ def raise_kept(error: BaseException) -> NoReturn:
     raise again.with_traceback(None) from first
 
 
-def outcome(future: Future):
-    """``future.result()``, its exception raised anew (``raise_kept``): a future can outlive the
-    step that waits for it."""
-    error = future.exception()
+def outcome(future: Future, timeout: Optional[float] = None):
+    """``future.result(timeout)``, its exception raised anew (``raise_kept``): a future can
+    outlive the step that waits for it. (Future's own methods: ``IOFuture.result`` is this.)"""
+    error = Future.exception(future, timeout)
     if error is not None:
         raise_kept(error)
-    return future.result()
+    return Future.result(future)
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -246,10 +246,7 @@ class IOFuture(Future):
 
     def result(self, timeout=None):
         self._help()
-        error = super().exception(timeout)
-        if error is not None:
-            raise_kept(error)
-        return super().result(timeout)
+        return outcome(self, timeout)
 
     def exception(self, timeout=None):
         self._help()

@@ -368,7 +368,8 @@ class RandomFaults:
     def _pwrite(self, fd, data, offset):
         kind, _ = self._fault(self.WRITES)
         if kind in ("eio", "full"):
-            raise OSError(errno.EIO if kind == "eio" else errno.ENOSPC, os.strerror(errno.EIO if kind == "eio" else errno.ENOSPC))
+            err = errno.EIO if kind == "eio" else errno.ENOSPC
+            raise OSError(err, os.strerror(err))
         if kind == "short":
             view = memoryview(data).cast("B")
             return self.pwrite(fd, view[:max(1, len(view) // 2)], offset)
