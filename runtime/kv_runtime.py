@@ -131,6 +131,7 @@ class KVRuntime:
         self.served = {"device": 0, "host": 0, "disk": 0}
         self.admitted = {"device": 0, "host": 0}
         self.evicted = {"device": 0, "host": 0}
+        self.cropped_tokens = 0                             # layer tokens forgotten by crops (speculative decoding)
         self.admission = None                               # placement.AdmissionModel, at the first decode step
         self.stage_seconds = {s: 0.0 for s in STAGES}
         self.background_seconds = {s: 0.0 for s in BACKGROUND}
@@ -371,5 +372,6 @@ class KVRuntime:
                                 sessions_closed=self.sessions_closed, steps=self.steps,
                                 served=dict(self.served), hit_rate=self.served["device"] / total if total else 0.0,
                                 admitted=dict(self.admitted), evicted=dict(self.evicted),
+                                cropped_tokens=self.cropped_tokens,
                                 admission=self.admission.summary() if self.admission is not None else {},
                                 disk_cache_bypass=", ".join(sorted(b for b in bypass if b)) or self.disk_bypass)

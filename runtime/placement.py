@@ -330,15 +330,22 @@ def _write_tokens(rt: KVRuntime, kv: LayerKV, idx: int, offset: int, k: torch.Te
     """k, v: ``[rows, t, D]`` into block ``idx`` at token ``offset``, in every copy and its home."""
     t = k.shape[1]
     for tier, slots in ((Tier.DEVICE, kv.dev[:, idx]), (Tier.HOST, kv.host[:, idx])):
-        if (slots >= 0).any():
-            pool = rt.pool(tier, kv)
-            index = torch.from_numpy(np.ascontiguousarray(slots)).to(pool.device)   # not tolist(): every layer, every step
-            pool.k[index, offset:offset + t] = k.to(pool.device)
-            pool.v[index, offset:offset + t] = v.to(pool.device)
-    if (kv.home[:, idx] == Tier.DISK).any():
+        held = slots >= 0
+        if not held.any():
+            continue
+        pool = rt.pool(tier, kv)
+        rk, rv = k, v
+        if not held.all():      # some rows' block lies elsewhere (homes split between host and disk, a crop)
+            rows = torch.from_numpy(np.flatnonzero(held))
+            slots, rk, rv = slots[held], k.index_select(0, rows), v.index_select(0, rows)
+        index = torch.from_numpy(np.ascontiguousarray(slots)).to(pool.device)   # not tolist(): every layer, every step
+        pool.k[index, offset:offset + t] = rk.to(pool.device)
+        pool.v[index, offset:offset + t] = rv.to(pool.device)
+    on_disk = np.flatnonzero(kv.home[:, idx] == Tier.DISK)
+    if on_disk.size:
         disk = rt.disk(kv)
-        for row, slot in enumerate(kv.home_slot[:, idx].tolist()):
-            disk.write_tokens(slot, offset, k[row], v[row])
+        for row in on_disk.tolist():
+            disk.write_tokens(int(kv.home_slot[row, idx]), offset, k[row], v[row])
 
 
 def drop_before(rt: KVRuntime, kv: LayerKV, position: int) -> None:
@@ -351,6 +358,31 @@ def drop_before(rt: KVRuntime, kv: LayerKV, position: int) -> None:
             drop[kv.first:first] = True
             free(rt, kv, drop)
             kv.first = first
+
+
+def truncate(rt: KVRuntime, kv: LayerKV, length: int) -> None:
+    """Forget positions from ``length`` on (a cropped cache): free the blocks that hold only
+    those, and what the layer recorded of them. The block that holds ``length`` keeps its
+    copies and home: the next tokens are written into it where it lies, as into any open
+    block. The block summaries are cut by the caller (it reads that block's keys first)."""
+    with rt.lock:
+        place_fresh(rt, kv)
+        if not kv.first * rt.block_size <= length <= kv.length:
+            raise ValueError(f"{rt.layer_label(kv.layer)}: cannot cut at token {length}; held: "
+                             f"[{kv.first * rt.block_size}, {kv.length})")
+        nb, keep = kv.num_blocks, -(-length // rt.block_size)
+        if kv.pins[:, keep:nb].any():
+            raise RuntimeError(f"{rt.layer_label(kv.layer)}: the cache was cropped while a step still reads "
+                               "the tokens it removes; crop between steps only")
+        drop = np.zeros(nb, np.bool_)
+        drop[keep:] = True
+        free(rt, kv, drop)
+        kv.last_selected[:, keep:nb] = NONE
+        kv.repeat[:, keep:nb] = False
+        kv.score[:, keep:nb] = 0.0
+        kv.rank_len[:] = NONE                  # a kept ranking may name blocks that are gone
+        kv.length = length
+        kv.changed()
 
 
 def _place(rt: KVRuntime, kv: LayerKV, fresh: Fresh, scores: Optional[np.ndarray]) -> None:

@@ -35,9 +35,10 @@ AHEAD_STEPS = 1             # an ahead-of-need read takes the blocks selected in
 
 OUTSIDE_READ = (
     "the KV cache handed to the compiled model holds values that were read or rewritten outside "
-    "the compiled graph (beam search reorders the cache, and cropping or editing it does the "
-    "same); kvdrive keeps the KV in its runtime and cannot follow such changes. Use greedy or "
-    "sampling decoding (num_beams=1), and do not edit the cache between steps.")
+    "the compiled graph (beam search reorders the cache; editing it, or slicing it other than "
+    "cropping its last tokens, does the same); kvdrive keeps the KV in its runtime and cannot "
+    "follow such changes. Use greedy or sampling decoding (num_beams=1; assisted and "
+    "prompt-lookup decoding, which crop, are fine), and do not edit the cache between steps.")
 
 
 @dataclass
@@ -107,12 +108,18 @@ def open_step(rt: KVRuntime, past_k: torch.Tensor, sites: int = 1) -> Session:
         return session
 
 
-def _past_length(rt: KVRuntime, session: Session, kv: LayerKV, past: torch.Tensor, kind: str) -> Optional[int]:
-    """How many cached tokens ``past`` stands for; None if it is real KV to import."""
+def _past_span(rt: KVRuntime, session: Session, kv: LayerKV, past: torch.Tensor, kind: str) -> Optional[tuple[int, int]]:
+    """(first layer token, count) that ``past`` stands for; None if it is real KV to import.
+
+    The past must end at or before the layer's last token: ending before it, the cache was
+    cropped (speculative decoding drops the draft tokens it rejected) and the caller forgets the
+    rest. It starts at token 0, or for a layer that keeps only its last tokens (a sliding
+    window) at a token still held.
+    """
     if past.numel() == 0:
         if kv.length:
             raise RuntimeError(f"{rt.layer_label(kv.layer)}: the cache was emptied outside the compiled graph. {OUTSIDE_READ}")
-        return 0
+        return 0, 0
     key = rt.standins.lookup(past)
     if key is None:
         if is_standin_like(past) or bool(torch.isnan(past).any()):   # e.g. a reordered stand-in
@@ -126,14 +133,19 @@ def _past_length(rt: KVRuntime, session: Session, kv: LayerKV, past: torch.Tenso
                            f"{key.session_id}, not this layer's. {OUTSIDE_READ}")
     span = token_span(past)
     p = past.shape[-2]
+    limit = rt.standins.end_limit(past)
     if span is not None and (past.shape[0], past.shape[1]) == (kv.batch, kv.kv_heads):
         first, _ = span
-        # the past must be the layer's last p tokens: all of them, or a sliding window's tail
-        if first + p == kv.length and (first == 0 or kv.keeps_last):
-            return p
+        end = first + p
+        if limit is not None and end > limit:
+            raise RuntimeError(f"{rt.layer_label(kv.layer)}: the cache holds tokens [{first}, {end}) of a stand-in made "
+                               f"before the layer was cropped at token {limit}; the tokens there now are others. "
+                               f"{OUTSIDE_READ}")
+        if end <= kv.length and (first == 0 or (kv.keeps_last and first >= kv.first * rt.block_size)):
+            return first, p
     raise RuntimeError(f"{rt.layer_label(kv.layer)}: the cache holds tokens {_describe(span, p)} of a "
-                       f"[{kv.batch}, {kv.kv_heads}] batch; the runtime holds [0, {kv.length}) of "
-                       f"[{past.shape[0]}, {past.shape[1]}]. {OUTSIDE_READ}")
+                       f"[{past.shape[0]}, {past.shape[1]}] batch; the runtime holds [{kv.first * rt.block_size}, "
+                       f"{kv.length}) of [{kv.batch}, {kv.kv_heads}]. {OUTSIDE_READ}")
 
 
 def _describe(span: Optional[tuple[int, int]], p: int) -> str:
@@ -148,19 +160,38 @@ def append(rt: KVRuntime, session: Session, layer: int, past_k: torch.Tensor, pa
     real KV from outside (imported once).
     """
     kv = rt.layer(session, layer, k_new, keeps_last)
-    p = _past_length(rt, session, kv, past_k, "k")
-    pv = _past_length(rt, session, kv, past_v, "v")
-    if p != pv:
+    span = _past_span(rt, session, kv, past_k, "k")
+    if span != _past_span(rt, session, kv, past_v, "v"):
         raise RuntimeError(f"{rt.layer_label(layer)}: keys and values of the cache disagree. {OUTSIDE_READ}")
-    if p is None:                                                     # real KV: import it
+    if span is None:                                                  # real KV: import it
         placement.append(rt, kv, past_k.to(k_new.dtype), past_v.to(v_new.dtype))
         p = past_k.shape[-2]
+    else:
+        first, p = span
+        if first + p < kv.length:                                     # cropped: forget the rest
+            crop(rt, kv, first + p)
     placement.drop_before(rt, kv, kv.length - p)
     placement.append(rt, kv, k_new, v_new)
     total = p + k_new.shape[2]
     k_out = rt.standins.make(StandInKey(session.id, layer, "k"), k_new, total, kv.length - total)
     v_out = rt.standins.make(StandInKey(session.id, layer, "v"), v_new, total, kv.length - total)
     return k_out, v_out, p
+
+
+def crop(rt: KVRuntime, kv: LayerKV, length: int) -> None:
+    """Forget the layer's tokens from ``length`` on (Hugging Face's ``cache.crop``: assisted and
+    prompt-lookup decoding drop the draft tokens the model rejected): their blocks, their
+    summaries, and what stand-ins made before may stand for. Later tokens take their places."""
+    bs = rt.block_size
+    with rt.lock:
+        _drop_ahead(rt, kv)                  # a read started for blocks that may be gone
+        start = length - length % bs
+        keys = read_window(rt, kv, start, length)[0].reshape(kv.rows, -1, kv.head_dim) if length % bs else None
+        removed = kv.length - length
+        placement.truncate(rt, kv, length)
+        kv.summaries.truncate(length, keys)
+        rt.standins.cut(kv.session_id, kv.layer, length)
+        rt.cropped_tokens += removed
 
 
 def select(rt: KVRuntime, session: Session, layer: int, past_len: int, new_len: int,

@@ -47,7 +47,8 @@ READ_OUTSIDE = (
     "the values are not in the cache object). Only the model compiled with backend='kvdrive' can "
     "continue this cache. To continue it with eager code, first call "
     "kvdrive_compile.materialize(cache), which puts the real K/V back into the cache object; "
-    "beam search and other cache reordering or cropping are not supported (use num_beams=1). If "
+    "beam search and other cache reordering are not supported (use num_beams=1; a crop of the "
+    "last tokens, as assisted decoding does, is). If "
     "the compiled model itself got here, Dynamo ran its frame eagerly: it hit its recompile limit "
     "(torch._dynamo.config.recompile_limit; e.g. one function compiled with many option sets or "
     "for many model instances, or first calls of a kind made from several threads at once, which "
@@ -181,6 +182,9 @@ class StandIns:
         self._by_session: dict[int, set[int]] = {}
         self._alive: dict[int, int] = {}                           # session -> stand-ins not finalized
         self._orphans: dict[int, set[int]] = {}                    # session -> bases only views hold
+        # data_ptr -> the layer token a base's views must end by: its layer was cropped there
+        # (``cut``) after the base was made, and what lies beyond is other tokens now
+        self._ends: dict[int, int] = {}
         # stand-ins finalized by another thread's garbage collection while the lock was held
         # (a step's): settled by the next ``settle`` (the runtime's sweep)
         self._deaths: collections.deque[tuple[int, int]] = collections.deque()
@@ -223,6 +227,21 @@ class StandIns:
                 return None
             return key
 
+    def cut(self, session_id: int, layer: int, length: int) -> None:
+        """The layer's tokens from ``length`` on were forgotten (a crop): every stand-in made so
+        far of that layer stands at most for tokens before ``length`` from now on (new tokens
+        will take those positions)."""
+        with self.lock:
+            for ptr in self._by_session.get(session_id, ()):
+                key = self._keys.get(ptr)
+                if key is not None and key.layer == layer:
+                    self._ends[ptr] = min(self._ends.get(ptr, length), length)
+
+    def end_limit(self, t: torch.Tensor) -> Optional[int]:
+        """The layer token a stand-in's span must end by (a crop since it was made), else None."""
+        with self.lock:
+            return self._ends.get(t.data_ptr())
+
     def prune(self, session_id: int, dying_ptr: Optional[int] = None) -> bool:
         """Forget the session's bases no tensor refers to any more; whether any is left in use.
 
@@ -240,6 +259,7 @@ class StandIns:
             self._orphans.get(session_id, set()).difference_update(dead)
         for ptr in dead:                     # dropping a base may run other finalizers: last
             self._keys.pop(ptr, None)
+            self._ends.pop(ptr, None)
             self._bases.pop(ptr, None)
         return bool(live)
 
@@ -288,6 +308,7 @@ class StandIns:
 
     def _drop(self, ptr: int) -> None:
         key = self._keys.pop(ptr, None)
+        self._ends.pop(ptr, None)
         self._bases.pop(ptr, None)
         if key is not None:
             self._by_session.get(key.session_id, set()).discard(ptr)
@@ -301,3 +322,4 @@ class StandIns:
         for ptr in self._by_session.pop(session_id, ()):
             self._bases.pop(ptr, None)
             self._keys.pop(ptr, None)
+            self._ends.pop(ptr, None)

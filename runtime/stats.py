@@ -27,6 +27,7 @@ class RuntimeStats:
     hit_rate: float = 0.0                                   # the device's share of ``served``
     admitted: dict[str, int] = field(default_factory=dict)  # block copies made, per caching tier
     evicted: dict[str, int] = field(default_factory=dict)   # block copies dropped, per caching tier
+    cropped_tokens: int = 0                                 # layer tokens forgotten by crops (rejected draft tokens)
     admission: dict = field(default_factory=dict)           # the admission model's measured inputs and decisions
     disk_cache_bypass: str = ""                             # how disk I/O avoids the page cache
     stage_seconds: dict[str, float] = field(default_factory=dict)     # wall time per graph stage (critical path)

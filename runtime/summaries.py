@@ -115,6 +115,34 @@ class BlockSummaries:
         self.tail[:, :rest] = keys[:, full * bs:]
         self.length = position + n
 
+    def truncate(self, length: int, open_keys: Optional[torch.Tensor]) -> None:
+        """Forget the keys from token ``length`` on (the cache was cropped). open_keys: the keys
+        ``[rows, length % block_size, D]`` of the block that is open again (None when ``length``
+        ends a block): its min, max and sum are taken anew from them (the sum token by token, as
+        the steps added them), and they wait in the tail until the block is complete again."""
+        if length > self.length:
+            raise ValueError(f"block summaries hold {self.length} tokens; cannot keep {length}")
+        bs = self.block_size
+        keep = -(-length // bs)
+        self.kmin[:, keep:] = float("inf")
+        self.kmax[:, keep:] = float("-inf")
+        self.ksum[:, keep:] = 0.0
+        self.codes[:, keep:] = 0
+        n = length % bs
+        if n:
+            if open_keys is None or tuple(open_keys.shape) != (self.rows, n, self.head_dim):
+                raise ValueError(f"the open block's {n} keys are needed to cut the summaries at {length}")
+            blk, kf = length // bs, open_keys.to(self.device, torch.float32)
+            self.kmin[:, blk] = kf.amin(1)
+            self.kmax[:, blk] = kf.amax(1)
+            total = torch.zeros_like(kf[:, 0])
+            for t in range(n):
+                total += kf[:, t]
+            self.ksum[:, blk] = total
+            self.codes[:, blk] = 0
+            self.tail[:, :n] = kf
+        self.length = length
+
     def scores(self, q: torch.Tensor, ids: torch.Tensor, kind: str, counts: torch.Tensor,
                scale: float) -> torch.Tensor:
         """Estimated log attention mass of blocks ``ids`` ([nb] int64) for every query row.
