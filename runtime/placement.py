@@ -380,7 +380,7 @@ def truncate(rt: KVRuntime, kv: LayerKV, length: int) -> None:
         kv.last_selected[:, keep:nb] = NONE
         kv.repeat[:, keep:nb] = False
         kv.score[:, keep:nb] = 0.0
-        kv.rank_len[:] = NONE                  # a kept ranking may name blocks that are gone
+        kv.rank_len[:] = NONE       # rank afresh: a kept ranking scored the block the crop reopens as it was
         kv.length = length
         kv.changed()
 

@@ -52,13 +52,32 @@ def summaries_match(kv, k_ref):
     assert torch.equal(s.tail[:, :n], fresh.tail[:, :n])
 
 
+def selected_bias(plan, b, hkv, g, nq, start, end):
+    """An additive mask ``[B, Hq, Q, end - start]`` letting each query head attend exactly the
+    tokens of the blocks its KV head's row selected."""
+    tokens = torch.arange(start, end) // BS
+    allow = torch.zeros(b * hkv, end - start, dtype=torch.bool)
+    for r in range(b * hkv):
+        ids = plan.selected[r][plan.selected[r] >= 0]
+        allow[r] = torch.isin(tokens, ids)
+    allow = allow.view(b, hkv, 1, 1, -1).expand(b, hkv, g, nq, -1).reshape(b, hkv * g, nq, -1)
+    return torch.zeros(allow.shape).masked_fill(~allow, float("-inf"))
+
+
+# a budget of 3 blocks, re-ranking only when the query moved: a crop must not leave a kept
+# ranking naming blocks that are gone
+BUDGETED = SelectionPolicy(token_budget=3 * BS, sink_tokens=0, local_window=0, dense_layers=0, rerank_similarity=0.5)
+
+
+@pytest.mark.parametrize("policy", ["exact", "budget"])
 @pytest.mark.parametrize("tiers", ["device", "three"])
 @pytest.mark.parametrize("keeps_last", [False, True])
-def test_crops_keep_the_tokens_before_them(tmp_path, tiers, keeps_last):
+def test_crops_keep_the_tokens_before_them(tmp_path, tiers, keeps_last, policy):
     """Random crops (none, inside the open block, across several blocks, at block edges) between
-    prefills, chunks and decode steps: each step attends the reference's tokens (float64), the
-    summaries are those of the kept keys, every freed slot is given back, budgets hold."""
-    gen = torch.Generator().manual_seed(7 + 2 * keeps_last + (tiers == "three"))
+    prefills, chunks and decode steps: each step attends the reference's tokens (float64; with a
+    budget, those of the blocks it selected, all of them held), the summaries are those of the
+    kept keys, every freed slot is given back, budgets hold."""
+    gen = torch.Generator().manual_seed(7 + 2 * keeps_last + (tiers == "three") + 4 * (policy == "budget"))
     b, hkv, g, d = 2, 2, 2, 8
     rt = tiers_of(tiers, tmp_path, BS * d * 2 * 4)
     session = rt.open_session()
@@ -67,9 +86,12 @@ def test_crops_keep_the_tokens_before_them(tmp_path, tiers, keeps_last):
     k_si = v_si = torch.zeros(0)
     held = 0                                          # a sliding window's past starts here
     crops, seen = 0, set()
+    q0 = torch.randn(b, hkv * g, 1, d, generator=gen)
     for step in range(40):
         length = k_ref.shape[2]
-        cut = 0 if step < 2 or length == 0 else int(torch.randint(0, min(length, 3 * BS + 2), (1,), generator=gen))
+        cut = 0 if step < 2 or length == 0 or torch.rand((), generator=gen) < 0.4 else \
+            int(torch.randint(1, min(length, 2 * BS + 2) + 1, (1,), generator=gen))
+        cut = min(cut, max(0, length - held - 1))         # a window's past keeps a token at least
         end = length - cut
         if keeps_last and length:
             held = max(held, end - WINDOW)
@@ -77,22 +99,31 @@ def test_crops_keep_the_tokens_before_them(tmp_path, tiers, keeps_last):
                           v_si[:, :, held - (length - v_si.shape[2]):end - (length - v_si.shape[2])]) \
             if length else (k_si, v_si)
         k_ref, v_ref = k_ref[:, :, :end], v_ref[:, :, :end]
-        n = int(torch.randint(1, 3 * BS, (1,), generator=gen)) if step % 5 == 0 else 1
+        n = 10 * BS if step == 0 else int(torch.randint(1, 6 * BS, (1,), generator=gen)) if step % 4 == 0 else 1
         k_new, v_new = torch.randn(b, hkv, n, d, generator=gen), torch.randn(b, hkv, n, d, generator=gen)
         k_si, v_si, p = site_step.append(rt, session, 0, past_k, past_v, k_new, v_new, keeps_last)
         crops += cut > 0
         k_ref, v_ref = torch.cat([k_ref, k_new], 2), torch.cat([v_ref, v_new], 2)
         assert p == end - held and k_si.shape[2] == p + n
         q = torch.randn(b, hkv * g, n, d, generator=gen)
-        out, _ = attend(rt, session, 0, q, p, n, k_new, v_new)
-        expect = reference(q, k_ref[:, :, held:], v_ref[:, :, held:], 0.125)
+        if policy == "budget":              # queries that barely move: rankings are kept between crops
+            q = q0[:, :, :1] + 0.2 * q
+        if policy == "exact":
+            out, _ = attend(rt, session, 0, q, p, n, k_new, v_new)
+            bias = None
+        else:
+            out, plan = attend(rt, session, 0, q, p, n, k_new, v_new, policy=BUDGETED)
+            bias = selected_bias(plan, b, hkv, g, n, held, held + p + n)
+        expect = reference(q, k_ref[:, :, held:], v_ref[:, :, held:], 0.125, bias)
         torch.testing.assert_close(out.double(), expect, atol=1e-5, rtol=1e-5)
         kv = session.layers[0]
         summaries_match(kv, k_ref)
         held_slots_match(rt, kv)
         budgets_ok(rt)
         seen |= set(np.unique(kv.where()[0][:, kv.first:]).tolist())
-    assert crops >= 25 and rt.cropped_tokens > 0
+    assert crops >= 15 and rt.cropped_tokens > 0
+    if policy == "budget" and not keeps_last:               # a sliding window attends all it holds
+        assert min(rt.rankings.values()) > 0, rt.rankings       # rankings scored and kept
     assert seen == ({Tier.DEVICE} if tiers == "device" else {Tier.DEVICE, Tier.HOST, Tier.DISK}), seen
     rt.close()
 
