@@ -80,11 +80,7 @@ def _placed(t: torch.Tensor):
             raise RuntimeError(f"a stand-in of layer {key.layer} was reshaped or sliced in a way kvdrive cannot "
                                f"follow ({tuple(t.shape)}; the runtime holds [{kv.batch}, {kv.kv_heads}, "
                                f"{kv.length}, {kv.head_dim}]): {OUTSIDE_READ}")
-        limit = rt.standins.end_limit(t)
-        if limit is not None and sum(span) > limit:
-            raise RuntimeError(f"a stand-in of layer {key.layer} stands for tokens [{span[0]}, {sum(span)}), but the "
-                               f"layer was cropped at token {limit} since it was made: the tokens there now are "
-                               f"others. {OUTSIDE_READ}")
+        site_step.check_not_cropped(rt, t, key.layer, span)
         return rt, key, kv, span
     raise RuntimeError(f"a {tuple(t.shape)} stand-in reached a kvdrive op but no kvdrive runtime holds its KV "
                        f"(its generation was released, or it was copied outside kvdrive). {OUTSIDE_READ}")

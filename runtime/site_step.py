@@ -133,19 +133,26 @@ def _past_span(rt: KVRuntime, session: Session, kv: LayerKV, past: torch.Tensor,
                            f"{key.session_id}, not this layer's. {OUTSIDE_READ}")
     span = token_span(past)
     p = past.shape[-2]
-    limit = rt.standins.end_limit(past)
     if span is not None and (past.shape[0], past.shape[1]) == (kv.batch, kv.kv_heads):
+        check_not_cropped(rt, past, kv.layer, span)
         first, _ = span
         end = first + p
-        if limit is not None and end > limit:
-            raise RuntimeError(f"{rt.layer_label(kv.layer)}: the cache holds tokens [{first}, {end}) of a stand-in made "
-                               f"before the layer was cropped at token {limit}; the tokens there now are others. "
-                               f"{OUTSIDE_READ}")
         if end <= kv.length and (first == 0 or (kv.keeps_last and first >= kv.first * rt.block_size)):
             return first, p
     raise RuntimeError(f"{rt.layer_label(kv.layer)}: the cache holds tokens {_describe(span, p)} of a "
                        f"[{past.shape[0]}, {past.shape[1]}] batch; the runtime holds [{kv.first * rt.block_size}, "
                        f"{kv.length}) of [{kv.batch}, {kv.kv_heads}]. {OUTSIDE_READ}")
+
+
+def check_not_cropped(rt: KVRuntime, standin: torch.Tensor, layer: int, span: tuple[int, int]) -> None:
+    """A clear error if ``standin`` (tokens ``span``: first, count) was made before its layer
+    was cropped at or before the span's end: the tokens there now are others."""
+    limit = rt.standins.end_limit(standin)
+    first, n = span
+    if limit is not None and first + n > limit:
+        raise RuntimeError(f"{rt.layer_label(layer)}: the cache holds tokens [{first}, {first + n}) of a stand-in made "
+                           f"before the layer was cropped at token {limit}; the tokens there now are others. "
+                           f"{OUTSIDE_READ}")
 
 
 def _describe(span: Optional[tuple[int, int]], p: int) -> str:

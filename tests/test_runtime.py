@@ -39,6 +39,14 @@ def attend(rt, session, layer, q, past, new, k_new, v_new, mask=None, causal=Fal
     return site_step.merge(parts, torch.float32), plan
 
 
+def append_new(rt, session, k_new, v_new):
+    """Append ``k_new, v_new [B, Hkv, n, D]`` to layer 0 of ``session``; the layer and its past length."""
+    kv = rt.layer(session, 0, k_new, keeps_last=False)
+    past = kv.length
+    placement.append(rt, kv, k_new, v_new)
+    return kv, past
+
+
 def budgets_ok(rt):
     for tier, b in rt.budgets.items():
         assert b.limit is None or b.peak <= b.limit, (tier, b)
@@ -57,9 +65,7 @@ def test_three_tiers_exact(tmp_path, dtype, batch, hkv, g, d):
     for n in [37, 1, 1, 14, 1, 40, 1, 2, 1]:                   # a prefill, decode steps, chunks
         k_new = torch.randn(batch, hkv, n, d, dtype=dtype)
         v_new = torch.randn(batch, hkv, n, d, dtype=dtype)
-        kv = rt.layer(session, 0, k_new, keeps_last=False)
-        past = kv.length
-        placement.append(rt, kv, k_new, v_new)
+        kv, past = append_new(rt, session, k_new, v_new)
         k_all, v_all = torch.cat([k_all, k_new], 2), torch.cat([v_all, v_new], 2)
         q = torch.randn(batch, hkv * g, n, d, dtype=dtype)
         mask = torch.rand(batch, 1, n, past + n) > 0.2
@@ -76,7 +82,7 @@ def test_three_tiers_exact(tmp_path, dtype, batch, hkv, g, d):
     rt.close()
 
 
-@pytest.mark.parametrize("host_blocks", [1, 2, 3, 6, 9])
+@pytest.mark.parametrize("host_blocks", [1, 2, 3, 9, 10])
 def test_no_device_tier_an_open_block_split_between_host_and_disk(tmp_path, host_blocks):
     """device_memory=0: every block, the open one included, gets its home at once, and where
     host memory runs out inside a block some rows' open block lies in host memory and the
@@ -91,17 +97,15 @@ def test_no_device_tier_an_open_block_split_between_host_and_disk(tmp_path, host
     split = False
     for n in [6] + [1] * 20:
         k_new, v_new = torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
-        kv = rt.layer(session, 0, k_new, keeps_last=False)
-        past = kv.length
-        placement.append(rt, kv, k_new, v_new)
+        kv, past = append_new(rt, session, k_new, v_new)
         k_all, v_all = torch.cat([k_all, k_new], 2), torch.cat([v_all, v_new], 2)
         q = torch.randn(b, hkv * g, n, d)
         out, _ = attend(rt, session, 0, q, past, n, k_new, v_new)
         torch.testing.assert_close(out.double(), reference(q, k_all, v_all, 0.125), atol=1e-5, rtol=1e-5)
-        homes = kv.home[:, kv.length // bs] if kv.length % bs else kv.home[:, 0]
-        split |= len(set(homes.tolist())) > 1
+        if kv.length % bs:                      # the open block: homes of its rows on both tiers?
+            split |= len(set(kv.home[:, kv.length // bs].tolist())) > 1
         budgets_ok(rt)
-    assert split or host_blocks == 9, "no open block was split between host and disk"
+    assert split, "no open block was split between host and disk: the test misses its case"
     rt.close()
 
 
@@ -119,9 +123,7 @@ def test_a_mask_with_one_key_column_broadcasts_over_every_key(tmp_path):
     v_all = k_all.clone()
     for n in [70, 1, 1, 1]:
         k_new, v_new = torch.randn(batch, hkv, n, d), torch.randn(batch, hkv, n, d)
-        kv = rt.layer(session, 0, k_new, keeps_last=False)
-        past = kv.length
-        placement.append(rt, kv, k_new, v_new)
+        kv, past = append_new(rt, session, k_new, v_new)
         k_all, v_all = torch.cat([k_all, k_new], 2), torch.cat([v_all, v_new], 2)
         q = torch.randn(batch, hkv * g, n, d)
         causal = torch.ones(n, past + n, dtype=torch.bool).tril(past)
@@ -130,9 +132,7 @@ def test_a_mask_with_one_key_column_broadcasts_over_every_key(tmp_path):
         bias = torch.zeros(batch, 1, n, past + n).masked_fill(~causal, float("-inf")) + (mask if n == 1 else 0)
         torch.testing.assert_close(out.double(), reference(q, k_all, v_all, 0.125, bias), atol=1e-5, rtol=1e-5)
     q = torch.randn(batch, hkv * g, 1, d)
-    kv = rt.layer(session, 0, k_new, keeps_last=False)
-    past = kv.length
-    placement.append(rt, kv, k_new, v_new)
+    kv, past = append_new(rt, session, k_new, v_new)
     with pytest.raises(RuntimeError, match="masks fewer keys than it attends"):
         attend(rt, session, 0, q, past, 1, k_new, v_new, torch.zeros(batch, 1, 1, 2))
     rt.close()
