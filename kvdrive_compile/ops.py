@@ -5,7 +5,7 @@ One decode step of one attention site::
     step = open_step(past_k0, k_new0, rt, sites)   # once per graph: which session
     k_si, v_si, ticket = append(step, past_k, past_v, k_new, v_new)
     ahead = prefetch_ahead(step, after, layer)     # start reading what the layer's last step selected
-    plan = select(ticket, q, scale, policy)        # what to attend, where it lies
+    plan = select(ticket, q, scale, policy, shared)  # what to attend, where it lies (shared: another site's KV)
     plan = prefetch(plan, ahead)                   # start the rest of the disk -> host reads
     host = host_attention(plan, q, mask)           # host + disk blocks: started on the CPU worker (or deferred)
     out_d, lse_d = sparse_attention(plan, q, k_new, v_new, mask)  # device blocks, meanwhile
@@ -120,19 +120,20 @@ def _(cached):
 
 
 @torch.library.custom_op("kvdrive::select", mutates_args=())
-def select(ticket: Tensor, q: Tensor, scale: float, policy_id: int) -> Tensor:
+def select(ticket: Tensor, q: Tensor, scale: float, policy_id: int, shared: bool = False) -> Tensor:
     """Choose the blocks this site attends this step: score the block summaries with q (and
     the softmax scale), keep the best within the token budget, plus sink and local window (the
-    policy's settings). Returns a plan ``[runtime, session, plan]``."""
+    policy's settings). shared: the ticket is another site's (a layer that attends an earlier
+    layer's KV): select from that KV, move nothing. Returns a plan ``[runtime, session, plan]``."""
     rid, sid, layer, past, new = ticket.tolist()
     rt = get_runtime(rid)
     with rt.timed("select", sid, layer):
-        pid = site_step.select(rt, rt.session(sid), layer, past, new, q, get_policy(policy_id), scale)
+        pid = site_step.select(rt, rt.session(sid), layer, past, new, q, get_policy(policy_id), scale, shared)
     return _handle(rid, sid, pid)
 
 
 @select.register_fake
-def _(ticket, q, scale, policy_id):
+def _(ticket, q, scale, policy_id, shared=False):
     return _fake_handle(3)
 
 

@@ -143,25 +143,39 @@ class BindKVCache(GraphPass):
             # kvdrive does not keep needs them for skipped sites too
             site.caches = tuple(c for c in (cache_source(site.k), cache_source(site.v)) if c is not None)
             if site.ok:
-                self._bind(site)
+                site.k_bind = self._binding(site, site.k, "K")
+            if site.ok:
+                site.v_bind = self._binding(site, site.v, "V")
+        for group in _sharing(ctx.sites):
+            self._check_group(group)
+        for site in ctx.sites:
             if not site.ok:
                 log.debug("site %s (%s) not bound: %s", site.node.name, site.layer_name, site.reason)
 
-    def _bind(self, site: AttentionSite) -> None:
-        site.k_bind = self._binding(site, site.k, "K")
-        if not site.ok:
-            return
-        site.v_bind = self._binding(site, site.v, "V")
-        if not site.ok:
-            return
-        q_len, kv_len = (_tokens(n) for n in (site.q, site.k_bind.new))
-        if not statically_known_true(q_len == kv_len):
+    def _check_group(self, group: list[AttentionSite]) -> None:
+        """The sites that attend one cache append (usually one; more where layers share a
+        cache): the first appends (the owner), the others attend its K/V with their own
+        queries. Left as they were together, for the first reason found."""
+        owner, readers = group[0], group[1:]
+        reason = ""
+        for r in readers:
+            if r.v_bind.cat is not owner.v_bind.cat:
+                reason = (f"{r.layer_name} attends the keys of {owner.layer_name}'s cache with other values "
+                          f"({r.v_bind.cat.name}, not {owner.v_bind.cat.name})")
+        q_len, kv_len = (_tokens(n) for n in (owner.q, owner.k_bind.new))
+        if not reason and not statically_known_true(q_len == kv_len):
             # self-attention appends one K/V per query token; these come from another sequence
-            site.skip(f"cross-attention: {kv_len} new K/V tokens for {q_len} query tokens (K/V computed "
+            reason = (f"cross-attention: {kv_len} new K/V tokens for {q_len} query tokens (K/V computed "
                       "from another sequence, e.g. an encoder's); left as it is, exact")
-            return
-        for b in (site.k_bind, site.v_bind):
-            self._check_users(site, b)
+        chains = set().union(*(s.chain for s in group))
+        for b in (owner.k_bind, owner.v_bind):
+            reason = reason or self._check_users(owner, b, chains)
+        for s in group:
+            reason = reason or self._check_chain(s)
+        for s in group:
+            s.skip(reason)
+        for r in readers:
+            r.owner = owner
 
     def _binding(self, site: AttentionSite, node: torch.fx.Node, what: str) -> Optional[KVBinding]:
         if node.op == "placeholder":
@@ -199,21 +213,38 @@ class BindKVCache(GraphPass):
                 return None
         return KVBinding(node, past, new)
 
-    def _check_users(self, site: AttentionSite, b: KVBinding) -> None:
-        """The cat's value may only reach the site, the graph's outputs (possibly as a tail slice) or size queries."""
-        chain = set(site.chain)
+    @staticmethod
+    def _check_users(site: AttentionSite, b: KVBinding, chains: set) -> str:
+        """Why the cat cannot be kept, if it cannot: its value may only reach the attention
+        sites that read it (``chains``), the graph's outputs (possibly as a tail slice) or size
+        queries."""
         for u in b.cat.users:
-            if u in chain or u.op == "output" or is_size_query(u):
+            if u in chains or u.op == "output" or is_size_query(u):
                 continue
             if is_tail_slice(u) and all(w.op == "output" or is_size_query(w) for w in u.users):
                 site.keeps_last = True
                 continue
-            site.skip(f"cached {b.cat.name} is also used by {u.name} ({u.target}); kvdrive would have to materialise it")
-            return
+            return f"cached {b.cat.name} is also used by {u.name} ({u.target}); kvdrive would have to materialise it"
+        return ""
+
+    @staticmethod
+    def _check_chain(site: AttentionSite) -> str:
+        """Why the site's own nodes cannot be replaced, if one of them is used elsewhere."""
+        chain = set(site.chain)
         for c in chain:
             if c is site.node:
                 continue
             for u in c.users:
                 if u not in chain:
-                    site.skip(f"{c.name}, part of the attention, is also used by {u.name}")
-                    return
+                    return f"{c.name}, part of the attention, is also used by {u.name}"
+        return ""
+
+
+def _sharing(sites: list[AttentionSite]) -> list[list[AttentionSite]]:
+    """The bound sites grouped by the cache append their keys come from, each group in graph
+    order (the sites' order)."""
+    groups: dict[torch.fx.Node, list[AttentionSite]] = {}
+    for site in sites:
+        if site.ok and site.k_bind is not None and site.v_bind is not None:
+            groups.setdefault(site.k_bind.cat, []).append(site)
+    return list(groups.values())

@@ -278,6 +278,10 @@ class FindAttentionSites(GraphPass):
         hq, hkv = q.shape[1], k.shape[1]
         if isinstance(hq, int) and isinstance(hkv, int) and hq % hkv:
             site.skip(f"{hq} query heads are not a multiple of {hkv} KV heads")
+        if not statically_known_true(v.shape[-1] == k.shape[-1]):
+            # MiMo-V2's attention: values of another head_dim than the keys'
+            site.skip(f"V's head_dim {v.shape[-1]} is not K's {k.shape[-1]}: kvdrive keeps a block's K and V "
+                      "in slots of one head_dim")
 
 
 def _is_einsum_scores(node) -> bool:

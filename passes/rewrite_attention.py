@@ -5,10 +5,13 @@
     step           = open_step(past_k, k_new of the first site, runtime_id, sites)  # once per graph
     k_si, v_si, t  = append(step, past_k, past_v, k_new, v_new, layer)    # right after the cats
     ahead          = prefetch_ahead(step, step, layer)    # the scheduling pass may move it earlier
-    plan           = prefetch(select(t, q, scale, policy), ahead)
+    plan           = prefetch(select(t, q, scale, policy, shared), ahead)
     host           = host_attention(plan, q, mask, scale, causal, softcap)   # started on the CPU worker
     out_d, lse_d   = sparse_attention(plan, q, k_new, v_new, mask, scale, causal, softcap)
     out            = merge(host, q, out_d, lse_d, sinks)          # replaces the site (sinks: gpt-oss's, or None)
+
+A site that attends another site's cache (a KV-sharing layer: ``site.owner``) has no append
+of its own: its ``select`` takes the owner's ticket with ``shared=True``.
 
 The cats' other users (the cache write-back among the graph's outputs) get the stand-ins;
 the original attention and cats are left without users and removed (only they: in-place
@@ -79,23 +82,13 @@ class RewriteAttention(GraphPass):
                 continue
             layer = ctx.layer_ids.setdefault(name, len(ctx.layer_ids))
             b = _Builder(graph, site, layer)
-            kb, vb = site.k_bind, site.v_bind
-            with graph.inserting_before(_later(kb.cat, vb.cat).next):
-                if step is None:
-                    sites = sum(1 for s in ctx.sites if s.ok)
-                    step = b.call(_op("open_step"), kb.past, kb.new, ctx.runtime_id, sites, name="kv_step")
-                app = b.call(_op("append"), step, kb.past, vb.past, kb.new, vb.new, layer, site.keeps_last,
-                             name="kv_append")
-                k_si, v_si = b.item(app, 0, "k_standin"), b.item(app, 1, "v_standin")
-                ticket = b.item(app, 2, "kv_ticket")
-            chain = set(site.chain)
-            kb.cat.replace_all_uses_with(k_si, delete_user_cb=lambda u: u not in chain)
-            vb.cat.replace_all_uses_with(v_si, delete_user_cb=lambda u: u not in chain)
+            if site.owner is None:
+                step = self._append(graph, b, site, step, ctx)
             with graph.inserting_before(site.node):
-                out = self._attention(b, site, ticket, step)
+                out = self._attention(b, site, step)
             site.node.replace_all_uses_with(out)
             site.rewritten = True
-            dead |= set(site.chain) | {kb.cat, vb.cat}
+            dead |= set(site.chain) | ({site.k_bind.cat, site.v_bind.cat} if site.owner is None else set())
         # remove only what the rewrite left unused: a graph-wide DCE would also drop in-place
         # writes (index_copy_ into a static cache) whose results nobody reads
         for node in reversed(list(graph.nodes)):
@@ -103,16 +96,42 @@ class RewriteAttention(GraphPass):
                 graph.erase_node(node)
         gm.recompile()
 
-    def _attention(self, b: _Builder, site: AttentionSite, ticket: torch.fx.Node, step: torch.fx.Node) -> torch.fx.Node:
+    @staticmethod
+    def _append(graph: torch.fx.Graph, b: _Builder, site: AttentionSite, step: Optional[torch.fx.Node],
+                ctx: PassContext) -> torch.fx.Node:
+        """The site's ``append`` right after its cats (and the graph's ``open_step`` before the
+        first); the cats' other users (the cache write-back) get the stand-ins. Returns the step."""
+        kb, vb = site.k_bind, site.v_bind
+        with graph.inserting_before(_later(kb.cat, vb.cat).next):
+            if step is None:
+                sites = sum(1 for s in ctx.sites if s.ok and s.owner is None)    # the layers that keep KV
+                step = b.call(_op("open_step"), kb.past, kb.new, ctx.runtime_id, sites, name="kv_step")
+            app = b.call(_op("append"), step, kb.past, vb.past, kb.new, vb.new, b.layer, site.keeps_last,
+                         name="kv_append")
+            k_si, v_si = b.item(app, 0, "k_standin"), b.item(app, 1, "v_standin")
+            site.ticket = b.item(app, 2, "kv_ticket")
+        # the attention of the site and of the sites sharing its cache read the cats no more
+        chain = set(site.chain).union(*(s.chain for s in ctx.sites if s.owner is site))
+        kb.cat.replace_all_uses_with(k_si, delete_user_cb=lambda u: u not in chain)
+        vb.cat.replace_all_uses_with(v_si, delete_user_cb=lambda u: u not in chain)
+        return step
+
+    def _attention(self, b: _Builder, site: AttentionSite, step: torch.fx.Node) -> torch.fx.Node:
+        """The scheduled ops of one site. A site that shares another's cache (``site.owner``)
+        selects and attends that site's KV with its own queries: the owner's ticket, new K/V
+        and ahead-read layer; its own ``prefetch_ahead`` finds no KV of its layer and reads
+        nothing."""
+        owner = site.owner or site
         q, scale, bias = self._scaled_query_and_bias(b, site)
         ahead = b.call(_op("prefetch_ahead"), step, step, b.layer, name="ahead")
         # the selection ranks by the scores before the cap (tanh keeps each row's order)
         rank_scale = scale if not site.softcap else (
             scale / site.softcap if isinstance(scale, float) else b.call(operator.truediv, scale, site.softcap))
-        selection = b.call(_op("select"), ticket, q, rank_scale, self.policy_id, name="selection")
+        selection = b.call(_op("select"), owner.ticket, q, rank_scale, self.policy_id, site.owner is not None,
+                           name="selection")
         plan = b.call(_op("prefetch"), selection, ahead, name="plan")
         host = b.call(_op("host_attention"), plan, q, bias, scale, site.is_causal, site.softcap, name="host_part")
-        dev = b.call(_op("sparse_attention"), plan, q, site.k_bind.new, site.v_bind.new, bias, scale,
+        dev = b.call(_op("sparse_attention"), plan, q, owner.k_bind.new, owner.v_bind.new, bias, scale,
                      site.is_causal, site.softcap, name="device_part")
         out = b.call(_op("merge"), host, q, b.item(dev, 0, "device_out"), b.item(dev, 1, "device_lse"), site.sinks,
                      name="attention")

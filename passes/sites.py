@@ -58,6 +58,10 @@ class AttentionSite:
     v_bind: Optional[KVBinding] = None
     keeps_last: bool = False
     caches: tuple = ()          # the growing caches K and V are views of (``bind_kv_cache.cache_source``)
+    # the site that appends the KV this site attends, where another does (layers that share a
+    # cache: Gemma 3n's and Gemma 4's KV-sharing layers attend an earlier layer's K/V)
+    owner: Optional["AttentionSite"] = None
+    ticket: Optional[torch.fx.Node] = None   # the rewrite's ticket of this site's append (owners)
     rewritten: bool = False
     reason: str = ""
 
@@ -69,6 +73,8 @@ class AttentionSite:
         return not self.reason
 
     def binding(self) -> str:
+        if self.owner is not None:
+            return f"K, V of {self.owner.layer_name} (its cache, shared)"
         if self.k_bind is None and self.v_bind is None:
             return "-"
         window = ", keeps last tokens (sliding window)" if self.keeps_last else ""

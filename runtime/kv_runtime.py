@@ -294,6 +294,7 @@ class KVRuntime:
         if pool is None:
             pin = tier == Tier.HOST and torch.cuda.is_available()
             pool = BlockPool(self.budgets[tier], device, kv.dtype, self.block_size, kv.head_dim, pin)
+            pool.pack = functools.partial(placement.pack_pool, self, tier, pool)
             self.pools[key] = pool
         return pool
 

@@ -41,7 +41,7 @@ import torch
 
 from .layer_kv import NONE, Fresh, LayerKV
 from .selection import SelectionPolicy, block_scores, scored
-from .tiers import Tier, slot_bytes
+from .tiers import BlockPool, Tier, slot_bytes
 
 if TYPE_CHECKING:
     from .kv_runtime import KVRuntime
@@ -527,9 +527,17 @@ def _device_slots(rt: KVRuntime, kv: LayerKV, n: int, required: Optional[int] = 
 
 
 def _budget_error(rt: KVRuntime, kv: LayerKV) -> KVBudgetError:
+    def kept(layer: LayerKV) -> int:           # bytes of the blocks a layer keeps on the device
+        return (layer.pinned_front + layer.pinned_back) * layer.rows * slot_bytes(rt.block_size, layer.head_dim, layer.dtype)
+
     sb = slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
-    per_layer = (kv.pinned_front + kv.pinned_back) * kv.rows * sb
-    sites = rt.sessions[kv.session_id].sites
+    per_layer = kept(kv)
+    session = rt.sessions[kv.session_id]
+    sites = session.sites
+    # layers differ where their head_dim does (Gemma 4): the ones seen so far as they are, the
+    # others as the largest of those
+    known = [kept(layer) for layer in session.layers.values()]
+    minimum = sum(known) + max(0, sites - len(known)) * max(known + [per_layer])
     return KVBudgetError(
         f"device_memory={rt.budgets[Tier.DEVICE].limit} bytes cannot hold the blocks each attention layer "
         f"keeps on the device (sink, local window, open block: {kv.pinned_front + kv.pinned_back} blocks x "
@@ -540,24 +548,67 @@ def _budget_error(rt: KVRuntime, kv: LayerKV) -> KVBudgetError:
            "interrupted generate, as a notebook keeps the last one, can hold it); drop those, or free every "
            "generation's KV with kvdrive_compile.release_all(). "
            if len(rt.sessions) > 1 else "")
-        + f"Pass device_memory >= {per_layer * sites} bytes (more, so blocks attention reuses can stay), "
+        + f"Pass device_memory >= {minimum} bytes (more, so blocks attention reuses can stay), "
         "device_memory=0 (no device tier: attend everything where it lies), or None (no limit)")
 
 
 def _drop_copies(rt: KVRuntime, kv: LayerKV, n: int) -> None:
-    """Drop ``n`` unpinned device copies to make room: this layer's lowest-scored first,
-    then other layers' (any session's)."""
+    """Drop unpinned device copies to make room for ``n`` of ``kv``'s slots: this layer's
+    lowest-scored first, then other layers' (any session's; a layer of another head_dim frees
+    slots of another size, which its pool gives back to the budget when packed)."""
+    need = n * slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
     layers = [kv] + [other for s in rt.sessions.values() for other in s.layers.values() if other is not kv]
     for layer in layers:
-        if n <= 0:
+        if need <= 0:
             return
+        sb = slot_bytes(rt.block_size, layer.head_dim, layer.dtype)
         nb = layer.num_blocks
         pinned = layer.pinned_blocks()[None, :] | (layer.pins[:, :nb] > 0)
         cand = np.flatnonzero(((layer.dev[:, :nb] >= 0) & ~pinned).reshape(-1))
         sc, ls = layer.score[:, :nb].reshape(-1)[cand], layer.last_selected[:, :nb].reshape(-1)[cand]
-        victims = cand[np.lexsort((ls, sc))][:n]
+        victims = cand[np.lexsort((ls, sc))][:-(-need // sb)]
         _evict(rt, layer, Tier.DEVICE, victims)
-        n -= victims.size
+        need -= victims.size * sb
+
+
+def pack_pool(rt: KVRuntime, tier: Tier, pool: BlockPool) -> None:
+    """Move the blocks in ``pool``'s slots above its count in use into its free slots below
+    it (their layers' tables follow), so that ``pool.shrink`` can give the budget the free
+    capacity back: a pool of another head_dim (Gemma 4's full and sliding layers) needs it.
+    Blocks a live plan reads (pinned) stay where they are, and so do slots reserved for a disk
+    read that has not landed (no table names them yet)."""
+    used = pool.capacity - len(pool.free)
+    low = np.array(sorted(slot for slot in pool.free if slot < used), np.int64)
+    if not low.size:
+        return
+    src, dst, taken = [], [], 0
+    for session in rt.sessions.values():
+        for kv in session.layers.values():
+            if taken == low.size or rt.pool(tier, kv) is not pool:
+                continue
+            nb = kv.num_blocks
+            table = kv.dev if tier == Tier.DEVICE else kv.host
+            r, b = np.nonzero((table[:, :nb] >= used) & (kv.pins[:, :nb] == 0))
+            r, b = r[:low.size - taken], b[:low.size - taken]
+            if not r.size:
+                continue
+            to = low[taken:taken + r.size]
+            src.append(table[r, b].copy())
+            dst.append(to)
+            table[r, b] = to
+            if tier == Tier.HOST:                     # a host-homed block's host slot is its home slot
+                homed = kv.home[r, b] == Tier.HOST
+                kv.home_slot[r[homed], b[homed]] = to[homed]
+            taken += r.size
+            kv.changed()
+    if not taken:
+        return
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    at, to = torch.from_numpy(src).to(pool.device), torch.from_numpy(dst).to(pool.device)
+    pool.k[to] = pool.k[at]
+    pool.v[to] = pool.v[at]
+    moved = set(dst.tolist())                 # the vacated slots are taken last (alloc takes the list's end)
+    pool.free = sorted(src.tolist(), reverse=True) + [slot for slot in pool.free if slot not in moved]
 
 
 def _evict(rt: KVRuntime, kv: LayerKV, tier: Tier, flat: np.ndarray) -> None:

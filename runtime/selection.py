@@ -134,7 +134,7 @@ def select_blocks(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
 
 
 def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: int, end: int,
-                  scale: float = 1.0, rankings: Optional[dict[str, int]] = None
+                  scale: float = 1.0, rankings: Optional[dict[str, int]] = None, remember: bool = True
                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The blocks each (sequence, kv_head) attends this step, int64 ``[rows, n]`` ascending,
     and the scores of every block of the window (fp32 ``[rows, nb]``, CPU; None when the
@@ -144,6 +144,9 @@ def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
     masses). Exact (every block of the window) when there is no budget, for the first
     ``dense_layers`` layers, for sliding-window layers, and when the budget covers it all.
     rankings: counts of rows ``"scored"`` and ``"kept"`` (``policy.rerank_similarity``), added to.
+    remember: keep this ranking in ``kv`` (its scores rank cached copies; ``rerank_similarity``
+    reuses it); False for a layer that attends another layer's KV (``kv``): it ranks afresh
+    with its own queries and leaves that layer's ranking as it was.
     """
     ids = window_blocks(kv, start, end)
     budget = policy.budget_tokens(end - start)
@@ -166,7 +169,7 @@ def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
     if k <= 0 or policy.selection == "window":
         return ids[forced].expand(kv.rows, -1), None
     bonus = reuse_bonus(kv, policy, ids)
-    qr = None if policy.rerank_similarity is None else kv.summaries.query_rows(q).detach()
+    qr = None if policy.rerank_similarity is None or not remember else kv.summaries.query_rows(q).detach()
     kept = kept_rankings(kv, policy, qr, ids, nb - local_n, end)
     if rankings is not None:
         n_kept = 0 if kept is None else int(kept[0].sum())
@@ -183,7 +186,8 @@ def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
         top = keys.masked_fill(forced[None, :], float("-inf")).topk(k, dim=1).indices        # [rows, k]
         chosen = torch.cat([forced.nonzero().view(1, -1).expand(kv.rows, -1), top], dim=1)
         selected = ids[chosen].sort(dim=1).values
-    remember_rankings(kv, qr, ids, scores, kept, end)
+    if remember:
+        remember_rankings(kv, qr, ids, scores, kept, end)
     return selected, scores
 
 

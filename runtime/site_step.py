@@ -202,10 +202,11 @@ def crop(rt: KVRuntime, kv: LayerKV, length: int) -> None:
 
 
 def select(rt: KVRuntime, session: Session, layer: int, past_len: int, new_len: int,
-           q: torch.Tensor, policy: SelectionPolicy = EXACT, scale: float = 1.0) -> int:
+           q: torch.Tensor, policy: SelectionPolicy = EXACT, scale: float = 1.0, shared: bool = False) -> int:
     """Plan what the site attends this step (q: ``[B, Hq, Q, D]``, scale: the softmax scale);
-    returns the plan id."""
-    plan = plan_step(rt, session.layers[layer], past_len, new_len, q, policy, scale)
+    shared: the site attends ``layer``'s KV but is another layer (``plan_step``). Returns the
+    plan id."""
+    plan = plan_step(rt, session.layers[layer], past_len, new_len, q, policy, scale, shared)
     pid = next(_plan_ids)
     session.plans[pid] = plan
     return pid
@@ -256,26 +257,33 @@ def sink_part(sinks: Optional[torch.Tensor], out: torch.Tensor) -> Optional[tupl
 
 
 def plan_step(rt: KVRuntime, kv: LayerKV, past_len: int, new_len: int, q: torch.Tensor,
-              policy: SelectionPolicy = EXACT, scale: float = 1.0) -> Plan:
+              policy: SelectionPolicy = EXACT, scale: float = 1.0, shared: bool = False) -> Plan:
     """Select what the site attends in the window ``[length - past - new, length)``, and
-    move copies as the cache policy says."""
+    move copies as the cache policy says.
+
+    shared: the site is a layer that attends ``kv`` (an earlier layer's KV: Gemma 3n's and
+    Gemma 4's KV-sharing layers) with its own queries. It selects with the same policy and
+    budget, and reads each block where it lies: the cache policy's moves, its demand and the
+    kept ranking stay those of the layer that owns the KV, which planned this step already."""
     start, end = kv.length - past_len - new_len, kv.length
     bs = rt.block_size
     with rt.lock:
         kv.pinned_front = -(-policy.sink_tokens // bs) if policy.sink_tokens else 0
         kv.pinned_back = -(-policy.local_window // bs) + 1
-        _expect_demand(rt, kv, policy)
+        if not shared:
+            _expect_demand(rt, kv, policy)
         placement.place_fresh(rt, kv, placement.warm_scores(rt, kv, policy, q, scale))
         if past_len == 0:
             selected = window_blocks(kv, start, end).expand(kv.rows, -1)
             return Plan(kv, (start, end), selected, fresh_only=True)
         # the token budget is a decode step's: a step that brings several tokens (a prompt fed
         # in chunks, a conversation continued on its cache) attends every token, as a prefill does
-        selected, _ = select_scored(kv, policy if new_len == 1 else EXACT, q, start, end, scale, rt.rankings)
+        selected, _ = select_scored(kv, policy if new_len == 1 else EXACT, q, start, end, scale, rt.rankings,
+                                    remember=not shared)
         plan = Plan(kv, (start, end), selected, fresh_only=False, fetch=policy.attention == "fetch")
         t0 = time.perf_counter()                  # the rest: the cache policy's moves (timeline: "plan")
         served = placement.count_served(rt, kv, selected)
-        if rt.device_home:                      # nothing moves: a tier serving none needs no split
+        if rt.device_home or shared:            # nothing moves: a tier serving none needs no split
             plan.parts.update({tier: None for tier in Tier if not served[tier]})
         else:                                   # the policy's moves change where blocks lie
             placement.cache_step(rt, kv, plan)

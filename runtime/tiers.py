@@ -8,8 +8,8 @@ slot, each slot checksummed (``disk.DiskFile``).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -38,6 +38,17 @@ class TierBudget:
     limit: Optional[int]
     reserved: int = 0
     peak: int = 0
+    pools: list = field(default_factory=list, repr=False)    # the BlockPools that share it
+
+    def reclaim(self, nbytes: int, asking: "BlockPool") -> None:
+        """Make ``nbytes`` of room, where it can, from the unused capacity of the other pools
+        that share this budget (layers of another head_dim: Gemma 4's full and sliding layers):
+        a pool reserves room for the slots it may take next, which another pool may need now."""
+        for pool in self.pools:
+            if self.room() is None or self.room() >= nbytes:
+                return
+            if pool is not asking:
+                pool.shrink()
 
     def room(self) -> Optional[int]:
         return None if self.limit is None else self.limit - self.reserved
@@ -74,6 +85,10 @@ class BlockPool:
         self.k = self._empty(0)
         self.v = self._empty(0)
         self.free: list[int] = []
+        # moves the blocks in the highest slots down into free ones (set by the runtime, which
+        # knows which blocks lie where: placement.pack_pool), so ``shrink`` frees the most
+        self.pack: Optional[Callable[[], None]] = None
+        budget.pools.append(self)
 
     @property
     def capacity(self) -> int:
@@ -96,6 +111,7 @@ class BlockPool:
         # on the CPU, where slots never written are virtual memory only (an anonymous mapping), by
         # a quarter in GPU or pinned memory
         cap = self.capacity
+        self._make_room(need)
         virtual = self.device.type == "cpu" and not self.pin_memory
         want = max(cap + need, cap + max(4096, cap // (2 if virtual else 4)), 16)
         room = self.budget.room()
@@ -111,6 +127,31 @@ class BlockPool:
         self.free.extend(range(want - 1, cap - 1, -1))
         return True
 
+    def _make_room(self, slots: int) -> None:
+        """Room in the budget for ``slots`` more slots than are free, taken from other pools'
+        unused capacity where the budget has too little."""
+        room, short = self.budget.room(), (slots - len(self.free)) * self.slot_bytes
+        if room is not None and short > room:
+            self.budget.reclaim(short, self)
+
+    def shrink(self) -> None:
+        """Give the budget back the capacity above the highest slot in use (packed first)."""
+        if self.pack is not None and self.free:
+            self.pack()
+        cap = self.capacity
+        free = set(self.free)
+        keep = cap
+        while keep and keep - 1 in free:
+            keep -= 1
+        if keep == cap:
+            return
+        for name in ("k", "v"):
+            new = self._empty(keep)
+            new[:] = getattr(self, name)[:keep]
+            setattr(self, name, new)
+        self.free = [slot for slot in self.free if slot < keep]
+        self.budget.release((cap - keep) * self.slot_bytes)
+
     def alloc(self, n: int) -> Optional[list[int]]:
         """``n`` free slots, or None when the budget has no room for them."""
         if len(self.free) < n and not self._grow(n - len(self.free)):
@@ -123,6 +164,7 @@ class BlockPool:
         """Up to ``n`` free slots: as many as the budget has room for."""
         if n <= 0:
             return []
+        self._make_room(n)
         room = self.budget.room()
         fit = n if room is None else min(n, len(self.free) + room // self.slot_bytes)
         return (self.alloc(fit) or []) if fit > 0 else []

@@ -203,3 +203,24 @@ def test_alibi_baddbmm_attention_runs_exact_and_is_reported(caplog):
     assert torch.equal(ref, out)
     assert kvdrive_compile.counters.caches_unclaimed >= 4
     assert any("feed no attention kvdrive recognises" in r.message for r in caplog.records)
+
+
+def test_values_of_another_head_dim_than_the_keys_are_left_and_reported():
+    """MiMo-V2's attention has values of another head_dim than its keys (16 and 128 here):
+    kvdrive keeps K and V blocks in slots of one head_dim, so the sites are left as they were
+    with that reason (the compile used to fail: the rewritten output took the keys' width)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg = CONFIG_MAPPING["mimo_v2_flash"](
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=128, head_dim=16, v_head_dim=128, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, pad_token_id=0)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval().to(DEVICE)
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    kvdrive_compile.counters.reset()
+    ref, out = greedy_both(model, ids, 5, attention_mask=torch.ones_like(ids), **BUDGETS)
+    assert torch.equal(ref, out)
+    c = kvdrive_compile.counters
+    assert c.sites_found >= 2 and c.sites_rewritten == 0
+    assert all("V's head_dim 128 is not K's 16" in r for r in c.skip_reasons), c.skip_reasons

@@ -28,8 +28,9 @@ def reference(q, k, v, scale, bias=None):
     return torch.softmax(s, -1) @ v
 
 
-def attend(rt, session, layer, q, past, new, k_new, v_new, mask=None, causal=False, policy=EXACT_SMALL):
-    pid = site_step.select(rt, session, layer, past, new, q, policy)
+def attend(rt, session, layer, q, past, new, k_new, v_new, mask=None, causal=False, policy=EXACT_SMALL,
+           shared=False):
+    pid = site_step.select(rt, session, layer, past, new, q, policy, shared=shared)
     plan = session.plans[pid]
     site_step.prefetch(rt, plan)
     step = site_step.step_mask(plan, mask, causal)
