@@ -332,9 +332,10 @@ class KVRuntime:
                 self.io_pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix=IO_THREAD_PREFIX)
                 return self.io_pool.submit(fn, *args)
 
-    def alloc_upto(self, tier: Tier, kv: LayerKV, n: int) -> list[int]:
-        """Up to ``n`` slots of a memory tier, as many as its budget has room for."""
-        return self.pool(tier, kv).alloc_upto(n)
+    def alloc_upto(self, tier: Tier, kv: LayerKV, n: int, reclaim: bool = False) -> list[int]:
+        """Up to ``n`` slots of a memory tier, as many as its budget has room for (reclaim:
+        ``BlockPool.alloc_upto``)."""
+        return self.pool(tier, kv).alloc_upto(n, reclaim)
 
     # -- stats -----------------------------------------------------------------------------
 

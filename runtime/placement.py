@@ -509,7 +509,7 @@ def _device_slots(rt: KVRuntime, kv: LayerKV, n: int, required: Optional[int] = 
     if len(slots) >= required or rt.device_home:
         return slots
     _drop_copies(rt, kv, required - len(slots))
-    slots += rt.alloc_upto(Tier.DEVICE, kv, n - len(slots))
+    slots += rt.alloc_upto(Tier.DEVICE, kv, n - len(slots), reclaim=True)
     # generations whose cache is garbage not yet collected; another thread's collection may be
     # under way (then gc.collect() returns at once): give it a moment before giving up
     for wait in _COLLECTION_WAITS:
@@ -519,7 +519,7 @@ def _device_slots(rt: KVRuntime, kv: LayerKV, n: int, required: Optional[int] = 
         gc.collect()
         rt.sweep()
         _drop_copies(rt, kv, required - len(slots))
-        slots += rt.alloc_upto(Tier.DEVICE, kv, n - len(slots))
+        slots += rt.alloc_upto(Tier.DEVICE, kv, n - len(slots), reclaim=True)
     if len(slots) < required:
         rt.pool(Tier.DEVICE, kv).release(slots)
         raise _budget_error(rt, kv)

@@ -111,12 +111,12 @@ class BlockPool:
         # on the CPU, where slots never written are virtual memory only (an anonymous mapping), by
         # a quarter in GPU or pinned memory
         cap = self.capacity
-        self._make_room(need)
         virtual = self.device.type == "cpu" and not self.pin_memory
         want = max(cap + need, cap + max(4096, cap // (2 if virtual else 4)), 16)
         room = self.budget.room()
-        if room is not None:
-            want = min(want, cap + room // self.slot_bytes)
+        if room is not None:       # sharing the budget (another head_dim): half its room at most
+            share = 2 if len(self.budget.pools) > 1 else 1
+            want = min(want, cap + max(need, room // self.slot_bytes // share))
         if want < cap + need or not self.budget.try_reserve((want - cap) * self.slot_bytes):
             return False
         for name in ("k", "v"):
@@ -160,11 +160,14 @@ class BlockPool:
         del self.free[-n:]
         return out
 
-    def alloc_upto(self, n: int) -> list[int]:
-        """Up to ``n`` free slots: as many as the budget has room for."""
+    def alloc_upto(self, n: int, reclaim: bool = False) -> list[int]:
+        """Up to ``n`` free slots: as many as the budget has room for. reclaim: slots that must
+        be found (a layer's pinned blocks) take the room other pools hold unused; a copy that
+        may be made or not does not, so pools do not hand capacity back and forth each step."""
         if n <= 0:
             return []
-        self._make_room(n)
+        if reclaim:
+            self._make_room(n)
         room = self.budget.room()
         fit = n if room is None else min(n, len(self.free) + room // self.slot_bytes)
         return (self.alloc(fit) or []) if fit > 0 else []
