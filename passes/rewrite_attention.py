@@ -118,9 +118,8 @@ class RewriteAttention(GraphPass):
 
     def _attention(self, b: _Builder, site: AttentionSite, step: torch.fx.Node) -> torch.fx.Node:
         """The scheduled ops of one site. A site that shares another's cache (``site.owner``)
-        selects and attends that site's KV with its own queries: the owner's ticket, new K/V
-        and ahead-read layer; its own ``prefetch_ahead`` finds no KV of its layer and reads
-        nothing."""
+        selects and attends that site's KV with its own queries, from the owner's ticket and new
+        K/V; its own ``prefetch_ahead`` names its own layer, which keeps no KV: it reads nothing."""
         owner = site.owner or site
         q, scale, bias = self._scaled_query_and_bias(b, site)
         ahead = b.call(_op("prefetch_ahead"), step, step, b.layer, name="ahead")
