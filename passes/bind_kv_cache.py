@@ -160,7 +160,7 @@ class BindKVCache(GraphPass):
         reason = ""
         for r in readers:
             if r.v_bind.cat is not owner.v_bind.cat:
-                reason = (f"{r.layer_name} attends the keys of {owner.layer_name}'s cache with other values "
+                reason = reason or (f"{r.layer_name} attends the keys of {owner.layer_name}'s cache with other values "
                           f"({r.v_bind.cat.name}, not {owner.v_bind.cat.name})")
         q_len, kv_len = (_tokens(n) for n in (owner.q, owner.k_bind.new))
         if not reason and not statically_known_true(q_len == kv_len):
@@ -245,6 +245,6 @@ def _sharing(sites: list[AttentionSite]) -> list[list[AttentionSite]]:
     order (the sites' order)."""
     groups: dict[torch.fx.Node, list[AttentionSite]] = {}
     for site in sites:
-        if site.ok and site.k_bind is not None and site.v_bind is not None:
+        if site.ok:                          # bound: both bindings made
             groups.setdefault(site.k_bind.cat, []).append(site)
     return list(groups.values())

@@ -287,13 +287,17 @@ class KVRuntime:
 
     # -- stores: memory pools and disk files ------------------------------------------------
 
+    @staticmethod
+    def pool_key(tier: Tier, kv: LayerKV) -> tuple:
+        """Which pool of ``self.pools`` holds ``kv``'s blocks on a memory tier."""
+        return tier, torch.device("cpu") if tier == Tier.HOST else kv.device, kv.dtype, kv.head_dim
+
     def pool(self, tier: Tier, kv: LayerKV) -> BlockPool:
-        device = torch.device("cpu") if tier == Tier.HOST else kv.device
-        key = (tier, device, kv.dtype, kv.head_dim)
+        key = self.pool_key(tier, kv)
         pool = self.pools.get(key)
         if pool is None:
             pin = tier == Tier.HOST and torch.cuda.is_available()
-            pool = BlockPool(self.budgets[tier], device, kv.dtype, self.block_size, kv.head_dim, pin)
+            pool = BlockPool(self.budgets[tier], key[1], kv.dtype, self.block_size, kv.head_dim, pin)
             pool.pack = functools.partial(placement.pack_pool, self, tier, pool)
             self.pools[key] = pool
         return pool

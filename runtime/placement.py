@@ -584,7 +584,7 @@ def pack_pool(rt: KVRuntime, tier: Tier, pool: BlockPool) -> None:
     src, dst, taken = [], [], 0
     for session in rt.sessions.values():
         for kv in session.layers.values():
-            if taken == low.size or rt.pool(tier, kv) is not pool:
+            if taken == low.size or rt.pools.get(rt.pool_key(tier, kv)) is not pool:
                 continue
             nb = kv.num_blocks
             table = kv.dev if tier == Tier.DEVICE else kv.host

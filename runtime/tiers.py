@@ -176,9 +176,12 @@ class BlockPool:
         self.free.extend(slots)
 
     def close(self) -> None:
+        """Give the budget back all of the pool's capacity; the pool no longer shares it."""
         self.budget.release(self.capacity * self.slot_bytes)
         self.k = self.v = self._empty(0)
         self.free = []
+        if self in self.budget.pools:
+            self.budget.pools.remove(self)
 
 
 # the disk tier moved to disk.py; these names stay importable from here

@@ -32,7 +32,7 @@ def held_slots_match(rt, kv):
     """Every slot the pools and the disk file hold belongs to a block of the layer: a crop
     frees what it forgets, and nothing else."""
     for tier, arr in ((Tier.DEVICE, kv.dev), (Tier.HOST, kv.host)):
-        if (tier, kv.device if tier == Tier.DEVICE else torch.device("cpu"), kv.dtype, kv.head_dim) in rt.pools:
+        if rt.pool_key(tier, kv) in rt.pools:
             assert rt.pool(tier, kv).used == int((arr >= 0).sum()), tier
     files = rt.sessions[kv.session_id].disk_files
     if files:
