@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (the device tool; see benchmarks/README.md): the Triton kernel's
 # launch sweep (SKIP_TUNE=1: none), the host cost of one call part by part, its benchmark table with
-# the sweep's best launch, then the GPU-side correctness tests (the Triton kernel natively, the merge,
-# and the random-model exactness tests with the model and the device tier on the GPU).
+# the sweep's best launch, the GPU-side correctness tests (the Triton kernel natively, the merge,
+# and the random-model exactness tests with the model and the device tier on the GPU), then a
+# decode step's synchronizing calls and timeline (benchmarks/cuda_sync_points.py; SKIP_SYNC=1: not).
 #
 # The machine has torch/triton/numba/tabulate but not this package: build its wheel here first
 #   echo /.whl/ >> .git/info/exclude; .venv/bin/pip wheel --no-deps --no-build-isolation -w .whl .
@@ -31,3 +32,7 @@ echo "bench rc=${PIPESTATUS[0]}"
 KVDRIVE_TEST_DEVICE=cuda timeout 150 python3 -P -m pytest -q -x -p no:cacheprovider \
     tests/test_paged_attention.py tests/test_triton_launcher.py tests/test_merge.py tests/test_hf_models.py 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
 echo "pytest rc=${PIPESTATUS[0]}"
+if [ "${SKIP_SYNC:-0}" != 1 ]; then       # synchronizing calls per decode step, by line; the CUDA timeline
+    timeout 240 python3 -P benchmarks/cuda_sync_points.py --out "$OUT/sync" 2>&1 | tee "$OUT/sync_points.txt" | tail -60
+    echo "sync points rc=${PIPESTATUS[0]}"
+fi

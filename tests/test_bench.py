@@ -704,3 +704,52 @@ def test_gpu_8b_smoke_preset_end_to_end(tmp_path):
         assert "dense-compiled" not in rows or rows["dense-compiled"]["compile_s"] > 0
     assert "dense-compiled" in report.text(result)
     report.write_json(result, str(tmp_path / "results.json"))
+
+
+# -- benchmarks/cuda_sync_points.py: its counting on a GPU; here its attribution and a CPU run ----
+
+def _sync_points_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "cuda_sync_points.py"
+    spec = importlib.util.spec_from_file_location("cuda_sync_points", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_synchronizing_call_is_put_on_kvdrives_innermost_line():
+    import traceback
+
+    script = _sync_points_script()
+    ours = script._our_dirs()
+    runtime_file = ours[1] + "site_step.py"
+    frame = traceback.FrameSummary
+    stack = [frame("/x/transformers/models/llama/modeling_llama.py", 10, "forward"),
+             frame(runtime_file, 419, "start_host_attention"),
+             frame(ours[2] + "merge.py", 5, "merge_partials"),
+             frame("/y/site-packages/torch/_tensor.py", 3, "cpu"), frame("/usr/lib/python3.11/warnings.py", 1, "warn")]
+    assert script.site_of(stack, ours) == "kernels/merge.py:5 merge_partials"
+    assert script.site_of(stack[:2], ours) == "runtime/site_step.py:419 start_host_attention"
+    assert script.site_of(stack[:1], ours) == "llama/modeling_llama.py:10 forward"
+    assert script.site_of(stack[3:], ours) == "(no Python frame)"
+
+
+@pytest.mark.slow
+def test_sync_points_script_runs_its_systems_on_the_cpu(tmp_path, capsys):
+    """Without a GPU it refuses (exit 3) unless asked for a CPU run, which runs every system
+    (tokens checked against dense, the timeline summarized) without counting."""
+    script = _sync_points_script()
+    if not torch.cuda.is_available():
+        assert script.main(["--out", str(tmp_path)]) == 3
+    assert script.main(["--device", "cpu", "--model", "llama3.1-tiny-random", "--layers", "4", "--context", "256",
+                        "--batch", "2", "--steps", "3", "--dtype", "float32", "--budget", "32",
+                        "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "sync_points.json").read_text())
+    assert set(result["results"]) == {"dense", "kvdrive-exact", "kvdrive", "kvdrive-default"}
+    dense = result["results"]["dense"]["tokens"]
+    assert result["results"]["kvdrive-exact"]["tokens"] == dense          # token_budget=None, three tiers
+    assert all(len(r["step_ms"]) == 2 for r in result["results"].values())
+    out = capsys.readouterr().out
+    assert "step wall / slowest stage" in out and "kvdrive-exact" in out
