@@ -30,7 +30,7 @@ echo "host profile rc=${PIPESTATUS[0]}"
 timeout 170 python3 -P benchmarks/bench_gpu_attention.py "${launch[@]}" "$@" 2>&1 | tee "$OUT/bench_gpu_attention.txt"
 echo "bench rc=${PIPESTATUS[0]}"
 KVDRIVE_TEST_DEVICE=cuda timeout 150 python3 -P -m pytest -q -x -p no:cacheprovider \
-    tests/test_paged_attention.py tests/test_triton_launcher.py tests/test_merge.py tests/test_hf_models.py 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
+    tests/test_paged_attention.py tests/test_triton_launcher.py tests/test_merge.py tests/test_device_copies.py tests/test_hf_models.py 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
 echo "pytest rc=${PIPESTATUS[0]}"
 if [ "${SKIP_SYNC:-0}" != 1 ]; then       # synchronizing calls per decode step, by line; the CUDA timeline
     timeout 240 python3 -P benchmarks/cuda_sync_points.py --out "$OUT/sync" 2>&1 | tee "$OUT/sync_points.txt" | tail -60

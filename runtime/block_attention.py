@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..kernels.masked_attention import attention_with_lse
+from .device_copies import to_device
 
 # Scores of one query chunk are materialised: keep them under this many bytes.
 _SCORE_BYTES = 256 << 20
@@ -117,13 +118,13 @@ def gather_part(k_pool: torch.Tensor, v_pool: torch.Tensor, part, kv) -> tuple[t
     and the token positions ``[rows, m*bs]`` (-1 for padding entries).
     """
     bs, dev = kv.block_size, k_pool.device
-    slots = part.slots.to(dev)
+    slots = to_device(part.slots, dev)
     m = slots.shape[1]
     k = k_pool[slots].reshape(kv.batch, kv.kv_heads, m * bs, kv.head_dim)
     v = v_pool[slots].reshape(kv.batch, kv.kv_heads, m * bs, kv.head_dim)
-    positions = part.ids.to(dev)[:, :, None] * bs + torch.arange(bs, device=dev)  # [rows, m, bs]
-    positions = torch.where(part.valid.to(dev)[:, :, None], positions, -1).reshape(kv.rows, m * bs)
-    return k, v, positions
+    positions = part.ids[:, :, None] * bs + torch.arange(bs, device=part.ids.device)  # [rows, m, bs]
+    positions = torch.where(part.valid[:, :, None], positions, -1).reshape(kv.rows, m * bs)
+    return k, v, to_device(positions, dev)
 
 
 def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv,
@@ -161,5 +162,5 @@ def attend_part(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, par
     if kernel is not None and kernel_fits(step, part, kv, q.shape[2]):
         table, lens = paged_tables(part, kv, step.end)
         dev = k_pool.device
-        return kernel(q, k_pool, v_pool, table.to(dev), lens.to(dev), scale, softcap=step.softcap)
+        return kernel(q, k_pool, v_pool, to_device(table, dev), to_device(lens, dev), scale, softcap=step.softcap)
     return attend_gathered(q, *gather_part(k_pool, v_pool, part, kv), kv, step, scale)

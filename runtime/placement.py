@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
+from .device_copies import gathered, to_device
 from .layer_kv import NONE, Fresh, LayerKV
 from .selection import SelectionPolicy, block_scores, scored
 from .tiers import BlockPool, Tier, slot_bytes
@@ -329,23 +330,30 @@ def _completed(rt: KVRuntime, kv: LayerKV, idx: int) -> None:
 def _write_tokens(rt: KVRuntime, kv: LayerKV, idx: int, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
     """k, v: ``[rows, t, D]`` into block ``idx`` at token ``offset``, in every copy and its home."""
     t = k.shape[1]
+    host = None                 # k, v in host memory: one copy from a GPU for the host pool and the disk
     for tier, slots in ((Tier.DEVICE, kv.dev[:, idx]), (Tier.HOST, kv.host[:, idx])):
         held = slots >= 0
         if not held.any():
             continue
         pool = rt.pool(tier, kv)
-        rk, rv = k, v
+        if pool.device.type == k.device.type:
+            rk, rv = k, v
+        elif pool.device.type == "cpu":
+            host = rk, rv = host or (k.cpu(), v.cpu())
+        else:
+            rk, rv = to_device(k, pool.device), to_device(v, pool.device)
         if not held.all():      # some rows' block lies elsewhere (homes split between host and disk, a crop)
-            rows = torch.from_numpy(np.flatnonzero(held))
-            slots, rk, rv = slots[held], k.index_select(0, rows), v.index_select(0, rows)
-        index = torch.from_numpy(np.ascontiguousarray(slots)).to(pool.device)   # not tolist(): every layer, every step
-        pool.k[index, offset:offset + t] = rk.to(pool.device)
-        pool.v[index, offset:offset + t] = rv.to(pool.device)
+            rows = to_device(torch.from_numpy(np.flatnonzero(held)), rk.device)
+            slots, rk, rv = slots[held], rk.index_select(0, rows), rv.index_select(0, rows)
+        index = to_device(torch.from_numpy(np.ascontiguousarray(slots)), pool.device)   # not tolist(): every layer, every step
+        pool.k[index, offset:offset + t] = rk
+        pool.v[index, offset:offset + t] = rv
     on_disk = np.flatnonzero(kv.home[:, idx] == Tier.DISK)
     if on_disk.size:
         disk = rt.disk(kv)
+        hk, hv = host or (k.cpu(), v.cpu())
         for row in on_disk.tolist():
-            disk.write_tokens(int(kv.home_slot[row, idx]), offset, k[row], v[row])
+            disk.write_tokens(int(kv.home_slot[row, idx]), offset, hk[row], hv[row])
 
 
 def drop_before(rt: KVRuntime, kv: LayerKV, position: int) -> None:
@@ -482,14 +490,15 @@ def _host_room(rt: KVRuntime, kv: LayerKV) -> int:
 
 
 def _write_copies(rt: KVRuntime, tier: Tier, kv: LayerKV, rows: np.ndarray, blocks: np.ndarray, slots: list[int],
-                  k: torch.Tensor, v: torch.Tensor, home: bool = False) -> None:
-    """Entries (rows[i], blocks[i]) get ``slots[i]`` of a memory tier holding k[i], v[i] ``[bs, D]``."""
+                  k: torch.Tensor, v: torch.Tensor, home: bool = False, owned: bool = False) -> None:
+    """Entries (rows[i], blocks[i]) get ``slots[i]`` of a memory tier holding k[i], v[i] ``[bs, D]``
+    (owned: nothing writes k and v again; to a GPU they are then copied from where they are)."""
     if not len(slots):
         return
     pool = rt.pool(tier, kv)
-    index = torch.tensor(slots, device=pool.device)
-    pool.k.index_copy_(0, index, k.to(pool.device))
-    pool.v.index_copy_(0, index, v.to(pool.device))
+    index = to_device(torch.tensor(slots), pool.device, owned=True)
+    pool.k.index_copy_(0, index, to_device(k, pool.device, owned))
+    pool.v.index_copy_(0, index, to_device(v, pool.device, owned))
     target = kv.dev if tier == Tier.DEVICE else kv.host
     target[rows, blocks] = slots
     if home:
@@ -752,8 +761,9 @@ def _admit(rt: KVRuntime, kv: LayerKV, plan: Plan, tier: Tier, flat: np.ndarray,
         t0 = time.perf_counter()
         src = rt.pool(Tier.HOST, kv)
         index = torch.from_numpy(kv.host[r[~from_disk], b[~from_disk]])
+        dest = rt.pool(tier, kv).device
         _write_copies(rt, tier, kv, r[~from_disk], b[~from_disk], slots[~from_disk].tolist(),
-                      src.k.index_select(0, index), src.v.index_select(0, index))
+                      gathered(src.k, index, dest), gathered(src.v, index, dest), owned=True)
         _copied_up(rt, kv, t0, int((~from_disk).sum()) * src.slot_bytes)
     if from_disk.any():               # the slots are reserved now and linked to their entries once filled
         plan.fills.append((tier, r[from_disk], b[from_disk], slots[from_disk]))

@@ -20,6 +20,7 @@ import torch
 
 from . import placement
 from .block_attention import StepMask, attend, attend_gathered, attend_part, empty_partial, gather_part, to_bias
+from .device_copies import HostCopy, to_device, to_host
 from .disk import outcome, raise_kept
 from .kv_runtime import CPU_WORKER_PREFIX, KVRuntime, Session
 from .layer_kv import LayerKV, TierPart, tier_part
@@ -416,14 +417,14 @@ def start_host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepM
     where there is nothing to attend on the CPU."""
     if plan.fetch or plan.fresh_only or (plan.part(Tier.HOST) is None and not plan.disk_reads):
         return                                    # nothing on the CPU
-    q_host = q.cpu()        # blocking: a non_blocking copy could still be in flight when the kernel reads it
-    mask = _on(step, "cpu")
-    if rt.async_cpu or (rt.async_cpu is None and q.device.type != "cpu"):
-        plan.host_part = rt.submit_cpu(_timed_host_attention, rt, plan, q_host, mask, scale)
-    else:                   # copies: the graph may reuse its buffers once this op has returned
-        bias = None if mask.bias is None else mask.bias.clone()
-        plan.host_part = functools.partial(host_attention, rt, plan, q_host.clone(),
-                                           dataclasses.replace(mask, bias=bias), scale)
+    # q and the mask go to the host without waiting (from a GPU); the CPU part waits for them alone.
+    # Inline, it runs after this op has returned and the graph may have reused their memory: copies
+    worker = rt.async_cpu or (rt.async_cpu is None and q.device.type != "cpu")
+    q_host, bias = to_host(q, own=not worker), to_host(step.bias, own=not worker)
+    if worker:
+        plan.host_part = rt.submit_cpu(_timed_host_attention, rt, plan, q_host, step, bias, scale)
+    else:
+        plan.host_part = functools.partial(_host_attention_of, rt, plan, q_host, step, bias, scale)
 
 
 def host_part_deferred(plan: Plan) -> bool:
@@ -439,13 +440,21 @@ def finish_host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor):
         return None
     plan.host_part = None
     out, lse = outcome(part) if isinstance(part, Future) else part()
-    return out.to(q.device), lse.to(q.device)
+    return to_device(out, q.device), to_device(lse, q.device)
 
 
-def _timed_host_attention(rt: KVRuntime, plan: Plan, q: torch.Tensor, step: StepMask, scale: float):
+def _host_attention_of(rt: KVRuntime, plan: Plan, q: HostCopy, step: StepMask, bias: Optional[HostCopy],
+                       scale: float):
+    """``host_attention`` once q and the mask's bias have reached the host."""
+    return host_attention(rt, plan, q.get(), dataclasses.replace(step, bias=None if bias is None else bias.get()),
+                          scale)
+
+
+def _timed_host_attention(rt: KVRuntime, plan: Plan, q: HostCopy, step: StepMask, bias: Optional[HostCopy],
+                          scale: float):
     t0 = time.perf_counter()
     try:
-        return host_attention(rt, plan, q, step, scale)
+        return _host_attention_of(rt, plan, q, step, bias, scale)
     finally:
         t1 = time.perf_counter()
         rt.add_seconds("cpu_attention", t1 - t0, background=True)
@@ -581,7 +590,3 @@ def read_window(rt: KVRuntime, kv: LayerKV, start: int, end: int) -> tuple[torch
         return tuple(t.reshape(kv.rows, -1, d)[:, offset:offset + end - start].reshape(shape)
                      for t in (k_out, v_out))
 
-
-def _on(step: StepMask, device: str) -> StepMask:
-    bias = None if step.bias is None else step.bias.to(device)
-    return dataclasses.replace(step, bias=bias)

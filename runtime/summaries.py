@@ -24,6 +24,7 @@ from ..kernels.block_scores import (
     qkeys_log_mass_triton,
     qkeys_top_blocks,
 )
+from .device_copies import to_device
 
 _PER_BYTE = 8 // CODE_BITS
 
@@ -92,7 +93,7 @@ class BlockSummaries:
             self.length = position + 1
             return
         idx = (torch.arange(position, position + n, device=self.device) // bs)
-        self._reserve(int(idx[-1]) + 1)
+        self._reserve((position + n - 1) // bs + 1)           # from the host's numbers: no read of idx
         index = idx.view(1, n, 1).expand(self.rows, n, self.head_dim)
         kf = k.to(self.device, torch.float32)
         self.kmin.scatter_reduce_(1, index, kf, "amin")
@@ -157,7 +158,7 @@ class BlockSummaries:
         # which blocks are quantized, decided on the host (the runtime's ids are CPU tensors):
         # on a GPU a device-side mask would cost a sync per layer and step to read back
         ids_host = ids if ids.device.type == "cpu" else ids.cpu()
-        ids = ids.to(self.device)
+        ids = to_device(ids, self.device)
         if kind == "mean":
             mean = self.ksum[:, ids] / counts.to(self.device).clamp_min(1).view(1, -1, 1)
             return torch.bmm(qf, mean.transpose(1, 2)) * scale + log_count
@@ -177,8 +178,8 @@ class BlockSummaries:
             if n_done < ids.numel():                                   # min/max bound for the open block
                 out[:, :, n_done:] = self._bound(qf, ids[n_done:], log_count[n_done:], scale)
             return out
-        at = done.nonzero().squeeze(1).to(self.device)
-        rest = (~done).nonzero().squeeze(1).to(self.device)
+        at = to_device(done.nonzero().squeeze(1), self.device)
+        rest = to_device((~done).nonzero().squeeze(1), self.device)
         out[:, :, at] = score(self.codes, self.kmin, self.kmax, qf, ids[at], scale)     # [rows, R, n]
         out[:, :, rest] = self._bound(qf, ids[rest], log_count[rest], scale)
         return out
@@ -212,7 +213,7 @@ class BlockSummaries:
 
     def _query_rows(self, q: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``query_rows(q)`` and the log of each block's token count (at least 1) ``[nb]``."""
-        return self.query_rows(q), counts.to(self.device, torch.float32).clamp_min(1).log()
+        return self.query_rows(q), to_device(counts, self.device).to(torch.float32).clamp_min(1).log()
 
     def _bound(self, qf: torch.Tensor, ids: torch.Tensor, log_count: torch.Tensor, scale: float) -> torch.Tensor:
         """Quest's bound ``scale * sum_c max(q_c min_c, q_c max_c) + log(count)``: ``[rows, R, n]``."""
