@@ -109,25 +109,6 @@ class SyncCounter:
         self.steps.append(sum(self.sites.values()) - before)
 
 
-def build_model(name: str, layers: Optional[int], dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM
-    from kvdrive_compile import models
-
-    config = models.random_config(name)
-    if layers:
-        config.num_hidden_layers = layers
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model.eval()
-
-
-def kv_bytes(model, tokens: int, dtype: torch.dtype) -> int:
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * tokens * torch.finfo(dtype).bits // 8
-
-
 @torch.no_grad()
 def decode(model, ids: torch.Tensor, steps: int, counter: Optional[SyncCounter] = None):
     """Greedy decoding: (tokens [B, steps + 1], each step's smallest gap between the top two
@@ -184,16 +165,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 3
     import kvdrive_compile
     from tabulate import tabulate
+    from kvdrive_compile import models
+    from kvdrive_compile.bench.presets import kv_bytes
     from kvdrive_compile.runtime import trace
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.model, args.layers, dtype, device)
+    model = models.random_model(args.model, dtype, device, layers=args.layers or None)
     layers = model.config.num_hidden_layers
     torch.manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.context), device=device)
-    kv = kv_bytes(model, args.context * args.batch, dtype)
+    kv = kv_bytes(model.config, args.context, args.batch, dtype)
     tiers = {"device_memory": max(1 << 20, kv // 4), "host_memory": max(1 << 20, kv // 2)}
     trace_file = str(out / "steps.json")
     systems = {

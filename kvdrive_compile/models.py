@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -143,8 +144,9 @@ RANDOM_MODELS = {m.name: m for m in (
 )}
 
 
-def random_config(name: str):
-    """The transformers config (``LlamaConfig`` / ``Qwen3Config``) of a random model by name."""
+def random_config(name: str, layers: Optional[int] = None):
+    """The transformers config (``LlamaConfig`` / ``Qwen3Config``) of a random model by name;
+    layers: keep only the first so many (None: the published count)."""
     from transformers import LlamaConfig, Qwen3Config
 
     if name not in RANDOM_MODELS:
@@ -152,19 +154,19 @@ def random_config(name: str):
     s = RANDOM_MODELS[name]
     config_class = {"llama": LlamaConfig, "qwen3": Qwen3Config}[s.family]
     return config_class(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
-                        num_hidden_layers=s.layers, num_attention_heads=s.q_heads, num_key_value_heads=s.kv_heads,
+                        num_hidden_layers=layers or s.layers, num_attention_heads=s.q_heads, num_key_value_heads=s.kv_heads,
                         head_dim=s.head_dim, max_position_embeddings=s.max_positions, rms_norm_eps=s.rms_norm_eps,
                         rope_parameters=dict(s.rope), tie_word_embeddings=False)
 
 
 def random_model(name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 seed: int = 0, attn_implementation: str = "sdpa"):
+                 seed: int = 0, attn_implementation: str = "sdpa", layers: Optional[int] = None):
     """A random-weight model by name, in eval mode, its weights created on ``device`` in
     ``dtype`` (an 8B model never passes through host memory: 16 GB in bf16). Seeded: the same
-    name and seed give the same weights on the same device."""
+    name and seed give the same weights on the same device. layers: ``random_config``'s."""
     from transformers import AutoModelForCausalLM
 
-    config = random_config(name)
+    config = random_config(name, layers)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)

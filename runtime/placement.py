@@ -496,7 +496,7 @@ def _write_copies(rt: KVRuntime, tier: Tier, kv: LayerKV, rows: np.ndarray, bloc
     if not len(slots):
         return
     pool = rt.pool(tier, kv)
-    index = to_device(torch.tensor(slots), pool.device, owned=True)
+    index = to_device(torch.tensor(slots), pool.device)
     pool.k.index_copy_(0, index, to_device(k, pool.device, owned))
     pool.v.index_copy_(0, index, to_device(v, pool.device, owned))
     target = kv.dev if tier == Tier.DEVICE else kv.host
