@@ -122,6 +122,10 @@ class KVRuntime:
         load_kernels_in_background()
         self._io_lock = threading.Lock()
         self.lock = threading.RLock()
+        # notified (under the lock) whenever device room may have come free: a step's plan
+        # unpinned its blocks, a session was released. A step short of room waits on it, which
+        # lets go of the lock: the other thread's step can then reach its merge
+        self.room = threading.Condition(self.lock)
         self._ids = itertools.count(1)
         self.disk_bypass = ""                               # how the last disk file avoids the page cache
         self.host_homes = 0                                 # host slots holding homes (the rest: copies)
@@ -266,6 +270,7 @@ class KVRuntime:
             session.plans.clear()
             session.closed = True
             del self.sessions[session_id]
+            self.room.notify_all()
             # an empty pool gives its reserved bytes back: a tier's budget is shared by the pools
             # of every shape, and the next model may have another head_dim or dtype
             for key, pool in list(self.pools.items()):

@@ -30,7 +30,6 @@ tested on hand-made selection sequences; the functions below it do the moves it 
 """
 from __future__ import annotations
 
-import gc
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import torch
 from .device_copies import gathered, to_device
 from .layer_kv import NONE, Fresh, LayerKV
 from .selection import SelectionPolicy, block_scores, scored
+from .standins import collect_garbage
 from .tiers import BlockPool, Tier, slot_bytes
 
 if TYPE_CHECKING:
@@ -507,32 +507,56 @@ def _write_copies(rt: KVRuntime, tier: Tier, kv: LayerKV, rows: np.ndarray, bloc
     kv.changed()
 
 
-_COLLECTION_WAITS = (0.0, 0.002, 0.02, 0.1)       # seconds, before each collection of a short step
+ROOM_WAIT_SECONDS = 10.0      # longest a step waits for room another generation will give back
 
 
 def _device_slots(rt: KVRuntime, kv: LayerKV, n: int, required: Optional[int] = None) -> list[int]:
     """``n`` device slots, at least ``required`` (default all) of them: making room by
-    dropping unpinned copies where the budget is full; a clear error if it cannot."""
+    dropping unpinned copies where the budget is full; a clear error if it cannot.
+
+    Room that other generations sharing the runtime hold but will give back is waited for: the
+    blocks another thread's step reads (pinned until its merge: waiting lets go of the lock, so
+    that step can reach it), and the KV of a dropped generation whose cache is garbage not yet
+    collected (one full collection, after any other thread's under way). Called where the
+    caller's own step holds no plan (placing new blocks, before selecting), so two threads
+    never wait for each other."""
     required = n if required is None else required
     slots = rt.alloc_upto(Tier.DEVICE, kv, n)
     if len(slots) >= required or rt.device_home:
         return slots
-    _drop_copies(rt, kv, required - len(slots))
-    slots += rt.alloc_upto(Tier.DEVICE, kv, n - len(slots), reclaim=True)
-    # generations whose cache is garbage not yet collected; another thread's collection may be
-    # under way (then gc.collect() returns at once): give it a moment before giving up
-    for wait in _COLLECTION_WAITS:
-        if len(slots) >= required:
-            break
-        time.sleep(wait)
-        gc.collect()
-        rt.sweep()
+    deadline, collected = time.monotonic() + ROOM_WAIT_SECONDS, False
+    while True:
         _drop_copies(rt, kv, required - len(slots))
         slots += rt.alloc_upto(Tier.DEVICE, kv, n - len(slots), reclaim=True)
+        left = deadline - time.monotonic()
+        if len(slots) >= required or left <= 0:
+            break
+        if _held_by_plans(rt, kv) >= required - len(slots):
+            rt.room.wait(min(left, 0.1))          # another thread's step: until a plan unpins
+        elif not collected:
+            collect_garbage(left)
+            rt.sweep()
+            collected = True
+        else:
+            break
     if len(slots) < required:
         rt.pool(Tier.DEVICE, kv).release(slots)
         raise _budget_error(rt, kv)
     return slots
+
+
+def _held_by_plans(rt: KVRuntime, kv: LayerKV) -> int:
+    """Device slots of ``kv``'s size that other generations' live plans pin beyond the blocks
+    those always keep there: the room their merges give back."""
+    held = 0
+    for session in rt.sessions.values():
+        if session.id == kv.session_id or not session.plans:
+            continue
+        for layer in session.layers.values():
+            nb = layer.num_blocks
+            pinned = (layer.dev[:, :nb] >= 0) & (layer.pins[:, :nb] > 0) & ~layer.pinned_blocks()[None, :]
+            held += int(pinned.sum()) * slot_bytes(rt.block_size, layer.head_dim, layer.dtype)
+    return held // slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
 
 
 def _budget_error(rt: KVRuntime, kv: LayerKV) -> KVBudgetError:

@@ -336,6 +336,7 @@ def unpin(rt: KVRuntime, plan: Plan) -> None:
         for tier, _, _, slots in plan.fills:         # a read that never landed: give the slots back
             rt.pool(tier, kv).release(slots.tolist())
         plan.fills = []
+        rt.room.notify_all()
 
 
 def prefetch_ahead(rt: KVRuntime, session: Session, layer: int) -> None:

@@ -17,7 +17,9 @@ it (nor a view of one, like a sliding window's slice) is alive any more.
 from __future__ import annotations
 
 import collections
+import gc
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -36,6 +38,32 @@ def _other_refs(t: torch.Tensor) -> int:
     """How many tensors besides ``t`` share its storage."""
     storage = t.untyped_storage()
     return torch._C._storage_Use_Count(storage._cdata) - 2        # - t itself - this wrapper
+
+
+# threads with a garbage collection under way (gc.callbacks: "start" ... "stop")
+_collecting: dict[int, bool] = {}
+
+
+def _collection_phase(phase: str, info: dict) -> None:
+    if phase == "start":
+        _collecting[threading.get_ident()] = True
+    else:
+        _collecting.pop(threading.get_ident(), None)
+
+
+gc.callbacks.append(_collection_phase)
+
+
+def collect_garbage(timeout: float) -> None:
+    """A full garbage collection in this thread, so that the finalizers of every dropped
+    generation's stand-ins have run when it returns. Python runs one collection at a time, and
+    ``gc.collect()`` returns at once while another thread's is under way (its finalizers may
+    not have run yet): that one is waited for first, up to ``timeout`` seconds."""
+    me = threading.get_ident()
+    deadline = time.monotonic() + timeout
+    while any(t != me for t in list(_collecting)) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    gc.collect()
 
 
 class StandInReadError(RuntimeError):

@@ -1,6 +1,7 @@
 """The cache policy (runtime/placement.py) on hand-made selection sequences, and the runtime's
 tiers under it: what is cached after each step is exactly what the policy says, budgets hold,
 a block reads the same wherever it lies, and placement never changes the answer."""
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -359,6 +360,106 @@ def test_a_generation_short_of_room_names_the_others_and_how_to_free_them():
         site_step.select(rt, second, 0, 0, 40, torch.randn(1, 4, 40, 16), POLICY, 0.25)
     rt.release(first.id)
     site_step.select(rt, second, 0, 0, 40, torch.randn(1, 4, 40, 16), POLICY, 0.25)
+    rt.close()
+
+
+def test_a_step_short_of_room_waits_for_another_threads_step_to_give_its_blocks_back():
+    """Two generations share a device budget. While one thread's step reads its blocks (pinned
+    from its plan to its merge), the other thread's step needs room only those blocks hold: it
+    waits, letting go of the lock so the first step can merge, and then takes the room (it
+    used to sleep holding the lock and fail with a KVBudgetError)."""
+    import threading
+
+    torch.manual_seed(0)
+    slot = 2 * 16 * 16 * 4
+    rt = KVRuntime(block_size=16, device_memory=15 * slot, host_memory=None)
+    k = torch.randn(1, 2, 96, 16)                     # 6 blocks x 2 rows, every one on the device
+    first = rt.open_session(sites=1)
+    kv = rt.layer(first, 0, k, False)
+    placement.append(rt, kv, k, k)
+    exact = SelectionPolicy(token_budget=None, sink_tokens=16, local_window=16, dense_layers=0)
+    site_step.end_plan(rt, first, site_step.select(rt, first, 0, 0, 96, torch.randn(1, 4, 96, 16), exact, 0.25))
+    assert int((kv.dev[:, :kv.num_blocks] >= 0).sum()) == 12
+    placement.append(rt, kv, k[:, :, :1], k[:, :, :1])
+    # a decode step of the first generation: its plan pins the 12 it reads (one of them the open
+    # block) until its merge
+    pid = site_step.select(rt, first, 0, 96, 1, torch.randn(1, 4, 1, 16), exact, 0.25)
+    second = rt.open_session(sites=1)
+    kv2 = rt.layer(second, 0, k, False)
+    assert placement._held_by_plans(rt, kv2) > 0
+    placement.append(rt, kv2, k[:, :, :40], k[:, :, :40])
+    errors, done = [], threading.Event()
+
+    def other_thread():                             # needs 3 pinned blocks x 2 rows: more than is free
+        try:
+            site_step.select(rt, second, 0, 0, 40, torch.randn(1, 4, 40, 16), exact, 0.25)
+        except BaseException as e:                  # pragma: no cover - reported below
+            errors.append(e)
+        done.set()
+    t = threading.Thread(target=other_thread)
+    t.start()
+    time.sleep(0.3)
+    assert not done.is_set(), errors                # waiting for the first step, not failing
+    site_step.end_plan(rt, first, pid)              # the first step merges: its blocks may move
+    t.join(10)
+    assert done.is_set() and not errors, errors
+    assert rt.budgets[Tier.DEVICE].peak <= 15 * slot
+    assert (kv2.dev[:, :kv2.num_blocks][:, kv2.pinned_blocks()] >= 0).all()
+    rt.close()
+
+
+def test_a_step_short_of_room_waits_for_another_threads_garbage_collection():
+    """A dropped generation's KV comes free when its cache is collected. Where another thread's
+    collection is under way (gc.collect() then returns at once, and the dropped stand-ins'
+    finalizers run in that thread), a step short of room waits for it to end, then collects
+    and takes the room (it used to give up after ~0.1 s)."""
+    import gc
+    import threading
+
+    from kvdrive_compile.runtime.standins import StandInKey
+
+    torch.manual_seed(0)
+    slot = 2 * 16 * 16 * 4
+    rt = KVRuntime(block_size=16, device_memory=6 * slot, host_memory=None)     # one generation's pinned blocks
+    k = torch.randn(1, 2, 40, 16)
+    dropped = rt.open_session(sites=1)
+    kv = rt.layer(dropped, 0, k, False)
+    placement.append(rt, kv, k, k)
+    site_step.end_plan(rt, dropped, site_step.select(rt, dropped, 0, 0, 40, torch.randn(1, 4, 40, 16), POLICY, 0.25))
+    cycle = [rt.standins.make(StandInKey(dropped.id, 0, "k"), k, 40, 0)]
+    cycle.append(cycle)                             # its cache: garbage only a collection frees
+    del cycle
+    second = rt.open_session(sites=1)
+    kv2 = rt.layer(second, 0, k, False)
+    placement.append(rt, kv2, k, k)
+    started, release = threading.Event(), threading.Event()
+    holder = [None]                                 # the other thread's id
+
+    def slow_start(phase, info):                    # the other thread's collection takes a while
+        if phase == "start" and threading.get_ident() == holder[0]:
+            started.set()
+            release.wait(5)
+
+    def other_thread():
+        holder[0] = threading.get_ident()
+        gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()                                     # no collection but the other thread's
+    gc.callbacks.append(slow_start)
+    try:
+        t = threading.Thread(target=other_thread)
+        t.start()
+        assert started.wait(5)
+        threading.Timer(0.3, release.set).start()     # its collection ends after 0.3 s
+        site_step.select(rt, second, 0, 0, 40, torch.randn(1, 4, 40, 16), POLICY, 0.25)
+        t.join(10)
+    finally:
+        gc.callbacks.remove(slow_start)
+        release.set()
+        if enabled:
+            gc.enable()
+    assert dropped.id not in rt.sessions
+    assert (kv2.dev[:, :kv2.num_blocks][:, kv2.pinned_blocks()] >= 0).all()
     rt.close()
 
 
