@@ -546,11 +546,15 @@ def _device_slots(rt: KVRuntime, kv: LayerKV, n: int, required: Optional[int] = 
 
 
 def _held_by_plans(rt: KVRuntime, kv: LayerKV) -> int:
-    """Device slots of ``kv``'s size that other generations' live plans pin beyond the blocks
-    those always keep there: the room their merges give back."""
+    """Device slots of ``kv``'s size that other generations' steps running in other threads pin
+    beyond the blocks those always keep there: the room their merges give back. (A plan of a
+    step that was interrupted, or of a thread that ended, is never merged: its generation keeps
+    the room until it is released.)"""
+    me = threading.current_thread()
     held = 0
     for session in rt.sessions.values():
-        if session.id == kv.session_id or not session.plans:
+        if session.id == kv.session_id or not any(p.thread is not me and p.thread.is_alive()
+                                                  for p in session.plans.values()):
             continue
         for layer in session.layers.values():
             nb = layer.num_blocks

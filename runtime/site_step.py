@@ -64,6 +64,8 @@ class Plan:
     pinned: tuple = ()                     # (rows, blocks) of device/host entries held in place until the merge
     fills: list = field(default_factory=list)   # admitted disk blocks: (tier, rows, blocks, slots), filled when read
     staged: Optional[tuple] = None         # the disk read once landed: k, v and its TierPart
+    # the thread whose step made the plan (another thread short of device room waits for its merge)
+    thread: threading.Thread = field(default_factory=threading.current_thread)
 
     @property
     def tokens_attended(self) -> int:

@@ -386,7 +386,11 @@ def test_a_step_short_of_room_waits_for_another_threads_step_to_give_its_blocks_
     pid = site_step.select(rt, first, 0, 96, 1, torch.randn(1, 4, 1, 16), exact, 0.25)
     second = rt.open_session(sites=1)
     kv2 = rt.layer(second, 0, k, False)
-    assert placement._held_by_plans(rt, kv2) > 0
+    seen = []                                       # from another thread: room the first step gives back
+    probe = threading.Thread(target=lambda: seen.append(placement._held_by_plans(rt, kv2)))
+    probe.start()
+    probe.join(10)
+    assert seen[0] >= 6
     placement.append(rt, kv2, k[:, :, :40], k[:, :, :40])
     errors, done = [], threading.Event()
 
@@ -405,6 +409,33 @@ def test_a_step_short_of_room_waits_for_another_threads_step_to_give_its_blocks_
     assert done.is_set() and not errors, errors
     assert rt.budgets[Tier.DEVICE].peak <= 15 * slot
     assert (kv2.dev[:, :kv2.num_blocks][:, kv2.pinned_blocks()] >= 0).all()
+    rt.close()
+
+
+def test_a_plan_no_thread_will_merge_is_not_waited_for():
+    """A plan of this thread's own interrupted step (an error between select and merge, its
+    cache kept) is never merged: a step short of the room it pins fails at once with the budget
+    error instead of waiting for it."""
+    torch.manual_seed(0)
+    slot = 2 * 16 * 16 * 4
+    rt = KVRuntime(block_size=16, device_memory=15 * slot, host_memory=None)
+    k = torch.randn(1, 2, 96, 16)
+    first = rt.open_session(sites=1)
+    kv = rt.layer(first, 0, k, False)
+    placement.append(rt, kv, k, k)
+    exact = SelectionPolicy(token_budget=None, sink_tokens=16, local_window=16, dense_layers=0)
+    site_step.end_plan(rt, first, site_step.select(rt, first, 0, 0, 96, torch.randn(1, 4, 96, 16), exact, 0.25))
+    placement.append(rt, kv, k[:, :, :1], k[:, :, :1])
+    site_step.select(rt, first, 0, 96, 1, torch.randn(1, 4, 1, 16), exact, 0.25)      # never merged
+    second = rt.open_session(sites=1)
+    kv2 = rt.layer(second, 0, k, False)
+    placement.append(rt, kv2, k[:, :, :40], k[:, :, :40])
+
+    def waited(timeout=None):
+        raise AssertionError("waited for a plan no thread will merge")
+    rt.room.wait = waited
+    with pytest.raises(KVBudgetError, match="1 other generation"):
+        site_step.select(rt, second, 0, 0, 40, torch.randn(1, 4, 40, 16), exact, 0.25)
     rt.close()
 
 
