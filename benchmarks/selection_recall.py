@@ -20,7 +20,12 @@ too, over the default scorer ("qkeys+max"):
 - ``share``: layers pair up after the dense ones (2-3, 4-5, ...); the second of a pair attends the
   blocks the first selected (IndexCache).
 
-Their rows also give ``ranked``: the share of (row, layer, step) rankings still done.
+- ``coarse@M``: two stages (score coarse before fine): Quest's per-block bound (``minmax+max``,
+  ~1/16 of the 2-bit keys' work) picks ``M`` times the budget's free blocks as candidates, and
+  ``qkeys+max`` ranks only those.
+
+Their rows also give ``ranked``: the share of (row, layer, step) rankings still done (for
+``coarse@M``: of the blocks the 2-bit keys score).
 """
 from __future__ import annotations
 
@@ -84,6 +89,19 @@ class Simulation:
         self.anchor[layer] = (qr, fresh, lens)
         return fresh
 
+    def coarse(self, query, summaries, nb: int, counts, scaling, forced, k: int) -> torch.Tensor:
+        """``coarse@M``: the 2-bit keys' scores of the ``M * k`` blocks with the best bounds
+        (forced blocks aside), -inf elsewhere."""
+        ids = torch.arange(nb)
+        bound = rank_blocks(summaries, query, ids, *SCORERS["minmax+max"], counts, scaling)
+        n_cand = min(int((~forced).sum()), int(float(self.scorer[len("coarse@"):]) * k + 0.5))
+        cand = bound.masked_fill(forced, float("-inf")).topk(n_cand, dim=1).indices
+        fine = rank_blocks(summaries, query, ids, *SCORERS[DEFAULT_SCORER], counts, scaling)
+        out = torch.full_like(fine, float("-inf"))
+        out.scatter_(1, cand, fine.gather(1, cand))
+        self.ranked[self.scorer].extend([n_cand / max(1, nb - int(forced.sum()))] * summaries.rows)
+        return out
+
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
         if query.shape[2] != 1 or self.scorer is None or module.layer_idx < self.dense_layers:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
@@ -116,6 +134,8 @@ class Simulation:
             else:
                 if self.scorer == "oracle":
                     scores = mass.amax(2).reshape(b * hkv, nb)
+                elif self.scorer.startswith("coarse@"):
+                    scores = self.coarse(query, summaries, nb, counts, scaling, forced, k)
                 else:
                     scores = self.scores(layer, query, summaries, nb, counts, scaling)
                 top = scores.masked_fill(forced, float("-inf")).topk(k, dim=1).indices
@@ -153,7 +173,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--scorers", nargs="+", default=["exact", "oracle", *SCORERS],
                         help=f"exact, oracle (true attention mass), summary+aggregation: {list(SCORERS)}, "
-                             "or a shortcut over qkeys+max: reuse@T (T: a cosine similarity), share")
+                             "or a shortcut over qkeys+max: reuse@T (T: a cosine similarity), share, coarse@M (M: candidates per "
+                             "free budget block)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

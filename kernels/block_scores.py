@@ -53,8 +53,8 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 
 
 @njit(nogil=True, cache=True, fastmath=True)
-def _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out, todo, first, last):
-    """Blocks ``first .. last - 1`` of the flattened (row of ``todo``, listed block) range, one block at a
+def _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out, todo, cols, first, last):
+    """Pairs ``first .. last - 1`` of the flattened (row ``todo[i]``, block ``cols[i, j]``) range, one block at a
     time: decode its codes once into ``codes [bs, Dp]`` (channels in the order 0, 4, 8, .., 1,
     5, .., which decodes with unit strides; q is put in that order once per row and the block's
     step once per block), score every (query row, token) pair with four tokens per pass over
@@ -64,7 +64,7 @@ def _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out,
     wide_vectors()
     nrows_q, d = q.shape[1], q.shape[2]
     bs, d4 = packed.shape[2], packed.shape[3]
-    n = ids.shape[0]
+    m = cols.shape[1]
     dp = 4 * d4
     w = np.zeros((nrows_q, dp), np.float32)                  # scale * q_c * step_c (0 on padding), codes' order
     base = np.zeros(nrows_q, np.float32)                     # scale * q . kmin
@@ -75,7 +75,7 @@ def _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out,
     bs4 = bs - bs % 4
     r_done = -1
     for item in range(first, last):
-        r, j = todo[item // n], item % n
+        r, j = todo[item // m], cols[item // m, item % m]
         if r != r_done:
             r_done = r
             for g in range(nrows_q):
@@ -131,16 +131,22 @@ def _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out,
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
-def _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, out, todo, chunks):
-    """Every (row of ``todo``, listed block) pair, cut into ``chunks`` equal contiguous ranges,
-    one per thread of numba's pool (``chunks``: its thread count, passed in so that the function
-    stays cacheable); a range may span rows, so a batch of one sequence with few KV heads still
-    splits evenly. todo: int64 row indices (the rows of ``out`` written)."""
-    total = todo.shape[0] * ids.shape[0]
+def _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, out, todo, cols, chunks):
+    """Every (row ``todo[i]``, block ``cols[i, j]``) pair, cut into ``chunks`` equal contiguous
+    ranges, one per thread of numba's pool (``chunks``: its thread count, passed in so that the
+    function stays cacheable); a range may span rows, so a batch of one sequence with few KV
+    heads still splits evenly. todo: int64 row indices (the rows of ``out`` written); cols:
+    int64 ``[len(todo), m]``, positions in ``ids`` (ascending per row: the blocks scored)."""
+    total = todo.shape[0] * cols.shape[1]
     chunks = max(1, min(chunks, total // _MIN_BLOCKS_PER_CHUNK))
     for c in prange(chunks):
-        _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out, todo,
+        _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out, todo, cols,
                        c * total // chunks, (c + 1) * total // chunks)
+
+
+def _every_block(rows: int, n: int) -> np.ndarray:
+    """``cols`` for ``_log_mass`` scoring every one of ``n`` blocks in ``rows`` rows."""
+    return np.ascontiguousarray(np.broadcast_to(np.arange(n, dtype=np.int64), (rows, n)))
 
 
 def qkeys_log_mass(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,
@@ -199,7 +205,7 @@ def _scores(packed, kmin, kmax, q, ids, quantized: np.ndarray, log_count: np.nda
     if ids.numel() and rows and nq:
         args = (packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
                 q.float().contiguous().numpy(), ids.long().contiguous().numpy(), quantized, log_count,
-                np.float32(scale), out.numpy(), np.arange(rows, dtype=np.int64))
+                np.float32(scale), out.numpy(), np.arange(rows, dtype=np.int64), _every_block(rows, ids.numel()))
         with parallel_launch():
             _log_mass(*args, get_num_threads())
     return out
@@ -255,18 +261,65 @@ def _top_row(scores, forced, bonus, k, chosen, keys):
             out += 1
 
 
+@njit(nogil=True, cache=True, fastmath=True)
+def _bound_row(kmin, kmax, q, ids, log_count, scale, r, out):
+    """Row ``r``'s Quest bound of every listed block, the max over its query rows:
+    ``scale * sum_c max(q_c kmin_c, q_c kmax_c) + log_count`` (``out [n]``), as
+    ``q+ . kmax + q- . kmin`` (q's positive and negative parts; kmin <= kmax): two FMAs per
+    channel, which vectorize."""
+    nq, d = q.shape[1], q.shape[2]
+    pos = np.empty((nq, d), np.float32)
+    neg = np.empty((nq, d), np.float32)
+    for g in range(nq):
+        for c in range(d):
+            pos[g, c] = max(q[r, g, c], np.float32(0.0))
+            neg[g, c] = min(q[r, g, c], np.float32(0.0))
+    for j in range(ids.shape[0]):
+        blk = ids[j]
+        best = np.float32(-np.inf)
+        for g in range(nq):
+            acc = np.float32(0.0)
+            for c in range(d):
+                acc += pos[g, c] * kmax[r, blk, c] + neg[g, c] * kmin[r, blk, c]
+            best = max(best, acc)
+        out[j] = best * scale + log_count[j]
+
+
 @njit(parallel=True, nogil=True, cache=True, fastmath=True)
-def _top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced, bonus, k, scores, chosen,
-                rank, chunks):
+def _candidates(kmin, kmax, q, ids, log_count, scale, forced, bonus, n_cand, todo):
+    """Per row of ``todo``: the positions of the ``forced`` blocks and of the ``n_cand`` others
+    with the best Quest bound (plus ``bonus``), ascending: ``[len(todo), forced.sum() + n_cand]``."""
+    n = ids.shape[0]
+    cols = np.empty((todo.shape[0], int(forced.sum()) + n_cand), np.int64)
+    for i in prange(todo.shape[0]):
+        bound = np.empty(n, np.float32)
+        _bound_row(kmin, kmax, q, ids, log_count, scale, todo[i], bound)
+        _top_row(bound, forced, bonus[todo[i]], n_cand, cols[i], np.empty(n, np.float32))
+    return cols
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def _top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced, bonus, k, n_cand, scores,
+                chosen, rank, chunks):
     """``_log_mass`` of the rows ``rank`` says (bool ``[rows]``) into a scratch ``[rows, R, n]``
     and their max over query rows into ``scores``, then ``_top_row`` per (sequence, KV head) on
     numba's threads: a layer's whole ranking in one call from Python. The other rows rank by
     the ``scores`` they come with. bonus: ``[rows, n]`` added to the scores for the ranking
-    only, or ``[rows, 0]``: none."""
+    only, or ``[rows, 0]``: none. n_cand > 0: two stages, only the forced blocks and the
+    ``n_cand`` others with the best Quest bound (plus bonus) are scored, the rest get -inf."""
     rows, nq, n = q.shape[0], q.shape[1], ids.shape[0]
     todo = np.flatnonzero(rank)
     per_query = np.empty((rows, nq, n), np.float32)
-    _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, per_query, todo, chunks)
+    if n_cand > 0:
+        cols = _candidates(kmin, kmax, q, ids, log_count, scale, forced, bonus, n_cand, todo)
+        for i in range(todo.shape[0]):
+            per_query[todo[i]] = -np.inf
+    else:
+        cols = np.empty((todo.shape[0], n), np.int64)
+        for i in range(todo.shape[0]):
+            for j in range(n):
+                cols[i, j] = j
+    _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, per_query, todo, cols, chunks)
     for r in prange(rows):
         if rank[r]:
             _row_max(per_query[r], scores[r])
@@ -276,7 +329,8 @@ def _top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced,
 def qkeys_top_blocks(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,
                      ids: torch.Tensor, quantized: torch.Tensor, log_count: torch.Tensor, scale: float,
                      forced: np.ndarray, k: int, bonus: Optional[np.ndarray] = None,
-                     kept: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     kept: Optional[tuple[np.ndarray, np.ndarray]] = None, candidates: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks a layer attends, ranked by ``qkeys_log_mass_or_bound`` aggregated by the max
     over each KV head's query rows, in one numba call (the CPU decode step's select stage).
 
@@ -288,7 +342,10 @@ def qkeys_top_blocks(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tenso
     int64 ``[rows, forced.sum() + k]``, the ids of the attended blocks in the order of ``ids``
     (ascending for the runtime's window), and
     ``scores``, fp32 ``[rows, n]``: what ``qkeys_log_mass_or_bound(...).amax(1)`` gives (the
-    given scores in kept rows).
+    given scores in kept rows). candidates: 0, every block is scored; else ranking runs in two
+    stages: Quest's bound (the ``minmax`` summary, max over query rows, plus bonus) picks that
+    many blocks besides the forced ones, and only those (and the forced) are scored by their
+    2-bit keys; the others' scores are -inf (ranked below every scored block).
     """
     rows, nq, d = q.shape
     n = ids.numel()
@@ -297,6 +354,9 @@ def qkeys_top_blocks(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tenso
     n_forced = int(forced.sum())
     if forced.shape != (n,) or not 0 <= k <= n - n_forced:
         raise ValueError(f"forced {forced.shape} and k={k} do not fit {n} blocks")
+    if candidates and not k <= candidates:
+        raise ValueError(f"{candidates} candidates cannot hold the k={k} blocks to choose")
+    candidates = 0 if candidates >= n - n_forced else int(candidates)      # all of them: one stage
     if nq == 0:
         raise ValueError("q has no query rows: there is nothing to rank the blocks by")
     _check_shapes(packed, kmin, kmax, q)
@@ -317,8 +377,8 @@ def qkeys_top_blocks(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tenso
         args = (packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
                 q.float().contiguous().numpy(), ids.long().contiguous().numpy(),
                 quantized.to(torch.bool).contiguous().numpy(), log_count.float().contiguous().numpy(),
-                np.float32(scale), forced, np.ascontiguousarray(bonus, np.float32), k, scores.numpy(), chosen.numpy(),
-                rank)
+                np.float32(scale), forced, np.ascontiguousarray(bonus, np.float32), k, candidates, scores.numpy(),
+                chosen.numpy(), rank)
         with parallel_launch():
             _top_blocks(*args, get_num_threads())
     return ids[chosen], scores

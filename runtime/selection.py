@@ -1,12 +1,14 @@
 """Which blocks a step attends, per (sequence, kv_head), within a token budget."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
+from .device_copies import to_device
 from .layer_kv import LayerKV
 from .tiers import Tier
 
@@ -58,6 +60,13 @@ class SelectionPolicy:
     since then lies in the local window (attended anyway); the step still takes its own sink,
     local window and reuse bonus. It saves the ranking's work in those rows and changes what is
     selected (benchmarks/RESULTS.md, "Ranking less often").
+    coarse_candidates: a number >= 1, or None (the default): score every block. With a value M,
+    ranking runs in two stages (coarse before fine): Quest's per-block bound (the ``minmax``
+    summary, max over the query rows, plus the reuse bonus) picks M times as many blocks as the
+    budget leaves to choose, and only those are scored by ``block_summary``; the others rank
+    below every scored block (score -inf, which the cache policy reads too). It saves the
+    2-bit keys' work on the CPU in proportion (on CUDA every block is still scored, one kernel,
+    and only the selection follows the option) and changes what is selected.
     """
 
     token_budget: Optional[Union[int, float]] = DEFAULT_TOKEN_BUDGET
@@ -70,6 +79,15 @@ class SelectionPolicy:
     attention: str = "split"
     reuse_bonus: float = DEFAULT_REUSE_BONUS
     rerank_similarity: Optional[float] = None
+    coarse_candidates: Optional[float] = None
+
+    def candidates(self, k: int, free: int) -> int:
+        """Blocks the coarse stage keeps when ``k`` of ``free`` are to be chosen: 0 (one
+        stage: every block scored) without the option or when it would keep them all."""
+        if self.coarse_candidates is None:
+            return 0
+        n = max(k, math.ceil(self.coarse_candidates * k))
+        return 0 if n >= free else n
 
     def budget_tokens(self, context: int) -> Optional[int]:
         b = self.token_budget
@@ -109,11 +127,25 @@ def window_blocks(kv: LayerKV, start: int, end: int) -> torch.Tensor:
 
 
 def block_scores(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, ids: torch.Tensor,
-                 scale: float = 1.0) -> torch.Tensor:
+                 scale: float = 1.0, coarse: Optional[tuple[torch.Tensor, Optional[np.ndarray], int]] = None
+                 ) -> torch.Tensor:
     """Each (sequence, kv_head)'s score of blocks ``ids`` ([nb] int64): fp32 ``[rows, nb]`` on
-    the CPU, the estimated log attention mass (``rank_blocks``) of q ``[B, Hq, Q, D]``."""
-    return rank_blocks(kv.summaries, q, ids, policy.block_summary, policy.score_aggregation,
-                       block_counts(kv, ids), scale).cpu()
+    the CPU, the estimated log attention mass (``rank_blocks``) of q ``[B, Hq, Q, D]``.
+    coarse: ``(forced, bonus, n)`` (``SelectionPolicy.coarse_candidates``): only the forced
+    blocks and the ``n`` others with the best Quest bound (plus bonus) keep their scores, the
+    others get -inf, as the CPU kernel's two stages give (n = 0: every block keeps its own)."""
+    counts = block_counts(kv, ids)
+    scores = rank_blocks(kv.summaries, q, ids, policy.block_summary, policy.score_aggregation, counts, scale)
+    if coarse is not None and coarse[2]:
+        forced, bonus, n = coarse
+        bound = rank_blocks(kv.summaries, q, ids, "minmax", "max", counts, scale)      # on the summaries' device
+        if bonus is not None:
+            bound = bound + to_device(torch.from_numpy(bonus), bound.device)
+        forced = to_device(forced, bound.device)
+        keep = forced.expand_as(bound).clone()
+        keep.scatter_(1, bound.masked_fill(forced, float("-inf")).topk(n, dim=1).indices, True)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores.cpu()
 
 
 def block_counts(kv: LayerKV, ids: torch.Tensor) -> torch.Tensor:
@@ -175,11 +207,12 @@ def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
         n_kept = 0 if kept is None else int(kept[0].sum())
         rankings["kept"] += n_kept
         rankings["scored"] += kv.rows - n_kept
+    n_cand = policy.candidates(k, nb - int(forced.sum()))
     if policy.block_summary == "qkeys" and policy.score_aggregation == "max" and kv.summaries.device.type == "cpu":
         selected, scores = kv.summaries.top_blocks(q, ids, block_counts(kv, ids), scale, forced.numpy(), k, bonus,
-                                                   kept)                         # one numba call
+                                                   kept, n_cand)                 # one numba call
     else:
-        scores = block_scores(kv, policy, q, ids, scale)                          # [rows, nb]
+        scores = block_scores(kv, policy, q, ids, scale, (forced, bonus, n_cand))  # [rows, nb]
         if kept is not None:
             scores = torch.where(torch.from_numpy(kept[0])[:, None], torch.from_numpy(kept[1]), scores)
         keys = scores if bonus is None else scores + torch.from_numpy(bonus)

@@ -186,19 +186,21 @@ class BlockSummaries:
 
     def top_blocks(self, q: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, scale: float,
                    forced: np.ndarray, k: int, bonus: Optional[np.ndarray] = None,
-                   kept: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   kept: Optional[tuple[np.ndarray, np.ndarray]] = None, candidates: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``forced`` blocks (bool ``[nb]``) and the ``k`` others of ``ids`` with the best
         "qkeys" scores aggregated by the max over each KV head's query rows (plus ``bonus``
         ``[rows, nb]`` for the ranking, if given), in the order of
         ``ids`` ``[rows, forced.sum() + k]``, and those scores ``[rows, nb]``:
         ``scores(...).amax(1)`` and its top-k, in one numba call (rows ``kept`` marks rank by the
-        scores given with it, unscored: ``qkeys_top_blocks``). CPU summaries only (the device kernels rank on the
-        device, where ``scores`` and ``torch.topk`` serve)."""
+        scores given with it, unscored: ``qkeys_top_blocks``; candidates: its two stages). CPU
+        summaries only (the device kernels rank on the device, where ``scores`` and
+        ``torch.topk`` serve)."""
         if self.device.type != "cpu":
             raise ValueError(f"top_blocks ranks summaries held on the CPU; these are on {self.device}")
         qf, log_count = self._query_rows(q, counts)
         return qkeys_top_blocks(self.codes, self.kmin, self.kmax, qf, ids, self._quantized(ids), log_count, scale,
-                                forced, k, bonus, kept)
+                                forced, k, bonus, kept, candidates)
 
     def _quantized(self, ids: torch.Tensor) -> torch.Tensor:
         """Which of blocks ``ids`` (on the host) are complete, their keys coded: bool ``[nb]``."""

@@ -8,6 +8,7 @@ import torch
 from triton_compile import compile_for_h100
 
 from kvdrive_compile.kernels.block_scores import (
+    _every_block,
     _log_mass,
     _row_max,
     _top_row,
@@ -113,14 +114,25 @@ def test_qkeys_split_over_threads_matches_float64(chunks):
     quantized[7] = False
     log_count = torch.full((ids.numel(),), 2.0)
     out = torch.empty(3, 3, ids.numel())
+    n = ids.numel()
     _log_mass(packed.numpy(), kmin.numpy(), kmax.numpy(), q.numpy(), ids.numpy(), quantized.numpy(),
-              log_count.numpy(), np.float32(scale), out.numpy(), np.arange(3), chunks)
+              log_count.numpy(), np.float32(scale), out.numpy(), np.arange(3), _every_block(3, n), chunks)
     want = qkeys_log_mass_or_bound(packed, kmin, kmax, q, ids, quantized, log_count, scale)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     some = torch.full_like(out, 7.0)                   # only the rows listed are written
     _log_mass(packed.numpy(), kmin.numpy(), kmax.numpy(), q.numpy(), ids.numpy(), quantized.numpy(),
-              log_count.numpy(), np.float32(scale), some.numpy(), np.array([2, 0]), chunks)
+              log_count.numpy(), np.float32(scale), some.numpy(), np.array([2, 0]), _every_block(2, n), chunks)
     torch.testing.assert_close(some[[0, 2]], want[[0, 2]], rtol=0, atol=0)
+    assert (some[1] == 7.0).all()
+    listed = np.sort(np.stack([np.random.default_rng(r).choice(n, 40, replace=False) for r in range(2)]), axis=1)
+    some = torch.full_like(out, 7.0)                   # only the (row, block) pairs listed are written
+    _log_mass(packed.numpy(), kmin.numpy(), kmax.numpy(), q.numpy(), ids.numpy(), quantized.numpy(),
+              log_count.numpy(), np.float32(scale), some.numpy(), np.array([0, 2]), listed, chunks)
+    for i, r in enumerate((0, 2)):
+        written = torch.zeros(n, dtype=torch.bool)
+        written[torch.from_numpy(listed[i])] = True
+        torch.testing.assert_close(some[r][:, written], want[r][:, written], rtol=0, atol=0)
+        assert (some[r][:, ~written] == 7.0).all()
     assert (some[1] == 7.0).all()
     torch.testing.assert_close(out[:, :, quantized].double(), reference(codes, kmin, kmax, q, ids[quantized], scale),
                                rtol=1e-4, atol=1e-4)
@@ -237,6 +249,44 @@ def test_kept_rows_rank_by_their_given_scores(rows, nq, d, bs, cap):
         assert_forced_plus_top(chosen, ids, forced, top)
     with pytest.raises(ValueError, match="kept rows"):
         qkeys_top_blocks(*args, forced.numpy(), k, kept=(np.ones(rows - 1, bool), np.zeros((rows, n), np.float32)))
+
+
+@pytest.mark.parametrize("rows,nq,d,bs,cap", [(5, 3, 64, 16, 120), (12, 3, 64, 16, 300), (3, 2, 30, 8, 50)])
+def test_two_stage_ranking_scores_only_the_best_bounded_candidates(rows, nq, d, bs, cap):
+    """``candidates=n``: per row, Quest's bound (max over query rows, plus the bonus) picks the
+    forced blocks and n others; only those are scored by their 2-bit keys (the scores of the
+    one-stage kernel there, -inf elsewhere) and the top k of them (plus bonus) is chosen. Checked
+    against torch ops on fresh random data, with kept rows, and n >= every free block as one stage."""
+    g = torch.Generator().manual_seed(cap + 7)
+    args, fine, forced = ranking_case(rows, nq, d, bs, cap, cap + 3, g, tail=3)
+    packed, kmin, kmax, q, ids, quantized, log_count, scale = args
+    n = ids.numel()
+    free = n - int(forced.sum())
+    lo, hi = kmin[:, ids], kmax[:, ids]
+    bound = (torch.maximum(q[:, :, None] * lo[:, None], q[:, :, None] * hi[:, None]).sum(-1) * scale
+             + log_count).amax(1)                                                      # [rows, n]
+    for k, n_cand, bonus_size in ((1, 1, 0.0), (free // 5, 2 * (free // 5), 1.0), (free // 4, free // 2, 0.0),
+                                  (free // 3, free - 1, 2.0)):
+        bonus = (torch.rand(rows, n, generator=g) < 0.3).float() * bonus_size
+        cand = (bound + bonus).masked_fill(forced, float("-inf")).topk(n_cand, dim=1).indices
+        keep = forced.expand(rows, -1).clone()
+        keep.scatter_(1, cand, True)
+        want = fine.masked_fill(~keep, float("-inf"))
+        chosen, scores = qkeys_top_blocks(*args, forced.numpy(), k, bonus.numpy(), candidates=n_cand)
+        torch.testing.assert_close(scores, want, rtol=0, atol=0)
+        top = (want + bonus).masked_fill(forced, float("-inf")).topk(k, dim=1).indices
+        assert_forced_plus_top(chosen, ids, forced, top)
+        for r in range(rows):
+            assert set(top[r].tolist()) <= set(cand[r].tolist())
+    keep_rows = torch.rand(rows, generator=g) < 0.5                     # kept rows: neither stage runs
+    given = torch.randn(rows, n, generator=g)
+    chosen, scores = qkeys_top_blocks(*args, forced.numpy(), 2, kept=(keep_rows.numpy(), given.numpy()), candidates=4)
+    torch.testing.assert_close(scores[keep_rows], given[keep_rows], rtol=0, atol=0)
+    one_stage = qkeys_top_blocks(*args, forced.numpy(), 2)
+    every = qkeys_top_blocks(*args, forced.numpy(), 2, candidates=free)
+    assert torch.equal(every[0], one_stage[0]) and torch.equal(every[1], one_stage[1])
+    with pytest.raises(ValueError, match="candidates"):
+        qkeys_top_blocks(*args, forced.numpy(), 3, candidates=2)
 
 
 def test_top_row_ties_nan_and_infinities():

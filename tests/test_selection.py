@@ -304,3 +304,66 @@ def test_rerank_similarity_end_to_end():
     assert after["kept"] > before["kept"] and after["scored"] > before["scored"]
     ref, out = greedy_both(model, ids, 8, token_budget=None, rerank_similarity=0.5, device_memory="160KiB")
     assert torch.equal(ref, out)
+
+
+@pytest.mark.parametrize("summary", ["qkeys", "minmax"])          # the fused numba call and the torch path
+def test_coarse_candidates_rank_only_the_best_bounded_blocks(summary):
+    """``coarse_candidates=M``: per row, the forced blocks and the M * k others with the best Quest
+    bound (plus the reuse bonus) are the only ones scored; the selection is the forced blocks
+    plus the top k of those scores (plus bonus), the others' scores are -inf. The numba call and
+    the torch path give the same, on fresh random keys and tiers; a large M ranks as without it."""
+    from kvdrive_compile.runtime.selection import block_counts, rank_blocks, select_scored, window_blocks
+    nb, d, batch, hkv, g = 64, 16, 2, 2, 3
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(batch, hkv, nb * BS, d, generator=gen)
+    rt = KVRuntime(block_size=BS)
+    kv = rt.layer(rt.open_session(), 5, k, keeps_last=False)
+    placement.append(rt, kv, k, torch.randn_like(k))
+    tier = torch.randint(0, 3, (batch * hkv, nb), generator=gen).numpy()     # 0 device, 1 host, 2 disk
+    tier[:, [0, nb - 2, nb - 1]] = 0
+    kv.dev[:, :nb][tier != 0] = -1
+    kv.host[:, :nb][tier == 1] = 0
+    kv.home[:, :nb][tier == 2] = Tier.DISK
+    kv.changed()
+    q = torch.randn(batch, hkv * g, 1, d, generator=gen)
+    ids = window_blocks(kv, 0, kv.length)
+    bonus = torch.from_numpy(tier).float().mul(-0.5).add(1.0)                # reuse_bonus=1: 1, 0.5, 0 by tier
+    forced = torch.zeros(nb, dtype=torch.bool)
+    forced[[0, nb - 2, nb - 1]] = True
+    n_free = 12 - 3
+    for m in (1, 2.5, 100):
+        policy = SelectionPolicy(token_budget=12 * BS, block_summary=summary, sink_tokens=4, local_window=2 * BS,
+                                 reuse_bonus=1.0, coarse_candidates=m)
+        sel, scores = select_scored(kv, policy, q, 0, kv.length)
+        counts = block_counts(kv, ids)
+        fine = rank_blocks(kv.summaries, q, ids, summary, "max", counts, 1.0)
+        bound = rank_blocks(kv.summaries, q, ids, "minmax", "max", counts, 1.0) + bonus
+        n_cand = policy.candidates(n_free, nb - 3) or nb - 3           # 0: every free block
+        cand = bound.masked_fill(forced, float("-inf")).topk(n_cand, dim=1).indices
+        keep = forced.expand(batch * hkv, -1).clone()
+        keep.scatter_(1, cand, True)
+        want = fine.masked_fill(~keep, float("-inf"))
+        torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-5)
+        top = (want + bonus).masked_fill(forced, float("-inf")).topk(n_free, dim=1).indices
+        for r in range(batch * hkv):
+            assert set(sel[r].tolist()) == {0, nb - 2, nb - 1} | set(top[r].tolist())
+        if m == 100:                                                          # every block a candidate
+            plain = SelectionPolicy(token_budget=12 * BS, block_summary=summary, sink_tokens=4,
+                                    local_window=2 * BS, reuse_bonus=1.0)
+            assert torch.equal(sel, select_scored(kv, plain, q, 0, kv.length)[0])
+    rt.close()
+
+
+def test_coarse_candidates_end_to_end():
+    """A compiled model with the option runs within its budget; with no budget it is still
+    token-identical to eager; a value below 1 is refused."""
+    model = build("llama")
+    ids = torch.randint(3, 128, (2, 300), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    options = dict(token_budget=64, dense_layers=0, local_window=16, coarse_candidates=2,
+                   device_memory="160KiB", host_memory="64KiB")
+    _, out = greedy_both(model, ids, 10, **options)
+    assert out.shape[1] == 310
+    ref, out = greedy_both(model, ids, 8, token_budget=None, coarse_candidates=2, device_memory="160KiB")
+    assert torch.equal(ref, out)
+    with pytest.raises(ValueError, match="coarse_candidates"):
+        kvdrive_compile.options.parse_options({"coarse_candidates": 0.5})
