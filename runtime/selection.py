@@ -170,7 +170,8 @@ def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The blocks each (sequence, kv_head) attends this step, int64 ``[rows, n]`` ascending,
     and the scores of every block of the window (fp32 ``[rows, nb]``, CPU; None when the
-    blocks were not ranked).
+    blocks were not ranked; -inf for the blocks ``policy.coarse_candidates``'s first stage left
+    out).
 
     q: ``[B, Hq, Q, D]``; scale: the softmax scale (the scores are estimated log attention
     masses). Exact (every block of the window) when there is no budget, for the first
