@@ -42,7 +42,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvdrive_compile import models
 from kvdrive_compile.eval.tasks import make_sample, score
-from kvdrive_compile.runtime.selection import SCORERS, rank_blocks
+from kvdrive_compile.runtime.selection import SCORERS, SelectionPolicy, rank_blocks
 
 DEFAULT_SCORER = "qkeys+max"
 from kvdrive_compile.runtime.summaries import BlockSummaries
@@ -94,12 +94,13 @@ class Simulation:
         (forced blocks aside), -inf elsewhere."""
         ids = torch.arange(nb)
         bound = rank_blocks(summaries, query, ids, *SCORERS["minmax+max"], counts, scaling)
-        n_cand = min(int((~forced).sum()), int(float(self.scorer[len("coarse@"):]) * k + 0.5))
+        free = int((~forced).sum())
+        n_cand = SelectionPolicy(coarse_candidates=float(self.scorer[len("coarse@"):])).candidates(k, free) or free
         cand = bound.masked_fill(forced, float("-inf")).topk(n_cand, dim=1).indices
         fine = rank_blocks(summaries, query, ids, *SCORERS[DEFAULT_SCORER], counts, scaling)
         out = torch.full_like(fine, float("-inf"))
         out.scatter_(1, cand, fine.gather(1, cand))
-        self.ranked[self.scorer].extend([n_cand / max(1, nb - int(forced.sum()))] * summaries.rows)
+        self.ranked[self.scorer].extend([n_cand / max(1, free)] * summaries.rows)
         return out
 
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):

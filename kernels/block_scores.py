@@ -144,9 +144,14 @@ def _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, out, todo
                        c * total // chunks, (c + 1) * total // chunks)
 
 
-def _every_block(rows: int, n: int) -> np.ndarray:
+@njit(nogil=True, cache=True)
+def _every_block(rows, n):
     """``cols`` for ``_log_mass`` scoring every one of ``n`` blocks in ``rows`` rows."""
-    return np.ascontiguousarray(np.broadcast_to(np.arange(n, dtype=np.int64), (rows, n)))
+    cols = np.empty((rows, n), np.int64)
+    for i in range(rows):
+        for j in range(n):
+            cols[i, j] = j
+    return cols
 
 
 def qkeys_log_mass(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, q: torch.Tensor,
@@ -315,10 +320,7 @@ def _top_blocks(packed, kmin, kmax, q, ids, quantized, log_count, scale, forced,
         for i in range(todo.shape[0]):
             per_query[todo[i]] = -np.inf
     else:
-        cols = np.empty((todo.shape[0], n), np.int64)
-        for i in range(todo.shape[0]):
-            for j in range(n):
-                cols[i, j] = j
+        cols = _every_block(todo.shape[0], n)
     _log_mass(packed, kmin, kmax, q, ids, quantized, log_count, scale, per_query, todo, cols, chunks)
     for r in prange(rows):
         if rank[r]:

@@ -41,14 +41,14 @@ def _other_refs(t: torch.Tensor) -> int:
 
 
 # threads with a garbage collection under way (gc.callbacks: "start" ... "stop")
-_collecting: dict[int, bool] = {}
+_collecting: set[int] = set()
 
 
 def _collection_phase(phase: str, info: dict) -> None:
     if phase == "start":
-        _collecting[threading.get_ident()] = True
+        _collecting.add(threading.get_ident())
     else:
-        _collecting.pop(threading.get_ident(), None)
+        _collecting.discard(threading.get_ident())
 
 
 gc.callbacks.append(_collection_phase)
@@ -61,7 +61,7 @@ def collect_garbage(timeout: float) -> None:
     not have run yet): that one is waited for first, up to ``timeout`` seconds."""
     me = threading.get_ident()
     deadline = time.monotonic() + timeout
-    while any(t != me for t in list(_collecting)) and time.monotonic() < deadline:
+    while _collecting - {me} and time.monotonic() < deadline:
         time.sleep(0.001)
     gc.collect()
 

@@ -276,8 +276,6 @@ def test_two_stage_ranking_scores_only_the_best_bounded_candidates(rows, nq, d, 
         torch.testing.assert_close(scores, want, rtol=0, atol=0)
         top = (want + bonus).masked_fill(forced, float("-inf")).topk(k, dim=1).indices
         assert_forced_plus_top(chosen, ids, forced, top)
-        for r in range(rows):
-            assert set(top[r].tolist()) <= set(cand[r].tolist())
     keep_rows = torch.rand(rows, generator=g) < 0.5                     # kept rows: neither stage runs
     given = torch.randn(rows, n, generator=g)
     chosen, scores = qkeys_top_blocks(*args, forced.numpy(), 2, kept=(keep_rows.numpy(), given.numpy()), candidates=4)

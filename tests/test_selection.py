@@ -331,14 +331,13 @@ def test_coarse_candidates_rank_only_the_best_bounded_blocks(summary):
     forced = torch.zeros(nb, dtype=torch.bool)
     forced[[0, nb - 2, nb - 1]] = True
     n_free = 12 - 3
-    for m in (1, 2.5, 100):
+    for m, n_cand in ((1, n_free), (2.5, 23), (100, nb - 3)):             # ceil(M * k); every free block
         policy = SelectionPolicy(token_budget=12 * BS, block_summary=summary, sink_tokens=4, local_window=2 * BS,
                                  reuse_bonus=1.0, coarse_candidates=m)
         sel, scores = select_scored(kv, policy, q, 0, kv.length)
         counts = block_counts(kv, ids)
         fine = rank_blocks(kv.summaries, q, ids, summary, "max", counts, 1.0)
         bound = rank_blocks(kv.summaries, q, ids, "minmax", "max", counts, 1.0) + bonus
-        n_cand = policy.candidates(n_free, nb - 3) or nb - 3           # 0: every free block
         cand = bound.masked_fill(forced, float("-inf")).topk(n_cand, dim=1).indices
         keep = forced.expand(batch * hkv, -1).clone()
         keep.scatter_(1, cand, True)
