@@ -21,7 +21,7 @@ too, over the default scorer ("qkeys+max"):
   blocks the first selected (IndexCache).
 
 - ``coarse@M``: two stages (score coarse before fine): Quest's per-block bound (``minmax+max``,
-  ~1/16 of the 2-bit keys' work) picks ``M`` times the budget's free blocks as candidates, and
+  1/16 of the 2-bit keys' multiply-adds at block 16) picks ``M`` times the budget's free blocks as candidates, and
   ``qkeys+max`` ranks only those.
 
 Their rows also give ``ranked``: the share of (row, layer, step) rankings still done (for
