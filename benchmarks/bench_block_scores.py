@@ -65,7 +65,7 @@ def main() -> None:
                 fns[f"qkeys kernel ({precision}, {pps}/SM, {stages} stages)"] = (
                     lambda p=precision, a=pps, b=stages: qkeys_log_mass_triton(
                         s.codes, s.kmin, s.kmax, qr, ids_dev, d ** -0.5, precision=p, programs_per_sm=a, num_stages=b))
-        read = hkv * nb * (bs * s.codes.shape[-1] + 2 * d * 4)     # qkeys bytes read: codes, kmin, kmax
+        read = hkv * nb * (bs * s.codes.shape[-1] + 2 * d * 2)     # qkeys bytes read: codes, kmin, kmax (fp16)
         for kind, fn in fns.items():
             sec = timed(fn, device)
             rows.append({"context": n, "summary": kind, "ms per layer": sec * 1e3,

@@ -3,7 +3,12 @@
 
 Every key of a complete block is stored as 2-bit codes per channel within the block's own
 per-channel range ``[kmin, kmax]`` (4 codes per byte, channel ``4 * j + i`` in bits ``2i..2i+1``
-of byte ``j``). For each query row the score of a block is the log-sum-exp over its tokens of
+of byte ``j``); the range is kept in fp16, widened to the fp16 values just outside it
+(``round_range``: every key stays within its block's stored range, the codes are taken against
+it, and Quest's min/max bound stays a bound), which makes a block's summary 2 x D x 2 + bs x D / 4
+bytes to read (768 -> 512 at D 64, bs 16; the ranking is mostly reading them: a decode step ranks
+every layer's summaries, which do not stay in the CPU's caches from one step to the next).
+For each query row the score of a block is the log-sum-exp over its tokens of
 ``scale * q . k^`` with ``k^ = kmin + code * (kmax - kmin) / 3``: the block's estimated log
 attention mass. Computed as ``q . kmin + sum_c (q_c * step_c) * code_c``, so no dequantized key
 is ever materialized; one pass over the packed codes, which are read once for all query rows
@@ -23,14 +28,15 @@ import torch
 from numba import get_num_threads, njit, prange
 
 from .launch_utils import multiprocessors, next_pow2
-from .numba_math import exp_f32, parallel_launch, start_thread_pool, wide_vectors
+from .numba_math import exp_f32, f16_to_f32, parallel_launch, start_thread_pool, wide_vectors
 from .triton_launcher import launcher_for
 
-__all__ = ["load_kernel", "qkeys_log_mass", "qkeys_log_mass_or_bound", "qkeys_log_mass_torch", "qkeys_log_mass_triton",
+__all__ = ["RANGE_DTYPE", "round_range", "load_kernel", "qkeys_log_mass", "qkeys_log_mass_or_bound", "qkeys_log_mass_torch", "qkeys_log_mass_triton",
            "qkeys_top_blocks", "pack_codes", "unpack_codes", "CODE_BITS", "LEVELS"]
 
 CODE_BITS = 2
 LEVELS = (1 << CODE_BITS) - 1          # codes 0..3
+RANGE_DTYPE = torch.float16            # the blocks' per-channel key ranges, as stored and read
 _PER_BYTE = 8 // CODE_BITS
 # (row, block) pairs below which a thread is not worth starting: ~1 us of work each
 _MIN_BLOCKS_PER_CHUNK = 64
@@ -43,6 +49,27 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     shifts = torch.arange(0, 8, CODE_BITS, dtype=torch.uint8, device=codes.device)
     c = codes.reshape(*codes.shape[:-1], -1, _PER_BYTE) << shifts
     return c.sum(-1, dtype=torch.uint8)          # the 2-bit fields do not overlap: sum == or
+
+
+def round_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-channel key range ``[lo, hi]`` (fp32) as the kernels read it: ``RANGE_DTYPE``, ``lo``
+    rounded down and ``hi`` up (the range only widens: the keys it was taken from stay inside),
+    clamped to fp16's finite values (a key beyond +-65504 is coded as if at that limit: its
+    block's estimate is off, never the attention, which reads the keys themselves)."""
+    return _rounded(lo, down=True), _rounded(hi, down=False)
+
+
+def _rounded(x: torch.Tensor, down: bool) -> torch.Tensor:
+    limit = torch.finfo(RANGE_DTYPE).max
+    x = x.float().clamp(-limit, limit)
+    y = x.to(RANGE_DTYPE)
+    wrong = y.float() > x if down else y.float() < x
+    return torch.where(wrong, torch.nextafter(y, torch.full_like(y, float("-inf") if down else float("inf"))), y)
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """An fp16 tensor's bits as a numpy int16 array (numba reads them with ``f16_to_f32``)."""
+    return t.contiguous().view(torch.int16).numpy()
 
 
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
@@ -68,6 +95,8 @@ def _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out,
     dp = 4 * d4
     w = np.zeros((nrows_q, dp), np.float32)                  # scale * q_c * step_c (0 on padding), codes' order
     base = np.zeros(nrows_q, np.float32)                     # scale * q . kmin
+    lo = np.zeros(d, np.float32)                             # the block's kmin, kmax as fp32
+    hi = np.zeros(d, np.float32)
     codes = np.zeros((bs, dp), np.float32)
     qp = np.zeros((nrows_q, dp), np.float32)                 # q in the codes' channel order (0 on padding)
     step = np.zeros(dp, np.float32)                          # scale * (kmax - kmin) / 3, codes' order
@@ -84,11 +113,14 @@ def _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out,
                         c = 4 * b + i
                         qp[g, i * d4 + b] = q[r, g, c] if c < d else np.float32(0.0)
         blk = ids[j]
+        for c in range(d):
+            lo[c] = f16_to_f32(kmin[r, blk, c])
+            hi[c] = f16_to_f32(kmax[r, blk, c])
         if not quantized[j]:
             for g in range(nrows_q):
                 acc = np.float32(0.0)
                 for c in range(d):
-                    acc += max(q[r, g, c] * kmin[r, blk, c], q[r, g, c] * kmax[r, blk, c])
+                    acc += max(q[r, g, c] * lo[c], q[r, g, c] * hi[c])
                 out[r, g, j] = acc * scale + log_count[j]
             continue
         for t in range(bs):                  # channel 4b + i is column i * d4 + b: unit strides
@@ -98,11 +130,11 @@ def _log_mass_rows(packed, kmin, kmax, q, ids, quantized, log_count, scale, out,
         for i in range(4):
             for b in range(d4):
                 c = 4 * b + i
-                step[i * d4 + b] = (kmax[r, blk, c] - kmin[r, blk, c]) * (scale / LEVELS) if c < d else np.float32(0.0)
+                step[i * d4 + b] = (hi[c] - lo[c]) * (scale / LEVELS) if c < d else np.float32(0.0)
         for g in range(nrows_q):
             acc = np.float32(0.0)
             for c in range(d):
-                acc += q[r, g, c] * kmin[r, blk, c]
+                acc += q[r, g, c] * lo[c]
             base[g] = acc * scale
             for c in range(dp):
                 w[g, c] = qp[g, c] * step[c]
@@ -159,7 +191,7 @@ def qkeys_log_mass(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
     """Estimated log attention mass of complete blocks ``ids`` per query row.
 
     packed: uint8 ``[rows, capacity, block_size, ceil(D / 4)]`` (padding channels coded 0);
-    kmin, kmax: fp32 ``[rows, capacity, D]``; q: fp32 ``[rows, R, D]`` (R query rows per KV
+    kmin, kmax: ``RANGE_DTYPE`` ``[rows, capacity, D]`` (``round_range``); q: fp32 ``[rows, R, D]`` (R query rows per KV
     head); ids: int64 ``[n]`` block ids, each a complete block. Returns fp32 ``[rows, R, n]``.
     CPU tensors; ``qkeys_log_mass_torch`` is the same on any device.
     """
@@ -172,7 +204,7 @@ def load_kernel() -> None:
     step that ranks blocks (~0.15 s from numba's cache; the first numba kernel of a process
     also sets numba's target up, ~0.5 s more). Their types do not depend on the model's."""
     packed = torch.zeros((1, 2, 4, 1), dtype=torch.uint8)
-    lo, hi = torch.zeros((1, 2, 4)), torch.ones((1, 2, 4))
+    lo, hi = torch.zeros((1, 2, 4), dtype=RANGE_DTYPE), torch.ones((1, 2, 4), dtype=RANGE_DTYPE)
     args = (packed, lo, hi, torch.ones((1, 1, 4)), torch.arange(2), torch.tensor([True, False]), torch.zeros(2))
     qkeys_log_mass_or_bound(*args, 1.0)
     qkeys_top_blocks(*args, 1.0, np.array([True, False]), 1)
@@ -197,6 +229,9 @@ def _check_per_block(ids, quantized, log_count) -> None:
 
 def _check_shapes(packed, kmin, kmax, q) -> None:
     rows, _, d = q.shape
+    if kmin.dtype != RANGE_DTYPE or kmax.dtype != RANGE_DTYPE:
+        raise ValueError(f"kmin / kmax are {kmin.dtype} / {kmax.dtype}: the kernels read block ranges in "
+                         f"{RANGE_DTYPE} (make them with round_range)")
     if packed.dim() != 4 or packed.dtype != torch.uint8 or packed.shape[0] != rows or 4 * packed.shape[3] < d:
         raise ValueError(f"packed codes {tuple(packed.shape)} {packed.dtype} do not fit q {tuple(q.shape)}")
     if kmin.shape != kmax.shape or kmin.shape[0] != rows or kmin.shape[2] != d:
@@ -208,7 +243,7 @@ def _scores(packed, kmin, kmax, q, ids, quantized: np.ndarray, log_count: np.nda
     _check_shapes(packed, kmin, kmax, q)
     out = torch.empty((rows, nq, ids.numel()), dtype=torch.float32)
     if ids.numel() and rows and nq:
-        args = (packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
+        args = (packed.contiguous().numpy(), _bits(kmin), _bits(kmax),
                 q.float().contiguous().numpy(), ids.long().contiguous().numpy(), quantized, log_count,
                 np.float32(scale), out.numpy(), np.arange(rows, dtype=np.int64), _every_block(rows, ids.numel()))
         with parallel_launch():
@@ -285,7 +320,7 @@ def _bound_row(kmin, kmax, q, ids, log_count, scale, r, out):
         for g in range(nq):
             acc = np.float32(0.0)
             for c in range(d):
-                acc += pos[g, c] * kmax[r, blk, c] + neg[g, c] * kmin[r, blk, c]
+                acc += pos[g, c] * f16_to_f32(kmax[r, blk, c]) + neg[g, c] * f16_to_f32(kmin[r, blk, c])
             best = max(best, acc)
         out[j] = best * scale + log_count[j]
 
@@ -376,7 +411,7 @@ def qkeys_top_blocks(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tenso
         scores.numpy()[~rank] = given[~rank]
     chosen = torch.empty((rows, n_forced + k), dtype=torch.int64)
     if rows and n:
-        args = (packed.contiguous().numpy(), kmin.contiguous().numpy(), kmax.contiguous().numpy(),
+        args = (packed.contiguous().numpy(), _bits(kmin), _bits(kmax),
                 q.float().contiguous().numpy(), ids.long().contiguous().numpy(),
                 quantized.to(torch.bool).contiguous().numpy(), log_count.float().contiguous().numpy(),
                 np.float32(scale), forced, np.ascontiguousarray(bonus, np.float32), k, candidates, scores.numpy(),
@@ -391,7 +426,7 @@ def qkeys_log_mass_torch(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.T
     """``qkeys_log_mass`` in torch ops (the GPU path, and the reference of the numba kernel)."""
     d = q.shape[-1]
     codes = unpack_codes(packed[:, ids])[..., :d].float()                        # [rows, n, bs, D]
-    lo, hi = kmin[:, ids], kmax[:, ids]                                          # [rows, n, D]
+    lo, hi = kmin[:, ids].float(), kmax[:, ids].float()                          # [rows, n, D]
     qf = q.float()
     base = torch.einsum("rgd,rnd->rgn", qf, lo)
     w = qf[:, :, None, :] * ((hi - lo) / LEVELS)[:, None]                       # [rows, R, n, D]
@@ -414,6 +449,7 @@ def qkeys_log_mass_triton(packed: torch.Tensor, kmin: torch.Tensor, kmax: torch.
     H100); programs_per_sm, num_stages: the launch (benchmarks/bench_block_scores.py)."""
     from .triton_block_scores import qkeys_kernel
 
+    _check_shapes(packed, kmin, kmax, q)
     launch = launcher_for(qkeys_kernel)         # kept kernels launched directly: less host time per layer
     rows, nq, d = q.shape
     cap, bs, d4 = packed.shape[1:]

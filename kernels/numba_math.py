@@ -20,7 +20,7 @@ from llvmlite import ir
 from numba import get_num_threads, njit, types
 from numba.extending import intrinsic
 
-__all__ = ["exp_f32", "FASTMATH", "start_thread_pool", "wide_vectors", "concurrent_launch_safe", "parallel_launch"]
+__all__ = ["exp_f32", "f16_to_f32", "FASTMATH", "start_thread_pool", "wide_vectors", "concurrent_launch_safe", "parallel_launch"]
 
 # LLVM fast-math flags for the kernels: no "ninf"/"nnan", because -inf marks empty rows
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -42,6 +42,20 @@ def _bits_to_f32(typingctx, x):
     def codegen(context, builder, sig, args):
         low = builder.trunc(args[0], ir.IntType(32)) if x.bitwidth > 32 else args[0]
         return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def f16_to_f32(typingctx, x):
+    """The float32 value of an IEEE half given as its 16 bits (an int16 or uint16: numba's
+    arrays of float16 are read through an int16 view). One ``fpext``, which LLVM vectorizes
+    (``vcvtph2ps`` on x86 with F16C)."""
+    if not isinstance(x, types.Integer) or x.bitwidth != 16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return types.float32(x), codegen
 

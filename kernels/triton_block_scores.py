@@ -13,7 +13,7 @@ import triton.language as tl
 @triton.jit
 def qkeys_kernel(
     packed_ptr,             # uint8 [rows, CAP, BS, D4]: 2-bit codes, 4 channels per byte
-    kmin_ptr, kmax_ptr,     # fp32 [rows, CAP, D]
+    kmin_ptr, kmax_ptr,     # fp16 [rows, CAP, D] (block_scores.RANGE_DTYPE)
     q_ptr,                  # fp32 [rows, R, D]
     ids_ptr,                # int64 [N]: the blocks to score
     out_ptr,                # fp32 [rows, R, N]
@@ -37,8 +37,8 @@ def qkeys_kernel(
     code_mask = tok_ok[:, None] & dim_ok[None, :]
     for j in range(first, last):
         at = r * CAP + tl.load(ids_ptr + j).to(tl.int64)                           # the block's row
-        lo = tl.load(kmin_ptr + at * D + dims, mask=dim_ok, other=0.0)             # [DIMS]
-        hi = tl.load(kmax_ptr + at * D + dims, mask=dim_ok, other=0.0)
+        lo = tl.load(kmin_ptr + at * D + dims, mask=dim_ok, other=0.0).to(tl.float32)     # [DIMS]
+        hi = tl.load(kmax_ptr + at * D + dims, mask=dim_ok, other=0.0).to(tl.float32)
         byte = tl.load(packed_ptr + (at * BS + toks[:, None]) * D4 + dims[None, :] // 4,
                        mask=code_mask, other=0)                                    # [BLOCK, DIMS]
         k = lo[None, :] + ((byte >> shift[None, :]) & 3).to(tl.float32) * ((hi - lo) / 3.0)[None, :]

@@ -2,7 +2,8 @@
 a step scores blocks without reading them.
 
 For each block of each (sequence, kv_head): the per-channel min and max of its keys (Quest's
-upper bound of ``q . k`` over the block), their sum (the mean key, ShadowKV's landmark), and
+upper bound of ``q . k`` over the block; in fp16, widened to the fp16 values just outside them:
+``block_scores.round_range``), their sum (the mean key, ShadowKV's landmark), and
 every key quantized to 2 bits per channel within the block's own min/max ("qkeys": 4 codes per
 byte, head_dim / 4 bytes per token, a sixteenth of an fp32 key). A block's keys are quantized
 when the block is complete (its range is final then); until then they wait in ``tail``.
@@ -18,11 +19,13 @@ import torch
 from ..kernels.block_scores import (
     CODE_BITS,
     LEVELS,
+    RANGE_DTYPE,
     pack_codes,
     qkeys_log_mass_or_bound,
     qkeys_log_mass_torch,
     qkeys_log_mass_triton,
     qkeys_top_blocks,
+    round_range,
 )
 from .device_copies import to_device
 
@@ -36,26 +39,27 @@ def quantize(k: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tenso
 
 
 class BlockSummaries:
-    """``kmin``, ``kmax``, ``ksum``: fp32 ``[rows, capacity, head_dim]`` indexed by logical block;
+    """``kmin``, ``kmax``: fp16 ``[rows, capacity, head_dim]`` indexed by logical block (the range
+    rounded outward), ``ksum``: fp32, the same shape;
     ``codes``: uint8 ``[rows, capacity, block_size, head_dim / 4]`` (complete blocks only);
     ``tail``: fp32 ``[rows, block_size, head_dim]``, the keys of the open (incomplete) block."""
 
     def __init__(self, rows: int, head_dim: int, block_size: int, device: torch.device):
         self.rows, self.head_dim, self.block_size, self.device = rows, head_dim, block_size, device
         self.code_dim = -(-head_dim // _PER_BYTE) * _PER_BYTE                  # channels, padded
-        self.kmin = self._full(0, float("inf"))
-        self.kmax = self._full(0, float("-inf"))
+        self.kmin = self._full(0, float("inf"), RANGE_DTYPE)
+        self.kmax = self._full(0, float("-inf"), RANGE_DTYPE)
         self.ksum = self._full(0, 0.0)
         self.codes = torch.zeros((rows, 0, block_size, self.code_dim // _PER_BYTE), dtype=torch.uint8, device=device)
         self.tail = torch.zeros((rows, block_size, head_dim), dtype=torch.float32, device=device)
         self.length = 0                                                        # tokens folded in
 
-    def _full(self, n: int, value: float) -> torch.Tensor:
-        return torch.full((self.rows, n, self.head_dim), value, dtype=torch.float32, device=self.device)
+    def _full(self, n: int, value: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.full((self.rows, n, self.head_dim), value, dtype=dtype, device=self.device)
 
     @property
     def nbytes(self) -> int:
-        return 3 * self.kmin.numel() * 4 + self.codes.numel() + self.tail.numel() * 4
+        return sum(t.numel() * t.element_size() for t in (self.kmin, self.kmax, self.ksum, self.codes, self.tail))
 
     def _reserve(self, blocks: int) -> None:
         cap = self.kmin.shape[1]
@@ -65,7 +69,7 @@ class BlockSummaries:
         # decode step (copying every summary of the layer) cost ~2 ms per layer at 4K x 4
         new = max(blocks + blocks // 4, 2 * cap, 16)
         for name, value in (("kmin", float("inf")), ("kmax", float("-inf")), ("ksum", 0.0)):
-            grown = self._full(new, value)
+            grown = self._full(new, value, getattr(self, name).dtype)
             grown[:, :cap] = getattr(self, name)
             setattr(self, name, grown)
         codes = self.codes.new_zeros((self.rows, new, *self.codes.shape[2:]))
@@ -86,8 +90,9 @@ class BlockSummaries:
             blk = position // bs
             self._reserve(blk + 1)
             kf = k[:, 0].to(self.device, torch.float32)                       # [rows, D]
-            self.kmin[:, blk] = torch.minimum(self.kmin[:, blk], kf)
-            self.kmax[:, blk] = torch.maximum(self.kmax[:, blk], kf)
+            lo, hi = round_range(kf, kf)
+            self.kmin[:, blk] = torch.minimum(self.kmin[:, blk], lo)
+            self.kmax[:, blk] = torch.maximum(self.kmax[:, blk], hi)
             self.ksum[:, blk] += kf
             self.tail[:, position % bs] = kf
             self.length = position + 1
@@ -96,8 +101,9 @@ class BlockSummaries:
         self._reserve((position + n - 1) // bs + 1)           # from the host's numbers: no read of idx
         index = idx.view(1, n, 1).expand(self.rows, n, self.head_dim)
         kf = k.to(self.device, torch.float32)
-        self.kmin.scatter_reduce_(1, index, kf, "amin")
-        self.kmax.scatter_reduce_(1, index, kf, "amax")
+        lo, hi = round_range(kf, kf)               # rounding each key outward, then min/max: the same
+        self.kmin.scatter_reduce_(1, index, lo, "amin")
+        self.kmax.scatter_reduce_(1, index, hi, "amax")
         self.ksum.scatter_add_(1, index, kf)
         # -- quantize the blocks this completes; the rest waits in the tail --
         open_n = position % bs
@@ -106,8 +112,8 @@ class BlockSummaries:
         full = keys.shape[1] // bs
         if full:
             blocks = keys[:, : full * bs].reshape(self.rows, full, bs, self.head_dim)
-            lo = self.kmin[:, first:first + full, None]
-            hi = self.kmax[:, first:first + full, None]
+            lo = self.kmin[:, first:first + full, None].float()
+            hi = self.kmax[:, first:first + full, None].float()
             codes = quantize(blocks, lo, hi)
             if self.code_dim != self.head_dim:
                 codes = torch.nn.functional.pad(codes, (0, self.code_dim - self.head_dim))
@@ -134,8 +140,7 @@ class BlockSummaries:
             if open_keys is None or tuple(open_keys.shape) != (self.rows, n, self.head_dim):
                 raise ValueError(f"the open block's {n} keys are needed to cut the summaries at {length}")
             blk, kf = length // bs, open_keys.to(self.device, torch.float32)
-            self.kmin[:, blk] = kf.amin(1)
-            self.kmax[:, blk] = kf.amax(1)
+            self.kmin[:, blk], self.kmax[:, blk] = round_range(kf.amin(1), kf.amax(1))
             total = torch.zeros_like(kf[:, 0])
             for t in range(n):
                 total += kf[:, t]
@@ -219,11 +224,11 @@ class BlockSummaries:
 
     def _bound(self, qf: torch.Tensor, ids: torch.Tensor, log_count: torch.Tensor, scale: float) -> torch.Tensor:
         """Quest's bound ``scale * sum_c max(q_c min_c, q_c max_c) + log(count)``: ``[rows, R, n]``."""
-        lo, hi = self.kmin[:, ids], self.kmax[:, ids]                                  # [rows, n, D]
+        lo, hi = self.kmin[:, ids].float(), self.kmax[:, ids].float()                  # [rows, n, D]
         bound = torch.maximum(qf[:, :, None] * lo[:, None], qf[:, :, None] * hi[:, None]).sum(-1)
         return bound * scale + log_count
 
 
 def summary_bytes_per_token(head_dim: int, block_size: int) -> float:
-    """Device bytes of summaries per token and KV head (min, max, sum in fp32 + 2-bit codes)."""
-    return 3 * head_dim * 4 / block_size + math.ceil(head_dim / _PER_BYTE)
+    """Device bytes of summaries per token and KV head (min and max in fp16, sum in fp32, 2-bit codes)."""
+    return head_dim * (2 + 2 + 4) / block_size + math.ceil(head_dim / _PER_BYTE)

@@ -18,6 +18,7 @@ from kvdrive_compile.kernels.block_scores import (
     qkeys_log_mass_torch,
     qkeys_log_mass_triton,
     qkeys_top_blocks,
+    round_range,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,11 +31,40 @@ def case(rows, nq, d, bs, cap, seed):
     codes = torch.randint(0, 4, (rows, cap, bs, dp), generator=g, dtype=torch.uint8)
     codes[..., d:] = 0
     kmin = torch.randn(rows, cap, d, generator=g)
-    kmax = kmin + torch.rand(rows, cap, d, generator=g) * 3
+    kmin, kmax = round_range(kmin, kmin + torch.rand(rows, cap, d, generator=g) * 3)    # fp16, as stored
     kmax[:, 0, 0] = kmin[:, 0, 0]                             # a channel with an empty range
     q = torch.randn(rows, nq, d, generator=g) * 2
     ids = torch.randperm(cap, generator=g)[: max(1, cap - 3)]
     return codes, pack_codes(codes), kmin, kmax, q, ids
+
+
+def bits(t):
+    """An fp16 tensor as the numba kernels take it (its bits, int16)."""
+    return t.view(torch.int16).numpy()
+
+
+def test_round_range_widens_to_the_nearest_fp16_values_outside():
+    """fp16 ``lo <= x <= hi``, each the nearest such fp16 value (the next one inward is past x),
+    values beyond fp16's range clamped to its largest finite ones, exact fp16 values kept."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4000, generator=g) * torch.logspace(-6, 6, 4000)
+    x = torch.cat([x, torch.tensor([0.0, 1.0, -2.5, 1e6, -1e6, 65504.0, -65504.0, 3e-8])])
+    lo, hi = round_range(x, x)
+    assert lo.dtype == hi.dtype == torch.float16
+    limit = 65504.0
+    xc = x.clamp(-limit, limit)
+    assert (lo.float() <= xc).all() and (hi.float() >= xc).all() and torch.isfinite(lo).all() and torch.isfinite(hi).all()
+    inward_lo = torch.nextafter(lo, torch.full_like(lo, float("inf"))).float()
+    inward_hi = torch.nextafter(hi, torch.full_like(hi, float("-inf"))).float()
+    assert (inward_lo > xc).all() and (inward_hi < xc).all()
+    exact = x.half().float() == x
+    assert (lo.float()[exact] == x[exact]).all() and (hi.float()[exact] == x[exact]).all()
+
+
+def test_kernels_refuse_ranges_not_in_fp16():
+    codes, packed, kmin, kmax, q, ids = case(2, 3, 16, 8, cap=4, seed=0)
+    with pytest.raises(ValueError, match="round_range"):
+        qkeys_log_mass(packed, kmin.float(), kmax.float(), q, ids, 1.0)
 
 
 def reference(codes, kmin, kmax, q, ids, scale):
@@ -89,7 +119,7 @@ def test_qkeys_triton_tf32_close():
 
 COMPILE_FOR_H100 = """
 from kvdrive_compile.kernels.triton_block_scores import qkeys_kernel
-types = {"packed_ptr": "*u8", "kmin_ptr": "*fp32", "kmax_ptr": "*fp32", "q_ptr": "*fp32", "ids_ptr": "*i64",
+types = {"packed_ptr": "*u8", "kmin_ptr": "*fp16", "kmax_ptr": "*fp16", "q_ptr": "*fp32", "ids_ptr": "*i64",
          "out_ptr": "*fp32", "scale": "fp32"}
 for rows, block, dims, precision in [(16, 16, 128, "tf32"), (32, 32, 256, "ieee"), (16, 16, 16, "ieee")]:
     constants = {"ROWS": rows, "BLOCK": block, "DIMS": dims, "PRECISION": precision}
@@ -115,18 +145,18 @@ def test_qkeys_split_over_threads_matches_float64(chunks):
     log_count = torch.full((ids.numel(),), 2.0)
     out = torch.empty(3, 3, ids.numel())
     n = ids.numel()
-    _log_mass(packed.numpy(), kmin.numpy(), kmax.numpy(), q.numpy(), ids.numpy(), quantized.numpy(),
+    _log_mass(packed.numpy(), bits(kmin), bits(kmax), q.numpy(), ids.numpy(), quantized.numpy(),
               log_count.numpy(), np.float32(scale), out.numpy(), np.arange(3), _every_block(3, n), chunks)
     want = qkeys_log_mass_or_bound(packed, kmin, kmax, q, ids, quantized, log_count, scale)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     some = torch.full_like(out, 7.0)                   # only the rows listed are written
-    _log_mass(packed.numpy(), kmin.numpy(), kmax.numpy(), q.numpy(), ids.numpy(), quantized.numpy(),
+    _log_mass(packed.numpy(), bits(kmin), bits(kmax), q.numpy(), ids.numpy(), quantized.numpy(),
               log_count.numpy(), np.float32(scale), some.numpy(), np.array([2, 0]), _every_block(2, n), chunks)
     torch.testing.assert_close(some[[0, 2]], want[[0, 2]], rtol=0, atol=0)
     assert (some[1] == 7.0).all()
     listed = np.sort(np.stack([np.random.default_rng(r).choice(n, 40, replace=False) for r in range(2)]), axis=1)
     some = torch.full_like(out, 7.0)                   # only the (row, block) pairs listed are written
-    _log_mass(packed.numpy(), kmin.numpy(), kmax.numpy(), q.numpy(), ids.numpy(), quantized.numpy(),
+    _log_mass(packed.numpy(), bits(kmin), bits(kmax), q.numpy(), ids.numpy(), quantized.numpy(),
               log_count.numpy(), np.float32(scale), some.numpy(), np.array([0, 2]), listed, chunks)
     for i, r in enumerate((0, 2)):
         written = torch.zeros(n, dtype=torch.bool)
@@ -262,7 +292,7 @@ def test_two_stage_ranking_scores_only_the_best_bounded_candidates(rows, nq, d, 
     packed, kmin, kmax, q, ids, quantized, log_count, scale = args
     n = ids.numel()
     free = n - int(forced.sum())
-    lo, hi = kmin[:, ids], kmax[:, ids]
+    lo, hi = kmin[:, ids].float(), kmax[:, ids].float()
     bound = (torch.maximum(q[:, :, None] * lo[:, None], q[:, :, None] * hi[:, None]).sum(-1) * scale
              + log_count).amax(1)                                                      # [rows, n]
     for k, n_cand, bonus_size in ((1, 1, 0.0), (free // 5, 2 * (free // 5), 1.0), (free // 4, free // 2, 0.0),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kvdrive_compile.kernels.block_scores import pack_codes, unpack_codes
+from kvdrive_compile.kernels.block_scores import pack_codes, round_range, unpack_codes
 from kvdrive_compile.runtime.summaries import BlockSummaries
 
 
@@ -20,11 +20,12 @@ def folded(rows, d, bs, k, chunks):
 
 
 def reference_qkeys(k, bs):
-    """Per complete block, keys quantized to 4 levels within the block's per-channel min/max: float64."""
+    """Per complete block, keys quantized to 4 levels within the block's per-channel min/max
+    (as stored: in fp16, rounded outward): float64."""
     rows, n, d = k.shape
     full = n // bs
     kb = k[:, : full * bs].double().reshape(rows, full, bs, d)
-    lo, hi = kb.amin(2, keepdim=True), kb.amax(2, keepdim=True)
+    lo, hi = (x.double() for x in round_range(kb.amin(2, keepdim=True), kb.amax(2, keepdim=True)))
     step = (hi - lo) / 3
     codes = torch.where(step > 0, ((kb - lo) / torch.where(step > 0, step, 1)).round().clamp(0, 3), 0)
     return lo + codes * step                                                 # [rows, full, bs, D]
@@ -50,8 +51,8 @@ def test_incremental_updates_equal_one_shot(d, chunks):
     torch.testing.assert_close(a.tail[:, : n % bs], k[:, n - n % bs:])
     full = n // bs
     kb = k[:, : full * bs].reshape(rows, full, bs, d)
-    torch.testing.assert_close(a.kmin[:, :full], kb.amin(2))
-    torch.testing.assert_close(a.kmax[:, :full], kb.amax(2))
+    lo, hi = round_range(kb.amin(2), kb.amax(2))          # the range, in fp16 rounded outward
+    assert torch.equal(a.kmin[:, :full], lo) and torch.equal(a.kmax[:, :full], hi)
     torch.testing.assert_close(a.ksum[:, :full], kb.sum(2), rtol=1e-5, atol=1e-5)
 
 
@@ -79,6 +80,7 @@ def test_scores_match_reference(batch, hkv, g, nq):
     valid = ~kd[..., 0].isnan()                                                  # [rows, nb, bs]
     lo = torch.where(valid[..., None], kd, math.inf).amin(2)
     hi = torch.where(valid[..., None], kd, -math.inf).amax(2)
+    lo, hi = (x.double() for x in round_range(lo, hi))           # the range as stored
     bound = torch.maximum(qd[:, :, None] * lo[:, None], qd[:, :, None] * hi[:, None]).sum(-1) * scale \
         + counts.double().log()
     mean = torch.where(valid[..., None], kd, 0).sum(2) / counts.double()[None, :, None]
@@ -101,7 +103,8 @@ def test_qkeys_error_is_within_half_a_step():
     k = torch.randn(rows, 64, d) * torch.rand(1, 1, d) * 5
     kq = reference_qkeys(k, bs).float().reshape(rows, 64, d)
     kb = k.reshape(rows, 4, bs, d)
-    half_step = ((kb.amax(2) - kb.amin(2)) / 6).repeat_interleave(bs, 1)
+    lo, hi = round_range(kb.amin(2), kb.amax(2))
+    half_step = ((hi.float() - lo.float()) / 6).repeat_interleave(bs, 1)
     assert ((kq - k).abs() <= half_step + 1e-5).all()
 
 
