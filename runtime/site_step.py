@@ -315,16 +315,13 @@ def _pin(rt: KVRuntime, plan: Plan) -> None:
     thread's step sharing this runtime may not evict them and reuse their slots while
     this step's attention reads them outside the lock."""
     kv = plan.layer
-    rows, cols = [], []
-    for tier in (Tier.DEVICE, Tier.HOST):
-        part = plan.part(tier)
-        if part is not None:
-            r, c = torch.nonzero(part.valid, as_tuple=True)
-            rows.append(r.numpy())
-            cols.append(part.ids[r, c].numpy())
-    if rows:
-        r, c = np.concatenate(rows), np.concatenate(cols)
-        kv.pins[r, c] += 1          # each (row, block) lies in one part: no pair repeats (no np.add.at)
+    selected = plan.selected.numpy()
+    rows = np.broadcast_to(np.arange(kv.rows)[:, None], selected.shape)
+    tier = kv.where()[0][rows, selected]                     # where the step reads each selected block
+    held = (tier == Tier.DEVICE) | (tier == Tier.HOST)
+    if held.any():
+        r, c = rows[held], selected[held]
+        kv.pins[r, c] += 1          # a row selects a block once: no pair repeats (no np.add.at)
         plan.pinned = (r, c)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from kvdrive_compile.runtime import placement, site_step
 from kvdrive_compile.runtime.kv_runtime import KVRuntime
-from kvdrive_compile.runtime.placement import AdmissionModel, Entries, KVBudgetError, choose
+from kvdrive_compile.runtime.placement import AdmissionModel, Entries, KVBudgetError, choose, first_by
 from kvdrive_compile.runtime.selection import SelectionPolicy
 from kvdrive_compile.runtime.tiers import Tier
 
@@ -551,3 +551,20 @@ def test_each_layer_homes_its_best_blocks_in_its_share_of_host_memory():
     assert rt.host_homes == 6 + 2 * 12
     assert_copies_equal(rt, session.layers[2])
     rt.close()
+
+
+def test_first_by_is_the_head_of_a_lexsort():
+    """``first_by`` gives the first k of a full lexsort (primary, secondary, position) on fresh
+    random data: few distinct values (ties at the k-th), -inf, NaN, k of 0, 1, some, all, more."""
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        n = int(rng.integers(0, 60))
+        idx = np.sort(rng.choice(1000, n, replace=False))
+        primary = rng.integers(-3, 4, n).astype(np.float32)
+        primary[rng.random(n) < 0.1] = -np.inf
+        if trial % 3 == 0:
+            primary[rng.random(n) < 0.2] = np.nan
+        secondary = rng.integers(-1, 3, n)
+        for k in {0, 1, n // 3, n - 1, n, n + 5}:
+            want = idx[np.lexsort((secondary, primary))][:max(k, 0)]
+            assert np.array_equal(first_by(idx, k, primary, secondary), want), (trial, k)

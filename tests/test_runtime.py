@@ -341,6 +341,32 @@ def test_stand_in_views_know_their_tokens_or_refuse():
             read(s[:, :, -4:])
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_where_is_the_fastest_copy_of_each_block(seed):
+    """LayerKV.where (one numba pass) against numpy: per (row, block) the device copy if any,
+    else the host copy, else a disk home, else not held (-1), and that copy's slot, on fresh
+    random state of which only the first num_blocks columns count."""
+    import numpy as np
+
+    from kvdrive_compile.runtime.layer_kv import LayerKV
+
+    rng = np.random.default_rng(seed)
+    kv = LayerKV(0, 0, 2, 3, 8, torch.float32, 16, torch.device("cpu"), length=16 * 37 + 5)
+    kv.grow(50)
+    shape = kv.dev.shape
+    kv.dev[:] = np.where(rng.random(shape) < 0.3, rng.integers(0, 500, shape), -1)
+    kv.host[:] = np.where(rng.random(shape) < 0.4, rng.integers(0, 500, shape), -1)
+    kv.home[:] = rng.integers(-1, 3, shape)
+    kv.home_slot[:] = rng.integers(0, 500, shape)
+    kv.changed()
+    tier, slot = kv.where()
+    n = kv.num_blocks
+    dev, host, home = kv.dev[:, :n], kv.host[:, :n], kv.home[:, :n]
+    want = np.where(dev >= 0, 0, np.where(host >= 0, 1, np.where(home == 2, 2, -1)))
+    assert tier.shape == slot.shape == (6, n) and np.array_equal(tier, want)
+    assert np.array_equal(slot, np.where(dev >= 0, dev, np.where(host >= 0, host, kv.home_slot[:, :n])))
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_tier_split_matches_a_stable_sort_by_tier(seed):
     """layer_kv.tier_part (one numba pass) against the torch reference: per row the selected
