@@ -314,13 +314,18 @@ def _bound_row(kmin, kmax, q, ids, log_count, scale, r, out):
         for c in range(d):
             pos[g, c] = max(q[r, g, c], np.float32(0.0))
             neg[g, c] = min(q[r, g, c], np.float32(0.0))
+    lo = np.empty(d, np.float32)
+    hi = np.empty(d, np.float32)
     for j in range(ids.shape[0]):
         blk = ids[j]
+        for c in range(d):
+            lo[c] = f16_to_f32(kmin[r, blk, c])
+            hi[c] = f16_to_f32(kmax[r, blk, c])
         best = np.float32(-np.inf)
         for g in range(nq):
             acc = np.float32(0.0)
             for c in range(d):
-                acc += pos[g, c] * f16_to_f32(kmax[r, blk, c]) + neg[g, c] * f16_to_f32(kmin[r, blk, c])
+                acc += pos[g, c] * hi[c] + neg[g, c] * lo[c]
             best = max(best, acc)
         out[j] = best * scale + log_count[j]
 
