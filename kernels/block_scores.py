@@ -64,7 +64,18 @@ def _rounded(x: torch.Tensor, down: bool) -> torch.Tensor:
     x = x.float().clamp(-limit, limit)
     y = x.to(RANGE_DTYPE)
     wrong = y.float() > x if down else y.float() < x
-    return torch.where(wrong, torch.nextafter(y, torch.full_like(y, float("-inf") if down else float("inf"))), y)
+    return torch.where(wrong, _next_half(y, down), y)
+
+
+def _next_half(y: torch.Tensor, down: bool) -> torch.Tensor:
+    """The fp16 value next to each finite ``y`` toward -inf (``down``) or +inf, from its bits (a
+    sign and a magnitude: one step of the magnitude away from or toward zero). Not
+    ``torch.nextafter``, which some torch builds do not have for fp16 on CUDA."""
+    bits = y.view(torch.int16)
+    away, toward = (y < 0, y > 0) if down else (y > 0, y < 0)
+    zero = -32767 if down else 1                       # the smallest subnormal, negative or positive
+    step = torch.where(away, bits + 1, torch.where(toward, bits - 1, torch.full_like(bits, zero)))
+    return step.view(RANGE_DTYPE)
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:

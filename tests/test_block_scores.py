@@ -61,6 +61,19 @@ def test_round_range_widens_to_the_nearest_fp16_values_outside():
     assert (lo.float()[exact] == x[exact]).all() and (hi.float()[exact] == x[exact]).all()
 
 
+def test_next_half_steps_as_nextafter_on_every_finite_fp16():
+    """The bit-level step round_range uses (not torch.nextafter, missing for fp16 on some CUDA
+    builds) against torch.nextafter on the CPU, for every finite fp16 value, both ways."""
+    from kvdrive_compile.kernels.block_scores import _next_half
+
+    y = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    y = y[torch.isfinite(y)]
+    for down in (True, False):
+        want = torch.nextafter(y, torch.full_like(y, float("-inf") if down else float("inf")))
+        got = _next_half(y, down)
+        assert torch.equal(got.float(), want.float())
+
+
 def test_kernels_refuse_ranges_not_in_fp16():
     codes, packed, kmin, kmax, q, ids = case(2, 3, 16, 8, cap=4, seed=0)
     with pytest.raises(ValueError, match="round_range"):
