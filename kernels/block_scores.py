@@ -31,8 +31,9 @@ from .launch_utils import multiprocessors, next_pow2
 from .numba_math import exp_f32, f16_to_f32, parallel_launch, start_thread_pool, wide_vectors
 from .triton_launcher import launcher_for
 
-__all__ = ["RANGE_DTYPE", "round_range", "load_kernel", "qkeys_log_mass", "qkeys_log_mass_or_bound", "qkeys_log_mass_torch", "qkeys_log_mass_triton",
-           "qkeys_top_blocks", "pack_codes", "unpack_codes", "CODE_BITS", "LEVELS"]
+__all__ = ["RANGE_DTYPE", "round_range", "load_kernel", "qkeys_log_mass", "qkeys_log_mass_or_bound",
+           "qkeys_log_mass_torch", "qkeys_log_mass_triton", "qkeys_top_blocks", "pack_codes", "unpack_codes",
+           "CODE_BITS", "LEVELS"]
 
 CODE_BITS = 2
 LEVELS = (1 << CODE_BITS) - 1          # codes 0..3

@@ -127,7 +127,7 @@ def first_by(idx: np.ndarray, k: int, primary: np.ndarray, secondary: np.ndarray
     """The first ``k`` of ``idx`` in the order of ``primary``, then ``secondary`` (both given
     per entry of ``idx``), then position: ``idx[np.lexsort((secondary, primary))][:k]``, sorting
     only the entries that can be among them (a step evicts a few of a layer's thousands of
-    cached copies; sorting them all took ~0.2 ms a layer)."""
+    cached copies; a lexsort of 3,000-6,000 of them took 0.1-0.5 ms on this project's CPU)."""
     if k <= 0:
         return idx[:0]
     if k < idx.size:
