@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .runtime import site_step
+from .runtime import site_step, trace
 from .runtime.standins import is_standin_like
 from .runtimes import get_policy, get_runtime, materialize_standin, tail_standin
 
@@ -47,6 +47,8 @@ def open_step(past_k: Tensor, k_new: Tensor, runtime_id: int, sites: int) -> Ten
     """
     rt = get_runtime(runtime_id)
     with rt.timed("append") as span:
+        if rt.tracer.enabled:
+            span.args[trace.CPU_MS] = rt.tracer.cpu_sample()     # the "cores busy" of the timeline
         session = site_step.open_step(rt, past_k, sites)
         span.session_id = session.id       # on the timeline with the step it opened
     return _handle(runtime_id, session.id)

@@ -31,7 +31,7 @@ def run_summary(args: argparse.Namespace) -> int:
     """Print the summary of ``args.file``; exit code 2, with the reason, if it cannot be read as a trace."""
     try:
         events, other = trace.load(args.file)
-        summary = trace.summarize(events)
+        summary = trace.summarize(events, other)
     except (OSError, trace.TraceFormatError) as e:
         print(f"kvdrive trace summary: {e}", file=sys.stderr)
         return 2

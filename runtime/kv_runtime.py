@@ -162,9 +162,9 @@ class KVRuntime:
         """Time a stage (and put it on the timeline, as ``event`` if given); if it fails, release
         the session's KV (blocks, files, plans) before the error leaves, so a failed generation
         holds nothing after its error. Yields the span: a stage that learns its session inside
-        (opening a step) sets ``span.session_id``."""
+        (opening a step) sets ``span.session_id``; ``span.args`` go on its event."""
         t0 = time.perf_counter()
-        span = types.SimpleNamespace(session_id=session_id)
+        span = types.SimpleNamespace(session_id=session_id, args={})
         try:
             yield span
         except BaseException:
@@ -175,7 +175,7 @@ class KVRuntime:
             t1 = time.perf_counter()
             self.add_seconds(stage, t1 - t0)
             if self.tracer.enabled:
-                self.trace(event or stage, t0, t1, span.session_id, layer)
+                self.trace(event or stage, t0, t1, span.session_id, layer, **span.args)
 
     def add_seconds(self, stage: str, seconds: float, background: bool = False) -> None:
         """Count ``seconds`` of ``stage``: on the critical path, or in the background (the

@@ -5,7 +5,9 @@ from any thread and writes them as one JSON file that Perfetto (ui.perfetto.dev)
 chrome://tracing open. A disabled tracer (no path) does nothing, so a runtime can call it
 unconditionally. ``summarize`` and ``render`` turn such a file back into what
 ``kvdrive trace summary`` prints: time per stage, step wall times, and how much of the disk reads
-and host-to-device copies ran hidden under compute on other threads.
+and host-to-device copies ran hidden under compute on other threads, and how many cores the
+process kept busy (a "cores busy" counter track: the process's CPU time over wall time between
+the starts of consecutive steps).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ IO_WAIT = "io_wait"
 # not compute: moving bytes, or a thread waiting for another's work (the merge for the CPU part)
 WAITING = frozenset((DISK_READ, HOST_TO_DEVICE, IO_WAIT, "disk_write", "cpu_wait"))
 SLOWEST_STAGE_TARGET = 1.2      # the issue's target for a decode step's wall / its slowest stage
+CORES_BUSY = "cores busy"       # the counter track of the process's CPU time over wall time
+CPU_MS = "process_cpu_ms"       # the arg of a step's opening event: the process's CPU time so far
 
 _NULL_SPAN = contextlib.nullcontext()
 _claimed_lock = threading.Lock()
@@ -62,6 +66,8 @@ class Tracer:
         self._events: list[tuple] = []
         self._threads: list[tuple[int, str]] = []   # (tid, Python thread name), in order of first event
         self._next_tid = 1                          # the main thread is 0; others in order of appearance
+        self._counters: list[tuple] = []            # (t, cores busy from t to the next sample)
+        self._last_cpu: Optional[tuple[float, float]] = None     # (perf_counter, process_time) of the last sample
         self._dropped = 0
         self._written = 0                           # events + dropped at the last write
         self._closed = False
@@ -82,6 +88,17 @@ class Tracer:
                 self._dropped += 1
                 return
             self._events.append((name, t0, t1, tid, args))
+
+    def cpu_sample(self) -> float:
+        """The process's CPU time so far (ms, every thread); the "cores busy" counter track gets
+        its CPU time over wall time since the previous sample (a step's opening takes one)."""
+        now, cpu = time.perf_counter(), time.process_time()
+        with self._lock:
+            last, self._last_cpu = self._last_cpu, (now, cpu)
+            if (last is not None and now > last[0] and not self._closed
+                    and len(self._events) + len(self._counters) < self.max_events):
+                self._counters.append((last[0], (cpu - last[1]) / (now - last[0])))
+        return cpu * 1e3
 
     def span(self, name: str, **args):
         """A context manager that times its body and records it, also when the body raises.
@@ -108,7 +125,8 @@ class Tracer:
         with self._write_lock:
             with self._lock:
                 events, threads, dropped = list(self._events), list(self._threads), self._dropped
-            _write_atomically(self.path, self._lines(events, threads, dropped))
+            counters = list(self._counters)
+            _write_atomically(self.path, self._lines(events, threads, dropped, counters))
             self._written = len(events) + dropped
 
     def close(self) -> None:
@@ -142,7 +160,8 @@ class Tracer:
         if unwritten:
             self.flush()
 
-    def _lines(self, events: list[tuple], threads: list[tuple[int, str]], dropped: int) -> Iterable[str]:
+    def _lines(self, events: list[tuple], threads: list[tuple[int, str]], dropped: int,
+               counters: list[tuple] = ()) -> Iterable[str]:
         """The file's text, piece by piece: building 2M event dicts at once would double the memory."""
         pid = self._pid
         yield '{"traceEvents": [\n'
@@ -158,17 +177,28 @@ class Tracer:
             dur = max(0.0, (t1 - t0) * 1e6)
             yield (f',\n{{"name": {quoted}, "cat": "{CATEGORY}", "ph": "X", "ts": {ts:.3f}, "dur": {dur:.3f}, '
                    f'"pid": {pid}, "tid": {tid}, "args": {json.dumps(args, default=_jsonable)}}}')
+        for t, cores in counters:
+            yield (f',\n{{"name": "{CORES_BUSY}", "cat": "{CATEGORY}", "ph": "C", "ts": {(t - self._origin) * 1e6:.3f}, '
+                   f'"pid": {pid}, "tid": 0, "args": {{"cores": {cores:.3f}}}}}')
         yield '\n],\n"displayTimeUnit": "ms",\n"otherData": ' + json.dumps(self._other_data(len(events), dropped)) + "}\n"
 
     def _other_data(self, recorded: int, dropped: int) -> dict:
         other = {"tool": "kvdrive-compile", "pid": self._pid,
                  "created": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self._created)),
                  "clock": "time.perf_counter, ts 0 at the tracer's creation",
-                 "events": recorded, "max_events": self.max_events, "dropped_events": dropped}
+                 "events": recorded, "max_events": self.max_events, "dropped_events": dropped,
+                 "cpu_count": usable_cpus()}
         if dropped:
             other["note"] = (f"event cap reached: recording stopped after {recorded} events "
                              f"({dropped} later events dropped); the timeline ends early")
         return other
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def tracer_for(path: Optional[str]) -> Tracer:
@@ -353,6 +383,25 @@ def slowest_stages(step_events: list[list[Event]], walls: list[float]) -> tuple[
     return (statistics.fmean(ratios) if ratios else None), dict(counts.most_common())
 
 
+def cores_busy(events: list[Event]) -> Optional[float]:
+    """The process's CPU time over wall time across decode steps, each from its opening (the
+    event carrying ``process_cpu_ms``) to its session's next opening: how many cores the
+    steps kept busy, the model's own ops and the time between steps included (None: no such
+    pair of openings in the trace)."""
+    opens: dict[Any, list[Event]] = defaultdict(list)
+    for e in events:
+        if isinstance(e.args.get(CPU_MS), (int, float)) and "session" in e.args:
+            opens[e.args["session"]].append(e)
+    cpu = wall_ms = 0.0
+    for evs in opens.values():
+        evs.sort(key=lambda e: e.start)
+        for a, b in zip(evs, evs[1:]):
+            if a.args.get("phase") == "decode" and b.start > a.start:
+                cpu += b.args[CPU_MS] - a.args[CPU_MS]
+                wall_ms += b.start - a.start
+    return cpu / wall_ms if wall_ms > 0 else None
+
+
 def _step_stats(walls: list[float]) -> dict:
     return {"steps": len(walls),
             "wall_ms_p50": statistics.median(walls) if walls else None,
@@ -360,7 +409,7 @@ def _step_stats(walls: list[float]) -> dict:
             "wall_ms_total": sum(walls)}
 
 
-def summarize(events: Iterable[dict]) -> dict:
+def summarize(events: Iterable[dict], other: Optional[dict] = None) -> dict:
     """What ``kvdrive trace summary`` reports, from a trace's events (dicts as in the file).
 
     stages: per event name, count / total / mean ms over all events, and ``decode_share``: its
@@ -368,7 +417,9 @@ def summarize(events: Iterable[dict]) -> dict:
     counts and wall times (a step's wall: its last end minus its first start). overlap, over
     decode steps: ``stage_sum_over_wall`` (> 1: stages ran at the same time), the hidden shares of
     disk_read and host_to_device time, and ``wall_over_slowest_stage`` (mean of each step's wall
-    over the union length of its slowest stage; the target is <= 1.2).
+    over the union length of its slowest stage; the target is <= 1.2), ``cores_busy`` (the
+    process's CPU time over wall time between decode steps' openings) and, from the file's
+    ``other`` data, ``cpu_count`` (the CPUs the process could use).
     """
     evs = complete_events(events)
     grouped = steps(evs)
@@ -391,7 +442,9 @@ def summarize(events: Iterable[dict]) -> dict:
             "disk_read_ms": disk_ms, "disk_read_hidden": disk_hidden,
             "host_to_device_ms": copy_ms, "host_to_device_hidden": copy_hidden,
             "wall_over_slowest_stage": wall_over_slowest, "slowest_stage_counts": slowest_counts,
+            "cores_busy": cores_busy(evs),
         },
+        "cpu_count": (other or {}).get("cpu_count"),
     }
 
 
@@ -416,6 +469,13 @@ def _pct(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+def _cores(busy: Optional[float], cpus: Optional[int]) -> str:
+    if busy is None:
+        return "-"
+    return f"{busy:.2f} cores" + (f" of {cpus}" if isinstance(cpus, int) else "") + \
+        "  (near all: no idle core left for overlap to use)" * (isinstance(cpus, int) and busy >= 0.9 * cpus)
+
+
 def _ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -438,7 +498,8 @@ def render(summary: dict) -> str:
              f"  disk_read hidden by compute:  {_pct(o['disk_read_hidden'])} of {_ms(o['disk_read_ms'])} ms",
              f"  host_to_device hidden:        {_pct(o['host_to_device_hidden'])} of {_ms(o['host_to_device_ms'])} ms",
              f"  step wall / slowest stage:    {_ratio(o['wall_over_slowest_stage'])}  "
-             f"(target <= {SLOWEST_STAGE_TARGET}x; slowest per step: {slowest})"]
+             f"(target <= {SLOWEST_STAGE_TARGET}x; slowest per step: {slowest})",
+             f"  CPU busy (process CPU / wall): {_cores(o.get('cores_busy'), summary.get('cpu_count'))}"]
     if summary.get("note"):
         lines += ["", f"note: {summary['note']}"]
     return "\n".join(lines)

@@ -189,8 +189,13 @@ def test_timeline_of_a_generation(tiny, tmp_path):
         overlapping += any(a["tid"] != b["tid"] and b["ts"] < a["ts"] + a["dur"]
                            for i, a in enumerate(evs) for b in evs[i + 1:])
     assert overlapping >= len(by_step) // 2, (overlapping, len(by_step))
-    summary = timeline.summarize(events)
+    summary = timeline.summarize(events, data["otherData"])
     assert summary["decode"]["steps"] == len(by_step) and summary["overlap"]["stage_sum_over_wall"] > 0
+    opens = [e for e in decode if timeline.CPU_MS in e["args"]]          # each decode step's opening samples the CPU time
+    assert len(opens) == len(by_step) and all(e["name"] == "append" for e in opens)
+    assert 0 < summary["overlap"]["cores_busy"] and summary["cpu_count"] >= 1
+    counters = [e for e in data["traceEvents"] if e["ph"] == "C"]
+    assert counters and all(e["name"] == "cores busy" and e["args"]["cores"] >= 0 for e in counters)
     from kvdrive_compile import cli
     assert cli.main(["trace", "summary", str(path)]) == 0
 

@@ -212,6 +212,39 @@ def test_summary_without_steps_has_no_ratios():
     assert "plan" in trace.render(s)
 
 
+def test_cpu_samples_make_a_counter_track(tmp_path):
+    path = tmp_path / "steps.json"
+    tracer = trace.Tracer(str(path))
+    first = tracer.cpu_sample()
+    end = time.process_time() + 0.05
+    while time.process_time() < end:             # 50 ms of CPU on this thread
+        pass
+    second = tracer.cpu_sample()
+    tracer.close()
+    assert second - first >= 50
+    data = read(path)
+    (counter,) = [e for e in data["traceEvents"] if e["ph"] == "C"]       # one interval between two samples
+    assert counter["name"] == "cores busy" and counter["cat"] == "kvdrive" and counter["pid"] == os.getpid()
+    assert 0.5 < counter["args"]["cores"] <= trace.usable_cpus() + 0.1
+    assert data["otherData"]["cpu_count"] == trace.usable_cpus()
+    assert trace.Tracer(None).cpu_sample() >= 0          # a disabled tracer records nothing but still answers
+
+
+def test_cores_busy_spans_each_decode_step_to_its_sessions_next_opening():
+    cpu = trace.CPU_MS
+    events = [ev("append", 0, 1, 0, step=1, phase="prefill", session=1, **{cpu: 0.0}),
+              ev("append", 100, 101, 0, step=2, phase="decode", session=1, **{cpu: 500.0}),
+              ev("append", 105, 106, 0, step=3, phase="prefill", session=2, **{cpu: 510.0}),   # another session
+              ev("append", 200, 201, 0, step=4, phase="decode", session=1, **{cpu: 650.0}),
+              ev("append", 300, 301, 0, step=5, phase="decode", session=1, **{cpu: 900.0}),
+              ev("merge", 300, 310, 0, step=5, phase="decode", layer=0)]
+    # decode intervals of session 1: 100 -> 200 (150 ms of CPU), 200 -> 300 (250); the prefill's is left out
+    assert trace.summarize(events)["overlap"]["cores_busy"] == pytest.approx(400 / 200)
+    assert trace.summarize(events[:2])["overlap"]["cores_busy"] is None
+    text = trace.render(trace.summarize(events, {"cpu_count": 2}))
+    assert "2.00 cores of 2" in text and "no idle core" in text
+
+
 def test_a_written_trace_reads_back(tmp_path):
     path = tmp_path / "steps.json"
     tracer = trace.Tracer(str(path))

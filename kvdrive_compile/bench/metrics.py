@@ -103,10 +103,11 @@ def runtime_metrics(before: dict, after: dict, steps: int, batch: int, step_seco
 def pipeline(trace_path: str) -> dict:
     """From a system's timeline (the ``trace`` option): its decode steps' wall time and how much
     ran at once (``kvdrive trace summary``'s overlap figures)."""
-    events, _ = timeline.load(trace_path)
-    summary = timeline.summarize(events)
+    events, other = timeline.load(trace_path)
+    summary = timeline.summarize(events, other)
     return {"trace": trace_path, "decode_steps": summary["decode"]["steps"],
-            "decode_wall_ms_p50": summary["decode"]["wall_ms_p50"], **summary["overlap"]}
+            "decode_wall_ms_p50": summary["decode"]["wall_ms_p50"], "cpu_count": summary["cpu_count"],
+            **summary["overlap"]}
 
 
 def tier_bytes(*snapshots: dict) -> dict:

@@ -101,10 +101,11 @@ def pipeline_table(rows: list[dict]) -> str:
             continue
         body.append([r["system"], r["context"], r["batch"], p.get("decode_steps"), num(p.get("decode_wall_ms_p50"), ".0f"),
                      num(p.get("stage_sum_over_wall")), num(p.get("wall_over_slowest_stage")),
+                     num(p.get("cores_busy")) + (f" of {p['cpu_count']}" if p.get("cpu_count") else ""),
                      pct(p.get("disk_read_hidden")), num(p.get("disk_read_ms"), ".0f"),
                      pct(p.get("host_to_device_hidden")), pct(r.get("prefetch_hit_rate"))])
     return tabulate(body, headers=["system", "context", "batch", "decode steps", "step ms p50", "stage time / wall",
-                                   "wall / slowest stage", "disk read hidden", "disk read ms", "copy hidden",
+                                   "wall / slowest stage", "cores busy", "disk read hidden", "disk read ms", "copy hidden",
                                    "disk misses read ahead"], disable_numparse=True)
 
 
