@@ -212,20 +212,35 @@ def test_summary_without_steps_has_no_ratios():
     assert "plan" in trace.render(s)
 
 
-def test_cpu_samples_make_a_counter_track(tmp_path):
+def test_cpu_samples_make_a_counter_track(tmp_path, monkeypatch):
     path = tmp_path / "steps.json"
     tracer = trace.Tracer(str(path))
-    first = tracer.cpu_sample()
-    end = time.process_time() + 0.05
-    while time.process_time() < end:             # 50 ms of CPU on this thread
-        pass
-    second = tracer.cpu_sample()
+    clocks = iter([(10.0, 3.0), (10.5, 3.8), (12.5, 4.0)])       # (wall, process CPU) seconds at each sample
+    now = {}
+
+    class Clock:
+        @staticmethod
+        def perf_counter():
+            return now["wall"]
+
+        @staticmethod
+        def process_time():
+            return now["cpu"]
+
+    monkeypatch.setattr(trace, "time", Clock)
+    samples = []
+    for wall, cpu in clocks:
+        now.update(wall=wall, cpu=cpu)
+        samples.append(tracer.cpu_sample())
+    monkeypatch.undo()
     tracer.close()
-    assert second - first >= 50
+    assert samples == pytest.approx([3000, 3800, 4000])
     data = read(path)
-    (counter,) = [e for e in data["traceEvents"] if e["ph"] == "C"]       # one interval between two samples
-    assert counter["name"] == "cores busy" and counter["cat"] == "kvdrive" and counter["pid"] == os.getpid()
-    assert 0.5 < counter["args"]["cores"] <= trace.usable_cpus() + 0.1
+    counters = [e for e in data["traceEvents"] if e["ph"] == "C"]       # one per interval, at its start
+    assert [c["name"] for c in counters] == ["cores busy"] * 2
+    assert all(c["cat"] == "kvdrive" and c["pid"] == os.getpid() for c in counters)
+    assert [c["args"]["cores"] for c in counters] == pytest.approx([1.6, 0.1])
+    assert counters[1]["ts"] - counters[0]["ts"] == pytest.approx(0.5e6)
     assert data["otherData"]["cpu_count"] == trace.usable_cpus()
     assert trace.Tracer(None).cpu_sample() >= 0          # a disabled tracer records nothing but still answers
 
