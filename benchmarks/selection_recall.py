@@ -95,7 +95,7 @@ class Simulation:
         ids = torch.arange(nb)
         bound = rank_blocks(summaries, query, ids, *SCORERS["minmax+max"], counts, scaling)
         free = int((~forced).sum())
-        n_cand = SelectionPolicy(coarse_candidates=float(self.scorer[len("coarse@"):])).candidates(k, free) or free
+        n_cand = SelectionPolicy(coarse_candidates=float(self.scorer[len("coarse@"):])).candidates(k, free, saves=True) or free
         cand = bound.masked_fill(forced, float("-inf")).topk(n_cand, dim=1).indices
         fine = rank_blocks(summaries, query, ids, *SCORERS[DEFAULT_SCORER], counts, scaling)
         out = torch.full_like(fine, float("-inf"))

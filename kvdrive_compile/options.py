@@ -184,10 +184,11 @@ def parse_options(options: Optional[dict[str, Any]]) -> KVDriveOptions:
                          "re-ranks its blocks when its query moved further than that from the one it last ranked "
                          "with), or None: rank at every step")
     coarse = options.get("coarse_candidates")
-    if coarse is not None and (isinstance(coarse, bool) or not isinstance(coarse, (int, float))
-                               or not 1 <= coarse < math.inf):
+    if coarse is not None and coarse != "auto" and (isinstance(coarse, bool) or not isinstance(coarse, (int, float))
+                                                    or not 1 <= coarse < math.inf):
         raise ValueError(f"coarse_candidates={coarse!r}: must be a number >= 1 (blocks the coarse ranking stage keeps, "
-                         "per block the token budget leaves to choose), or None: score every block")
+                         "per block the token budget leaves to choose), None: score every block, or \"auto\" "
+                         "(the default: 4 where the ranking runs on the CPU)")
     counts = {name: getattr(SelectionPolicy, name) for name in ("sink_tokens", "local_window", "dense_layers")}
     for name, default in {**counts, "prefetch_depth": DEFAULT_PREFETCH_DEPTH}.items():
         value = options.get(name, default)

@@ -26,6 +26,13 @@ DEFAULT_TOKEN_BUDGET = 1024
 # where blocks lie"): the pipeline preset's three-tier step 559 -> 309 ms in one run, and the
 # accuracy harness with three tiers at 8K equal to dense on every item.
 DEFAULT_REUSE_BONUS = 2.0
+# Candidates per block left to choose that Quest's bound passes on to the 2-bit keys' scores
+# (SelectionPolicy.coarse_candidates), where the ranking runs on the CPU ("auto"). 4 at 8K tokens
+# scores 46 % of the blocks and kept 0.956 of the attention mass against 0.958 (2 lost a needle
+# at 2K); the accuracy harness gave dense's answers with it on every item of SmolLM2 at 8K and
+# Gemma 3 270M at 4K-16K (benchmarks/RESULTS.md, "Scoring coarse before fine" and "Coarse
+# before fine by default on the CPU").
+DEFAULT_COARSE_CANDIDATES = 4.0
 
 
 @dataclass(frozen=True)
@@ -60,13 +67,15 @@ class SelectionPolicy:
     since then lies in the local window (attended anyway); the step still takes its own sink,
     local window and reuse bonus. It saves the ranking's work in those rows and changes what is
     selected (benchmarks/RESULTS.md, "Ranking less often").
-    coarse_candidates: a number >= 1, or None (the default): score every block. With a value M,
-    ranking runs in two stages (coarse before fine): Quest's per-block bound (the ``minmax``
-    summary, max over the query rows, plus the reuse bonus) picks M times as many blocks as the
-    budget leaves to choose, and only those are scored by ``block_summary``; the others rank
-    below every scored block (score -inf, which the cache policy reads too). It saves the
-    2-bit keys' work on the CPU in proportion (on CUDA every block is still scored, one kernel,
-    and only the selection follows the option) and changes what is selected.
+    coarse_candidates: a number >= 1, None: score every block, or "auto" (the default):
+    ``DEFAULT_COARSE_CANDIDATES`` where it saves work (the 2-bit keys' ranking on the CPU,
+    ``qkeys`` + ``max``), None elsewhere. With a value M, ranking runs in two stages (coarse
+    before fine): Quest's per-block bound (the ``minmax`` summary, max over the query rows, plus
+    the reuse bonus) picks M times as many blocks as the budget leaves to choose, and only those
+    are scored by ``block_summary``; the others rank below every scored block (score -inf, which
+    the cache policy reads too). It saves the 2-bit keys' work on the CPU in proportion (on
+    CUDA every block is still scored, one kernel, and only the selection follows a number) and
+    changes what is selected.
     """
 
     token_budget: Optional[Union[int, float]] = DEFAULT_TOKEN_BUDGET
@@ -79,14 +88,18 @@ class SelectionPolicy:
     attention: str = "split"
     reuse_bonus: float = DEFAULT_REUSE_BONUS
     rerank_similarity: Optional[float] = None
-    coarse_candidates: Optional[float] = None
+    coarse_candidates: Optional[Union[float, str]] = "auto"
 
-    def candidates(self, k: int, free: int) -> int:
+    def candidates(self, k: int, free: int, saves: bool) -> int:
         """Blocks the coarse stage keeps when ``k`` of ``free`` are to be chosen: 0 (one
-        stage: every block scored) without the option or when it would keep them all."""
-        if self.coarse_candidates is None:
+        stage: every block scored) without the option or when it would keep them all. saves:
+        whether two stages save work here (the CPU's 2-bit-key ranking), which ``"auto"`` asks."""
+        m = self.coarse_candidates
+        if m == "auto":
+            m = DEFAULT_COARSE_CANDIDATES if saves else None
+        if m is None:
             return 0
-        n = max(k, math.ceil(self.coarse_candidates * k))
+        n = max(k, math.ceil(m * k))
         return 0 if n >= free else n
 
     def budget_tokens(self, context: int) -> Optional[int]:
@@ -208,8 +221,9 @@ def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
         n_kept = 0 if kept is None else int(kept[0].sum())
         rankings["kept"] += n_kept
         rankings["scored"] += kv.rows - n_kept
-    n_cand = policy.candidates(k, nb - int(forced.sum()))
-    if policy.block_summary == "qkeys" and policy.score_aggregation == "max" and kv.summaries.device.type == "cpu":
+    on_cpu = policy.block_summary == "qkeys" and policy.score_aggregation == "max" and kv.summaries.device.type == "cpu"
+    n_cand = policy.candidates(k, nb - int(forced.sum()), saves=on_cpu)
+    if on_cpu:
         selected, scores = kv.summaries.top_blocks(q, ids, block_counts(kv, ids), scale, forced.numpy(), k, bonus,
                                                    kept, n_cand)                 # one numba call
     else:

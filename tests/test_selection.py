@@ -1,5 +1,7 @@
 """Block selection within a token budget: true top blocks when the summaries are exact, budget,
 sink and window kept, GQA aggregation, and exact attention when the budget covers everything."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ import kvdrive_compile
 from exactness import greedy_both
 from kvdrive_compile.runtime import placement
 from kvdrive_compile.runtime.kv_runtime import KVRuntime
-from kvdrive_compile.runtime.selection import SelectionPolicy, select_blocks
+from kvdrive_compile.runtime.selection import DEFAULT_COARSE_CANDIDATES, SelectionPolicy, select_blocks
 from kvdrive_compile.runtime.tiers import Tier
 from test_hf_models import DEVICE, build
 
@@ -349,8 +351,18 @@ def test_coarse_candidates_rank_only_the_best_bounded_blocks(summary):
             assert set(sel[r].tolist()) == {0, nb - 2, nb - 1} | set(top[r].tolist())
         if m == 100:                                                          # every block a candidate
             plain = SelectionPolicy(token_budget=12 * BS, block_summary=summary, sink_tokens=4,
-                                    local_window=2 * BS, reuse_bonus=1.0)
+                                    local_window=2 * BS, reuse_bonus=1.0, coarse_candidates=None)
             assert torch.equal(sel, select_scored(kv, plain, q, 0, kv.length)[0])
+    # the default, "auto": two stages of DEFAULT_COARSE_CANDIDATES where the CPU's 2-bit-key ranking
+    # runs (qkeys + max, summaries on the CPU), one stage elsewhere (no work to save)
+    auto = SelectionPolicy(token_budget=12 * BS, block_summary=summary, sink_tokens=4, local_window=2 * BS,
+                           reuse_bonus=1.0)
+    assert auto.coarse_candidates == "auto"
+    same_as = DEFAULT_COARSE_CANDIDATES if summary == "qkeys" else None
+    want_sel, want_scores = select_scored(kv, dataclasses.replace(auto, coarse_candidates=same_as), q, 0, kv.length)
+    sel, scores = select_scored(kv, auto, q, 0, kv.length)
+    assert torch.equal(sel, want_sel) and torch.equal(scores, want_scores)
+    assert (scores == float("-inf")).any() == (summary == "qkeys")        # 4 x 9 of 61 free blocks scored
     rt.close()
 
 
@@ -365,5 +377,8 @@ def test_coarse_candidates_end_to_end():
     assert out.shape[1] == 310
     ref, out = greedy_both(model, ids, 8, token_budget=None, coarse_candidates=2, device_memory="160KiB")
     assert torch.equal(ref, out)
-    with pytest.raises(ValueError, match="coarse_candidates"):
-        kvdrive_compile.options.parse_options({"coarse_candidates": 0.5})
+    for bad in (0.5, "fast", True):
+        with pytest.raises(ValueError, match="coarse_candidates"):
+            kvdrive_compile.options.parse_options({"coarse_candidates": bad})
+    for good, parsed in (("auto", "auto"), (None, None), (3, 3)):
+        assert kvdrive_compile.options.parse_options({"coarse_candidates": good}).policy.coarse_candidates == parsed

@@ -40,8 +40,8 @@ QUESTION_TOKENS = 16            # prompts are cut to length before their last to
 WARMUP_TOKENS = 48
 # kvdrive first among the compiled designs, then what the disk preset's targets compare it with:
 # if the time budget runs out, the slowest baseline (fetch-all) is the one whose rows say so
-RUN_ORDER = ("dense", "hf-offload", "kvdrive", "kvdrive-no-bonus", "kvdrive-rerank", "kvdrive-coarse", "kvdrive-default",
-             "kvdrive-default-rerank", "kvdrive-default-coarse", "kvdrive-inductor", "kvdrive-aten-linears", "kvdrive-host", "kvdrive-exact",
+RUN_ORDER = ("dense", "hf-offload", "kvdrive", "kvdrive-no-bonus", "kvdrive-rerank", "kvdrive-fine", "kvdrive-default",
+             "kvdrive-default-rerank", "kvdrive-default-fine", "kvdrive-inductor", "kvdrive-aten-linears", "kvdrive-host", "kvdrive-exact",
              "shadowkv-like", "dense-compiled", "sparse-fetch", "hisparse-like", "fetch-all")
 # what a GPU run imports, checked before anything loads (the GPU machine has no venv of ours)
 GPU_DEPENDENCIES = ("torch", "triton", "transformers", "numba", "networkx", "tabulate", "matplotlib", "numpy", "psutil",

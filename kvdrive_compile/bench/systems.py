@@ -49,6 +49,7 @@ class System:
     reuse_bonus: Optional[float] = None
     rerank_similarity: Optional[float] = None
     coarse_candidates: Optional[float] = None
+    score_every_block: bool = False    # coarse_candidates=None: no coarse stage where the default has one
 
     def options(self, budgets: Budgets) -> Optional[dict]:
         """The ``options=`` of ``torch.compile(..., backend="kvdrive")``; None when not compiled."""
@@ -65,6 +66,8 @@ class System:
         for name in ("compile_rest", "cpu_linears", "reuse_bonus", "rerank_similarity", "coarse_candidates"):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
+        if self.score_every_block:
+            options["coarse_candidates"] = None
         return options
 
     def unavailable(self, device: torch.device) -> Optional[str]:
@@ -109,16 +112,16 @@ KVDRIVE_NO_BONUS = System("kvdrive-no-bonus", "kvdrive with reuse_bonus=0: the s
 KVDRIVE_RERANK = System("kvdrive-rerank", "kvdrive with rerank_similarity=0.8: the same tiers, a (sequence, KV "
                         "head) re-ranks only when its query moved (the difference to kvdrive is that option's)",
                         kvdrive=True, sparse=True, own_device_tier=True, rerank_similarity=0.8)
-KVDRIVE_COARSE = System("kvdrive-coarse", "kvdrive with coarse_candidates=4: the same tiers, Quest's bound "
-                        "picks 4x the budget's blocks and only those are scored by their 2-bit keys",
-                        kvdrive=True, sparse=True, own_device_tier=True, coarse_candidates=4)
+KVDRIVE_FINE = System("kvdrive-fine", "kvdrive with coarse_candidates=None: the same tiers, every block scored by "
+                      "its 2-bit keys (on a CPU the default scores only the 4x the budget's blocks with the best "
+                      "Quest bound)", kvdrive=True, sparse=True, own_device_tier=True, score_every_block=True)
 KVDRIVE_DEFAULT = System("kvdrive-default", "kvdrive with its default options (the sweep's token budget): no "
                          "device or host limit, every block on the device tier", kvdrive=True, sparse=True,
                          budgets=False)
 KVDRIVE_DEFAULT_RERANK = System("kvdrive-default-rerank", "kvdrive-default with rerank_similarity=0.8",
                                 kvdrive=True, sparse=True, budgets=False, rerank_similarity=0.8)
-KVDRIVE_DEFAULT_COARSE = System("kvdrive-default-coarse", "kvdrive-default with coarse_candidates=4",
-                                kvdrive=True, sparse=True, budgets=False, coarse_candidates=4)
+KVDRIVE_DEFAULT_FINE = System("kvdrive-default-fine", "kvdrive-default with coarse_candidates=None: every "
+                              "block scored", kvdrive=True, sparse=True, budgets=False, score_every_block=True)
 KVDRIVE_INDUCTOR = System("kvdrive-inductor", "kvdrive-default with compile_rest=\"inductor\": the rest of the "
                           "model compiled by Inductor around kvdrive's ops", kvdrive=True, sparse=True, budgets=False,
                           compile_rest="inductor")
@@ -131,8 +134,8 @@ KVDRIVE_EXACT = System("kvdrive-exact", "kvdrive with token_budget=None (exact),
                        kvdrive=True, own_device_tier=True)
 
 SYSTEMS = {s.name: s for s in (DENSE, DENSE_COMPILED, HF_OFFLOAD, FETCH_ALL, SPARSE_FETCH, SHADOWKV_LIKE,
-                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_NO_BONUS, KVDRIVE_RERANK, KVDRIVE_COARSE,
-                               KVDRIVE_DEFAULT, KVDRIVE_DEFAULT_RERANK, KVDRIVE_DEFAULT_COARSE, KVDRIVE_INDUCTOR,
+                               HISPARSE_LIKE, KVDRIVE, KVDRIVE_NO_BONUS, KVDRIVE_RERANK, KVDRIVE_FINE,
+                               KVDRIVE_DEFAULT, KVDRIVE_DEFAULT_RERANK, KVDRIVE_DEFAULT_FINE, KVDRIVE_INDUCTOR,
                                KVDRIVE_ATEN_LINEARS,
                                KVDRIVE_HOST, KVDRIVE_EXACT)}
 DEFAULT_SYSTEMS = ("dense", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive")
@@ -143,7 +146,7 @@ DEFAULT_SYSTEMS = ("dense", "hf-offload", "fetch-all", "sparse-fetch", "kvdrive"
 SAME_SELECTION = ("kvdrive-default", "kvdrive-no-bonus", "sparse-fetch", "shadowkv-like", "hisparse-like")
 REFERENCE = {"hf-offload": "dense", "dense-compiled": "dense", "fetch-all": "dense", "kvdrive-exact": "dense",
              "kvdrive": "dense", "kvdrive-host": "dense", "kvdrive-rerank": "dense", "kvdrive-default-rerank": "dense",
-             "kvdrive-coarse": "dense", "kvdrive-default-coarse": "dense",
+             "kvdrive-fine": "dense", "kvdrive-default-fine": "dense",
              "kvdrive-inductor": "kvdrive-default", "kvdrive-aten-linears": "kvdrive-default",
              **{name: tuple(other for other in SAME_SELECTION if other != name) for name in SAME_SELECTION}}
 EXACT_SYSTEMS = ("dense", "dense-compiled", "hf-offload", "fetch-all", "kvdrive-exact")
