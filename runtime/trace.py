@@ -472,8 +472,10 @@ def _pct(value: Optional[float]) -> str:
 def _cores(busy: Optional[float], cpus: Optional[int]) -> str:
     if busy is None:
         return "-"
-    return f"{busy:.2f} cores" + (f" of {cpus}" if isinstance(cpus, int) else "") + \
-        "  (near all: no idle core left for overlap to use)" * (isinstance(cpus, int) and busy >= 0.9 * cpus)
+    if not isinstance(cpus, int):
+        return f"{busy:.2f} cores"
+    saturated = "  (near all: no idle core left for overlap to use)" if busy >= 0.9 * cpus else ""
+    return f"{busy:.2f} cores of {cpus}{saturated}"
 
 
 def _ratio(value: Optional[float]) -> str:

@@ -186,6 +186,11 @@ def test_systems_are_the_designs_in_the_brief():
     # the baselines rank blocks by their estimates alone, as the designs they stand for
     assert opts["kvdrive-no-bonus"] == {**opts["kvdrive"], "reuse_bonus": 0.0}
     assert opts["kvdrive-exact"] == {**opts["kvdrive"], "token_budget": None}
+    # the -fine twins score every block; the others keep the default ("auto": two stages on a CPU)
+    assert opts["kvdrive-fine"] == {**opts["kvdrive"], "coarse_candidates": None}
+    assert opts["kvdrive-default-fine"] == {**opts["kvdrive-default"], "coarse_candidates": None}
+    assert kvdrive_compile.parse_options(opts["kvdrive"]).policy.coarse_candidates == "auto"
+    assert kvdrive_compile.parse_options(opts["kvdrive-fine"]).policy.coarse_candidates is None
     for o in opts.values():
         if o is not None:
             kvdrive_compile.parse_options(o)               # every design is a valid set of options

@@ -48,7 +48,6 @@ class System:
     cpu_linears: Optional[str] = None
     reuse_bonus: Optional[float] = None
     rerank_similarity: Optional[float] = None
-    coarse_candidates: Optional[float] = None
     score_every_block: bool = False    # coarse_candidates=None: no coarse stage where the default has one
 
     def options(self, budgets: Budgets) -> Optional[dict]:
@@ -63,7 +62,7 @@ class System:
             reuse = self.reuse_window if self.reuse_window is not None else budgets.reuse_window
             if reuse is not None and self.cache_policy == "attention":
                 options["reuse_window"] = reuse
-        for name in ("compile_rest", "cpu_linears", "reuse_bonus", "rerank_similarity", "coarse_candidates"):
+        for name in ("compile_rest", "cpu_linears", "reuse_bonus", "rerank_similarity"):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
         if self.score_every_block:
