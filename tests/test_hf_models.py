@@ -24,6 +24,21 @@ CASES = {
     "gpt2-eager": (tf.GPT2Config, tf.GPT2LMHeadModel,
                    dict(n_embd=64, n_layer=2, n_head=4, n_positions=512), "eager"),
     "gpt-neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, dict(rotary_pct=0.5), "sdpa"),
+    # q/k norms, and sliding-window layers between full ones (per-layer layer_types)
+    "qwen3-hybrid": (tf.Qwen3Config, tf.Qwen3ForCausalLM,
+                     dict(num_key_value_heads=2, head_dim=16, use_sliding_window=True, sliding_window=24,
+                          layer_types=["sliding_attention", "full_attention"]), "sdpa"),
+    "cohere2-hybrid": (tf.Cohere2Config, tf.Cohere2ForCausalLM,
+                       dict(num_key_value_heads=2, sliding_window=24, pad_token_id=0,
+                            layer_types=["sliding_attention", "full_attention"]), "sdpa"),
+    # one KV head split off a fused projection (multi-query)
+    "gpt-bigcode-mqa": (tf.GPTBigCodeConfig, tf.GPTBigCodeForCausalLM,
+                        dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, multi_query=True), "sdpa"),
+    # ALiBi: a bias that grows along the keys, applied with the mask
+    "falcon-alibi": (tf.FalconConfig, tf.FalconForCausalLM, dict(alibi=True), "sdpa"),
+    # partial rotary on interleaved channels, q/k/v from one projection split in groups
+    "codegen": (tf.CodeGenConfig, tf.CodeGenForCausalLM,
+                dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, rotary_dim=8), "eager"),
 }
 
 # a block of 16 tokens of one (sequence, kv head) at head_dim 16 is 2 KiB
@@ -31,7 +46,9 @@ DEVICE = torch.device(os.environ.get("KVDRIVE_TEST_DEVICE", "cpu"))
 BUDGETS = dict(device_memory="64KiB", host_memory="32KiB", block_size=16, sink_tokens=0, local_window=0)
 # models that hold ~24 KiB of KV (one KV head; a 24-token sliding window: at most 3 blocks per
 # layer and row), under the budgets above: smaller ones, so their KV reaches the disk too
-SMALL_KV = {"qwen2", "mistral-sliding"}
+SMALL_KV = {"qwen2", "mistral-sliding", "gpt-bigcode-mqa", "falcon-alibi"}
+# configs named the GPT-2 way (n_embd, n_layer, n_head)
+GPT2_STYLE = (tf.GPT2Config, tf.GPTBigCodeConfig, tf.CodeGenConfig)
 SMALL_KV_BUDGETS = dict(BUDGETS, device_memory="16KiB", host_memory="8KiB")
 
 
@@ -46,7 +63,7 @@ def moved_bytes(options):
 
 def build(name):
     cfg_cls, model_cls, extra, attn = CASES[name]
-    kwargs = {**SMALL, **extra} if cfg_cls is not tf.GPT2Config else {"vocab_size": 128, **extra}
+    kwargs = {"vocab_size": 128, **extra} if cfg_cls in GPT2_STYLE else {**SMALL, **extra}
     cfg = cfg_cls(**kwargs)
     torch.manual_seed(0)
     return model_cls._from_config(cfg, attn_implementation=attn).eval().to(DEVICE)
