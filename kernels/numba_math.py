@@ -20,7 +20,7 @@ from llvmlite import ir
 from numba import get_num_threads, njit, types
 from numba.extending import intrinsic
 
-__all__ = ["exp_f32", "f16_to_f32", "FASTMATH", "start_thread_pool", "wide_vectors", "concurrent_launch_safe", "parallel_launch"]
+__all__ = ["exp_f32", "f16_to_f32", "f32_to_f16", "FASTMATH", "start_thread_pool", "wide_vectors", "concurrent_launch_safe", "parallel_launch"]
 
 # LLVM fast-math flags for the kernels: no "ninf"/"nnan", because -inf marks empty rows
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -58,6 +58,19 @@ def f16_to_f32(typingctx, x):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return types.float32(x), codegen
+
+
+@intrinsic
+def f32_to_f16(typingctx, x):
+    """A float32 as the 16 bits (int16) of the nearest IEEE half, ties to even (one ``fptrunc``:
+    torch's ``.to(torch.float16)``); beyond the half's range, +-inf."""
+    if not isinstance(x, types.Float) or x.bitwidth != 32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.int16(x), codegen
 
 
 @njit(inline="always", fastmath=FASTMATH)

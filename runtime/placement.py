@@ -719,9 +719,13 @@ def warm_scores(rt: KVRuntime, kv: LayerKV, policy: SelectionPolicy, q: torch.Te
 def count_served(rt: KVRuntime, kv: LayerKV, selected: torch.Tensor) -> dict[Tier, int]:
     """Count the bytes each tier serves to this step's selection; returns the selected
     (row, block) entries per tier (a tier with none needs no part split off)."""
-    tier, _ = kv.where()
-    lay = np.take_along_axis(tier, selected.numpy(), axis=1)
-    counts = np.bincount(lay.ravel() + 1, minlength=len(Tier) + 1)       # index 0: not held (-1)
+    if rt.device_home:                            # every held block lies on the device, always
+        counts = np.zeros(len(Tier) + 1, np.int64)
+        counts[int(Tier.DEVICE) + 1] = selected.numel()
+    else:
+        tier, _ = kv.where()
+        lay = np.take_along_axis(tier, selected.numpy(), axis=1)
+        counts = np.bincount(lay.ravel() + 1, minlength=len(Tier) + 1)       # index 0: not held (-1)
     sb = slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
     out = {}
     for t in Tier:

@@ -313,7 +313,10 @@ def _expect_demand(rt: KVRuntime, kv: LayerKV, policy: SelectionPolicy) -> None:
 def _pin(rt: KVRuntime, plan: Plan) -> None:
     """Keep the plan's device and host blocks where they are until its merge: another
     thread's step sharing this runtime may not evict them and reuse their slots while
-    this step's attention reads them outside the lock."""
+    this step's attention reads them outside the lock. Without a device budget nothing is
+    ever evicted: nothing to hold."""
+    if rt.device_home:
+        return
     kv = plan.layer
     selected = plan.selected.numpy()
     rows = np.broadcast_to(np.arange(kv.rows)[:, None], selected.shape)

@@ -19,6 +19,7 @@ import torch
 from ..kernels.block_scores import (
     CODE_BITS,
     LEVELS,
+    fold_open_key,
     RANGE_DTYPE,
     pack_codes,
     qkeys_log_mass_or_bound,
@@ -90,6 +91,10 @@ class BlockSummaries:
             blk = position // bs
             self._reserve(blk + 1)
             kf = k[:, 0].to(self.device, torch.float32)                       # [rows, D]
+            if self.device.type == "cpu":                                     # one numba call
+                fold_open_key(kf, self.kmin, self.kmax, self.ksum, self.tail, blk, position % bs)
+                self.length = position + 1
+                return
             lo, hi = round_range(kf, kf)
             self.kmin[:, blk] = torch.minimum(self.kmin[:, blk], lo)
             self.kmax[:, blk] = torch.maximum(self.kmax[:, blk], hi)

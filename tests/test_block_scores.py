@@ -12,6 +12,7 @@ from kvdrive_compile.kernels.block_scores import (
     _log_mass,
     _row_max,
     _top_row,
+    fold_open_key,
     pack_codes,
     qkeys_log_mass,
     qkeys_log_mass_or_bound,
@@ -72,6 +73,45 @@ def test_next_half_steps_as_nextafter_on_every_finite_fp16():
         want = torch.nextafter(y, torch.full_like(y, float("-inf") if down else float("inf")))
         got = _next_half(y, down)
         assert torch.equal(got.float(), want.float())
+
+
+def test_fold_open_key_equals_the_torch_ops_it_stands_for():
+    """One decode key per row folded into an open block by the numba kernel: the same bits as
+    round_range + torch.minimum / maximum, the sum and the tail as torch's, on fresh random keys
+    of every magnitude and on fp16's edges (zeros, subnormals, halfway and exact values, past
+    the finite range, infinities, NaN)."""
+    g = torch.Generator().manual_seed(5)
+    edges = torch.tensor([0.0, -0.0, 1e-8, -1e-8, 3e-8, 6e-8, -6e-8, 5.96e-8, 1 / 3, -1 / 3, 2048.5, 1.0000001,
+                          65504.0, 65519.0, -65519.999, 65520.0, 7e4, -7e4, 1e9, float("inf"), float("-inf"),
+                          float("nan")])
+    for trial in range(60):
+        rows, d = 3 + trial % 4, 8 * (1 + trial % 3)
+        scale = 10.0 ** (trial % 13 - 7)
+        k = torch.randn(rows, d, generator=g) * scale
+        if trial % 2:
+            pick = edges[torch.randint(0, len(edges), (rows, d), generator=g)]
+            k = torch.where(torch.rand(rows, d, generator=g) < 0.5, pick, k)
+        kmin = (torch.randn(rows, 3, d, generator=g) * scale).to(torch.float16)
+        kmax = (kmin.float() + scale).to(torch.float16)
+        kmin[:, 1], kmax[:, 1] = float("inf"), float("-inf")          # a block with no key yet
+        ksum, tail = torch.randn(rows, 3, d, generator=g), torch.zeros(rows, 4, d)
+        blk, slot = trial % 3, trial % 4
+        want = [t.clone() for t in (kmin, kmax, ksum, tail)]
+        lo, hi = round_range(k, k)
+        want[0][:, blk] = torch.minimum(want[0][:, blk], lo)
+        want[1][:, blk] = torch.maximum(want[1][:, blk], hi)
+        want[2][:, blk] += k
+        want[3][:, slot] = k
+        got = [t.clone() for t in (kmin, kmax, ksum, tail)]
+        fold_open_key(k, *got, blk, slot)
+        for w, x in zip(want[:2], got[:2]):
+            assert torch.equal(w.isnan(), x.isnan())
+            assert torch.equal(w.nan_to_num(0.0).view(torch.int16), x.nan_to_num(0.0).view(torch.int16))
+        for w, x in zip(want[2:], got[2:]):
+            assert torch.equal(w, x) or torch.equal(w.nan_to_num(7.0), x.nan_to_num(7.0))
+    with pytest.raises(ValueError, match="contiguous"):
+        fold_open_key(torch.zeros(2, 4), torch.zeros(2, 4, 3, dtype=torch.float16).transpose(1, 2), *(
+            torch.zeros(2, 3, 4, dtype=torch.float16), torch.zeros(2, 3, 4), torch.zeros(2, 2, 4)), 0, 0)
 
 
 def test_kernels_refuse_ranges_not_in_fp16():
