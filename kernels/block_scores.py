@@ -127,6 +127,12 @@ def fold_open_key(k: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, ksum:
         raise ValueError("fold_open_key updates its tensors in place: they must be contiguous")
     if kmin.dtype != RANGE_DTYPE or kmax.dtype != RANGE_DTYPE or ksum.dtype != torch.float32 or tail.dtype != torch.float32:
         raise ValueError(f"fold_open_key: kmin/kmax must be {RANGE_DTYPE}, ksum and tail float32")
+    rows, d = k.shape
+    if (kmin.shape != kmax.shape or kmin.shape != ksum.shape or kmin.shape[::2] != (rows, d)
+            or tail.shape[::2] != (rows, d) or not 0 <= blk < kmin.shape[1] or not 0 <= slot < tail.shape[1]):
+        # numba does not check bounds: a wrong index would write outside the tensors
+        raise ValueError(f"fold_open_key: key {tuple(k.shape)}, block {blk} of {tuple(kmin.shape)}, tail slot {slot} "
+                         f"of {tuple(tail.shape)} do not fit")
     _fold_key(k.float().contiguous().numpy(), kmin.view(torch.int16).numpy(), kmax.view(torch.int16).numpy(),
               ksum.numpy(), tail.numpy(), blk, slot)
 

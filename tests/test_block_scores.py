@@ -109,6 +109,12 @@ def test_fold_open_key_equals_the_torch_ops_it_stands_for():
             assert torch.equal(w.nan_to_num(0.0).view(torch.int16), x.nan_to_num(0.0).view(torch.int16))
         for w, x in zip(want[2:], got[2:]):
             assert torch.equal(w, x) or torch.equal(w.nan_to_num(7.0), x.nan_to_num(7.0))
+    ok = (torch.zeros(2, 3, 4, dtype=torch.float16), torch.zeros(2, 3, 4, dtype=torch.float16), torch.zeros(2, 3, 4),
+          torch.zeros(2, 2, 4))
+    for k, blk, slot in ((torch.zeros(2, 4), 3, 0), (torch.zeros(2, 4), -1, 0), (torch.zeros(2, 4), 0, 2),
+                         (torch.zeros(3, 4), 0, 0), (torch.zeros(2, 5), 0, 0)):
+        with pytest.raises(ValueError, match="do not fit"):
+            fold_open_key(k, *ok, blk, slot)
     with pytest.raises(ValueError, match="contiguous"):
         fold_open_key(torch.zeros(2, 4), torch.zeros(2, 4, 3, dtype=torch.float16).transpose(1, 2), *(
             torch.zeros(2, 3, 4, dtype=torch.float16), torch.zeros(2, 3, 4), torch.zeros(2, 2, 4)), 0, 0)
