@@ -29,9 +29,9 @@ DEFAULT_REUSE_BONUS = 2.0
 # Candidates per block left to choose that Quest's bound passes on to the 2-bit keys' scores
 # (SelectionPolicy.coarse_candidates), where the ranking runs on the CPU ("auto"). 4 at 8K tokens
 # scores 46 % of the blocks and kept 0.956 of the attention mass against 0.958 (2 per block lost
-# a needle at 2K with a 512 budget); the accuracy harness gave dense's answers with it on every item of SmolLM2 at 8K and
-# Gemma 3 270M at 4K-16K (benchmarks/RESULTS.md, "Scoring coarse before fine" and "Coarse
-# before fine by default on the CPU").
+# a needle at 2K with a 512 budget); the accuracy harness gave dense's answers with it on every
+# item of SmolLM2 at 8K and Gemma 3 270M at 4K-16K (benchmarks/RESULTS.md, "Scoring coarse
+# before fine" and "Coarse before fine by default on the CPU").
 DEFAULT_COARSE_CANDIDATES = 4.0
 
 

@@ -61,12 +61,29 @@ def moved_bytes(options):
         return {}
 
 
-def build(name):
+# what a case's architecture adds to attention, turned off: with it off the eager tokens differ,
+# so kvdrive's equal tokens say it applied it (random tiny models barely attend by position:
+# their query and key weights are scaled up, ``SHARPEN``, until the feature changes the answer)
+FEATURE_OFF = {"falcon-alibi": dict(alibi=False), "qwen3-hybrid": dict(sliding_window=4096),
+               "cohere2-hybrid": dict(sliding_window=4096), "codegen": dict(rotary_dim=4)}
+SHARPEN = {"falcon-alibi": 16.0, "cohere2-hybrid": 16.0, "codegen": 16.0}
+QK_WEIGHTS = ("q_proj.weight", "k_proj.weight", "query_key_value.weight", "qkv_proj.weight")
+
+
+def build(name, **changes):
+    """The case's random model (seed 0); changes: config fields set after the case's own."""
     cfg_cls, model_cls, extra, attn = CASES[name]
     kwargs = {"vocab_size": 128, **extra} if cfg_cls in GPT2_STYLE else {**SMALL, **extra}
     cfg = cfg_cls(**kwargs)
+    for key, value in changes.items():
+        setattr(cfg, key, value)
     torch.manual_seed(0)
-    return model_cls._from_config(cfg, attn_implementation=attn).eval().to(DEVICE)
+    model = model_cls._from_config(cfg, attn_implementation=attn).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if name in SHARPEN and pname.endswith(QK_WEIGHTS):
+                p.mul_(SHARPEN[name])
+    return model.to(DEVICE)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -78,6 +95,12 @@ def test_random_model_token_identical(name):
     before = moved_bytes(budgets)
     ref, out = greedy_both(model, ids, 12, **budgets)
     assert torch.equal(ref, out), f"{name}: eager {ref[0, 70:].tolist()} != kvdrive {out[0, 70:].tolist()}"
+    if name in FEATURE_OFF:                        # the feature decides tokens: kvdrive applied it
+        plain = build(name, **FEATURE_OFF[name])
+        plain.load_state_dict(model.state_dict())
+        kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        with torch.no_grad():
+            assert not torch.equal(plain.generate(ids, **kw), ref), f"{name}: {FEATURE_OFF[name]} gives the same tokens"
     assert kvdrive_compile.counters.sites_rewritten >= 2 * model.config.num_hidden_layers, kvdrive_compile.counters
     assert kvdrive_compile.counters.sites_skipped == 0, kvdrive_compile.counters.skip_reasons
     assert kvdrive_compile.counters.caches_unclaimed == 0, kvdrive_compile.counters.skip_reasons
