@@ -45,7 +45,9 @@ class LayerKV:
     slot is its home slot); ``last_selected`` (the layer's decode step that last selected
     it, -1: never); ``repeat`` (that selection was a repeat: it had been selected within the
     reuse window before); ``score`` (its estimated attention mass at the row's last ranking);
-    ``pins`` (live plans reading it: it may not move). Per row: ``rank_q`` (fp32 ``[rows, R,
+    ``pins`` (live plans reading it: it may not move); ``last_pick``: the entries the layer's
+    last decode step selected (where the next step's reuse count and ahead-of-need reads
+    start, without a pass over every entry). Per row: ``rank_q`` (fp32 ``[rows, R,
     D]``, the queries of that ranking) and ``rank_len`` (the context length then, -1: none),
     kept only with ``rerank_similarity``.
     """
@@ -79,6 +81,7 @@ class LayerKV:
     pins: np.ndarray = field(default=None, repr=False)
     rank_q: Optional[torch.Tensor] = field(default=None, repr=False)
     rank_len: np.ndarray = field(default=None, repr=False)
+    last_pick: tuple = field(default=(), repr=False)   # (rows, blocks) of the entries the last decode step selected
     _table: Optional[tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False)
 
     def __post_init__(self):

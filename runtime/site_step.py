@@ -32,7 +32,6 @@ from ..kernels.merge import merge_partials
 from ..kernels.paged_attention import paged_attention
 
 _plan_ids = itertools.count(1)
-AHEAD_STEPS = 1             # an ahead-of-need read takes the blocks selected in the layer's last steps
 
 OUTSIDE_READ = (
     "the KV cache handed to the compiled model holds values that were read or rewritten outside "
@@ -354,14 +353,16 @@ def prefetch_ahead(rt: KVRuntime, session: Session, layer: int) -> None:
         # where it lives there), so a copy read now would be stale, and the read would race
         # that write
         first, nb = kv.first, min(kv.num_blocks, kv.length // kv.block_size)
-        if nb <= first:
+        if nb <= first or not kv.last_pick:
             return
-        recent = placement.within_window(kv.last_selected[:, first:nb], kv.step, AHEAD_STEPS)   # the last AHEAD_STEPS steps
-        want = recent & (kv.home[:, first:nb] == Tier.DISK) & (kv.dev[:, first:nb] < 0) & (kv.host[:, first:nb] < 0)
-        rows, cols = np.nonzero(want)
+        rows, blocks = kv.last_pick                 # the entries the layer's last step selected
+        inside = (blocks >= first) & (blocks < nb)
+        rows, blocks = rows[inside], blocks[inside]
+        want = ((kv.last_selected[rows, blocks] == kv.step) & (kv.home[rows, blocks] == Tier.DISK)   # not forgotten since
+                & (kv.dev[rows, blocks] < 0) & (kv.host[rows, blocks] < 0))
+        rows, blocks = rows[want], blocks[want]
         if not rows.size:
             return
-        blocks = cols + first
         slots = kv.home_slot[rows, blocks]
         order = np.argsort(slots, kind="stable")
         disk = rt.disk(kv)

@@ -184,6 +184,133 @@ def test_reuse_is_measured_per_history_class():
         rt.close()
 
 
+def cache_step_over_every_entry(rt, kv, plan):
+    """The reference for ``placement.cache_step``: the same rules with ``Entries`` over every
+    (row, block) entry of the layer and ``where()``'s whole table."""
+    nb = kv.num_blocks
+    kv.step += 1
+    selected = np.zeros((kv.rows, nb), np.bool_)
+    np.put_along_axis(selected, plan.selected.numpy(), True, axis=1)
+    tier, _ = kv.where()
+    pinned = kv.pinned_blocks()[None, :] | (kv.pins[:, :nb] > 0)
+    last = kv.last_selected[:, :nb]
+    recent = placement.within_window(last, kv.step, rt.reuse_window)
+    model = placement.admission_model(rt, kv)
+    if model is not None:
+        before = last == kv.step - 1
+        for kind, was in (("repeat", kv.repeat[:, :nb]), ("first", ~kv.repeat[:, :nb])):
+            seen = before & was
+            model.observe_reuse(kind, int(seen.sum()), int((seen & selected).sum()))
+    if rt.device_cache:
+        e = Entries(cached=(kv.dev[:, :nb] >= 0).reshape(-1), pinned=pinned.reshape(-1),
+                    last_selected=last.reshape(-1), score=kv.score[:, :nb].reshape(-1),
+                    selected=selected.reshape(-1), eligible=(tier >= 0).reshape(-1))
+        room = placement._device_share(rt, kv) - int(e.cached.sum())
+        worth = None if model is None or plan.fetch else model.worth(recent.reshape(-1), tier.reshape(-1))
+        admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, plan.fetch, worth)
+        placement._evict(rt, kv, Tier.DEVICE, evict)
+        placement._admit(rt, kv, plan, Tier.DEVICE, admit, tier.reshape(-1))
+    if rt.budgets[Tier.HOST].limit is not None and (kv.home[:, :nb] == Tier.DISK).any():
+        tier, _ = kv.where()
+        on_disk = tier == Tier.DISK
+        for _, r, b, _ in plan.fills:
+            on_disk[r, b] = False
+        copy = (kv.host[:, :nb] >= 0) & (kv.home[:, :nb] == Tier.DISK)
+        e = Entries(cached=copy.reshape(-1), pinned=(kv.pins[:, :nb] > 0).reshape(-1),
+                    last_selected=kv.last_selected[:, :nb].reshape(-1), score=kv.score[:, :nb].reshape(-1),
+                    selected=(selected & (on_disk | copy)).reshape(-1), eligible=on_disk.reshape(-1))
+        room = placement._host_share(rt, kv) - int(copy.sum())
+        admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, False)
+        placement._evict(rt, kv, Tier.HOST, evict)
+        placement._admit(rt, kv, plan, Tier.HOST, admit, tier.reshape(-1))
+    kv.repeat[:, :nb][selected] = recent[selected]
+    kv.last_selected[:, :nb][selected] = kv.step
+
+
+@pytest.mark.parametrize("cache_policy,fetch", [("attention", False), ("attention", True), ("lru", False),
+                                                ("none", False)])
+@pytest.mark.parametrize("seed", range(3))
+def test_the_cache_step_decides_what_the_rules_over_every_entry_decide(tmp_path, monkeypatch, cache_policy, fetch,
+                                                                       seed):
+    """Two runtimes fed the same appends, selections and scores, on fresh random data: one moves
+    copies by ``cache_step`` (which counts reuse, asks the admission model and keeps the
+    selection history for the selected entries only, and starts the next step's reuse count and
+    ahead-of-need read from ``last_pick``), the other by the same rules over every entry. After
+    each step both hold the same copies in the same slots, the same pending disk fills, the
+    same selection history and the same reuse counts, and an ahead-of-need read takes the blocks
+    the step selected that lie only on disk. The admission model's decisions are drawn at random
+    per step (the same for both: its measured rates depend on time). The disk reads land between
+    steps (the admitted copies fill); halfway the cache is cropped by a block and a bit."""
+    rng = np.random.default_rng(seed)
+    batch, hkv, d, bs = 2, 2, 8, 4
+    slot = bs * d * 2 * 4
+    draws = [rng.random(4) < 0.5 for _ in range(40)]
+    monkeypatch.setattr(AdmissionModel, "admits", lambda self: {
+        (kind, tier): bool(draws[self.calls][i]) for i, (kind, tier) in
+        enumerate((k, t) for k in ("repeat", "first") for t in (Tier.HOST, Tier.DISK))})
+    monkeypatch.setattr(AdmissionModel, "calls", 0, raising=False)
+    k = torch.from_numpy(rng.standard_normal((batch, hkv, bs * 30 + 2, d), np.float32))
+    rts, kvs, sessions = [], [], []
+    for i in range(2):
+        (tmp_path / str(i)).mkdir()
+        rt = KVRuntime(block_size=bs, device_memory=20 * batch * hkv * slot, host_memory=20 * batch * hkv * slot,
+                       disk_dir=str(tmp_path / str(i)), cache_policy=cache_policy, reuse_window=2)
+        session = rt.open_session(sites=2)     # the layer homes blocks in half of host memory: the rest holds copies
+        session.phase = "decode"
+        kv = rt.layer(session, 0, k, False)
+        placement.append(rt, kv, k, k)
+        placement.place_fresh(rt, kv)
+        rts.append(rt)
+        kvs.append(kv)
+        sessions.append(session)
+    read_ahead = 0
+    for step in range(25):
+        new = torch.from_numpy(rng.standard_normal((batch, hkv, 1, d), np.float32))
+        for rt, kv in zip(rts, kvs):
+            if step == 12:                          # a crop: what was selected in the blocks it frees is forgotten
+                site_step.crop(rt, kv, kv.length - bs - 3)
+            placement.append(rt, kv, new, new)
+            placement.place_fresh(rt, kv)
+        nb = kvs[0].num_blocks
+        picks = torch.from_numpy(np.sort(np.stack([rng.choice(nb, 9, replace=False) for _ in range(batch * hkv)]), 1))
+        scores = rng.standard_normal((batch * hkv, nb)).astype(np.float32)
+        plans = []
+        for rt, kv, run in zip(rts, kvs, (placement.cache_step, cache_step_over_every_entry)):
+            kv.score[:, :nb] = scores
+            plans.append(SimpleNamespace(selected=picks, fetch=fetch, fills=[], pinned=(), layer=kv))
+            AdmissionModel.calls = step
+            run(rt, kv, plans[-1])
+        a, b = kvs
+        for name in ("dev", "host", "home", "home_slot", "last_selected", "repeat"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), (step, name)
+        fills = [[(t, r.tolist(), c.tolist(), s.tolist()) for t, r, c, s in p.fills] for p in plans]
+        assert fills[0] == fills[1], step
+        assert [dict(rt.admitted) for rt in rts] == [dict(rts[0].admitted)] * 2, step
+        assert [dict(rt.evicted) for rt in rts] == [dict(rts[0].evicted)] * 2, step
+        models = [placement.admission_model(rt, kv) for rt, kv in zip(rts, kvs)]
+        if models[0] is not None:
+            assert (models[0].reuse_seen, models[0].reuse_hits) == (models[1].reuse_seen, models[1].reuse_hits)
+        for rt, kv, plan in zip(rts, kvs, plans):           # the disk reads land: the admitted copies fill
+            for tier, r, c, slots in plan.fills:
+                zeros = torch.zeros(len(slots), bs, d)
+                placement._write_copies(rt, tier, kv, r, c, slots.tolist(), zeros, zeros)
+            plan.fills = []
+        # an ahead-of-need read takes the blocks the last step selected that lie only on disk
+        site_step.prefetch_ahead(rts[0], sessions[0], 0)
+        ahead = kvs[0].ahead
+        want = (plans[0].selected.numpy() < kvs[0].length // bs) & (kvs[0].where()[0][np.arange(batch * hkv)[:, None], plans[0].selected.numpy()] == Tier.DISK)
+        got = set() if ahead is None else set(zip(ahead.rows.tolist(), ahead.blocks.tolist()))
+        assert got == {(r, int(plans[0].selected[r, j])) for r, j in zip(*np.nonzero(want))}, step
+        read_ahead += len(got)
+        if ahead is not None:
+            ahead.read.result()
+        site_step._drop_ahead(rts[0], kvs[0])
+    assert read_ahead or cache_policy == "lru", "no block read ahead: the test misses its case"   # lru admits every miss
+    for rt in rts:
+        assert cache_policy == "none" or rt.evicted["host"], "no host copy evicted: the test misses its case"
+        assert rt.evicted["device"], "no device copy evicted: the test misses its case"
+        rt.close()
+
 # -- the runtime under the policy ------------------------------------------------------------------
 
 POLICY = SelectionPolicy(token_budget=64, sink_tokens=16, local_window=16, dense_layers=0)
