@@ -765,18 +765,20 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan) -> None:
         _evict(rt, kv, Tier.DEVICE, evict)
         _admit(rt, kv, plan, Tier.DEVICE, admit, tier.reshape(-1))
     if rt.budgets[Tier.HOST].limit is not None and (kv.home[:, :nb] == Tier.DISK).any():
-        tier, _ = kv.where()
-        on_disk = tier == Tier.DISK
-        for _, r, b, _ in plan.fills:                 # on their way to the device already
-            on_disk[r, b] = False
         copy = (kv.host[:, :nb] >= 0) & (kv.home[:, :nb] == Tier.DISK)
-        e = Entries(cached=copy.reshape(-1), pinned=(kv.pins[:, :nb] > 0).reshape(-1),
-                    last_selected=kv.last_selected[:, :nb].reshape(-1), score=kv.score[:, :nb].reshape(-1),
-                    selected=(selected & (on_disk | copy)).reshape(-1), eligible=on_disk.reshape(-1))
-        room = _host_share(rt, kv) - int(copy.sum())
-        admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, False)
-        _evict(rt, kv, Tier.HOST, evict)
-        _admit(rt, kv, plan, Tier.HOST, admit, tier.reshape(-1))
+        copies = int(copy.sum())
+        room = _host_share(rt, kv) - copies
+        if room > 0 or copies:                 # else nothing is cached there and nothing fits: no move
+            tier, _ = kv.where()
+            on_disk = tier == Tier.DISK
+            for _, r, b, _ in plan.fills:             # on their way to the device already
+                on_disk[r, b] = False
+            e = Entries(cached=copy.reshape(-1), pinned=(kv.pins[:, :nb] > 0).reshape(-1),
+                        last_selected=kv.last_selected[:, :nb].reshape(-1), score=kv.score[:, :nb].reshape(-1),
+                        selected=(selected & (on_disk | copy)).reshape(-1), eligible=on_disk.reshape(-1))
+            admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, False)
+            _evict(rt, kv, Tier.HOST, evict)
+            _admit(rt, kv, plan, Tier.HOST, admit, tier.reshape(-1))
     kv.repeat[rows, blocks] = recent
     kv.last_selected[rows, blocks] = kv.step
     kv.last_pick = (rows, blocks)
