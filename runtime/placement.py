@@ -724,7 +724,7 @@ def count_served(rt: KVRuntime, kv: LayerKV, selected: torch.Tensor) -> dict[Tie
         counts[int(Tier.DEVICE) + 1] = selected.numel()
     else:
         tier, _ = kv.where()
-        lay = np.take_along_axis(tier, selected.numpy(), axis=1)
+        lay = np.take(tier, np.arange(kv.rows)[:, None] * tier.shape[1] + selected.numpy())
         counts = np.bincount(lay.ravel() + 1, minlength=len(Tier) + 1)       # index 0: not held (-1)
     sb = slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
     out = {}
@@ -744,11 +744,13 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan) -> None:
     kv.step += 1
     picked = plan.selected.numpy()
     rows, blocks = np.repeat(np.arange(kv.rows), picked.shape[1]), picked.ravel()
-    selected = np.zeros((kv.rows, nb), np.bool_)
-    selected[rows, blocks] = True
+    at, at_nb = rows * kv.home.shape[1] + blocks, rows * nb + blocks   # flat, into the state / a [rows, nb] array
+    selected = np.zeros(kv.rows * nb, np.bool_)
+    selected[at_nb] = True                     # (flat indices: numpy's 2-D fancy indexing costs several times more)
+    selected = selected.reshape(kv.rows, nb)
     tier, _ = kv.where()
     pinned = kv.pinned_blocks()[None, :] | (kv.pins[:, :nb] > 0)
-    recent = within_window(kv.last_selected[rows, blocks], kv.step, rt.reuse_window)   # a repeat selection
+    recent = within_window(np.take(kv.last_selected, at), kv.step, rt.reuse_window)   # a repeat selection
     model = admission_model(rt, kv)
     if model is not None:
         _observe_reuse(model, kv, selected)
@@ -760,7 +762,7 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan) -> None:
         worth = None
         if model is not None and not plan.fetch:       # only selected entries can be admitted: asked for those
             worth = np.zeros(e.selected.size, np.bool_)
-            worth[rows * nb + blocks] = model.worth(recent, tier[rows, blocks])
+            worth[at_nb] = model.worth(recent, np.take(tier, at_nb))
         admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, plan.fetch, worth)
         _evict(rt, kv, Tier.DEVICE, evict)
         _admit(rt, kv, plan, Tier.DEVICE, admit, tier.reshape(-1))
@@ -779,8 +781,8 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan) -> None:
             admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, False)
             _evict(rt, kv, Tier.HOST, evict)
             _admit(rt, kv, plan, Tier.HOST, admit, tier.reshape(-1))
-    kv.repeat[rows, blocks] = recent
-    kv.last_selected[rows, blocks] = kv.step
+    np.put(kv.repeat, at, recent)
+    np.put(kv.last_selected, at, kv.step)
     kv.last_pick = (rows, blocks)
 
 
@@ -793,9 +795,10 @@ def _observe_reuse(model: AdmissionModel, kv: LayerKV, selected: np.ndarray) -> 
     rows, blocks = kv.last_pick
     inside = blocks < selected.shape[1]
     rows, blocks = rows[inside], blocks[inside]
-    before = kv.last_selected[rows, blocks] == kv.step - 1
-    again = selected[rows, blocks]
-    was = kv.repeat[rows, blocks]
+    at = rows * kv.home.shape[1] + blocks
+    before = np.take(kv.last_selected, at) == kv.step - 1
+    again = np.take(selected, rows * selected.shape[1] + blocks)
+    was = np.take(kv.repeat, at)
     for kind, of_kind in (("repeat", was), ("first", ~was)):
         seen = before & of_kind
         model.observe_reuse(kind, int(seen.sum()), int((seen & again).sum()))

@@ -319,7 +319,8 @@ def _pin(rt: KVRuntime, plan: Plan) -> None:
     kv = plan.layer
     selected = plan.selected.numpy()
     rows = np.broadcast_to(np.arange(kv.rows)[:, None], selected.shape)
-    tier = kv.where()[0][rows, selected]                     # where the step reads each selected block
+    table = kv.where()[0]
+    tier = np.take(table, rows * table.shape[1] + selected)   # where the step reads each selected block
     held = (tier == Tier.DEVICE) | (tier == Tier.HOST)
     if held.any():
         r, c = rows[held], selected[held]
