@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .device_copies import gathered, to_device
-from .layer_kv import NONE, Fresh, LayerKV
+from .layer_kv import NONE, Fresh, LayerKV, flat_entries
 from .selection import SelectionPolicy, block_scores, scored
 from .standins import collect_garbage
 from .tiers import BlockPool, Tier, slot_bytes
@@ -724,7 +724,7 @@ def count_served(rt: KVRuntime, kv: LayerKV, selected: torch.Tensor) -> dict[Tie
         counts[int(Tier.DEVICE) + 1] = selected.numel()
     else:
         tier, _ = kv.where()
-        lay = np.take(tier, np.arange(kv.rows)[:, None] * tier.shape[1] + selected.numpy())
+        lay = np.take(tier, flat_entries(selected.numpy(), tier.shape[1]))
         counts = np.bincount(lay.ravel() + 1, minlength=len(Tier) + 1)       # index 0: not held (-1)
     sb = slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
     out = {}
@@ -743,10 +743,11 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan) -> None:
     nb = kv.num_blocks
     kv.step += 1
     picked = plan.selected.numpy()
-    rows, blocks = np.repeat(np.arange(kv.rows), picked.shape[1]), picked.ravel()
-    at, at_nb = rows * kv.home.shape[1] + blocks, rows * nb + blocks   # flat, into the state / a [rows, nb] array
+    rows, blocks = np.repeat(np.arange(kv.rows), picked.shape[1]), picked.flatten()   # a copy: kept as last_pick
+    at_nb = flat_entries(picked, nb).ravel()                  # into a [rows, nb] array
+    at = at_nb + rows * (kv.home.shape[1] - nb)               # into the [rows, capacity] state
     selected = np.zeros(kv.rows * nb, np.bool_)
-    selected[at_nb] = True                     # (flat indices: numpy's 2-D fancy indexing costs several times more)
+    selected[at_nb] = True
     selected = selected.reshape(kv.rows, nb)
     tier, _ = kv.where()
     pinned = kv.pinned_blocks()[None, :] | (kv.pins[:, :nb] > 0)

@@ -23,7 +23,7 @@ from .block_attention import StepMask, attend, attend_gathered, attend_part, emp
 from .device_copies import HostCopy, to_device, to_host
 from .disk import outcome, raise_kept
 from .kv_runtime import CPU_WORKER_PREFIX, KVRuntime, Session
-from .layer_kv import LayerKV, TierPart, tier_part
+from .layer_kv import LayerKV, TierPart, flat_entries, tier_part
 from .selection import EXACT, SelectionPolicy, scored, select_scored, window_blocks
 from .standins import StandInKey, is_standin_like, token_span
 from .tiers import Tier, slot_bytes
@@ -320,7 +320,7 @@ def _pin(rt: KVRuntime, plan: Plan) -> None:
     selected = plan.selected.numpy()
     rows = np.broadcast_to(np.arange(kv.rows)[:, None], selected.shape)
     table = kv.where()[0]
-    tier = np.take(table, rows * table.shape[1] + selected)   # where the step reads each selected block
+    tier = np.take(table, flat_entries(selected, table.shape[1]))   # where the step reads each selected block
     held = (tier == Tier.DEVICE) | (tier == Tier.HOST)
     if held.any():
         r, c = rows[held], selected[held]

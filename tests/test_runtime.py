@@ -367,6 +367,24 @@ def test_where_is_the_fastest_copy_of_each_block(seed):
     assert np.array_equal(slot, np.where(dev >= 0, dev, np.where(host >= 0, host, kv.home_slot[:, :n])))
 
 
+def test_flat_entries_name_each_rows_blocks_and_refuse_a_block_past_the_row():
+    """``flat_entries`` (what the cache step, the tier counts and the pins read entries by)
+    against 2-D indexing on fresh random data; a block id past the width would name the next
+    row's entry, so it is refused."""
+    import numpy as np
+
+    from kvdrive_compile.runtime.layer_kv import flat_entries
+
+    rng = np.random.default_rng(0)
+    table = rng.integers(0, 1000, (5, 23))
+    selected = np.sort(rng.integers(0, 23, (5, 7)), 1)
+    assert np.array_equal(np.take(table, flat_entries(selected, 23)), table[np.arange(5)[:, None], selected])
+    for bad in (23, -1):
+        selected[2, 3] = bad
+        with pytest.raises(IndexError, match="outside"):
+            flat_entries(selected, 23)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_tier_split_matches_a_stable_sort_by_tier(seed):
     """layer_kv.tier_part (one numba pass) against the torch reference: per row the selected
