@@ -582,14 +582,18 @@ def _budget_error(rt: KVRuntime, kv: LayerKV) -> KVBudgetError:
     def kept(layer: LayerKV) -> int:           # bytes of the blocks a layer keeps on the device
         return (layer.pinned_front + layer.pinned_back) * layer.rows * slot_bytes(rt.block_size, layer.head_dim, layer.dtype)
 
+    def needs(session) -> int:                 # bytes a generation keeps on the device in all
+        # layers differ where their head_dim does (Gemma 4): the ones seen so far as they are, the
+        # others as the largest of those
+        known = [kept(layer) for layer in session.layers.values()]
+        return sum(known) + max(0, session.sites - len(known)) * max(known + [per_layer])
+
     sb = slot_bytes(rt.block_size, kv.head_dim, kv.dtype)
     per_layer = kept(kv)
     session = rt.sessions[kv.session_id]
     sites = session.sites
-    # layers differ where their head_dim does (Gemma 4): the ones seen so far as they are, the
-    # others as the largest of those
-    known = [kept(layer) for layer in session.layers.values()]
-    minimum = sum(known) + max(0, sites - len(known)) * max(known + [per_layer])
+    minimum = needs(session)
+    together = minimum + sum(needs(other) for other in rt.sessions.values() if other is not session)
     return KVBudgetError(
         f"device_memory={rt.budgets[Tier.DEVICE].limit} bytes cannot hold the blocks each attention layer "
         f"keeps on the device (sink, local window, open block: {kv.pinned_front + kv.pinned_back} blocks x "
@@ -600,7 +604,9 @@ def _budget_error(rt: KVRuntime, kv: LayerKV) -> KVBudgetError:
            "interrupted generate, as a notebook keeps the last one, can hold it); drop those, or free every "
            "generation's KV with kvdrive_compile.release_all(). "
            if len(rt.sessions) > 1 else "")
-        + f"Pass device_memory >= {minimum} bytes (more, so blocks attention reuses can stay), "
+        + (f"Pass device_memory >= {together} bytes to keep them all ({minimum} for this generation alone; "
+           if together > minimum else f"Pass device_memory >= {minimum} bytes (")
+        + "more, so blocks attention reuses can stay), "
         "device_memory=0 (no device tier: attend everything where it lies), or None (no limit)")
 
 
