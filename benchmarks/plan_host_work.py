@@ -177,13 +177,13 @@ def package_at(rev: str, where: Path) -> str:
     return "kvdrive_rev"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["4x3x8192", "8x8x16384", "8x8x65536"],
                     help="BATCHxKV_HEADSxTOKENS each")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--against", metavar="REV", help="also run the runtime at this git revision, alternating steps")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         packages = {"this checkout": "kvdrive_compile"}
         if args.against:
@@ -215,6 +215,7 @@ def main() -> None:
             r = results[shape]
             print(f"{shape}: plan without the ranking, this checkout / {args.against}: median of per-step "
                   f"ratios {r['ratio']:.3f}; same placement: {r['same placement']}")
+    return results
 
 
 if __name__ == "__main__":

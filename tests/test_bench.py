@@ -758,3 +758,33 @@ def test_sync_points_script_runs_its_systems_on_the_cpu(tmp_path, capsys):
     assert all(len(r["step_ms"]) == 2 for r in result["results"].values())
     out = capsys.readouterr().out
     assert "step wall / slowest stage" in out and "kvdrive-exact" in out
+
+
+# -- benchmarks/plan_host_work.py: a layer's plan on the host, against a git revision --------------
+
+@pytest.mark.slow
+def test_plan_host_work_times_each_part_and_compares_with_a_revision(capsys):
+    """The script at a tiny shape, against the runtime at HEAD (loaded from git into a package of
+    its own): both runtimes planned every step (each part timed), and where the revision's code
+    is this checkout's they placed every block alike."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    spec = importlib.util.spec_from_file_location("plan_host_work", repo / "benchmarks" / "plan_host_work.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    results = script.main(["--shapes", "1x2x2048", "--steps", "4", "--against", "HEAD"])["1x2x2048"]
+    for label in ("this checkout", "HEAD"):
+        assert results[label]["entries"] == 2 * 129
+        assert all(results[label][part] > 0 for part in ("ranking (select_scored)", "cache_step (the policy's moves)",
+                                                         "select (all of the plan)"))
+    changed = subprocess.run(["git", "status", "--porcelain", "runtime", "kernels"], cwd=repo,
+                             capture_output=True, text=True).stdout
+    if not changed:                           # HEAD's runtime is this checkout's: the same moves
+        assert results["same placement"]
+    assert results["ratio"] > 0
+    assert "median of per-step ratios" in capsys.readouterr().out
