@@ -751,7 +751,7 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan) -> None:
     picked = plan.selected.numpy()
     rows, blocks = np.repeat(np.arange(kv.rows), picked.shape[1]), picked.flatten()   # a copy: kept as last_pick
     at_nb = flat_entries(picked, nb).ravel()                  # into a [rows, nb] array
-    at = at_nb + rows * (kv.home.shape[1] - nb)               # into the [rows, capacity] state
+    at = flat_entries(picked, kv.home.shape[1]).ravel()       # into the [rows, capacity] state
     selected = np.zeros(kv.rows * nb, np.bool_)
     selected[at_nb] = True
     selected = selected.reshape(kv.rows, nb)

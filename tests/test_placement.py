@@ -312,6 +312,7 @@ def test_the_cache_step_decides_what_the_rules_over_every_entry_decide(tmp_path,
         assert rt.evicted["device"], "no device copy evicted: the test misses its case"
         rt.close()
 
+
 # -- the runtime under the policy ------------------------------------------------------------------
 
 POLICY = SelectionPolicy(token_budget=64, sink_tokens=16, local_window=16, dense_layers=0)
