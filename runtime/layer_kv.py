@@ -40,15 +40,17 @@ class LayerKV:
     """KV of one layer of one session: ``length`` tokens in blocks ``first .. num_blocks - 1``.
 
     Blocks before ``first`` were dropped (a sliding-window layer no longer attends them).
-    Per (row, block), numpy ``[rows, capacity]``: ``home`` tier (-1: none yet, or dropped) and
+    Per (row, block), numpy ``[rows, capacity]`` (32-bit or narrower: the cache policy streams
+    them every step, ~26 bytes an entry): ``home`` tier (-1: none yet, or dropped) and
     ``home_slot``; ``dev`` and ``host`` copy slots (-1: no copy; a host-homed block's host
     slot is its home slot); ``last_selected`` (the layer's decode step that last selected
     it, -1: never); ``repeat`` (that selection was a repeat: it had been selected within the
     reuse window before); ``score`` (its estimated attention mass at the row's last ranking);
     ``pins`` (live plans reading it: it may not move); ``last_pick``: the entries the layer's
-    last decode step selected (where the next step's reuse count and ahead-of-need reads
-    start, without a pass over every entry). Per row: ``rank_q`` (fp32 ``[rows, R,
-    D]``, the queries of that ranking) and ``rank_len`` (the context length then, -1: none),
+    last decode step selected (``Pick``: where the next step's reuse count and ahead-of-need
+    reads start, without reading the state arrays at scattered entries). Per row: ``rank_q``
+    (fp32 ``[rows, R, D]``, the queries of that ranking) and ``rank_len`` (the context length
+    then, -1: none),
     kept only with ``rerank_similarity``.
     """
 
@@ -81,7 +83,7 @@ class LayerKV:
     pins: np.ndarray = field(default=None, repr=False)
     rank_q: Optional[torch.Tensor] = field(default=None, repr=False)
     rank_len: np.ndarray = field(default=None, repr=False)
-    last_pick: tuple = field(default=(), repr=False)   # (rows, blocks) of the entries the last decode step selected
+    last_pick: Optional["Pick"] = field(default=None, repr=False)   # the entries the last decode step selected
     _table: Optional[tuple[np.ndarray, np.ndarray]] = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -94,8 +96,8 @@ class LayerKV:
         old = self.home
         n = 0 if old is None else old.shape[1]
         r = self.rows
-        fills = {"home": (NONE, np.int8), "home_slot": (NONE, np.int64), "dev": (NONE, np.int64),
-                 "host": (NONE, np.int64), "last_selected": (NONE, np.int64), "repeat": (0, np.bool_),
+        fills = {"home": (NONE, np.int8), "home_slot": (NONE, np.int32), "dev": (NONE, np.int32),
+                 "host": (NONE, np.int32), "last_selected": (NONE, np.int32), "repeat": (0, np.bool_),
                  "score": (0.0, np.float32),
                  "pins": (0, np.int32)}
         for name, (fill, dtype) in fills.items():
@@ -141,20 +143,39 @@ class LayerKV:
         return None if self.length % self.block_size == 0 else self.length // self.block_size
 
     def where(self) -> tuple[np.ndarray, np.ndarray]:
-        """Where attention reads each (row, block): tier ``[rows, nb]`` int64 (-1: not held) and
-        slot, its fastest copy; kept until the blocks change (read-only)."""
+        """Where attention reads each (row, block): tier ``[rows, nb]`` int8 (-1: not held) and
+        slot (int32), its fastest copy; kept until the blocks change (read-only)."""
         if self._table is None:
             self._table = _where(self.dev, self.host, self.home, self.home_slot, self.num_blocks)
         return self._table
 
     def table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``where()`` as int64 tensors ``(tier [rows, nblocks], slot [rows, nblocks])``."""
+        """``where()`` as tensors ``(tier [rows, nblocks], slot [rows, nblocks])``."""
         tier, slot = self.where()
         return torch.from_numpy(tier), torch.from_numpy(slot)
 
     def changed(self) -> None:
         """Blocks were added, moved or dropped: the cached table is stale."""
         self._table = None
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The (row, block) entries one decode step of a layer selected, flat and in row order:
+    ``rows``, ``blocks`` int64 ``[n]``; ``repeat`` bool ``[n]`` (what the step wrote to the
+    layer's ``repeat`` for each); ``step``: the layer's decode step (what it wrote to
+    ``last_selected``). A crop drops the entries of the blocks it frees (``without_from``), so
+    the rest still say what the state arrays say of them."""
+
+    rows: np.ndarray
+    blocks: np.ndarray
+    repeat: np.ndarray
+    step: int
+
+    def without_from(self, block: int) -> "Pick":
+        """The entries of blocks before ``block``."""
+        keep = self.blocks < block
+        return Pick(self.rows[keep], self.blocks[keep], self.repeat[keep], self.step)
 
 
 @dataclass
@@ -179,8 +200,8 @@ def _where(dev, host, home, home_slot, n):
     """``LayerKV.where``'s table of the first ``n`` blocks, in one pass (as numpy ``where``s it
     took ~40 us a call, up to three calls a layer and step)."""
     rows = dev.shape[0]
-    tier = np.empty((rows, n), np.int64)
-    slot = np.empty((rows, n), np.int64)
+    tier = np.empty((rows, n), np.int8)
+    slot = np.empty((rows, n), np.int32)
     for r in range(rows):
         for b in range(n):
             if dev[r, b] >= 0:
@@ -229,8 +250,8 @@ def _split_by_tier(tier_of, slot_of, selected, tier):
 
 def load_kernel() -> None:
     """Load ``_split_by_tier`` and ``_where`` now (see ``block_scores.load_kernel``)."""
-    _split_by_tier(np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64), 0)
-    one = np.zeros((1, 1), np.int64)
+    _split_by_tier(np.zeros((1, 1), np.int8), np.zeros((1, 1), np.int32), np.zeros((1, 1), np.int64), 0)
+    one = np.zeros((1, 1), np.int32)
     _where(one, one, np.zeros((1, 1), np.int8), one, 1)
 
 
@@ -239,9 +260,14 @@ def flat_entries(selected: np.ndarray, width: int) -> np.ndarray:
     into a C-ordered ``[rows, width]`` array (``np.take``/``np.put`` read them several times
     faster than 2-D fancy indexing), checked: a block id past ``width`` would name an entry of
     the next row."""
-    if selected.size and (selected.min() < 0 or selected.max() >= width):
+    return flat_index(np.arange(selected.shape[0])[:, None], selected, width)
+
+
+def flat_index(rows: np.ndarray, blocks: np.ndarray, width: int) -> np.ndarray:
+    """``rows * width + blocks`` (broadcast), checked as ``flat_entries`` is."""
+    if blocks.size and (blocks.min() < 0 or blocks.max() >= width):
         raise IndexError("a selected block id is outside the layer's block table")
-    return np.arange(selected.shape[0])[:, None] * width + selected
+    return rows * width + blocks
 
 
 def tier_part(kv: LayerKV, selected: torch.Tensor, tier: Tier) -> Optional[TierPart]:

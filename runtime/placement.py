@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .device_copies import gathered, to_device
-from .layer_kv import NONE, Fresh, LayerKV, flat_entries
+from .layer_kv import NONE, Fresh, LayerKV, Pick, flat_entries, flat_index
 from .selection import SelectionPolicy, block_scores, scored
 from .standins import collect_garbage
 from .tiers import BlockPool, Tier, slot_bytes
@@ -402,6 +402,8 @@ def truncate(rt: KVRuntime, kv: LayerKV, length: int) -> None:
         free(rt, kv, drop)
         kv.last_selected[:, keep:nb] = NONE
         kv.repeat[:, keep:nb] = False
+        if kv.last_pick is not None:
+            kv.last_pick = kv.last_pick.without_from(keep)
         kv.score[:, keep:nb] = 0.0
         kv.rank_len[:] = NONE       # rank afresh: a kept ranking scored the block the crop reopens as it was
         kv.length = length
@@ -749,7 +751,6 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan) -> None:
     nb = kv.num_blocks
     kv.step += 1
     picked = plan.selected.numpy()
-    rows, blocks = np.repeat(np.arange(kv.rows), picked.shape[1]), picked.flatten()   # a copy: kept as last_pick
     at_nb = flat_entries(picked, nb).ravel()                  # into a [rows, nb] array
     at = flat_entries(picked, kv.home.shape[1]).ravel()       # into the [rows, capacity] state
     selected = np.zeros(kv.rows * nb, np.bool_)
@@ -790,24 +791,20 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan) -> None:
             _admit(rt, kv, plan, Tier.HOST, admit, tier.reshape(-1))
     np.put(kv.repeat, at, recent)
     np.put(kv.last_selected, at, kv.step)
-    kv.last_pick = (rows, blocks)
+    kv.last_pick = Pick(np.repeat(np.arange(kv.rows), picked.shape[1]), picked.flatten(), recent, kv.step)   # copies
 
 
 def _observe_reuse(model: AdmissionModel, kv: LayerKV, selected: np.ndarray) -> None:
     """Tell the admission model how many of the previous step's selections, by history class,
     this step (``selected``: bool ``[rows, nb]``) selects again. The previous step's are the
-    entries ``kv.last_pick`` names that still say so (a crop forgets those of the blocks it frees)."""
-    if not kv.last_pick:
+    entries ``kv.last_pick`` names, if it was made at that step; it says what the state arrays
+    hold of them (``last_selected`` is its step, ``repeat`` its flags: a crop drops the entries
+    of the blocks it frees), so they are not read at scattered entries here."""
+    pick = kv.last_pick
+    if pick is None or pick.step != kv.step - 1:
         return
-    rows, blocks = kv.last_pick
-    inside = blocks < selected.shape[1]
-    rows, blocks = rows[inside], blocks[inside]
-    at = rows * kv.home.shape[1] + blocks
-    before = np.take(kv.last_selected, at) == kv.step - 1
-    again = np.take(selected, rows * selected.shape[1] + blocks)
-    was = np.take(kv.repeat, at)
-    for kind, of_kind in (("repeat", was), ("first", ~was)):
-        seen = before & of_kind
+    again = np.take(selected, flat_index(pick.rows, pick.blocks, selected.shape[1]))
+    for kind, seen in (("repeat", pick.repeat), ("first", ~pick.repeat)):
         model.observe_reuse(kind, int(seen.sum()), int((seen & again).sum()))
 
 
@@ -869,7 +866,7 @@ def fill_from_disk(rt: KVRuntime, plan: Plan, k: torch.Tensor, v: torch.Tensor) 
         fills, plan.fills = plan.fills, []
         for tier, r, b, slots in fills:
             t0 = time.perf_counter()
-            at = torch.searchsorted(plan.disk_slots, torch.from_numpy(kv.home_slot[r, b]))
+            at = torch.searchsorted(plan.disk_slots, torch.from_numpy(kv.home_slot[r, b].astype(np.int64)))
             _write_copies(rt, tier, kv, r, b, slots.tolist(), k[at], v[at])
             if tier == Tier.DEVICE:
                 _copied_up(rt, kv, t0, len(slots) * slot_bytes(rt.block_size, kv.head_dim, kv.dtype))

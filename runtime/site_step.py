@@ -354,17 +354,16 @@ def prefetch_ahead(rt: KVRuntime, session: Session, layer: int) -> None:
         # where it lives there), so a copy read now would be stale, and the read would race
         # that write
         first, nb = kv.first, min(kv.num_blocks, kv.length // kv.block_size)
-        if nb <= first or not kv.last_pick:
+        pick = kv.last_pick                         # the entries the layer's last step selected
+        if nb <= first or pick is None or pick.step != kv.step:
             return
-        rows, blocks = kv.last_pick                 # the entries the layer's last step selected
-        inside = (blocks >= first) & (blocks < nb)
-        rows, blocks = rows[inside], blocks[inside]
-        want = ((kv.last_selected[rows, blocks] == kv.step) & (kv.home[rows, blocks] == Tier.DISK)   # not forgotten since
-                & (kv.dev[rows, blocks] < 0) & (kv.host[rows, blocks] < 0))
+        inside = (pick.blocks >= first) & (pick.blocks < nb)
+        rows, blocks = pick.rows[inside], pick.blocks[inside]
+        want = (kv.home[rows, blocks] == Tier.DISK) & (kv.dev[rows, blocks] < 0) & (kv.host[rows, blocks] < 0)
         rows, blocks = rows[want], blocks[want]
         if not rows.size:
             return
-        slots = kv.home_slot[rows, blocks]
+        slots = kv.home_slot[rows, blocks].astype(np.int64)
         order = np.argsort(slots, kind="stable")
         disk = rt.disk(kv)
         ahead = Ahead(torch.from_numpy(slots[order]), rows[order], blocks[order], disk.read_async(slots[order].tolist(), layer=kv.layer))
