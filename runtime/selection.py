@@ -8,7 +8,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .device_copies import to_device
+from .device_copies import to_device, to_host
 from .layer_kv import LayerKV
 from .tiers import Tier
 
@@ -140,10 +140,11 @@ def window_blocks(kv: LayerKV, start: int, end: int) -> torch.Tensor:
 
 
 def block_scores(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, ids: torch.Tensor,
-                 scale: float = 1.0, coarse: Optional[tuple[torch.Tensor, Optional[np.ndarray], int]] = None
-                 ) -> torch.Tensor:
+                 scale: float = 1.0, coarse: Optional[tuple[torch.Tensor, Optional[np.ndarray], int]] = None,
+                 on_host: bool = True) -> torch.Tensor:
     """Each (sequence, kv_head)'s score of blocks ``ids`` ([nb] int64): fp32 ``[rows, nb]`` on
-    the CPU, the estimated log attention mass (``rank_blocks``) of q ``[B, Hq, Q, D]``.
+    the CPU (on_host) or on the summaries' device, the estimated log attention mass
+    (``rank_blocks``) of q ``[B, Hq, Q, D]``.
     coarse: ``(forced, bonus, n)`` (``SelectionPolicy.coarse_candidates``): only the forced
     blocks and the ``n`` others with the best Quest bound (plus bonus) keep their scores, the
     others get -inf, as the CPU kernel's two stages give (n = 0: every block keeps its own)."""
@@ -158,7 +159,7 @@ def block_scores(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, ids: tor
         keep = forced.expand_as(bound).clone()
         keep.scatter_(1, bound.masked_fill(forced, float("-inf")).topk(n, dim=1).indices, True)
         scores = scores.masked_fill(~keep, float("-inf"))
-    return scores.cpu()
+    return scores.cpu() if on_host else scores
 
 
 def block_counts(kv: LayerKV, ids: torch.Tensor) -> torch.Tensor:
@@ -226,14 +227,18 @@ def select_scored(kv: LayerKV, policy: SelectionPolicy, q: torch.Tensor, start: 
     if on_cpu:
         selected, scores = kv.summaries.top_blocks(q, ids, block_counts(kv, ids), scale, forced.numpy(), k, bonus,
                                                    kept, n_cand)                 # one numba call
-    else:
-        scores = block_scores(kv, policy, q, ids, scale, (forced, bonus, n_cand))  # [rows, nb]
+    else:          # ranked where the scores are (a GPU: one wait, for the selection and its scores)
+        scores = block_scores(kv, policy, q, ids, scale, (forced, bonus, n_cand), on_host=False)  # [rows, nb]
+        where = scores.device
         if kept is not None:
-            scores = torch.where(torch.from_numpy(kept[0])[:, None], torch.from_numpy(kept[1]), scores)
-        keys = scores if bonus is None else scores + torch.from_numpy(bonus)
-        top = keys.masked_fill(forced[None, :], float("-inf")).topk(k, dim=1).indices        # [rows, k]
-        chosen = torch.cat([forced.nonzero().view(1, -1).expand(kv.rows, -1), top], dim=1)
-        selected = ids[chosen].sort(dim=1).values
+            scores = torch.where(to_device(torch.from_numpy(kept[0]), where)[:, None],
+                                 to_device(torch.from_numpy(kept[1]), where), scores)
+        keys = scores if bonus is None else scores + to_device(torch.from_numpy(bonus), where)
+        top = keys.masked_fill(to_device(forced, where)[None, :], float("-inf")).topk(k, dim=1).indices   # [rows, k]
+        fixed = to_device(forced.nonzero().view(1, -1), where)     # found on the host: nonzero on a GPU waits
+        chosen = torch.cat([fixed.expand(kv.rows, -1), top], dim=1)
+        selected, scores = to_host(to_device(ids, where)[chosen].sort(dim=1).values), to_host(scores)
+        selected, scores = selected.get(), scores.get()
     if remember:
         remember_rankings(kv, qr, ids, scores, kept, end)
     return selected, scores
