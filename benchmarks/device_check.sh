@@ -3,7 +3,8 @@
 # launch sweep (SKIP_TUNE=1: none), the host cost of one call part by part, its benchmark table with
 # the sweep's best launch, the GPU-side correctness tests (the Triton kernels natively, the block
 # scores' on fp16 ranges among them, the merge,
-# and the random-model exactness tests with the model and the device tier on the GPU), then a
+# the random-model exactness tests with the model and the device tier on the GPU, and the budgeted
+# ones of tests/test_selection.py: the ranking and its top-k on the GPU), then a
 # decode step's synchronizing calls and timeline (benchmarks/cuda_sync_points.py; SKIP_SYNC=1: not).
 #
 # The machine has torch/triton/numba/tabulate but not this package: build its wheel here first
@@ -30,9 +31,9 @@ echo "host profile rc=${PIPESTATUS[0]}"
 [ -s "$OUT/launch.json" ] && launch=(--launch "$OUT/launch.json") || launch=()
 timeout 170 python3 -P benchmarks/bench_gpu_attention.py "${launch[@]}" "$@" 2>&1 | tee "$OUT/bench_gpu_attention.txt"
 echo "bench rc=${PIPESTATUS[0]}"
-KVDRIVE_TEST_DEVICE=cuda timeout 200 python3 -P -m pytest -q -x -p no:cacheprovider \
+KVDRIVE_TEST_DEVICE=cuda timeout 260 python3 -P -m pytest -q -x -p no:cacheprovider \
     tests/test_paged_attention.py tests/test_triton_launcher.py tests/test_merge.py tests/test_device_copies.py \
-    tests/test_block_scores.py tests/test_hf_models.py 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
+    tests/test_block_scores.py tests/test_hf_models.py tests/test_selection.py 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
 echo "pytest rc=${PIPESTATUS[0]}"
 if [ "${SKIP_SYNC:-0}" != 1 ]; then       # synchronizing calls per decode step, by line; the CUDA timeline
     timeout 240 python3 -P benchmarks/cuda_sync_points.py --out "$OUT/sync" 2>&1 | tee "$OUT/sync_points.txt" | tail -60
