@@ -78,8 +78,9 @@ def empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def row_bias(step: StepMask, positions: torch.Tensor, batch: int, kv_heads: int, q_heads: int,
-             num_queries: int) -> Optional[torch.Tensor]:
-    """The bias for keys at per-row ``positions`` (``[rows, S]`` int64, -1 for padding).
+             num_queries: int, first_query: int = 0) -> Optional[torch.Tensor]:
+    """The bias for keys at per-row ``positions`` (``[rows, S]`` int64, -1 for padding) of
+    queries ``first_query .. first_query + num_queries - 1`` of the step.
 
     A row is a (sequence, kv_head). Maps the mask's columns, the window edges and causality
     onto each row's keys. Returns fp32 ``[B, Hq, Q, S]`` (or broadcastable), or None.
@@ -92,13 +93,15 @@ def row_bias(step: StepMask, positions: torch.Tensor, batch: int, kv_heads: int,
     if step.bias is not None:
         mask = step.bias.to(dev)
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))            # [Bm, Hm, Qm, W]
+        if mask.shape[2] > 1:                                                      # a row per query: these ones
+            mask = mask[:, :, first_query:first_query + num_queries]
         bm, hm, qm, width = mask.shape
         mask = mask.expand(batch, hm, qm, width).reshape(batch, 1 if hm == 1 else kv_heads, 1 if hm == 1 else g, qm, width)
         mask = mask.expand(batch, kv_heads, mask.shape[2], qm, width)
         index = col.clamp(0, width - 1).expand(batch, kv_heads, mask.shape[2], qm, s)
         bias = torch.gather(mask, 4, index)                                        # [B, Hkv, G|1, Q|1, S]
     if step.is_causal:
-        q = torch.arange(num_queries, device=dev).view(1, 1, 1, num_queries, 1)
+        q = torch.arange(first_query, first_query + num_queries, device=dev).view(1, 1, 1, num_queries, 1)
         causal = torch.zeros(()).to(dev).expand(batch, kv_heads, 1, num_queries, s).masked_fill(col > q, float("-inf"))
         bias = causal if bias is None else bias + causal
     outside = (positions < step.start) | (positions >= step.end)
@@ -131,9 +134,17 @@ def gather_part(k_pool: torch.Tensor, v_pool: torch.Tensor, part, kv) -> tuple[t
 
 def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, kv,
                     step: StepMask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q: [B, Hq, Q, D]`` over gathered keys at per-row ``positions``."""
+    """Attention of ``q: [B, Hq, Q, D]`` over gathered keys at per-row ``positions``: in chunks
+    of queries whose bias ``[B, Hq, chunk, S]`` stays under ``_SCORE_BYTES`` (a prompt fed in
+    chunks attends every earlier token with a mask and causality per query)."""
     b, hq, nq, _ = q.shape
-    return attend(q, k, v, scale, row_bias(step, positions, b, kv.kv_heads, hq, nq), softcap=step.softcap)
+    chunk = max(1, _SCORE_BYTES // max(1, b * hq * positions.shape[1] * 4))
+    parts = [attend(q[:, :, i:i + chunk], k, v, scale,
+                    row_bias(step, positions, b, kv.kv_heads, hq, min(chunk, nq - i), i), softcap=step.softcap)
+             for i in range(0, nq, chunk)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=2)
 
 
 def paged_tables(part, kv, end: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,6 +83,55 @@ def test_three_tiers_exact(tmp_path, dtype, batch, hkv, g, d):
     rt.close()
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_step_of_many_queries_builds_its_bias_in_bounded_query_chunks(tmp_path, monkeypatch, causal):
+    """A prompt fed in chunks attends every earlier block with a mask (or causality) per query:
+    the bias of a gathered part, [B, Hq, Q, S], is built a chunk of queries at a time within the
+    score budget, and the result is what one pass over every query gives (float64 reference)."""
+    from kvdrive_compile.runtime import block_attention
+
+    built = []
+    row_bias = block_attention.row_bias
+
+    def recorded(*args, **kwargs):
+        bias = row_bias(*args, **kwargs)
+        built.append(0 if bias is None else bias.numel() * 4)
+        return bias
+
+    budget = 3 * 2 * 8 * 4 * 100                       # ~3 queries' scores of [B=2, Hq=8] over ~100 keys
+    monkeypatch.setattr(block_attention, "_SCORE_BYTES", budget)
+    monkeypatch.setattr(block_attention, "row_bias", recorded)
+    torch.manual_seed(1)
+    batch, hkv, g, d, bs = 2, 2, 4, 16, 16
+    block_bytes = bs * d * 2 * 4 * batch * hkv
+    rt = KVRuntime(block_size=bs, device_memory=2 * block_bytes, host_memory=2 * block_bytes, disk_dir=str(tmp_path))
+    session = rt.open_session()
+    k_all = v_all = torch.zeros(batch, hkv, 0, d)
+    for n in [21, 1, 13, 30, 1]:
+        k_new, v_new = torch.randn(batch, hkv, n, d), torch.randn(batch, hkv, n, d)
+        kv, past = append_new(rt, session, k_new, v_new)
+        k_all, v_all = torch.cat([k_all, k_new], 2), torch.cat([v_all, v_new], 2)
+        q = torch.randn(batch, hkv * g, n, d)
+        if causal and n > 1:        # SDPA's convention: query i sees window column j <= i (top left);
+            mask = None             # as in Hugging Face, a step of one query is not causal
+            bias = torch.zeros(n, past + n).masked_fill(torch.ones(n, past + n, dtype=torch.bool).tril().logical_not(),
+                                                        float("-inf"))
+        else:
+            mask = torch.rand(batch, 1, n, past + n) > 0.3
+            mask[..., 0] = True
+            bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        built.clear()
+        out, _ = attend(rt, session, 0, q, past, n, k_new, v_new, mask, causal=causal and n > 1)
+        torch.testing.assert_close(out.double(), reference(q, k_all, v_all, 0.125, bias), atol=1e-5, rtol=1e-5)
+        if past and n > 3:
+            assert len(built) > 2, "no gathered part was attended in query chunks: the test misses its case"
+            assert max(built) <= budget
+        budgets_ok(rt)
+    tier, _ = kv.where()
+    assert set(tier.reshape(-1).tolist()) == {Tier.DEVICE, Tier.HOST, Tier.DISK}
+    rt.close()
+
+
 @pytest.mark.parametrize("host_blocks", [1, 2, 3, 9, 10])
 def test_no_device_tier_an_open_block_split_between_host_and_disk(tmp_path, host_blocks):
     """device_memory=0: every block, the open one included, gets its home at once, and where
