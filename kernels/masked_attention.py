@@ -74,7 +74,7 @@ def attention_with_lse(
     hq, hkv = q.shape[1], k.shape[1]
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
-    if k.shape[2] == 0:
+    if k.shape[2] == 0 or q.shape[2] == 0:          # no key, or no query (the fused CPU kernel would divide by 0)
         b, _, nq, d = q.shape
         return (torch.zeros((b, hq, nq, d), dtype=torch.float32, device=q.device),
                 torch.full((b, hq, nq), float("-inf"), dtype=torch.float32, device=q.device))

@@ -141,7 +141,7 @@ def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     chunk = max(1, _SCORE_BYTES // max(1, b * hq * positions.shape[1] * 4))
     parts = [attend(q[:, :, i:i + chunk], k, v, scale,
                     row_bias(step, positions, b, kv.kv_heads, hq, min(chunk, nq - i), i), softcap=step.softcap)
-             for i in range(0, nq, chunk)]
+             for i in range(0, max(nq, 1), chunk)]
     if len(parts) == 1:
         return parts[0]
     return torch.cat([o for o, _ in parts], dim=2), torch.cat([l for _, l in parts], dim=2)

@@ -184,6 +184,20 @@ def test_dispatch():
         paged_attention(*inputs, backend="cuda")
 
 
+@pytest.mark.parametrize("queries,keys", [(0, 6), (3, 0), (0, 0)])
+def test_attention_of_no_query_or_no_key_is_empty(queries, keys):
+    """No query (a chunk of a split step with none left) or no key: out 0 and lse -inf of the
+    right shapes, with or without a mask (the fused CPU kernel dies on zero queries)."""
+    from kvdrive_compile.kernels.masked_attention import attention_with_lse
+
+    q, k, v = torch.randn(2, 4, queries, 8), torch.randn(2, 2, keys, 8), torch.randn(2, 2, keys, 8)
+    for bias, causal in ((None, False), (torch.zeros(2, 1, queries, keys), True)):
+        out, lse = attention_with_lse(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), 0.5,
+                                      None if bias is None else bias.to(DEVICE), causal)
+        assert out.shape == (2, 4, queries, 8) and lse.shape == (2, 4, queries)
+        assert not out.any() and bool((lse == float("-inf")).all())
+
+
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_gathered_attention_soft_caps_before_the_bias(is_causal):
     """attention_with_lse (prefills, masked and gathered parts) with softcap: the cap applies to
