@@ -18,6 +18,11 @@ from .device_copies import to_device
 _SCORE_BYTES = 256 << 20
 
 
+def _query_chunk(batch: int, q_heads: int, keys: int) -> int:
+    """Queries per chunk whose fp32 ``[B, Hq, chunk, S]`` scores (or bias) fit ``_SCORE_BYTES``."""
+    return max(1, _SCORE_BYTES // max(1, batch * q_heads * keys * 4))
+
+
 @dataclass(frozen=True)
 class StepMask:
     """How the queries of one step see the window.
@@ -53,7 +58,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias
     """
     b, hq, nq, _ = q.shape
     s = k.shape[2]
-    chunk = max(1, _SCORE_BYTES // max(1, b * hq * s * 4))
+    chunk = _query_chunk(b, hq, s)
     if nq <= chunk or q.device.type == "cpu":
         return attention_with_lse(q, k, v, scale, bias, is_causal, softcap)
     outs, lses = [], []
@@ -138,7 +143,7 @@ def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions
     of queries whose bias ``[B, Hq, chunk, S]`` stays under ``_SCORE_BYTES`` (a prompt fed in
     chunks attends every earlier token with a mask and causality per query)."""
     b, hq, nq, _ = q.shape
-    chunk = max(1, _SCORE_BYTES // max(1, b * hq * positions.shape[1] * 4))
+    chunk = _query_chunk(b, hq, positions.shape[1])
     parts = [attend(q[:, :, i:i + chunk], k, v, scale,
                     row_bias(step, positions, b, kv.kv_heads, hq, min(chunk, nq - i), i), softcap=step.softcap)
              for i in range(0, max(nq, 1), chunk)]

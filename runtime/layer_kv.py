@@ -41,14 +41,14 @@ class LayerKV:
 
     Blocks before ``first`` were dropped (a sliding-window layer no longer attends them).
     Per (row, block), numpy ``[rows, capacity]`` (32-bit or narrower: the cache policy streams
-    them every step, ~26 bytes an entry): ``home`` tier (-1: none yet, or dropped) and
+    them every step, ~25 bytes an entry): ``home`` tier (-1: none yet, or dropped) and
     ``home_slot``; ``dev`` and ``host`` copy slots (-1: no copy; a host-homed block's host
     slot is its home slot); ``last_selected`` (the layer's decode step that last selected
-    it, -1: never); ``repeat`` (that selection was a repeat: it had been selected within the
-    reuse window before); ``score`` (its estimated attention mass at the row's last ranking);
+    it, -1: never); ``score`` (its estimated attention mass at the row's last ranking);
     ``pins`` (live plans reading it: it may not move); ``last_pick``: the entries the layer's
-    last decode step selected (``Pick``: where the next step's reuse count and ahead-of-need
-    reads start, without reading the state arrays at scattered entries). Per row: ``rank_q``
+    last decode step selected and whether each selection was a repeat (``Pick``: where the
+    next step's reuse count and ahead-of-need reads start, without reading the state arrays
+    at scattered entries). Per row: ``rank_q``
     (fp32 ``[rows, R, D]``, the queries of that ranking) and ``rank_len`` (the context length
     then, -1: none),
     kept only with ``rerank_similarity``.
@@ -78,7 +78,6 @@ class LayerKV:
     dev: np.ndarray = field(default=None, repr=False)
     host: np.ndarray = field(default=None, repr=False)
     last_selected: np.ndarray = field(default=None, repr=False)
-    repeat: np.ndarray = field(default=None, repr=False)
     score: np.ndarray = field(default=None, repr=False)
     pins: np.ndarray = field(default=None, repr=False)
     rank_q: Optional[torch.Tensor] = field(default=None, repr=False)
@@ -97,8 +96,7 @@ class LayerKV:
         n = 0 if old is None else old.shape[1]
         r = self.rows
         fills = {"home": (NONE, np.int8), "home_slot": (NONE, np.int32), "dev": (NONE, np.int32),
-                 "host": (NONE, np.int32), "last_selected": (NONE, np.int32), "repeat": (0, np.bool_),
-                 "score": (0.0, np.float32),
+                 "host": (NONE, np.int32), "last_selected": (NONE, np.int32), "score": (0.0, np.float32),
                  "pins": (0, np.int32)}
         for name, (fill, dtype) in fills.items():
             new = np.full((r, cap), fill, dtype)
@@ -162,10 +160,10 @@ class LayerKV:
 @dataclass(frozen=True)
 class Pick:
     """The (row, block) entries one decode step of a layer selected, flat and in row order:
-    ``rows``, ``blocks`` int64 ``[n]``; ``repeat`` bool ``[n]`` (what the step wrote to the
-    layer's ``repeat`` for each); ``step``: the layer's decode step (what it wrote to
-    ``last_selected``). A crop drops the entries of the blocks it frees (``without_from``), so
-    the rest still say what the state arrays say of them."""
+    ``rows``, ``blocks`` int64 ``[n]``; ``repeat`` bool ``[n]`` (the selection was a repeat: the
+    block had been selected within the reuse window before); ``step``: the layer's decode step
+    (what it wrote to ``last_selected``). A crop drops the entries of the blocks it frees
+    (``without_from``), so the rest still say what the state arrays say of them."""
 
     rows: np.ndarray
     blocks: np.ndarray

@@ -401,7 +401,6 @@ def truncate(rt: KVRuntime, kv: LayerKV, length: int) -> None:
         drop[keep:] = True
         free(rt, kv, drop)
         kv.last_selected[:, keep:nb] = NONE
-        kv.repeat[:, keep:nb] = False
         if kv.last_pick is not None:
             kv.last_pick = kv.last_pick.without_from(keep)
         kv.score[:, keep:nb] = 0.0
@@ -789,7 +788,6 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan) -> None:
             admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, False)
             _evict(rt, kv, Tier.HOST, evict)
             _admit(rt, kv, plan, Tier.HOST, admit, tier.reshape(-1))
-    np.put(kv.repeat, at, recent)
     np.put(kv.last_selected, at, kv.step)
     kv.last_pick = Pick(np.repeat(np.arange(kv.rows), picked.shape[1]), picked.flatten(), recent, kv.step)   # copies
 
@@ -797,9 +795,8 @@ def cache_step(rt: KVRuntime, kv: LayerKV, plan: Plan) -> None:
 def _observe_reuse(model: AdmissionModel, kv: LayerKV, selected: np.ndarray) -> None:
     """Tell the admission model how many of the previous step's selections, by history class,
     this step (``selected``: bool ``[rows, nb]``) selects again. The previous step's are the
-    entries ``kv.last_pick`` names, if it was made at that step; it says what the state arrays
-    hold of them (``last_selected`` is its step, ``repeat`` its flags: a crop drops the entries
-    of the blocks it frees), so they are not read at scattered entries here."""
+    entries ``kv.last_pick`` names, if it was made at that step, with their history class
+    (a crop drops the entries of the blocks it frees): nothing is read at scattered entries."""
     pick = kv.last_pick
     if pick is None or pick.step != kv.step - 1:
         return

@@ -2,6 +2,7 @@
 tiers under it: what is cached after each step is exactly what the policy says, budgets hold,
 a block reads the same wherever it lies, and placement never changes the answer."""
 import time
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -172,7 +173,7 @@ def test_reuse_is_measured_per_history_class():
     # step 4: 2 a repeat (again), 5 a first (not)
     assert {c: model.reuse_seen[c] - seen[c] for c in seen} == {"repeat": 2, "first": 4}
     assert {c: model.reuse_hits[c] - hits[c] for c in hits} == {"repeat": 2, "first": 1}
-    assert kv.repeat[0, [1, 2, 3, 5]].tolist() == [False, True, False, False]
+    assert kv.last_pick.blocks.tolist() == [2, 3] and kv.last_pick.repeat.tolist() == [True, False]
     rt.close()
     # other policies, or no device cache, ask no admission model: none is made or measured
     for options in (dict(device_memory=1 << 20, cache_policy="lru"), dict(device_memory=None)):
@@ -184,10 +185,26 @@ def test_reuse_is_measured_per_history_class():
         rt.close()
 
 
+_REPEAT = weakref.WeakKeyDictionary()     # the reference's history class per (row, block) entry, by layer
+
+
+def reference_repeat(kv):
+    """The reference's ``[rows, capacity]`` bool array of repeat selections of ``kv`` (the
+    runtime keeps only the last step's, in ``kv.last_pick``)."""
+    old = _REPEAT.get(kv)
+    if old is None or old.shape != kv.home.shape:
+        _REPEAT[kv] = np.zeros(kv.home.shape, np.bool_)
+        if old is not None:
+            _REPEAT[kv][:, :old.shape[1]] = old
+    return _REPEAT[kv]
+
+
 def cache_step_over_every_entry(rt, kv, plan):
     """The reference for ``placement.cache_step``: the same rules with ``Entries`` over every
-    (row, block) entry of the layer and ``where()``'s whole table."""
+    (row, block) entry of the layer and ``where()``'s whole table, and the history class of
+    every entry kept."""
     nb = kv.num_blocks
+    repeat = reference_repeat(kv)
     kv.step += 1
     selected = np.zeros((kv.rows, nb), np.bool_)
     np.put_along_axis(selected, plan.selected.numpy(), True, axis=1)
@@ -198,7 +215,7 @@ def cache_step_over_every_entry(rt, kv, plan):
     model = placement.admission_model(rt, kv)
     if model is not None:
         before = last == kv.step - 1
-        for kind, was in (("repeat", kv.repeat[:, :nb]), ("first", ~kv.repeat[:, :nb])):
+        for kind, was in (("repeat", repeat[:, :nb]), ("first", ~repeat[:, :nb])):
             seen = before & was
             model.observe_reuse(kind, int(seen.sum()), int((seen & selected).sum()))
     if rt.device_cache:
@@ -223,7 +240,7 @@ def cache_step_over_every_entry(rt, kv, plan):
         admit, evict = choose(rt.cache_policy, rt.reuse_window, kv.step, e, room, False)
         placement._evict(rt, kv, Tier.HOST, evict)
         placement._admit(rt, kv, plan, Tier.HOST, admit, tier.reshape(-1))
-    kv.repeat[:, :nb][selected] = recent[selected]
+    repeat[:, :nb][selected] = recent[selected]
     kv.last_selected[:, :nb][selected] = kv.step
 
 
@@ -282,8 +299,10 @@ def test_the_cache_step_decides_what_the_rules_over_every_entry_decide(tmp_path,
             AdmissionModel.calls = step
             run(rt, kv, plans[-1])
         a, b = kvs
-        for name in ("dev", "host", "home", "home_slot", "last_selected", "repeat"):
+        for name in ("dev", "host", "home", "home_slot", "last_selected"):
             assert np.array_equal(getattr(a, name), getattr(b, name)), (step, name)
+        pick = a.last_pick
+        assert pick.step == b.step and np.array_equal(pick.repeat, reference_repeat(b)[pick.rows, pick.blocks]), step
         fills = [[(t, r.tolist(), c.tolist(), s.tolist()) for t, r, c, s in p.fills] for p in plans]
         assert fills[0] == fills[1], step
         assert [dict(rt.admitted) for rt in rts] == [dict(rts[0].admitted)] * 2, step

@@ -18,11 +18,12 @@ from kvdrive_compile.runtime.tiers import BlockPool, TierBudget
 from test_crop import BS, BUDGETED, selected_bias, tiers_of
 from test_runtime import EXACT_SMALL, attend, budgets_ok, reference
 
-STATE = ("home", "home_slot", "dev", "host", "last_selected", "repeat", "score", "rank_len")
+STATE = ("home", "home_slot", "dev", "host", "last_selected", "score", "rank_len")
 
 
 def placement_state(kv):
-    return {name: getattr(kv, name).copy() for name in STATE} | {"step": kv.step, "demand": kv.demand}
+    return {name: getattr(kv, name).copy() for name in STATE} | {"step": kv.step, "demand": kv.demand,
+                                                                 "pick": id(kv.last_pick)}
 
 
 @pytest.mark.parametrize("policy", ["exact", "budget"])
