@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import itertools
 import threading
 import time
 import weakref
@@ -206,16 +207,20 @@ class StandIns:
         # thread's garbage collection
         self.lock = lock if lock is not None else threading.RLock()
         self._bases: dict[int, torch.Tensor] = {}                  # data_ptr -> base
+        # data_ptr -> the serial of the base registered there: a freed base's address is soon
+        # another's, and a death queued before (or an orphan) must not take the new one for its own
+        self._made: dict[int, int] = {}
+        self._serials = itertools.count()
         self._keys: dict[int, StandInKey] = {}
         self._by_session: dict[int, set[int]] = {}
         self._alive: dict[int, int] = {}                           # session -> stand-ins not finalized
-        self._orphans: dict[int, set[int]] = {}                    # session -> bases only views hold
+        self._orphans: dict[int, dict[int, int]] = {}              # session -> bases only views hold (ptr -> serial)
         # data_ptr -> the layer token a base's views must end by: its layer was cropped there
         # (``cut``) after the base was made, and what lies beyond is other tokens now
         self._ends: dict[int, int] = {}
         # stand-ins finalized by another thread's garbage collection while the lock was held
         # (a step's): settled by the next ``settle`` (the runtime's sweep)
-        self._deaths: collections.deque[tuple[int, int]] = collections.deque()
+        self._deaths: collections.deque[tuple[int, int, int]] = collections.deque()
         self._on_unreferenced = on_unreferenced
         # finalizers run wherever garbage is collected, Dynamo tracing included: never traced.
         # Wrapped once: torch._dynamo.disable builds a new wrapper each call (~0.1 ms, twice a
@@ -225,15 +230,19 @@ class StandIns:
     def make(self, key: StandInKey, like: torch.Tensor, length: int, first: int) -> torch.Tensor:
         """A stand-in ``[B, Hkv, length, D]`` for ``like: [B, Hkv, n, D]``, standing for the
         layer's tokens ``[first, first + length)``."""
-        base = torch.full((1, 1, 1, 1), float("nan"), dtype=like.dtype, device=like.device)
+        base = self._new_base(like)
         ptr = base.data_ptr()
+        b, h, _, d = like.shape
+        # the stand-in exists (holds a reference to its base) before the base is registered:
+        # another thread's sweep counts a registered base without one as dead and drops it
+        out = _wrap(base.expand(b, h, length, d), first)
+        serial = next(self._serials)
         with self.lock:
             self._bases[ptr] = base
+            self._made[ptr] = serial
             self._keys[ptr] = key
             self._by_session.setdefault(key.session_id, set()).add(ptr)
             self._alive[key.session_id] = self._alive.get(key.session_id, 0) + 1
-        b, h, _, d = like.shape
-        out = _wrap(base.expand(b, h, length, d), first)
         # the token count grows every step: let Dynamo trace it symbolically from the first
         # decode step on, instead of recompiling once more on the second
         torch._dynamo.maybe_mark_dynamic(out, 2)
@@ -241,8 +250,14 @@ class StandIns:
         # batch of 2 and 2 KV heads one symbol, and the next batch size would recompile
         torch._dynamo.mark_static(out, 1)
         torch._dynamo.mark_static(out, 3)
-        weakref.finalize(out, self._finalize, key.session_id, ptr)
+        weakref.finalize(out, self._finalize, key.session_id, ptr, serial)
         return out
+
+    @staticmethod
+    def _new_base(like: torch.Tensor) -> torch.Tensor:
+        """A one-element NaN tensor of ``like``'s dtype and device (its address soon belongs to
+        another base once freed: the CUDA caching allocator hands blocks straight back)."""
+        return torch.full((1, 1, 1, 1), float("nan"), dtype=like.dtype, device=like.device)
 
     def lookup(self, t: torch.Tensor) -> Optional[StandInKey]:
         """The key of a stand-in (or a view of one), else None."""
@@ -284,14 +299,14 @@ class StandIns:
                 dead.append(ptr)
         if session_id in self._by_session:
             self._by_session[session_id] = set(live)
-            self._orphans.get(session_id, set()).difference_update(dead)
+            orphans = self._orphans.get(session_id, {})
+            for ptr in dead:
+                orphans.pop(ptr, None)
         for ptr in dead:                     # dropping a base may run other finalizers: last
-            self._keys.pop(ptr, None)
-            self._ends.pop(ptr, None)
-            self._bases.pop(ptr, None)
+            self._forget_base(ptr)
         return bool(live)
 
-    def _dying(self, session_id: int, ptr: int) -> None:
+    def _dying(self, session_id: int, ptr: int, serial: int) -> None:
         """A stand-in is finalized. Every step finalizes one per layer and kind, so this looks
         only at its own base and at the bases that outlived their stand-in through a view (a
         sliding window's slice), not at all the session's bases.
@@ -303,11 +318,11 @@ class StandIns:
         dropped generation come free."""
         if self.lock.acquire(blocking=False):
             try:
-                self._dying_locked(session_id, ptr)
+                self._dying_locked(session_id, ptr, serial)
             finally:
                 self.lock.release()
         else:
-            self._deaths.append((session_id, ptr))
+            self._deaths.append((session_id, ptr, serial))
 
     def settle(self) -> None:
         """Account the deaths queued by ``_dying`` (under the lock)."""
@@ -315,31 +330,38 @@ class StandIns:
             while self._deaths:
                 self._dying_locked(*self._deaths.popleft(), finalizing=False)
 
-    def _dying_locked(self, session_id: int, ptr: int, finalizing: bool = True) -> None:
+    def _dying_locked(self, session_id: int, ptr: int, serial: int, finalizing: bool = True) -> None:
         """finalizing: the stand-in is being finalized now and still refers to its base (a
-        queued death: it may be gone already; if not, its base stays an orphan until a sweep)."""
+        queued death: it may be gone already; if not, its base stays an orphan until a sweep).
+        A base a sweep dropped since (its address may hold another base now) is left alone."""
         if session_id not in self._by_session:
             return
         self._alive[session_id] -= 1
-        orphans = self._orphans.setdefault(session_id, set())
-        base = self._bases.get(ptr)
-        if base is not None and _other_refs(base) - finalizing > 0:      # a finalizing stand-in is one of the refs
-            orphans.add(ptr)
-        else:
-            self._drop(ptr)
-        gone = [p for p in orphans if p != ptr and (p not in self._bases or _other_refs(self._bases[p]) <= 0)]
-        for other in gone:                   # their views died since
-            orphans.discard(other)
-            self._drop(other)
+        orphans = self._orphans.setdefault(session_id, {})
+        if self._made.get(ptr) == serial:
+            if _other_refs(self._bases[ptr]) - finalizing > 0:      # a finalizing stand-in is one of the refs
+                orphans[ptr] = serial
+            else:
+                self._drop(ptr)
+        for other, made in list(orphans.items()):      # their views died since (or a sweep dropped them)
+            if other != ptr and (self._made.get(other) != made or _other_refs(self._bases[other]) <= 0):
+                del orphans[other]
+                if self._made.get(other) == made:
+                    self._drop(other)
         if self._alive[session_id] == 0 and not orphans:
             self._on_unreferenced(session_id)
 
     def _drop(self, ptr: int) -> None:
-        key = self._keys.pop(ptr, None)
-        self._ends.pop(ptr, None)
-        self._bases.pop(ptr, None)
+        key = self._keys.get(ptr)
+        self._forget_base(ptr)
         if key is not None:
             self._by_session.get(key.session_id, set()).discard(ptr)
+
+    def _forget_base(self, ptr: int) -> None:
+        self._keys.pop(ptr, None)
+        self._ends.pop(ptr, None)
+        self._made.pop(ptr, None)
+        self._bases.pop(ptr, None)               # last: dropping a base may run other finalizers
 
     def sessions(self) -> list[int]:
         return list(self._by_session)
@@ -348,6 +370,4 @@ class StandIns:
         self._alive.pop(session_id, None)
         self._orphans.pop(session_id, None)
         for ptr in self._by_session.pop(session_id, ()):
-            self._bases.pop(ptr, None)
-            self._keys.pop(ptr, None)
-            self._ends.pop(ptr, None)
+            self._forget_base(ptr)

@@ -4,6 +4,7 @@ so neither thread ever attends the other's KV."""
 import sys
 import threading
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -114,3 +115,96 @@ def test_two_threads_under_numbas_workqueue_layer(tmp_path):
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     if run.returncode != 0 or "ok workqueue" not in run.stdout:     # in full: an assert's repr cuts the middle
         pytest.fail(f"exit {run.returncode}\nstdout: {run.stdout[-2000:]}\nstderr: {run.stderr[-4000:]}", pytrace=False)
+
+
+def _registry(reuse_addresses=False):
+    from kvdrive_compile.runtime.standins import StandIns
+
+    class Reusing(StandIns):
+        @staticmethod
+        def _new_base(like):
+            # numpy keeps freed small buffers and hands them straight back, as the CUDA caching
+            # allocator does with its blocks (this CPU build's allocator rarely reuses an address)
+            return torch.from_numpy(np.full((1, 1, 1, 1), np.nan, np.float32))
+
+    lock, released = threading.RLock(), []
+    return (Reusing if reuse_addresses else StandIns)(released.append, lock), lock, released
+
+
+def _sweep(reg, lock, released):
+    """What the runtime's sweep does with the registry (runtime/kv_runtime.py: sweep)."""
+    with lock:
+        reg.settle()
+        for sid in reg.sessions():
+            if not reg.prune(sid):
+                released.append(sid)
+
+
+def test_a_sweep_in_another_thread_never_drops_a_stand_in_being_made():
+    """One thread makes a session's stand-ins (a step), another sweeps (a new generation
+    starting): every stand-in made is known to the registry, and a session is released only
+    once none of its stand-ins is alive. (A base registered before its stand-in existed looked
+    dead to the sweep: the next step found "a stand-in no kvdrive session holds".)"""
+    from kvdrive_compile.runtime.standins import StandInKey
+    reg, lock, released = _registry()
+    like, done, lost = torch.zeros(1, 2, 1, 4), threading.Event(), []
+
+    def steps():
+        alive = []
+        for i in range(1500):
+            s = reg.make(StandInKey(1, i % 2, "k"), like, 5, 0)
+            alive = (alive + [s])[-2:]                  # the cache keeps the last step's
+            if reg.lookup(s) is None or released:
+                lost.append(i)
+        done.set()
+
+    def sweeps():
+        while not done.is_set():
+            _sweep(reg, lock, released)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=steps), threading.Thread(target=sweeps)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    finally:
+        sys.setswitchinterval(interval)
+    assert not lost, f"{len(lost)} of 1500 stand-ins lost or their session released while alive (first: {lost[:5]})"
+
+
+def test_a_death_queued_before_its_base_was_swept_leaves_the_next_base_at_that_address_alone():
+    """A stand-in finalized while another thread held the lock is queued; a sweep then drops
+    its base and the address goes to another session's base. Settling the queued death must
+    not take that base for its own (it would keep the first session from being released,
+    or drop the other's)."""
+    import gc
+    from kvdrive_compile.runtime.standins import StandInKey
+    reg, lock, released = _registry(reuse_addresses=True)
+    like = torch.zeros(1, 2, 1, 4)
+    first = reg.make(StandInKey(1, 0, "k"), like, 5, 0)
+    keep = reg.make(StandInKey(1, 1, "k"), like, 5, 0)            # session 1 stays alive
+    ptr = first.data_ptr()
+    held, go = threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            held.set()
+            go.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    del first
+    gc.collect()                                  # finalized here, the lock held elsewhere: queued
+    go.set()
+    holder.join()
+    assert reg.prune(1)                           # the sweep drops the dead base, `keep` is alive
+    other = reg.make(StandInKey(2, 0, "k"), like, 5, 0)
+    assert other.data_ptr() == ptr                 # another session's base at the freed address
+    reg.settle()
+    assert reg.lookup(other) == StandInKey(2, 0, "k")
+    del keep
+    gc.collect()
+    assert released == [1], released              # session 1 has no stand-in left: released at once
+    assert reg.lookup(other) == StandInKey(2, 0, "k")
