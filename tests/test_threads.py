@@ -66,6 +66,47 @@ def test_two_threads_sharing_a_runtime_stay_exact():
     assert open_sessions() == 0
 
 
+@torch.no_grad()
+def test_three_threads_with_a_budget_on_three_tiers_select_as_one_thread_does():
+    """With a token budget, each step ranks and selects; with tier limits shared by three
+    generations at once, blocks move between tiers under every step. With ``reuse_bonus=0``
+    the selection does not depend on where blocks lie, so every thread's tokens are those of
+    the same generation run alone (with the bonus they may differ near the cut: README)."""
+    options = dict(device_memory="40KiB", host_memory="16KiB", block_size=4, token_budget=16, sink_tokens=4,
+                   local_window=4, dense_layers=0, reuse_bonus=0)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    models = [llama(i + 1) for i in range(3)]
+    prompts = [torch.randint(3, 128, (2, 50 + 7 * i), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    for m in models:
+        m.forward = torch.compile(m.forward, backend="kvdrive", options=options)
+    refs = [m.generate(p, **kw) for m, p in zip(models, prompts)]          # one at a time
+    results, errors = {i: [] for i in range(3)}, []
+
+    def worker(i):
+        try:
+            with torch.no_grad():
+                for _ in range(4):
+                    results[i].append(models[i].generate(prompts[i], **kw))
+        except BaseException as e:                           # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    wrong = [(i, j) for i in range(3) for j, out in enumerate(results[i]) if not torch.equal(out, refs[i])]
+    assert not wrong, f"(thread, run) whose tokens differ from the run alone: {wrong}"
+    moved = kvdrive_compile.stats(options).moved_bytes
+    assert moved["device->host"] > 0 and moved["host->disk"] > 0, moved
+    assert_budgets_respected()
+    assert open_sessions() == 0
+
+
 WORKQUEUE_SCRIPT = r"""
 import sys, threading
 import torch
