@@ -84,6 +84,7 @@ def _load_kernels() -> None:
     try:
         block_scores.load_kernel()
         layer_kv.load_kernel()
+        placement.load_kernels()
     except Exception:                     # noqa: BLE001 (the decode step loads them itself, and says why)
         log.debug("kvdrive: loading the decode kernels ahead failed", exc_info=True)
 

@@ -258,7 +258,9 @@ def test_the_cache_step_decides_what_the_rules_over_every_entry_decide(tmp_path,
     the step selected that lie only on disk. The admission model's decisions are drawn at random
     per step (the same for both: its measured rates depend on time). The disk reads land between
     steps (the admitted copies fill); halfway the cache is cropped by a block and a bit. With one
-    attention site the layer's homes take all of host memory: no copy fits there."""
+    attention site the layer's homes take all of host memory: no copy fits there. Steps vary
+    what the fast path must get right by itself: selections out of block order, scores with
+    ties, entries a live plan pins, a window longer than the first steps."""
     rng = np.random.default_rng(seed)
     batch, hkv, d, bs = 2, 2, 8, 4
     slot = bs * d * 2 * 4
@@ -272,7 +274,7 @@ def test_the_cache_step_decides_what_the_rules_over_every_entry_decide(tmp_path,
     for i in range(2):
         (tmp_path / str(i)).mkdir()
         rt = KVRuntime(block_size=bs, device_memory=20 * batch * hkv * slot, host_memory=20 * batch * hkv * slot,
-                       disk_dir=str(tmp_path / str(i)), cache_policy=cache_policy, reuse_window=2)
+                       disk_dir=str(tmp_path / str(i)), cache_policy=cache_policy, reuse_window=(2, 4, 3)[seed])
         session = rt.open_session(sites=sites)   # 2: the layer homes blocks in half of host memory, the rest holds copies
         session.phase = "decode"
         kv = rt.layer(session, 0, k, False)
@@ -290,14 +292,20 @@ def test_the_cache_step_decides_what_the_rules_over_every_entry_decide(tmp_path,
             placement.append(rt, kv, new, new)
             placement.place_fresh(rt, kv)
         nb = kvs[0].num_blocks
-        picks = torch.from_numpy(np.sort(np.stack([rng.choice(nb, 9, replace=False) for _ in range(batch * hkv)]), 1))
+        picks = np.stack([rng.choice(nb, 9, replace=False) for _ in range(batch * hkv)])
+        picks = torch.from_numpy(np.sort(picks, 1) if step % 2 else picks)      # a ranking's order, or the blocks'
         scores = rng.standard_normal((batch * hkv, nb)).astype(np.float32)
+        if step % 3 == 0:                                   # ties: the last selection, then the position decide
+            scores = np.round(scores)
+        pins = (rng.random((batch * hkv, nb)) < 0.15).astype(np.int32)          # read by another live plan
         plans = []
         for rt, kv, run in zip(rts, kvs, (placement.cache_step, cache_step_over_every_entry)):
             kv.score[:, :nb] = scores
+            kv.pins[:, :nb] += pins
             plans.append(SimpleNamespace(selected=picks, fetch=fetch, fills=[], pinned=(), layer=kv))
             AdmissionModel.calls = step
             run(rt, kv, plans[-1])
+            kv.pins[:, :nb] -= pins
         a, b = kvs
         for name in ("dev", "host", "home", "home_slot", "last_selected"):
             assert np.array_equal(getattr(a, name), getattr(b, name)), (step, name)
