@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx
 
-from . import ops  # noqa: F401  (registers the kvdrive:: custom ops)
+from .ops import call_directly  # (importing ops registers the kvdrive:: custom ops)
 from .dynamic_sizes import retrace_with_dynamic_sizes
 from .options import parse_options
 from .passes import fx_match as m
@@ -126,7 +126,7 @@ def compile_rest(gm: torch.fx.GraphModule, example_inputs: list[Any], how: str, 
     call and in the order the schedule pass gave them. A graph Inductor fails on runs eagerly,
     with one WARNING and a count in ``counters``: slower, never a wrong answer or a crash."""
     if how == "eager":
-        return gm
+        return call_directly(gm)
     t0 = time.perf_counter()
     try:
         compiled = _inductor(gm, example_inputs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from typing import Optional
 
 import torch
 import torch.fx
@@ -24,9 +25,17 @@ from .pass_manager import GraphPass, PassContext
 log = logging.getLogger(__name__)
 
 
+def kvdrive_op(node: torch.fx.Node) -> Optional[torch._ops.OpOverload]:
+    """The ``kvdrive::`` op a node calls, None if none: its target, or the op whose Python
+    function it calls directly (a graph run eagerly: ``call_directly`` in kvdrive_compile/ops.py)."""
+    if node.op != "call_function":
+        return None
+    target = getattr(node.target, "kvdrive_op", node.target)
+    return target if isinstance(target, torch._ops.OpOverload) and target.namespace == "kvdrive" else None
+
+
 def is_kvdrive_op(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and \
-        node.target.namespace == "kvdrive"
+    return kvdrive_op(node) is not None
 
 
 def standin_inputs(gm: torch.fx.GraphModule, example_inputs: list, is_standin) -> list[torch.fx.Node]:
@@ -45,7 +54,7 @@ def standin_inputs(gm: torch.fx.GraphModule, example_inputs: list, is_standin) -
 def standin_outputs(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     """The stand-ins ``append`` returns (items 0 and 1 of its result)."""
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.getitem
-            and isinstance(n.args[0], torch.fx.Node) and n.args[0].target is torch.ops.kvdrive.append.default
+            and isinstance(n.args[0], torch.fx.Node) and kvdrive_op(n.args[0]) is torch.ops.kvdrive.append.default
             and n.args[1] in (0, 1)]
 
 

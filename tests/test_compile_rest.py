@@ -145,3 +145,67 @@ def test_llama_exact_and_no_recompiles():
         kvdrive_compile.release_all()
     assert torch.equal(out, refs[0]) and torch.equal(out_longer, refs[1]), (out_longer[0, -16:], refs[1][0, -16:])
     assert c.sites_rewritten == 2 * cfg.num_hidden_layers, c
+
+
+def _spied_graphs(monkeypatch) -> list:
+    """The graphs the kvdrive backend returns to run eagerly, as they run."""
+    from kvdrive_compile import backend
+
+    graphs = []
+    real = backend.call_directly
+    monkeypatch.setattr(backend, "call_directly", lambda gm: graphs.append(real(gm)) or graphs[-1])
+    return graphs
+
+
+def _op_nodes(graphs) -> list:
+    from kvdrive_compile.passes.guard_standins import kvdrive_op
+
+    return [n for gm in graphs for n in gm.graph.nodes if kvdrive_op(n) is not None]
+
+
+def test_an_eager_graph_calls_the_ops_functions_directly(monkeypatch):
+    """Run eagerly (the default), every kvdrive op node calls the op's Python function without
+    torch's dispatcher, and still names its op; the tokens are the eager model's, with the KV on
+    three tiers and the CPU part on the worker."""
+    graphs = _spied_graphs(monkeypatch)
+    torch.manual_seed(0)
+    model = hw.TinyLM(hw.TinyConfig()).eval()
+    ids = torch.randint(0, model.cfg.vocab, (2, 100), generator=torch.Generator().manual_seed(1))
+    ref = hw.greedy(model.forward, model, ids, 6)
+    compiled = torch.compile(model.forward, backend="kvdrive", options=dict(
+        device_memory="160KiB", host_memory="48KiB", token_budget=None, cpu_worker=True))
+    assert torch.equal(hw.greedy(compiled, model, ids, 6), ref)
+    nodes = _op_nodes(graphs)
+    assert len(graphs) == 2 and nodes, graphs
+    assert all(not isinstance(n.target, torch._ops.OpOverload) for n in nodes), [n.target for n in nodes]
+    names = {n.target.kvdrive_op.name() for n in nodes}
+    assert {"kvdrive::append", "kvdrive::select", "kvdrive::host_attention", "kvdrive::sparse_attention",
+            "kvdrive::merge"} <= names, names
+    assert open_sessions() == 0
+
+
+def test_nodes_whose_inputs_need_a_gradient_keep_the_op(monkeypatch):
+    """A forward with gradients on: the ops whose inputs need one stay ops (a backward through
+    them says that they have no autograd formula), the others are called directly; the logits
+    are eager's."""
+    import transformers as tf
+
+    graphs = _spied_graphs(monkeypatch)
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    ref = model(ids).logits
+    compiled = torch.compile(model.forward, backend="kvdrive", options={"token_budget": None})
+    out = compiled(ids).logits
+    torch.testing.assert_close(out, ref)
+    nodes = _op_nodes(graphs)
+    kept = [n for n in nodes if isinstance(n.target, torch._ops.OpOverload)]
+    direct = [n for n in nodes if n not in kept]
+    assert kept and all(any(a.meta["val"].requires_grad for a in n.all_input_nodes) for n in kept), kept
+    assert all(not any(getattr(a.meta.get("val"), "requires_grad", False) for a in n.all_input_nodes) for n in direct)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        out.sum().backward()
+    del out
+    assert open_sessions() == 0

@@ -11,7 +11,7 @@ import transformers as tf
 
 import kvdrive_compile
 from kvdrive_compile.backend import kvdrive_backend
-from kvdrive_compile.passes.guard_standins import is_kvdrive_op, standin_outputs
+from kvdrive_compile.passes.guard_standins import is_kvdrive_op, kvdrive_op, standin_outputs
 from kvdrive_compile.passes.bind_kv_cache import is_size_query
 from kvdrive_compile.runtime.standins import StandInReadError
 from kvdrive_compile.runtimes import is_standin
@@ -248,7 +248,7 @@ def test_standin_inputs_only_reach_kvdrive_ops(run):
     for gm, example_inputs in graphs:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         values = [n for n, v in zip(placeholders, example_inputs) if is_standin(v)] + standin_outputs(gm) + \
-            [n for n in gm.graph.nodes if n.target is torch.ops.kvdrive.standin_tail.default]
+            [n for n in gm.graph.nodes if kvdrive_op(n) is torch.ops.kvdrive.standin_tail.default]
         for node in values:
             checked += 1
             for user in node.users:
