@@ -22,7 +22,9 @@ import torch
 from transformers import DynamicCache
 
 from kvdrive_compile import backend, models, ops
+from kvdrive_compile.bench.presets import kv_bytes
 from kvdrive_compile.bench.runner import batch_prompts, prefill
+from kvdrive_compile.passes.guard_standins import kvdrive_op
 
 
 def switch(graphs: list, direct: bool) -> None:
@@ -32,7 +34,7 @@ def switch(graphs: list, direct: bool) -> None:
             ops.call_directly(gm)
         else:
             for node in gm.graph.nodes:
-                node.target = getattr(node.target, "kvdrive_op", node.target)
+                node.target = kvdrive_op(node) or node.target
             gm.recompile()
         if hasattr(gm, "real_recompile"):           # a lazy GraphModule makes its code at the next call
             gm.real_recompile()
@@ -54,9 +56,7 @@ def main() -> None:
     ids = batch_prompts(tok, args.context, args.batch)
     options = {"token_budget": 1024}
     if args.tiers:
-        c = model.config
-        kv = args.context * args.batch * c.num_hidden_layers * c.num_key_value_heads * \
-            (c.hidden_size // c.num_attention_heads) * 2 * 4
+        kv = kv_bytes(model.config, args.context, args.batch, model.dtype)
         options.update(device_memory=kv // 4 >> 20 << 20, host_memory=kv // 2 >> 20 << 20)
     model.forward = torch.compile(model.forward, backend="kvdrive", options=options)
     cache = DynamicCache(config=model.config)
